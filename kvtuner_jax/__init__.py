@@ -1,0 +1,3 @@
+"""kvtuner-jax: layer-wise mixed-precision, really packed, paged KV cache for LLM inference in JAX."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""Resolved per-layer KV storage specs: what a manifest means for one layer, after defaults and overrides.
+
+These small frozen dataclasses are the one description every other piece reads (cache pool shapes, byte counts,
+kernels' static arguments). `kvtuner_jax.manifest` parses and validates JSON into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+Axis = Literal["token", "channel"]
+VALID_BITS = (2, 4, 8, 16)
+SCALE_DTYPES = ("float16", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class KVSpec:
+    """How one of K or V of one layer is stored.
+
+    bits: 2, 4, 8, or 16 (= unquantized, stored in the cache's dtype).
+    mode: storage mode name ("int" for the integer codes of DESIGN.md; "bf16" is implied by bits == 16).
+    axis: "token" (groups of G channels of one token) or "channel" (groups of G tokens of one channel).
+    group_size: G. For "token" it divides head_dim; for "channel" it divides the page size.
+    symmetric: symmetric codes (scale only) instead of asymmetric (scale and zero-point).
+    scale_dtype: 16-bit float name for scales and zero-points.
+    """
+
+    bits: int = 16
+    mode: str = "int"
+    axis: Axis = "token"
+    group_size: int = 64
+    symmetric: bool = False
+    scale_dtype: str = "float16"
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def params_per_group(self) -> int:
+        """Stored 16-bit numbers per group: scale (+ zero-point when asymmetric)."""
+        return 1 if self.symmetric else 2
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Resolved spec of one transformer layer's KV cache."""
+
+    k: KVSpec
+    v: KVSpec
+    residual_length: int = 0
+    rotation: bool = False

@@ -1,0 +1,1 @@
+"""Pallas kernels for the packed KV cache: quantized page writes and dequant-fused paged attention."""
