@@ -1,0 +1,116 @@
+"""Paged attention over one layer's *quantized pages*, dequantizing inside the kernel.
+
+The full-precision tail and the new tokens of the step are attended by the cache in plain jnp and merged with this
+result through the returned log-sum-exp (flash-decoding style, exact). Pages hold only whole, already-quantized pages
+of tokens that precede every query, so there is no causal mask here, only a length mask (`num_tokens`, a multiple of
+the page size).
+
+GQA: query head `hq` reads KV head `hq // (Hq // H)` (HuggingFace's repeat_kv grouping).
+
+This file holds the shared validation, the pure-jnp reference (the oracle) and the public dispatcher. Backend kernels
+live beside it and are tested against `paged_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import layout
+from pallas_kernels.quantize_write import dequantize_pages
+
+
+def validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec) -> None:
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, q_heads, q_len, head_dim], got shape {q.shape}")
+    b, hq, _, d = q.shape
+    h, n = k_codes.shape[:2]
+    if hq % h:
+        raise ValueError(f"q_heads={hq} is not a multiple of kv_heads={h}")
+    if page_table.ndim != 2 or page_table.shape[0] != b:
+        raise ValueError(f"page_table must be [{b}, max_pages], got {page_table.shape}")
+    if num_tokens.shape != (b,):
+        raise ValueError(f"num_tokens must be [{b}], got {num_tokens.shape}")
+    for name, spec, codes, scale, zero in (
+        ("k", k_spec, k_codes, k_scale, k_zero),
+        ("v", v_spec, v_codes, v_scale, v_zero),
+    ):
+        p = _page_size(spec, codes, d)
+        want = layout.codes_shape(spec, h, n, p, d)
+        if tuple(codes.shape) != want:
+            raise ValueError(f"{name}_codes shape {codes.shape} does not match the {spec} layout {want}")
+        ss = layout.scale_shape(spec, h, n, p, d)
+        if ss is not None and (scale is None or tuple(scale.shape) != ss):
+            raise ValueError(f"{name}_scale shape {None if scale is None else scale.shape} does not match {ss}")
+        if spec.quantized and spec.symmetric != (zero is None):
+            raise ValueError(f"{name}_zero must be None exactly when the spec is symmetric")
+
+
+def _page_size(spec: KVSpec, codes, head_dim: int) -> int:
+    if spec.quantized and spec.axis == "channel":
+        return codes.shape[2] * 8 // spec.bits
+    return codes.shape[2]
+
+
+def gather_pages(codes, scale, zero, spec: KVSpec, page_table, head_dim: int) -> jnp.ndarray:
+    """Dequantized tokens of each sequence's pages: [B, H, max_pages * P, D] float32 (pages past the end included)."""
+    n = codes.shape[1]
+    pt = jnp.clip(page_table, 0, n - 1)  # INVALID (-1) entries are masked by length; never wrap around
+    c = codes[:, pt]  # [H, B, max_pages, rows, cols]
+    s = None if scale is None else scale[:, pt]
+    z = None if zero is None else zero[:, pt]
+    x = dequantize_pages(c, s, z, spec)  # [H, B, max_pages, P, D]
+    h, b, mp, p, d = x.shape
+    return jnp.transpose(x.reshape(h, b, mp * p, d), (1, 0, 2, 3))
+
+
+def paged_attention_reference(
+    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, *, k_spec, v_spec, sm_scale
+):
+    """Reference. q [B, Hq, Tq, D] -> (out [B, Hq, Tq, D] f32 normalized over the pages, lse [B, Hq, Tq] f32).
+
+    Where num_tokens[b] == 0: out is 0 and lse is -inf.
+    """
+    validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
+    b, hq, t, d = q.shape
+    h = k_codes.shape[0]
+    k = gather_pages(k_codes, k_scale, k_zero, k_spec, page_table, d)  # [B, H, S, D]
+    v = gather_pages(v_codes, v_scale, v_zero, v_spec, page_table, d)
+    qg = q.astype(jnp.float32).reshape(b, h, hq // h, t, d)
+    s = jnp.einsum("BHGTD,BHSD->BHGTS", qg, k) * sm_scale
+    valid = jnp.arange(k.shape[2])[None, :] < num_tokens[:, None]  # [B, S]
+    s = jnp.where(valid[:, None, None, None, :], s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m_safe)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("BHGTS,BHSD->BHGTD", p, v) / jnp.where(l > 0, l, 1.0)
+    lse = jnp.where(l[..., 0] > 0, m_safe[..., 0] + jnp.log(jnp.where(l[..., 0] > 0, l[..., 0], 1.0)), -jnp.inf)
+    return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def paged_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    page_table,
+    num_tokens,
+    *,
+    k_spec: KVSpec,
+    v_spec: KVSpec,
+    sm_scale: float,
+    backend: str = "auto",
+    interpret: bool = False,
+):
+    """Public entry: dispatches to the reference or a Pallas kernel by `backend` ("auto" picks by platform)."""
+    if backend == "auto":
+        backend = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
+    if backend == "reference":
+        return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
+    raise ValueError(f"paged_attention backend {backend!r} is not available (expected 'auto', 'reference')")
