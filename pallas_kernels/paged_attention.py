@@ -13,6 +13,8 @@ live beside it and are tested against `paged_attention_reference`.
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 
@@ -107,10 +109,26 @@ def paged_attention(
     backend: str = "auto",
     interpret: bool = False,
 ):
-    """Public entry: dispatches to the reference or a Pallas kernel by `backend` ("auto" picks by platform)."""
-    if backend == "auto":
-        backend = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    """Public entry: dispatches to the reference or a Pallas kernel by `backend`.
+
+    backend: "auto" (GPU kernel on GPU, TPU kernel on TPU, reference elsewhere), "reference", "gpu", "tpu".
+    `interpret=True` runs a Pallas kernel in interpret mode (CPU tests). Backend modules are imported lazily
+    (`pallas_kernels.paged_attention_gpu` / `paged_attention_tpu`, each exposing `paged_attention` with this
+    signature minus `backend`), so an unused backend costs no import or compile time.
+    """
+    backend = resolve_backend(backend)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     if backend == "reference":
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
-    raise ValueError(f"paged_attention backend {backend!r} is not available (expected 'auto', 'reference')")
+    validate(*args, k_spec, v_spec)
+    mod = importlib.import_module(f"pallas_kernels.paged_attention_{backend}")
+    return mod.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret)
+
+
+def resolve_backend(backend: str) -> str:
+    """ "auto" -> the kernel for this platform ("gpu", "tpu") or "reference" on CPU; checks the name."""
+    if backend == "auto":
+        return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    if backend not in ("reference", "gpu", "tpu"):
+        raise ValueError(f"backend {backend!r} is not one of 'auto', 'reference', 'gpu', 'tpu'")
+    return backend

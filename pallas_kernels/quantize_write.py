@@ -10,7 +10,8 @@ live beside it and are tested against `quantize_write_reference`.
 
 from __future__ import annotations
 
-import jax
+import importlib
+
 import jax.numpy as jnp
 
 from kvtuner_jax import quant
@@ -76,9 +77,17 @@ def quantize_write_reference(codes, scale, zero, pages, dest, *, spec: KVSpec):
 
 
 def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: str = "auto", interpret: bool = False):
-    """Public entry: dispatches to the reference or a Pallas kernel by `backend` ("auto" picks by platform)."""
-    if backend == "auto":
-        backend = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+    """Public entry: dispatches to the reference or a Pallas kernel by `backend`.
+
+    backend: "auto" | "reference" | "gpu" | "tpu" (see `paged_attention.resolve_backend`). Backend modules
+    `pallas_kernels.quantize_write_gpu` / `quantize_write_tpu` expose `quantize_write` with this signature minus
+    `backend`, are imported lazily, and write in place (input/output aliased; donate the pool under jit).
+    """
+    from pallas_kernels.paged_attention import resolve_backend
+
+    backend = resolve_backend(backend)
     if backend == "reference":
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
-    raise ValueError(f"quantize_write backend {backend!r} is not available (expected 'auto', 'reference')")
+    validate(codes, scale, zero, pages, dest, spec)
+    mod = importlib.import_module(f"pallas_kernels.quantize_write_{backend}")
+    return mod.quantize_write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)
