@@ -1,0 +1,118 @@
+"""Packed page write, GPU kernel (Pallas, Triton lowering): quantize whole pages, pack, write them into the pool.
+
+One program per (page m, KV head h): load the page tile [P, D], quantize and pack it (`tile_quant`, reshape style),
+and store codes / scale / zero at physical page dest[m] of head h, or nothing when dest[m] < 0. The pool arrays are
+aliased input -> output, so under `jax.jit(..., donate_argnums=...)` the write happens in place and only the written
+pages are touched.
+
+Triton needs every in-kernel array size to be a power of two, so page_size and head_dim must be powers of two
+(every group size that divides them then is one too). Other shapes: use the reference backend.
+
+Numerics: bit-exact against `quantize_write_reference`. NVIDIA Triton lowers f32 `/` to an approximate division, so
+compiled runs divide with PTX `div.rn.f32` (correctly rounded, like XLA); interpret mode uses plain `/`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kvtuner_jax.quant import scale_dtype_of
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import tile_quant
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Correctly rounded f32 division on NVIDIA GPUs (Triton's `/` is `div.full.f32`, up to 2 ulp off)."""
+    a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
+    (out,) = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return out
+
+
+def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec, div):
+    # dest_ref: [M] int32 (whole); pages_ref: [P, D] (page m, head h); refs = aliased pool inputs (unused), then the
+    # pool outputs, whole: codes [H, N, rows, cols], scale/zero [H, N, srows, scols] (when quantized).
+    n_pool = len(refs) // 2
+    codes_ref, *param_refs = refs[n_pool:]
+    m = pl.program_id(0)
+    h = pl.program_id(1)
+    d = dest_ref[m]
+
+    @pl.when(d >= 0)
+    def _():
+        x = pages_ref[...]
+        if not spec.quantized:
+            codes_ref[h, d] = x.astype(codes_ref.dtype)
+            return
+        codes, scale, zero = tile_quant.quantize_tile(
+            x,
+            bits=spec.bits,
+            group_size=spec.group_size,
+            axis=spec.axis,
+            symmetric=spec.symmetric,
+            scale_dtype=scale_dtype_of(spec.scale_dtype),
+            reshape=True,
+            div=div,
+        )
+        codes_ref[h, d] = codes
+        param_refs[0][h, d] = scale
+        if zero is not None:
+            param_refs[1][h, d] = zero
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
+    h, m, p, d = pages.shape
+    pool = [a for a in (codes, scale, zero) if a is not None]
+    out = pl.pallas_call(
+        functools.partial(_kernel, spec=spec, div=jnp.divide if interpret else _div_rn),
+        grid=(m, h),
+        in_specs=[
+            pl.BlockSpec(memory_space=pl.ANY),  # dest, whole
+            pl.BlockSpec((None, None, p, d), lambda i, j: (j, i, 0, 0)),
+            *[pl.BlockSpec(memory_space=pl.ANY) for _ in pool],
+        ],
+        out_specs=[pl.BlockSpec(memory_space=pl.ANY) for _ in pool],
+        out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in pool],
+        input_output_aliases={2 + i: i for i in range(len(pool))},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"quantize_write_b{spec.bits}_{spec.axis}",
+    )(dest.astype(jnp.int32), pages, *pool)
+    it = iter(out)
+    codes = next(it)
+    if spec.quantized:
+        scale = next(it)
+        zero = next(it) if zero is not None else None
+    return codes, scale, zero
+
+
+def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
+    """Quantize `pages` [H, M, P, D] per `spec`, pack, and write page m to physical page dest[m] (skip if < 0).
+
+    codes/scale/zero: the pool in `pallas_kernels.layout` (scale/zero None where the layout has none). Returns the
+    updated `(codes, scale, zero)`. The pool is aliased input -> output: call this inside a jit that donates the pool
+    and the write is in place (eagerly, XLA copies the pool first).
+    dest must not repeat a physical page (two programs would race on it).
+    """
+    _, _, p, d = pages.shape
+    if not (_is_pow2(p) and _is_pow2(d)):
+        raise ValueError(
+            f"the GPU (Triton) write kernel needs page_size and head_dim to be powers of two, got page_size={p}, "
+            f"head_dim={d}; use backend='reference'"
+        )
+    return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)

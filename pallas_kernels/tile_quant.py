@@ -1,0 +1,237 @@
+"""In-kernel quantize + pack of one page tile: the tile math the GPU (Triton) and TPU (Mosaic) write kernels share.
+
+Plain functions of arrays (no refs), so they run inside any Pallas kernel and, unchanged, outside one (tests).
+They reproduce `kvtuner_jax.quant.quantize` + `quant.pack` bit for bit: the same float32 operations in the same
+order (range, `/ qmax`, rounding of scale/zero to the scale dtype first, `(x - zero) / scale`, round half to even,
+clip), so a kernel built from them is bit-exact against `quantize_write_reference` wherever division is IEEE.
+
+Two ways to do the work that moves data across lanes (grouping along head_dim, packing codes into bytes):
+- `reshape=True` (Triton): split the grouped axis with reshapes and reduce; every shape stays a power of two.
+- `reshape=False` (Mosaic TPU, which cannot split the lane axis in a reshape): per-group masked reductions over the
+  whole tile, and packing / unpacking as a matmul against a 0/1/2^k selection matrix built from iotas. The matmul is
+  exact: codes are integers < 256 (exact even in bf16), the weights are powers of two, and every output is an
+  integer <= 255 (exact in the f32 accumulator).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax.numpy as jnp
+from jax import lax
+
+from kvtuner_jax.quant import EPS
+
+Div = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
+
+
+def round_half_even(y: jnp.ndarray) -> jnp.ndarray:
+    """Round half to even (like `jnp.round`) from floor only: Triton has no lowering for `lax.round`.
+
+    `y - floor(y)` is exact in float32, so the tie test is exact. Callers clamp y to a small range first (infinities).
+    """
+    f = jnp.floor(y)
+    d = y - f
+    odd = f - 2.0 * jnp.floor(f * 0.5)  # 1.0 when f is odd, else 0.0
+    return jnp.where(d > 0.5, f + 1.0, jnp.where(d < 0.5, f, f + odd))
+
+
+def _reduce_axis(axis: str) -> int:
+    """Tile axis a group runs along: channels (lanes) for "token" groups, tokens (rows) for "channel" groups."""
+    return 1 if axis == "token" else 0
+
+
+def group_stats(x: jnp.ndarray, group_size: int, axis: str, *, symmetric: bool, reshape: bool):
+    """Per-group statistics of a tile x [P, D] f32.
+
+    Returns `(compact, full)`: tuples of (min, max) (asymmetric) or (absmax,) (symmetric); `compact` in the group
+    shape ([P, D/G] for "token", [P/G, D] for "channel"), `full` broadcast back to [P, D].
+    """
+    p, d = x.shape
+    ra = _reduce_axis(axis)
+    fns = (jnp.max,) if symmetric else (jnp.min, jnp.max)
+    src = jnp.abs(x) if symmetric else x
+    if reshape:
+        if axis == "token":
+            g = src.reshape(p, d // group_size, group_size)
+            compact = tuple(fn(g, axis=2) for fn in fns)  # [P, D/G]
+            full = tuple(jnp.broadcast_to(c[:, :, None], g.shape).reshape(p, d) for c in compact)
+        else:
+            g = src.reshape(p // group_size, group_size, d)
+            compact = tuple(fn(g, axis=1) for fn in fns)  # [P/G, D]
+            full = tuple(jnp.broadcast_to(c[:, None, :], g.shape).reshape(p, d) for c in compact)
+        return compact, full
+    n = (d if axis == "token" else p) // group_size
+    cshape = (p, n) if axis == "token" else (n, d)
+    if n == 1:
+        compact = tuple(fn(src, axis=ra, keepdims=True) for fn in fns)  # [P, 1] or [1, D]
+        return compact, tuple(jnp.broadcast_to(c, (p, d)) for c in compact)
+    gid = lax.broadcasted_iota(jnp.int32, (p, d), ra) // group_size
+    cid = lax.broadcasted_iota(jnp.int32, cshape, ra)
+    inits = (jnp.inf, -jnp.inf) if not symmetric else (-jnp.inf,)
+    compact = [jnp.zeros(cshape, jnp.float32) for _ in fns]
+    full = [jnp.zeros((p, d), jnp.float32) for _ in fns]
+    for g in range(n):  # static; n = D/G or P/G is small for any sensible group size
+        in_g = gid == g
+        for i, (fn, init) in enumerate(zip(fns, inits, strict=True)):
+            r = fn(jnp.where(in_g, src, init), axis=ra, keepdims=True)  # [P, 1] or [1, D]
+            full[i] = jnp.where(in_g, r, full[i])
+            compact[i] = jnp.where(cid == g, r, compact[i])
+    return tuple(compact), tuple(full)
+
+
+def scale_zero(stats, bits: int, symmetric: bool, scale_dtype, div: Div = jnp.divide):
+    """Group statistics -> (scale, zero) rounded to `scale_dtype` (zero None when symmetric). Elementwise.
+
+    Same float32 expressions as `kvtuner_jax.quant.quantize`.
+    """
+    if symmetric:
+        (amax,) = stats
+        return div(jnp.maximum(amax, EPS), jnp.float32(2 ** (bits - 1) - 1)).astype(scale_dtype), None
+    mn, mx = stats
+    return div(jnp.maximum(mx - mn, EPS), jnp.float32(2**bits - 1)).astype(scale_dtype), mn.astype(scale_dtype)
+
+
+def codes_of(x, scale_full, zero_full, bits: int, symmetric: bool, div: Div = jnp.divide) -> jnp.ndarray:
+    """x [P, D] f32 and scale/zero broadcast to [P, D] (scale dtype) -> unpacked codes [P, D] int32 in [0, 2^b).
+
+    `div`: float32 division; the Triton kernel passes a correctly rounded one (its `/` is approximate on NVIDIA).
+    """
+    qmax = 2**bits - 1
+    s = scale_full.astype(jnp.float32)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        y = div(x, s)
+        y = jnp.clip(y, -half - 1.0, half + 1.0)  # keeps infinities out of the rounding; the clip below is unchanged
+        q = round_half_even(y) + half
+    else:
+        y = div(x - zero_full.astype(jnp.float32), s)
+        y = jnp.clip(y, -1.0, qmax + 1.0)
+        q = round_half_even(y)
+    return jnp.clip(q, 0.0, float(qmax)).astype(jnp.int32)
+
+
+def pack_matrix(n: int, bits: int, transpose: bool = False) -> jnp.ndarray:
+    """[n, n*b/8] f32 with W[k, j] = 2^(b*(k % per)) where k // per == j, else 0: `codes @ W` packs codes LSB first.
+
+    transpose=True gives W.T [n*b/8, n] (pack along rows: `W.T @ codes`).
+    """
+    per = 8 // bits
+    shape = (n * bits // 8, n) if transpose else (n, n * bits // 8)
+    k = lax.broadcasted_iota(jnp.int32, shape, 1 if transpose else 0)
+    j = lax.broadcasted_iota(jnp.int32, shape, 0 if transpose else 1)
+    w = jnp.left_shift(jnp.int32(1), (k % per) * bits)
+    return jnp.where(k // per == j, w, 0).astype(jnp.float32)
+
+
+def pack_tile(codes: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> jnp.ndarray:
+    """Unpacked codes [P, D] int32 -> packed uint8 ([P, D*b/8] for "token", [P*b/8, D] for "channel"), LSB first."""
+    if bits == 8:
+        return codes.astype(jnp.uint8)
+    per = 8 // bits
+    p, d = codes.shape
+    if reshape:
+        if axis == "token":
+            c = codes.reshape(p, d // per, per)
+            sh = lax.broadcasted_iota(jnp.int32, (1, 1, per), 2) * bits
+            return jnp.sum(jnp.left_shift(c, sh), axis=2).astype(jnp.uint8)
+        c = codes.reshape(p // per, per, d)
+        sh = lax.broadcasted_iota(jnp.int32, (1, per, 1), 1) * bits
+        return jnp.sum(jnp.left_shift(c, sh), axis=1).astype(jnp.uint8)
+    cf = codes.astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    if axis == "token":
+        packed = jnp.dot(cf, pack_matrix(d, bits), precision=hi, preferred_element_type=jnp.float32)
+    else:
+        packed = jnp.dot(pack_matrix(p, bits, transpose=True), cf, precision=hi, preferred_element_type=jnp.float32)
+    return packed.astype(jnp.int32).astype(jnp.uint8)
+
+
+def quantize_tile(
+    x: jnp.ndarray,
+    *,
+    bits: int,
+    group_size: int,
+    axis: str,
+    symmetric: bool,
+    scale_dtype,
+    reshape: bool,
+    div: Div = jnp.divide,
+):
+    """One page of one KV head, x [P, D] (any float) -> (packed codes uint8, scale, zero | None) in the pool layout.
+
+    codes: [P, D*b/8] ("token") or [P*b/8, D] ("channel"); scale/zero: [P, D/G] or [P/G, D] in `scale_dtype`.
+    """
+    xf = x.astype(jnp.float32)
+    xf = jnp.where(jnp.isfinite(xf), xf, 0.0)  # non-finite values quantize as 0 (quant.py contract)
+    compact, full = group_stats(xf, group_size, axis, symmetric=symmetric, reshape=reshape)
+    scale_c, zero_c = scale_zero(compact, bits, symmetric, scale_dtype, div)
+    scale_f, zero_f = scale_zero(full, bits, symmetric, scale_dtype, div)
+    codes = codes_of(xf, scale_f, zero_f, bits, symmetric, div)
+    return pack_tile(codes, bits, axis, reshape=reshape), scale_c, zero_c
+
+
+def unpack_tile(packed: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> jnp.ndarray:
+    """Inverse of `pack_tile`: packed uint8 -> unpacked codes [P, D] int32."""
+    c = packed.astype(jnp.int32)
+    if bits == 8:
+        return c
+    per = 8 // bits
+    mask = 2**bits - 1
+    r, cols = c.shape
+    if reshape:
+        if axis == "token":
+            sh = lax.broadcasted_iota(jnp.int32, (1, 1, per), 2) * bits
+            return jnp.right_shift(c[:, :, None], sh).__and__(mask).reshape(r, cols * per)
+        sh = lax.broadcasted_iota(jnp.int32, (1, per, 1), 1) * bits
+        return jnp.right_shift(c[:, None, :], sh).__and__(mask).reshape(r * per, cols)
+    # Spread each byte over its `per` code positions with a 0/1 matmul (exact: bytes < 256), then shift and mask
+    # per position. Shifts stay on int32 (Mosaic has no narrow shifts).
+    hi = lax.Precision.HIGHEST
+    cf = c.astype(jnp.float32)
+    if axis == "token":
+        spread = _onehot((cols, cols * per), per, 1)  # [D*b/8, D]: byte j feeds columns j*per .. j*per+per-1
+        wide = jnp.dot(cf, spread, precision=hi, preferred_element_type=jnp.float32)  # [P, D]
+        pos = lax.broadcasted_iota(jnp.int32, wide.shape, 1) % per
+    else:
+        spread = _onehot((r * per, r), per, 0)  # [P, P*b/8]
+        wide = jnp.dot(spread, cf, precision=hi, preferred_element_type=jnp.float32)  # [P, D]
+        pos = lax.broadcasted_iota(jnp.int32, wide.shape, 0) % per
+    return jnp.right_shift(wide.astype(jnp.int32), pos * bits) & mask
+
+
+def expand_groups(s: jnp.ndarray, group_size: int, axis: str, shape, *, reshape: bool) -> jnp.ndarray:
+    """Group-shaped scale/zero ([P, D/G] or [P/G, D]) -> [P, D] f32, each value repeated over its group."""
+    p, d = shape
+    sf = s.astype(jnp.float32)
+    if group_size == 1:
+        return sf
+    if reshape:
+        if axis == "token":
+            return jnp.broadcast_to(sf[:, :, None], (p, d // group_size, group_size)).reshape(p, d)
+        return jnp.broadcast_to(sf[:, None, :], (p // group_size, group_size, d)).reshape(p, d)
+    n = (d if axis == "token" else p) // group_size
+    if n == 1:
+        return jnp.broadcast_to(sf, (p, d))
+    # 0/1 matmul at full f32 precision: each output is exactly one input value.
+    hi = lax.Precision.HIGHEST
+    if axis == "token":
+        return jnp.dot(sf, _onehot((n, d), group_size, 1), precision=hi, preferred_element_type=jnp.float32)
+    return jnp.dot(_onehot((p, n), group_size, 0), sf, precision=hi, preferred_element_type=jnp.float32)
+
+
+def _onehot(shape, repeat: int, wide_dim: int) -> jnp.ndarray:
+    """0/1 f32 matrix with M[i, j] = 1 where (index along `wide_dim`) // repeat == (index along the other dim)."""
+    wide = lax.broadcasted_iota(jnp.int32, shape, wide_dim)
+    narrow = lax.broadcasted_iota(jnp.int32, shape, 1 - wide_dim)
+    return (wide // repeat == narrow).astype(jnp.float32)
+
+
+def dequantize_tile(codes, scale, zero, *, bits, group_size, axis, symmetric, reshape: bool) -> jnp.ndarray:
+    """Packed page tile (pool layout) -> values [P, D] f32; same expressions as `kvtuner_jax.quant.dequantize`."""
+    c = unpack_tile(codes, bits, axis, reshape=reshape)
+    q = c.astype(jnp.float32)
+    s = expand_groups(scale, group_size, axis, q.shape, reshape=reshape)
+    if symmetric:
+        return (q - 2 ** (bits - 1)) * s
+    return q * s + expand_groups(zero, group_size, axis, q.shape, reshape=reshape)
