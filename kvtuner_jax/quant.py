@@ -13,6 +13,8 @@ Written for clarity, not speed. The contract is DESIGN.md's "Numerics contract":
 - Non-finite inputs (NaN, +-Inf) are quantized as if they were 0. A NaN therefore cannot poison its group's scale,
   and groups are independent, so nothing else is affected either. (A model producing NaN keys is broken anyway; the
   cache must not turn one bad element into a bad sequence.)
+- Scale and zero-point saturate at the scale dtype's largest finite value, so a finite group wider than that
+  (e.g. a range above 3 * 65504 at 2 bits with fp16 scales) gives clipped but finite values, never NaN.
 
 Group axes, for an array laid out `[..., tokens, channels]`:
 - `"token"`: groups of G consecutive channels of one token (scale shape `[..., tokens, channels // G]`).
@@ -78,17 +80,20 @@ def quantize(
     g = _grouped(xf, group_size, axis)
     ga = _group_axis(axis)
     qmax = 2**bits - 1
+    # Clamp to the scale dtype's finite range: a finite group too wide for fp16 then saturates (its codes clip)
+    # instead of getting an inf scale and NaN values. A no-op for any group whose range/qmax fits.
+    fmax = float(jnp.finfo(scale_dtype).max)
     if symmetric:
         half = 2 ** (bits - 1)
         amax = jnp.max(jnp.abs(g), axis=ga, keepdims=True)
-        scale = (jnp.maximum(amax, EPS) / (half - 1)).astype(scale_dtype)
+        scale = jnp.minimum(jnp.maximum(amax, EPS) / (half - 1), fmax).astype(scale_dtype)
         q = jnp.clip(jnp.round(g / scale.astype(jnp.float32)) + half, 0, qmax)
         zero = None
     else:
         mn = jnp.min(g, axis=ga, keepdims=True)
         mx = jnp.max(g, axis=ga, keepdims=True)
-        scale = (jnp.maximum(mx - mn, EPS) / qmax).astype(scale_dtype)
-        zero = mn.astype(scale_dtype)
+        scale = jnp.minimum(jnp.maximum(mx - mn, EPS) / qmax, fmax).astype(scale_dtype)
+        zero = jnp.clip(mn, -fmax, fmax).astype(scale_dtype)
         q = jnp.clip(jnp.round((g - zero.astype(jnp.float32)) / scale.astype(jnp.float32)), 0, qmax)
     codes = q.astype(jnp.uint8).reshape(x.shape)
     scale = jnp.squeeze(scale, ga)
