@@ -1,0 +1,194 @@
+"""Packed page write kernels (GPU Triton, TPU Mosaic) against `quantize_write_reference`: bit-exact codes, scales and
+zero-points, pages of other sequences untouched, dest < 0 skipped.
+
+Kernels run in interpret mode on CPU. KVTUNER_TEST_COMPILED=1 runs the GPU kernel compiled (on a real GPU).
+Equality is exact (byte for byte): the kernels compute the reference's float32 expressions in the same order, so any
+difference is a bug, not rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvtuner_jax import quant
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import layout, tile_quant
+from pallas_kernels.quantize_write import quantize_write, quantize_write_reference
+
+COMPILED = os.environ.get("KVTUNER_TEST_COMPILED") == "1"
+INTERPRET = {"gpu": not COMPILED, "tpu": True}
+
+
+def _spec(bits, axis="token", group=64, sym=False, sdt="float16"):
+    return KVSpec(bits=bits, axis=axis, group_size=group, symmetric=sym, scale_dtype=sdt)
+
+
+# (spec, page_size, head_dim): every bit width, both axes, sym/asym, both scale dtypes, group < and = the full axis.
+CASES = [
+    (_spec(2, "token", 64), 16, 64),
+    (_spec(2, "channel", 16, sym=True), 16, 64),
+    (_spec(2, "channel", 8), 32, 64),
+    (_spec(4, "token", 32, sdt="bfloat16"), 16, 64),
+    (_spec(4, "channel", 32), 32, 128),
+    (_spec(4, "token", 16, sym=True), 16, 64),
+    (_spec(8, "token", 128, sym=True), 16, 128),
+    (_spec(8, "channel", 16, sdt="bfloat16"), 16, 64),
+    (_spec(16), 16, 64),
+]
+
+
+def _ids(c):
+    s, p, d = c
+    if not s.quantized:
+        return f"b16-P{p}-D{d}"
+    return f"b{s.bits}-{s.axis}-G{s.group_size}-{'sym' if s.symmetric else 'asym'}-{s.scale_dtype}-P{p}-D{d}"
+
+
+def _pages(rng, h, m, p, d, dtype=jnp.bfloat16):
+    # Per-channel offsets and scales (like real keys) so groups differ; one constant group and one NaN exercise the
+    # EPS floor and the non-finite rule.
+    x = rng.standard_normal((h, m, p, d)) * rng.uniform(0.2, 4.0, (1, 1, 1, d)) + rng.normal(0, 2, (1, 1, 1, d))
+    x[0, 0, :, :8] = 1.5
+    x[-1, -1, 3, 5] = np.nan
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+def _poisoned_pool(rng, spec, h, n, p, d):
+    """A pool full of random bytes (as if earlier sequences wrote there)."""
+    arrs = layout.allocate(spec, h, n, p, d)
+    out = []
+    for a in arrs:
+        if a is None:
+            out.append(None)
+            continue
+        raw = rng.integers(0, 256, size=a.size * a.dtype.itemsize, dtype=np.uint8)
+        out.append(jnp.asarray(raw.view(a.dtype).reshape(a.shape)))
+    return tuple(out)
+
+
+def _bytes(a):
+    return None if a is None else np.asarray(a).view(np.uint8)
+
+
+def _assert_same_bytes(got, want):
+    for name, g, w in zip(("codes", "scale", "zero"), got, want, strict=True):
+        assert (g is None) == (w is None), name
+        if g is not None:
+            assert g.shape == w.shape and g.dtype == w.dtype, name
+            np.testing.assert_array_equal(_bytes(g), _bytes(w), err_msg=name)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_write_bit_exact_and_other_pages_untouched(backend, case):
+    spec, p, d = case
+    h, n, m = 2, 7, 3
+    rng = np.random.default_rng(hash((backend, _ids(case))) % 2**32)
+    pool = _poisoned_pool(rng, spec, h, n, p, d)
+    before = [None if a is None else np.array(a) for a in pool]
+    pages = _pages(rng, h, m, p, d)
+    dest = jnp.array([5, -1, 2], jnp.int32)
+    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    got = quantize_write(*pool, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
+    _assert_same_bytes(got, want)
+    # Independently of the reference: every page but 5 and 2 is byte-for-byte what was there (the poison).
+    keep = np.array([i not in (5, 2) for i in range(n)])
+    for g, b in zip(got, before, strict=True):
+        if g is not None:
+            np.testing.assert_array_equal(_bytes(g)[:, keep], b.view(np.uint8)[:, keep])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_all_dest_negative_writes_nothing(backend):
+    spec, p, d = _spec(4, "channel", 16), 16, 64
+    rng = np.random.default_rng(1)
+    pool = _poisoned_pool(rng, spec, 2, 4, p, d)
+    before = [np.array(a) for a in pool]
+    pages = _pages(rng, 2, 2, p, d)
+    got = quantize_write(
+        *pool, pages, jnp.array([-1, -7], jnp.int32), spec=spec, backend=backend, interpret=INTERPRET[backend]
+    )
+    for g, b in zip(got, before, strict=True):
+        np.testing.assert_array_equal(_bytes(g), b.view(np.uint8))
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_write_in_place_under_jit_donation(backend):
+    """Under jit with the pool donated, the kernel output aliases the pool buffer (no copy of the pool)."""
+    spec, p, d = _spec(2, "token", 32), 16, 64
+    rng = np.random.default_rng(2)
+    pool = layout.allocate(spec, 2, 5, p, d)
+    pages = _pages(rng, 2, 1, p, d)
+
+    @jax.jit
+    def step(codes, scale, zero, pages, dest):
+        return quantize_write(codes, scale, zero, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
+
+    hlo = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*pool, pages, jnp.array([3], jnp.int32)).compile().as_text()
+    # Each donated pool input is aliased to an output: XLA records it in the module's input_output_alias.
+    assert hlo.count("may-alias") + hlo.count("must-alias") >= 3, hlo[:2000]
+
+
+def test_tile_quant_matches_quant_both_styles():
+    """The shared tile functions alone (outside any kernel) reproduce quant.quantize + quant.pack + quant.dequantize
+    bit for bit, in both the reshape (Triton) and mask/matmul (Mosaic) styles, incl. the unpack the attention uses."""
+    rng = np.random.default_rng(3)
+    for bits, axis, group, sym in ((2, "token", 16, False), (4, "channel", 8, True), (8, "token", 64, False),
+                                   (2, "channel", 32, True), (4, "token", 32, False)):  # fmt: skip
+        x = _pages(rng, 1, 1, 32, 64, jnp.float32)[0, 0]
+        c, s, z = quant.quantize(x, bits, group, axis, sym, jnp.float16)
+        pc = quant.pack(c, bits, quant.packed_axis(axis))
+        for reshape in (True, False):
+            kw = dict(bits=bits, group_size=group, axis=axis, symmetric=sym, reshape=reshape)
+
+            @jax.jit
+            def roundtrip(x, kw=kw):
+                kc, ks, kz = tile_quant.quantize_tile(x, scale_dtype=jnp.float16, **kw)
+                return (kc, ks, kz), tile_quant.dequantize_tile(kc, ks, kz, **kw)
+
+            got, back = roundtrip(x)
+            _assert_same_bytes(got, (pc, s, z))
+            np.testing.assert_array_equal(np.asarray(back), np.asarray(quant.dequantize(c, s, z, bits, group, axis)))
+
+
+def test_round_half_even_matches_jnp_round():
+    y = np.concatenate([np.arange(-8, 8, 0.5), np.random.default_rng(4).uniform(-300, 300, 1000)]).astype(np.float32)
+    y = np.concatenate([y, np.nextafter(y, np.inf), np.nextafter(y, -np.inf)])
+    np.testing.assert_array_equal(np.asarray(tile_quant.round_half_even(jnp.asarray(y))), np.round(y))
+
+
+def test_gpu_write_lowers_to_triton():
+    """The compiled GPU path (Triton lowering, incl. the div.rn.f32 inline asm) lowers on CPU for an abstract H100."""
+    from jax.sharding import AxisType
+
+    from pallas_kernels import quantize_write_gpu
+
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+    for spec, p, d in (CASES[1], CASES[3], CASES[-1]):
+        pool = [
+            None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 2, 4, p, d)
+        ]
+        f = lambda c, s, z, pg, dst, spec=spec: quantize_write_gpu.quantize_write(c, s, z, pg, dst, spec=spec)
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = (
+                jax.jit(f)
+                .trace(*pool, jax.ShapeDtypeStruct((2, 3, p, d), jnp.bfloat16), jax.ShapeDtypeStruct((3,), jnp.int32))
+                .lower(lowering_platforms=("cuda",))
+                .as_text()
+            )
+        assert "triton" in text
+
+
+def test_gpu_rejects_non_power_of_two_shapes():
+    from pallas_kernels import quantize_write_gpu
+
+    spec = _spec(4, "token", 16)
+    pool = layout.allocate(spec, 1, 2, 16, 48)
+    with pytest.raises(ValueError, match="powers of two"):
+        quantize_write_gpu.quantize_write(*pool, jnp.zeros((1, 1, 16, 48)), jnp.zeros((1,), jnp.int32), spec=spec)
