@@ -151,8 +151,10 @@ def init_cache(specs: tuple[LayerSpec, ...], cfg: CacheConfig) -> KVCache:
         k = Pool(*layout.allocate(spec.k, h, n, p, d, cfg.jnp_dtype), spec=spec.k)
         v = Pool(*layout.allocate(spec.v, h, n, p, d, cfg.jnp_dtype), spec=spec.v)
         c = tail_capacity(spec.residual_length, p)
-        tail = jnp.zeros((h, cfg.max_seqs, c, d), cfg.jnp_dtype)
-        layers.append(LayerCache(k=k, v=v, k_tail=tail, v_tail=tail, spec=spec, page_size=p))
+        # separate buffers: jit donates the cache, and one buffer may not be donated twice
+        k_tail = jnp.zeros((h, cfg.max_seqs, c, d), cfg.jnp_dtype)
+        v_tail = jnp.zeros((h, cfg.max_seqs, c, d), cfg.jnp_dtype)
+        layers.append(LayerCache(k=k, v=v, k_tail=k_tail, v_tail=v_tail, spec=spec, page_size=p))
     return KVCache(layers=tuple(layers))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -139,7 +140,12 @@ def load_gguf(
     reader = _open_gguf(path)
     fields = _gguf_fields(reader)
     tensors = {t.name: t for t in reader.tensors}
-    cfg = gguf_config(fields, set(tensors), name=fields.get("general.name") or path.stem, dtype=dtype)
+    # The file name ("SmolLM2-135M-Instruct.Q4_1") names the model users know; general.name is often a training-run
+    # label ("Smollm2 135M 8k Lc100K Mix1 Ep2"). Manifests are matched against this name.
+    name = re.sub(r"[.-](q\d\w*|iq\d\w*|f16|f32|bf16)$", "", path.stem, flags=re.IGNORECASE) or fields.get(
+        "general.name"
+    )
+    cfg = gguf_config(fields, set(tensors), name=name, dtype=dtype)
     tok = Tokenizer.from_gguf_fields(fields)
     cfg = dataclasses.replace(cfg, eos_token_ids=tok.eos_token_ids)
     permuted = unpermute and fields.get("general.architecture") == "llama"

@@ -77,5 +77,5 @@ def allocate(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int
         return codes, None, None
     sdt = scale_dtype_of(spec.scale_dtype)
     scale = jnp.zeros(ss, sdt)
-    zero = None if spec.symmetric else jnp.zeros(ss, sdt)
+    zero = None if spec.symmetric else jnp.zeros(ss, sdt)  # a distinct buffer from scale (donation)
     return codes, scale, zero
