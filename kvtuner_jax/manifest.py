@@ -161,6 +161,14 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true is not 1
 
 
+def _show(v: Any) -> str:
+    """A value as JSON would spell it (repr for things JSON cannot hold, e.g. numpy scalars)."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
 def _one_of(values: Sequence[Any]) -> str:
     return ", ".join(json.dumps(v) if isinstance(v, str) else str(v) for v in values)
 
@@ -173,26 +181,26 @@ def _check_field(key: str, v: Any, path: str, file: str | None) -> None:
 
     if key.endswith("_bits"):
         if not _is_int(v) or v not in VALID_BITS:
-            shown = json.dumps(v) if not _is_int(v) else str(v)
-            raise bad(f"{shown} is not one of {_one_of(VALID_BITS)}")
+            kind = "" if _is_int(v) else f" ({_type_name(v)}, not an integer)"
+            raise bad(f"{_show(v)} is not one of {_one_of(VALID_BITS)}{kind}")
     elif key.endswith("_mode"):
         if not isinstance(v, str) or v not in _MODE_NAMES:
-            raise bad(f"{json.dumps(v)} is not one of {_one_of(mode_names())}")
+            raise bad(f"{_show(v)} is not one of {_one_of(mode_names())}")
     elif key.endswith("_symmetric") or key == "rotation":
         if not isinstance(v, bool):
-            raise bad(f"{json.dumps(v)} is {_type_name(v)}, expected true or false")
+            raise bad(f"{_show(v)} is {_type_name(v)}, expected true or false")
     elif key.endswith("_axis"):
         if v not in ("token", "channel"):
-            raise bad(f'{json.dumps(v)} is not one of "token", "channel"')
+            raise bad(f'{_show(v)} is not one of "token", "channel"')
     elif key.endswith("_group_size"):
         if not _is_int(v) or v <= 0:
-            raise bad(f"{json.dumps(v)} is not a positive integer")
+            raise bad(f"{_show(v)} is not a positive integer")
     elif key == "residual_length":
         if not _is_int(v) or v < 0:
-            raise bad(f"{json.dumps(v)} is not a non-negative integer")
+            raise bad(f"{_show(v)} is not a non-negative integer")
     elif key == "scale_dtype":
         if v not in SCALE_DTYPES:
-            raise bad(f"{json.dumps(v)} is not one of {_one_of(SCALE_DTYPES)}")
+            raise bad(f"{_show(v)} is not one of {_one_of(SCALE_DTYPES)}")
     else:  # pragma: no cover - callers filter unknown keys first
         raise bad("unknown field")
 
@@ -217,10 +225,10 @@ def _check_model_block(obj: Any, file: str | None) -> ModelIdentity:
         if key not in obj:
             raise ManifestError(f"model.{key}", "missing", file)
     if not isinstance(obj["name"], str) or not obj["name"]:
-        raise ManifestError("model.name", f"{json.dumps(obj['name'])} is not a non-empty string", file)
+        raise ManifestError("model.name", f"{_show(obj['name'])} is not a non-empty string", file)
     for key in MODEL_KEYS[1:]:
         if not _is_int(obj[key]) or obj[key] <= 0:
-            raise ManifestError(f"model.{key}", f"{json.dumps(obj[key])} is not a positive integer", file)
+            raise ManifestError(f"model.{key}", f"{_show(obj[key])} is not a positive integer", file)
     return ModelIdentity(obj["name"], obj["num_layers"], obj["num_kv_heads"], obj["head_dim"])
 
 
@@ -399,9 +407,9 @@ class Manifest:
             if key not in obj:
                 raise ManifestError(key, "missing", f)
         if obj["format"] != FORMAT:
-            raise ManifestError("format", f"{json.dumps(obj['format'])} is not {json.dumps(FORMAT)}", f)
+            raise ManifestError("format", f"{_show(obj['format'])} is not {json.dumps(FORMAT)}", f)
         if not _is_int(obj["version"]) or obj["version"] != VERSION:
-            raise ManifestError("version", f"{json.dumps(obj['version'])} is not {VERSION} (the supported version)", f)
+            raise ManifestError("version", f"{_show(obj['version'])} is not {VERSION} (the supported version)", f)
         model = _check_model_block(obj["model"], f)
         layers = _normalize_layers(obj["layers"], model.num_layers, f)
         if "metadata" in obj and not isinstance(obj["metadata"], Mapping):
