@@ -506,9 +506,19 @@ def uniform(
     """Every layer at (k_bits, v_bits); all settings written out in `defaults`, layers empty. Group size None =
     head_dim."""
     d = _preset_defaults(
-        model, k_bits, v_bits, k_axis, v_axis, k_group_size, v_group_size, k_symmetric, v_symmetric,
-        residual_length, rotation, scale_dtype,
-    )  # fmt: skip
+        model,
+        k_bits,
+        v_bits,
+        k_axis,
+        v_axis,
+        k_group_size,
+        v_group_size,
+        k_symmetric,
+        v_symmetric,
+        residual_length,
+        rotation,
+        scale_dtype,
+    )
     meta = {"preset": f"uniform k{k_bits} v{v_bits}"} if metadata is None else metadata
     return Manifest(model=model, defaults=d, layers=tuple({} for _ in range(model.num_layers)), metadata=meta)
 
@@ -680,8 +690,12 @@ def from_kvtuner_yaml(
     elif len(bits) != model.num_layers:
         raise ManifestError("layers", f"the file has {len(bits)} layers, model.num_layers is {model.num_layers}", file)
     elif heads is not None and heads != model.num_kv_heads:
-        raise ManifestError("model.num_kv_heads", f"the file has {heads} heads per layer, model has "
-                            f"{model.num_kv_heads}; per-head presets must match the KV heads", file)  # fmt: skip
+        raise ManifestError(
+            "model.num_kv_heads",
+            f"the file has {heads} heads per layer, model has "
+            f"{model.num_kv_heads}; per-head presets must match the KV heads",
+            file,
+        )
 
     if scheme is None:
         low = label.lower()

@@ -153,8 +153,9 @@ def test_group_size_rules(smollm2):
     e = err({"k_bits": 2, "k_axis": "channel", "k_group_size": 256})
     assert e.path == "defaults.k_group_size" and "<= 128" in str(e)
     # A 16-bit store has no groups, so its group size is not checked; channel groups need not divide head_dim.
-    mf.Manifest.from_json(base_obj(smollm2, defaults={"k_group_size": 48, "v_bits": 2, "v_axis": "channel",
-                                                       "v_group_size": 128}))  # fmt: skip
+    mf.Manifest.from_json(
+        base_obj(smollm2, defaults={"k_group_size": 48, "v_bits": 2, "v_axis": "channel", "v_group_size": 128})
+    )
 
 
 def test_check_model(smollm2):
@@ -289,8 +290,9 @@ def test_valid_manifests_round_trip(obj):
     for i, s in enumerate(m.layer_specs()):
         for p, kv in (("k", s.k), ("v", s.v)):
             got = (kv.bits, kv.mode, kv.axis, kv.group_size, kv.symmetric, kv.scale_dtype)
-            want = tuple(resolve_independently(obj, i, f"{p}_{f}") for f in ("bits", "mode", "axis", "group_size",
-                                                                               "symmetric"))  # fmt: skip
+            want = tuple(
+                resolve_independently(obj, i, f"{p}_{f}") for f in ("bits", "mode", "axis", "group_size", "symmetric")
+            )
             assert got == (*want, resolve_independently(obj, i, "scale_dtype"))
         assert s.residual_length == resolve_independently(obj, i, "residual_length")
         assert s.rotation == resolve_independently(obj, i, "rotation")
@@ -308,10 +310,19 @@ def test_mutated_manifests_raise_with_path(obj, kind, data):
     if kind == "wrong_type":
         key, bad = data.draw(
             st.sampled_from(
-                [("k_bits", "8"), ("v_bits", 4.0), ("k_symmetric", 0), ("rotation", "yes"), ("k_axis", 1),
-                 ("v_group_size", 32.0), ("residual_length", None), ("scale_dtype", 16), ("k_mode", ["int"])]
+                [
+                    ("k_bits", "8"),
+                    ("v_bits", 4.0),
+                    ("k_symmetric", 0),
+                    ("rotation", "yes"),
+                    ("k_axis", 1),
+                    ("v_group_size", 32.0),
+                    ("residual_length", None),
+                    ("scale_dtype", 16),
+                    ("k_mode", ["int"]),
+                ]
             )
-        )  # fmt: skip
+        )
         layer[key] = bad
         path = f"layers[{i}].{key}"
     elif kind == "missing_layer":
@@ -392,8 +403,10 @@ def test_per_head_yaml_reduces_by_max_over_heads():
     assert m.model.name == "Meta-Llama-3-8B-Instruct" and m.layer_bits() == ((8, 4),) * 32
     assert m.metadata["per_head_reduction"] == mf.PER_HEAD_RULE
     # Heads that disagree: K takes the max over heads, V separately.
-    text = "0:\n  0: {nbits_key: 2, nbits_value: 8}\n  1: {nbits_key: 4, nbits_value: 2}\n" \
-           "1:\n  0: {nbits_key: 2, nbits_value: 2}\n  1: {nbits_key: 2, nbits_value: 4}\n"  # fmt: skip
+    text = (
+        "0:\n  0: {nbits_key: 2, nbits_value: 8}\n  1: {nbits_key: 4, nbits_value: 2}\n"
+        "1:\n  0: {nbits_key: 2, nbits_value: 2}\n  1: {nbits_key: 2, nbits_value: 4}\n"
+    )
     m = mf.from_kvtuner_yaml(text, ModelIdentity("tiny", 2, 2, 64), scheme="pertoken")
     assert m.layer_bits() == ((4, 8), (2, 4))
     with pytest.raises(ManifestError) as e:  # per-head presets must have the model's KV head count
@@ -507,8 +520,10 @@ def test_configs_are_current_and_valid():
 
 
 def test_describe_cli(capsys, tmp_path):
-    assert mf.main(["describe", str(CONFIGS / "llama31_8b_kvtuner_3.25bit.json"), "--tokens", "1000",
-                    "--page_size", "32"]) == 0  # fmt: skip
+    assert (
+        mf.main(["describe", str(CONFIGS / "llama31_8b_kvtuner_3.25bit.json"), "--tokens", "1000", "--page_size", "32"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "average nominal bits: 3.25" in out and "effective bits (incl. scales/zeros): 4.25" in out
     r = mf.memory_report(mf.load(CONFIGS / "llama31_8b_kvtuner_3.25bit.json"), page_size=32)
