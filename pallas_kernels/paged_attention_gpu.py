@@ -1,0 +1,434 @@
+"""GPU kernel: paged attention over one layer's packed, quantized pages, dequantizing inside the kernel.
+
+Pallas with the Triton lowering (`pallas_call` + `plgpu.CompilerParams`); runs compiled on NVIDIA GPUs and with
+`interpret=True` on CPU (tests). Semantics are exactly `paged_attention.paged_attention_reference`.
+
+Why Triton rather than Mosaic GPU: JAX 0.11 marks the Triton lowering deprecated, but it is the lowering that (a)
+runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b) gives register-level integer ops
+(shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
+with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. A Mosaic GPU kernel would
+need explicit TMA/wgmma staging per page (pages are scattered, one gather per page), M >= 64 wgmma tiles, and has
+no CPU interpreter to test it in CI. See notes/kernels_gpu.md for the measured numbers behind the tuning defaults.
+
+Design (the tile math is in `tile_attention`, shared with the TPU kernel):
+- Grid (batch, kv_heads, splits). One program serves all query heads of one KV head (GQA group x query tokens,
+  padded to R >= 16 rows), so every page is read once per KV head; splits over pages (flash-decoding) keep enough
+  programs in flight when batch x kv_heads is small, and a tiny jnp combine merges them exactly.
+- Tiles are transposed: the page block (TB = pages_per_block * P tokens) is the matmul's M side and the R query
+  rows are N, so the dequantized codes are the left operand and the queries/probabilities the small right one.
+- Token-axis packed codes are never interleaved back into channel order: field j of byte column i meets query
+  channel per*i+j through a permuted query (`arrange_q_token`), and per-token scale/zero are folded into the
+  scores (`s * (q.c) + z * sum q`) and into the probabilities (`(p * s) . c + sum(p * z)`), so the per-element
+  work is shift, mask, int->bf16 and the tensor-core dot.
+- Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field) and their
+  per-channel scales are folded into the query (keys) or into the output (values), one token group at a time.
+- Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
+  in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import tile_attention as ta
+
+
+@dataclasses.dataclass(frozen=True)
+class _Side:
+    """Static description of how one of K or V is read."""
+
+    kind: str  # "full" (16-bit), "token", "channel"
+    bits: int
+    group: int
+    symmetric: bool
+    per: int = 1  # codes per byte
+    cb: int = 0  # token: byte columns per column block
+    ncb: int = 0  # token: number of column blocks
+    ngroups: int = 0  # token: groups along head_dim; channel: groups along the page
+    full_bf16: bool = True  # full: stored as bf16 (else split into parts)
+
+
+def _side(spec: KVSpec, codes, page_size: int, head_dim: int) -> _Side:
+    if not spec.quantized:
+        return _Side("full", 16, 0, False, full_bf16=codes.dtype == jnp.bfloat16)
+    per = ta.codes_per_byte(spec.bits)
+    if spec.axis == "token":
+        cb = ta.col_block(head_dim, spec.bits, spec.group_size)
+        return _Side(
+            "token",
+            spec.bits,
+            spec.group_size,
+            spec.symmetric,
+            per=per,
+            cb=cb,
+            ncb=head_dim // (cb * per),
+            ngroups=head_dim // spec.group_size,
+        )
+    return _Side("channel", spec.bits, spec.group_size, spec.symmetric, per=per, ngroups=page_size // spec.group_size)
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _dot(a, b, trans_a: bool = False):
+    """a [M, K] @ b [K, N] (a given as [K, M] when trans_a) -> float32."""
+    dims = (((0,) if trans_a else (1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _dot_parts(a, b_parts, trans_a: bool = False):
+    acc = None
+    for bp in reversed(b_parts):  # smallest terms first
+        d = _dot(a, bp, trans_a)
+        acc = d if acc is None else acc + d
+    return acc
+
+
+def _kernel(
+    *refs,
+    ks: _Side,
+    vs: _Side,
+    P: int,
+    ppb: int,
+    pps: int,
+    R: int,
+    D: int,
+    N: int,
+    parts: int,
+    qparts: int,
+    c_scale: float,
+):
+    it = iter(refs)
+    nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
+    qsum_ref = next(it) if ks.kind == "token" else None  # [ng, R]
+    kc_ref = next(it)  # [N, rows, cols] (this KV head)
+    ksc_ref = next(it) if ks.kind != "full" else None
+    kz_ref = next(it) if ks.kind != "full" and not ks.symmetric else None
+    vc_ref = next(it)
+    vsc_ref = next(it) if vs.kind != "full" else None
+    vz_ref = next(it) if vs.kind != "full" and not vs.symmetric else None
+    o_ref = next(it)  # [nacc, rows_acc, R]
+    za_ref = next(it) if vs.kind == "token" else None  # [ng_v, R]
+    m_ref, l_ref = next(it), next(it)  # [R], [R]
+
+    TB = ppb * P
+    split = pl.program_id(2)
+    npages = nt_ref[0] // P
+    first = split * pps
+    nvalid = jnp.clip(npages - first, 0, pps)
+    nblk = (nvalid + ppb - 1) // ppb
+
+    # Loop-invariant query tiles.
+    if ks.kind == "full":
+        qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
+    elif ks.kind == "token":
+        qk = [[[q_ref[p, g, j, :, :] for j in range(ks.per)] for g in range(ks.ngroups)] for p in range(qparts)]
+        qsum = [qsum_ref[g, :] for g in range(ks.ngroups)]  # [R] f32
+    else:
+        q_t = q_ref[...]  # [D, R] f32
+
+    tok = jax.lax.broadcasted_iota(jnp.int32, (TB,), 0)
+
+    def load_pages(i):
+        base = first + i * ppb
+        idx = base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)
+        pages = pt_ref[pl.ds(base, ppb)]
+        ok = (idx < npages) & (pages >= 0)
+        pages = jnp.minimum(jnp.where(ok, pages, 0), N - 1)
+        valid = (base + tok // P) < npages
+        return base, pages, valid
+
+    def page_scalar(base, pp):
+        """(physical page, is valid) of page pp of the block; invalid pages read page 0, weights zeroed."""
+        pg = pt_ref[base + pp]
+        ok = (base + pp < npages) & (pg >= 0)
+        return jnp.minimum(jnp.where(ok, pg, 0), N - 1), ok
+
+    def token_order_codes(c_ref, side: _Side, base):
+        """Channel-axis page block read in token order: codes [TB, D] int32 (byte rows gathered once per field)."""
+        t_in = tok % P
+        page_tok = pt_ref[base + tok // P]
+        ok = (base + tok // P < npages) & (page_tok >= 0)
+        page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
+        x = c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
+        return ta.unpack_field_rows(x, side.bits, t_in % side.per)
+
+    def scale_tokens(s_ref, pages, g):
+        return s_ref[pages, :, g].reshape(TB).astype(jnp.float32)  # [TB]
+
+    def scores(base, pages, valid):
+        if ks.kind == "full":
+            x = kc_ref[pages, :, :].reshape(TB, D)
+            if ks.full_bf16:
+                s = _dot_parts(x, qk)
+            else:
+                s = sum(_dot_parts(xp, qk) for xp in ta.split_parts(x.astype(jnp.float32), parts))
+        elif ks.kind == "token":
+            s = jnp.zeros((TB, R), jnp.float32)
+            gpb = ks.cb * ks.per // ks.group
+            for cbi in range(ks.ncb):
+                x = kc_ref[pages, :, pl.ds(cbi * ks.cb, ks.cb)].reshape(TB, ks.cb)
+                cs = [ta.codes_to_operand(ta.unpack_field(x, ks.bits, j)) for j in range(ks.per)]
+                for g in range(cbi * gpb, (cbi + 1) * gpb):
+                    d = None
+                    for p in reversed(range(qparts)):
+                        for j in range(ks.per):
+                            dd = _dot(cs[j], qk[p][g][j])
+                            d = dd if d is None else d + dd
+                    sc = scale_tokens(ksc_ref, pages, g)
+                    zt = ta.zero_term(sc, None if kz_ref is None else scale_tokens(kz_ref, pages, g), ks.bits)
+                    s = s + ta.fold_scores(d, sc, zt, qsum[g])
+        else:
+            c = ta.codes_to_operand(token_order_codes(kc_ref, ks, base))  # [TB, D]
+            s = jnp.zeros((TB, R), jnp.float32)
+            for pp in range(ppb):
+                pg, _ = page_scalar(base, pp)  # rows of an invalid page are masked to -inf below
+                for tg in range(ks.ngroups):
+                    sc = ksc_ref[pg, tg, :].astype(jnp.float32)  # [D]
+                    zt = ta.zero_term(sc, None if kz_ref is None else kz_ref[pg, tg, :], ks.bits)
+                    q_s = q_t * sc[:, None]  # [D, R]: per-channel scale folded into the query
+                    d = _dot_parts(c, ta.split_parts(q_s, parts)) + jnp.sum(q_t * zt[:, None], axis=0)[None, :]
+                    lo = pp * P + tg * ks.group
+                    rows = (tok >= lo) & (tok < lo + ks.group)
+                    s = s + jnp.where(rows[:, None], d, 0.0)
+        return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
+
+    def values(base, pages, valid, p, accs, zaccs, alpha):
+        accs = [a * alpha[None, :] for a in accs]
+        if vs.kind == "full":
+            x = vc_ref[pages, :, :].reshape(TB, D)
+            x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
+            pp_ = ta.split_parts(p, parts)
+            if vs.full_bf16:
+                accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)
+            else:
+                for xp in ta.split_parts(x.astype(jnp.float32), parts):
+                    accs[0] = accs[0] + _dot_parts(xp, pp_, trans_a=True)
+        elif vs.kind == "token":
+            gpb = vs.cb * vs.per // vs.group
+            zaccs = [z * alpha for z in zaccs]
+            for cbi in range(vs.ncb):
+                x = vc_ref[pages, :, pl.ds(cbi * vs.cb, vs.cb)].reshape(TB, vs.cb)
+                cs = [ta.codes_to_operand(ta.unpack_field(x, vs.bits, j)) for j in range(vs.per)]
+                for g in range(cbi * gpb, (cbi + 1) * gpb):
+                    sc = scale_tokens(vsc_ref, pages, g)
+                    zt = ta.zero_term(sc, None if vz_ref is None else scale_tokens(vz_ref, pages, g), vs.bits)
+                    pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
+                    pparts = ta.split_parts(pg_, parts)
+                    for j in range(vs.per):
+                        d = _dot_parts(cs[j], pparts, trans_a=True)  # [cb, R]
+                        if gpb > 1:
+                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
+                            d = jnp.where(keep[:, None], d, 0.0)
+                        accs[cbi * vs.per + j] = accs[cbi * vs.per + j] + d
+                    zaccs[g] = zaccs[g] + jnp.sum(jnp.where(valid[:, None], p * zt[:, None], 0.0), axis=0)
+        else:
+            c = ta.codes_to_operand(token_order_codes(vc_ref, vs, base))  # [TB, D]
+            for pp in range(ppb):
+                pg, ok = page_scalar(base, pp)
+                for tg in range(vs.ngroups):
+                    sc = vsc_ref[pg, tg, :].astype(jnp.float32)  # [D]
+                    zt = ta.zero_term(sc, None if vz_ref is None else vz_ref[pg, tg, :], vs.bits)
+                    sc, zt = jnp.where(ok, sc, 0.0), jnp.where(ok, zt, 0.0)  # a stale page may hold NaN scales
+                    lo = pp * P + tg * vs.group
+                    rows = (tok >= lo) & (tok < lo + vs.group) & valid
+                    pm = jnp.where(rows[:, None], p, 0.0)
+                    d = _dot_parts(c, ta.split_parts(pm, parts), trans_a=True)  # [D, R]
+                    accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
+        return accs, zaccs
+
+    def body(i, carry):
+        m, l, accs, zaccs = carry
+        base, pages, valid = load_pages(i)
+        s = scores(base, pages, valid)
+        m_new, alpha, p, l_new = ta.online_softmax_step(m, l, s)
+        accs, zaccs = values(base, pages, valid, p, accs, zaccs, alpha)
+        return m_new, l_new, accs, zaccs
+
+    if vs.kind == "token":
+        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.per)]
+        zaccs = [jnp.zeros((R,), jnp.float32) for _ in range(vs.ngroups)]
+    else:
+        accs = [jnp.zeros((D, R), jnp.float32)]
+        zaccs = []
+    m0 = jnp.full((R,), -jnp.inf, jnp.float32)
+    l0 = jnp.zeros((R,), jnp.float32)
+    m, l, accs, zaccs = jax.lax.fori_loop(0, nblk, body, (m0, l0, accs, zaccs))
+    for a, acc in enumerate(accs):
+        o_ref[a, :, :] = acc
+    for g, z in enumerate(zaccs):
+        za_ref[g, :] = z
+    m_ref[...] = m
+    l_ref[...] = l
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) -> tuple[int, int]:
+    """(pages_per_block, num_splits) defaults: blocks of ~64 tokens; enough programs to cover the GPU a few times."""
+    ppb = max(1, min(64 // page_size, _next_pow2(max_pages)))
+    nblocks = -(-max_pages // ppb)
+    target_programs = 1056  # 8 x the 132 SMs of an H100
+    splits = max(1, min(nblocks, -(-target_programs // (batch * kv_heads))))
+    return ppb, splits
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "k_spec",
+        "v_spec",
+        "sm_scale",
+        "interpret",
+        "pages_per_block",
+        "num_splits",
+        "num_warps",
+        "num_stages",
+        "parts",
+    ),
+)
+def paged_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    page_table,
+    num_tokens,
+    *,
+    k_spec: KVSpec,
+    v_spec: KVSpec,
+    sm_scale: float,
+    interpret: bool = False,
+    pages_per_block: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    parts: int = 2,
+):
+    """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
+
+    Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and
+    lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
+    programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
+    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32).
+    """
+    b, hq, tq, d = q.shape
+    h, n = k_codes.shape[:2]
+    page_size = (
+        k_codes.shape[2]
+        if not (k_spec.quantized and k_spec.axis == "channel")
+        else (k_codes.shape[2] * 8 // k_spec.bits)
+    )
+    if not (_pow2(page_size) and page_size >= 16 and _pow2(d) and d >= 16):
+        raise ValueError(f"page_size={page_size} and head_dim={d} must be powers of 2, at least 16")
+    ks = _side(k_spec, k_codes, page_size, d)
+    vs = _side(v_spec, v_codes, page_size, d)
+    for side in (ks, vs):
+        if side.kind == "token" and (not _pow2(side.group) or d // side.per < 16):
+            raise ValueError(f"token-axis group {side.group} / head_dim {d} at {side.bits} bits is not supported")
+    hg = hq // h
+    rows = hg * tq
+    R = max(16, _next_pow2(rows))
+    mp = page_table.shape[1]
+    ppb0, splits0 = default_config(b, h, mp, page_size)
+    ppb = pages_per_block or ppb0
+    nblocks = -(-mp // ppb)
+    splits = min(num_splits or splits0, nblocks)
+    bps = -(-nblocks // splits)
+    splits = -(-nblocks // bps)
+    pps = bps * ppb
+    pt = jnp.full((b, splits * pps), -1, jnp.int32).at[:, :mp].set(page_table.astype(jnp.int32))
+    nt = num_tokens.astype(jnp.int32)
+
+    # Query rows: r = (head in group) * tq + token; transposed to [D, R] and padded.
+    qf = q.astype(jnp.float32).reshape(b, h, rows, d)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - rows), (0, 0)))
+    q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
+    qparts = 1 if q.dtype == jnp.bfloat16 else parts
+    args = [nt, pt]
+    specs = [
+        pl.BlockSpec((1,), lambda i, j, s: (i,)),
+        pl.BlockSpec((None, splits * pps), lambda i, j, s: (i, 0)),
+    ]
+    if ks.kind == "full":
+        qk = jnp.stack(ta.split_parts(q_t, qparts), axis=2)  # [B, H, qparts, D, R]
+        args.append(qk)
+        specs.append(pl.BlockSpec((None, None, qparts, d, R), lambda i, j, s: (i, j, 0, 0, 0)))
+    elif ks.kind == "token":
+        qk, qsum = ta.arrange_q_token(q_t, ks.bits, ks.group)  # [B, H, ng, per, cb, R], [B, H, ng, R]
+        qk = jnp.stack(ta.split_parts(qk, qparts), axis=2)
+        args += [qk, qsum]
+        specs += [
+            pl.BlockSpec((None, None, qparts, ks.ngroups, ks.per, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)),
+            pl.BlockSpec((None, None, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0)),
+        ]
+    else:
+        args.append(q_t)
+        specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
+    for arr in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+        if arr is not None:
+            args.append(arr)
+            specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
+
+    if vs.kind == "token":
+        nacc, arows = vs.ncb * vs.per, vs.cb
+    else:
+        nacc, arows = 1, d
+    out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, nacc, arows, R), lambda i, j, s: (i, j, s, 0, 0, 0))]
+    if vs.kind == "token":
+        out_shape.append(jax.ShapeDtypeStruct((b, h, splits, vs.ngroups, R), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, None, vs.ngroups, R), lambda i, j, s: (i, j, s, 0, 0)))
+    for _ in range(2):
+        out_shape.append(jax.ShapeDtypeStruct((b, h, splits, R), jnp.float32))
+        out_specs.append(pl.BlockSpec((None, None, None, R), lambda i, j, s: (i, j, s, 0)))
+
+    kernel = functools.partial(
+        _kernel,
+        ks=ks,
+        vs=vs,
+        P=page_size,
+        ppb=ppb,
+        pps=pps,
+        R=R,
+        D=d,
+        N=n,
+        parts=parts,
+        qparts=qparts,
+        c_scale=float(sm_scale) * ta.LOG2E,
+    )
+    res = pl.pallas_call(
+        kernel,
+        grid=(b, h, splits),
+        in_specs=specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        name=f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}",
+    )(*args)
+    if vs.kind == "token":
+        o, za, m, l = res
+        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.per, vs.cb, R), vs.bits, vs.group, d)
+        za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
+        o = o + za
+    else:
+        o, m, l = res
+        o = jnp.swapaxes(o[:, :, :, 0], -1, -2)  # [B, H, S, R, D]
+    out, lse = ta.combine_splits(o, m, l)  # [B, H, R, D], [B, H, R]
+    out = out[:, :, :rows].reshape(b, hq, tq, d)
+    lse = lse[:, :, :rows].reshape(b, hq, tq)
+    return out, lse
