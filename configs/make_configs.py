@@ -1,7 +1,7 @@
 """Regenerates the manifests in configs/: `python configs/make_configs.py` (or `--check` to verify, exit 1 on drift).
 
 SmolLM2-135M-Instruct uniform and KIVI-style presets, and KVTuner's upstream Llama-3.1-8B / Qwen2.5-7B presets
-(copied byte for byte, CRLF included, into configs/kvtuner_upstream/) converted to our JSON.
+(read from ../shared/reference/kvtuner_presets, CRLF line endings and all) converted to our JSON.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from kvtuner_jax import assets
 from kvtuner_jax import manifest as mf
 from kvtuner_jax.specs import ModelIdentity
 
 HERE = Path(__file__).resolve().parent
-UPSTREAM = HERE / "kvtuner_upstream"
+UPSTREAM = assets.kvtuner_presets_dir()
 SMOLLM2 = ModelIdentity("SmolLM2-135M-Instruct", num_layers=30, num_kv_heads=3, head_dim=64)
 GENERATED_BY = "configs/make_configs.py"
 KIVI = dict(k_axis="channel", k_group_size=32, v_axis="token", v_group_size=32, residual_length=32)
@@ -42,7 +43,7 @@ def build() -> dict[str, mf.Manifest]:
         ("qwen25_7b_kvtuner_4.0bit.json", "Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml"),
     ):
         m = mf.from_kvtuner_yaml(UPSTREAM / src)
-        meta = {**m.to_json()["metadata"], "source_dir": "configs/kvtuner_upstream", "generated_by": GENERATED_BY}
+        meta = {**m.to_json()["metadata"], "generated_by": GENERATED_BY}
         out[name] = dataclasses.replace(m, metadata=meta, source=None)
     return out
 

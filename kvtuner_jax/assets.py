@@ -63,3 +63,16 @@ def essay_files(path: str | os.PathLike | None = None) -> list[Path]:
 
 def essay_texts(path: str | os.PathLike | None = None) -> list[str]:
     return [f.read_text(encoding="utf-8", errors="replace") for f in essay_files(path)]
+
+
+PRESETS_ENV = "KVTUNER_PRESETS"
+
+
+def kvtuner_presets_dir(path: str | os.PathLike | None = None) -> Path:
+    """KVTuner's upstream YAML presets: `path`, else $KVTUNER_PRESETS, else ../shared/reference/kvtuner_presets
+    beside the repository (they are upstream's files; we read them where they are and keep no copy)."""
+    path = path or os.environ.get(PRESETS_ENV)
+    p = Path(path) if path else Path(__file__).resolve().parents[2] / "shared" / "reference" / "kvtuner_presets"
+    if not p.is_dir():
+        raise AssetError(f"KVTuner presets directory {p} does not exist (set ${PRESETS_ENV} to the folder of *.yaml)")
+    return p

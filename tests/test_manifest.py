@@ -14,13 +14,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvtuner_jax import assets
 from kvtuner_jax import manifest as mf
 from kvtuner_jax.errors import ManifestError
 from kvtuner_jax.specs import KVSpec, LayerSpec, ModelIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-UPSTREAM = CONFIGS / "kvtuner_upstream"
+UPSTREAM = assets.kvtuner_presets_dir()
 LLAMA_YAML = UPSTREAM / "Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml"
 QWEN_YAML = UPSTREAM / "Qwen2.5-7B-Instruct_pertoken_KVTuner4_0.yaml"
 PER_HEAD_YAML = UPSTREAM / "meta-llama_Meta-Llama-3-8B-Instruct_k8_v4._per_head.yaml"
