@@ -1,0 +1,444 @@
+"""Decode attention benchmark: our dequant-fused GPU kernel vs JAX's bf16 Pallas paged attention, same data, same run.
+
+Shape: Llama-3.1-8B attention (32 query heads, 8 KV heads, head_dim 128), one query token per sequence, every
+sequence `context` tokens long (whole pages). For each (batch, context, config) it reports the median time of one
+attention call (device-synchronized; many calls per timed executable, inputs rotated so the working set is larger
+than L2), GB/s on the bytes the call must read (codes + scales + zeros of K and V, page table, q), % of the best
+measured copy bandwidth, the floor (bytes / that bandwidth) and the speedup over JAX's bf16 kernel at the same
+(batch, context). Before timing, each config is checked against `paged_attention_reference` at a small shape.
+
+    PYTHONPATH=. python3 benchmarks/attention.py --out /tmp/bench            # full sweep
+    PYTHONPATH=. python3 benchmarks/attention.py --batches 32 --contexts 16384 --configs 4/4,2/2 --out /tmp/b
+
+Results: <out>/attention.json and <out>/attention.csv (one row per measurement), printed as a table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvtuner_jax.quant import scale_dtype_of
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import layout
+from pallas_kernels.paged_attention import paged_attention_reference
+from pallas_kernels.paged_attention_gpu import paged_attention
+
+HQ, H, D = 32, 8, 128  # Llama-3.1-8B attention shape
+L2_BYTES = 50 * 2**20
+SCHEDULE = "configs/llama31_8b_kvtuner_3.25bit.json"
+PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml"
+
+
+def spec_pair(name: str) -> tuple[KVSpec, KVSpec]:
+    """'4/2' -> per-token groups of head_dim (f16 scale + min per token-head); 'kivi4/2' -> KIVI layout."""
+    kivi = name.startswith("kivi")
+    kb, vb = (int(x) for x in name.removeprefix("kivi").split("/"))
+    if kivi:
+        return KVSpec(bits=kb, axis="channel", group_size=32), KVSpec(bits=vb, axis="token", group_size=32)
+    return KVSpec(bits=kb, axis="token", group_size=D), KVSpec(bits=vb, axis="token", group_size=D)
+
+
+def schedule_pairs() -> tuple[list[tuple[int, int]], dict, str]:
+    """Per-layer (K bits, V bits) of the 3.25-bit schedule and its layout defaults (manifest JSON, else the preset)."""
+    if os.path.exists(SCHEDULE):
+        m = json.load(open(SCHEDULE))
+        return [(x["k_bits"], x["v_bits"]) for x in m["layers"]], m["defaults"], SCHEDULE
+    pairs, cur = [], {}
+    for line in open(PRESET):
+        line = line.strip()
+        if line.startswith("nbits_key"):
+            cur["k"] = int(line.split(":")[1])
+        elif line.startswith("nbits_value"):
+            pairs.append((cur["k"], int(line.split(":")[1])))
+    defaults = dict(k_axis="channel", v_axis="token", k_group_size=32, v_group_size=32)
+    return pairs, defaults, PRESET
+
+
+def schedule_spec(kb: int, vb: int, defaults: dict) -> tuple[KVSpec, KVSpec]:
+    def one(bits, side):
+        return KVSpec(
+            bits=bits,
+            axis=defaults.get(f"{side}_axis", "token"),
+            group_size=defaults.get(f"{side}_group_size", D),
+            symmetric=defaults.get(f"{side}_symmetric", False),
+            scale_dtype=defaults.get("scale_dtype", "float16"),
+        )
+
+    return one(kb, "k"), one(vb, "v")
+
+
+def store_bytes_per_token(spec: KVSpec, page: int) -> float:
+    return layout.bytes_per_page(spec, H, page, D) / page
+
+
+def make_store(key, spec: KVSpec, pages: int, page: int):
+    codes_shape = layout.codes_shape(spec, H, pages, page, D)
+    k1, k2, k3 = jax.random.split(key, 3)
+    if not spec.quantized:
+        return jax.random.normal(k1, codes_shape, jnp.bfloat16), None, None
+    codes = jax.random.randint(k1, codes_shape, 0, 256, jnp.int32).astype(jnp.uint8)
+    ss = layout.scale_shape(spec, H, pages, page, D)
+    sdt = scale_dtype_of(spec.scale_dtype)
+    scale = jax.random.uniform(k2, ss, jnp.float32, 0.02, 0.3).astype(sdt)
+    zero = None if spec.symmetric else (jax.random.normal(k3, ss, jnp.float32)).astype(sdt)
+    return codes, scale, zero
+
+
+def page_tables(key, b: int, pages_per_seq: int, copies: int):
+    """`copies` page tables [copies, B, pages_per_seq] over disjoint sets of a pool of copies*B*pages_per_seq pages."""
+    n = copies * b * pages_per_seq
+    perm = jax.random.permutation(key, n).astype(jnp.int32)
+    return perm.reshape(copies, b, pages_per_seq)
+
+
+def timed(fn, fixed, args_list, reps: int, trials: int) -> float:
+    """Median seconds per call of fn(fixed, *args) over `trials` executables that each run `reps` calls.
+
+    Call i uses args_list[i % len(args_list)] (rotating inputs so that repeated calls do not hit L2); `fixed` (the
+    pools) is passed as an argument, never closed over, so it is not baked into the executable.
+    """
+    n = len(args_list)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *args_list)
+
+    @jax.jit
+    def many(fx, st):
+        def body(i, acc):
+            a = jax.tree.map(lambda x: x[i % n], st)
+            out = fn(fx, *a)
+            leaf = jax.tree.leaves(out)[0]
+            return acc + leaf.reshape(-1)[0].astype(jnp.float32)
+
+        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+
+    jax.block_until_ready(many(fixed, stacked))  # compile + warm up
+    ts = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(fixed, stacked))
+        ts.append((time.perf_counter() - t0) / reps)
+    return float(np.median(ts))
+
+
+def copy_bandwidth(trials: int = 7, nbytes: int = 2 * 2**30) -> dict:
+    """Device-to-device copy bandwidth (bytes read + written per second) through jnp and, if present, torch."""
+    res = {}
+    x = jax.random.randint(jax.random.key(0), (nbytes // 4,), 0, 2**30, jnp.int32)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(x))
+    ts = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        ts.append(time.perf_counter() - t0)
+    res["jnp_elementwise_rw"] = 2 * nbytes / float(np.median(ts))
+    del x
+    try:
+        import torch
+
+        a = torch.randint(0, 2**30, (nbytes // 4,), dtype=torch.int32, device="cuda")
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(trials)]
+        for s, e in ev:
+            s.record()
+            b.copy_(a)
+            e.record()
+        torch.cuda.synchronize()
+        res["torch_copy_rw"] = 2 * nbytes / (float(np.median([s.elapsed_time(e) for s, e in ev])) / 1e3)
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(trials)]
+        for s, e in ev:
+            s.record()
+            a.sum()
+            e.record()
+        torch.cuda.synchronize()
+        res["torch_sum_read"] = nbytes / (float(np.median([s.elapsed_time(e) for s, e in ev])) / 1e3)
+        del a, b
+        torch.cuda.empty_cache()
+    except Exception as e:  # torch missing or no CUDA: the jnp figure stands alone
+        res["torch_error"] = repr(e)[:200]
+    return res
+
+
+def check_small(k_spec: KVSpec, v_spec: KVSpec, page: int, kw: dict) -> float:
+    """Relative error vs the reference at batch 3, context 8 pages (one sequence empty, one partial)."""
+    key = jax.random.key(7)
+    b, mp = 3, 8
+    n = b * mp + 3
+    ks = make_store(jax.random.fold_in(key, 1), k_spec, n, page)
+    vs = make_store(jax.random.fold_in(key, 2), v_spec, n, page)
+    q = jax.random.normal(jax.random.fold_in(key, 3), (b, HQ, 1, D), jnp.float32)
+    pt = jax.random.permutation(jax.random.fold_in(key, 4), n)[: b * mp].reshape(b, mp).astype(jnp.int32)
+    nt = jnp.asarray([0, mp * page, 3 * page], jnp.int32)
+    pt = jnp.where(jnp.arange(mp)[None] < (nt // page)[:, None], pt, -1)
+    args = (q, *ks, *vs, pt, nt)
+    out, lse = paged_attention(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5, **kw)
+    ref, ref_lse = paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5)
+    out, ref = np.asarray(out), np.asarray(ref)
+    assert np.all(np.isfinite(out)), "non-finite output"
+    assert np.all(out[0] == 0) and np.all(np.asarray(lse)[0] == -np.inf), "empty sequence not 0 / -inf"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def bench_ours(b, ctx, k_spec, v_spec, page, kw, args) -> dict:
+    try:
+        return _bench_ours(b, ctx, k_spec, v_spec, page, kw, args)
+    except Exception as e:  # a tuning that does not compile or fit: record it, keep sweeping
+        return dict(error=repr(e)[:300])
+
+
+def _bench_ours(b, ctx, k_spec, v_spec, page, kw, args) -> dict:
+    pps = ctx // page
+    per_tok = store_bytes_per_token(k_spec, page) + store_bytes_per_token(v_spec, page)
+    nbytes = b * ctx * per_tok + b * pps * 4 + b * HQ * D * 2
+    copies = max(1, min(args.max_copies, math.ceil(3 * L2_BYTES / nbytes)))
+    npages = copies * b * pps
+    if npages * page * per_tok > args.mem_gb * 2**30:
+        return dict(skipped=f"needs {npages * page * per_tok / 2**30:.1f} GB > --mem-gb {args.mem_gb}")
+    key = jax.random.key(b * 7919 + ctx)
+    ks = make_store(jax.random.fold_in(key, 1), k_spec, npages, page)
+    vs = make_store(jax.random.fold_in(key, 2), v_spec, npages, page)
+    tables = page_tables(jax.random.fold_in(key, 3), b, pps, copies)
+    nt = jnp.full((b,), ctx, jnp.int32)
+    qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (b, HQ, 1, D), jnp.bfloat16) for i in range(copies)]
+
+    def fn(fx, q, pt):
+        k, v = fx
+        return paged_attention(q, *k, *v, pt, nt, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5, **kw)
+
+    t = timed(fn, (ks, vs), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials)
+    del ks, vs
+    return dict(time_s=t, bytes=nbytes, copies=copies)
+
+
+def bench_jax_bf16(b, ctx, page, args) -> dict:
+    """JAX's own Pallas (Triton) paged attention, bf16 pages, best of a few block settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import paged_attention as jpa
+    pps = ctx // page
+    nbytes = 2 * b * ctx * H * D * 2 + b * pps * 4 + b * HQ * D * 2
+    copies = max(1, min(args.max_copies, math.ceil(3 * L2_BYTES / nbytes)))
+    npages = copies * b * pps
+    if 2 * npages * page * H * D * 2 > args.mem_gb * 2**30:
+        return dict(skipped="does not fit --mem-gb")
+    key = jax.random.key(b * 31 + ctx)
+    kp = jax.random.normal(jax.random.fold_in(key, 1), (H, npages, page, D), jnp.bfloat16)
+    vp = jax.random.normal(jax.random.fold_in(key, 2), (H, npages, page, D), jnp.bfloat16)
+    tables = page_tables(jax.random.fold_in(key, 3), b, pps, copies)
+    lengths = jnp.full((b,), ctx, jnp.int32)
+    qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (b, HQ, D), jnp.bfloat16) for i in range(copies)]
+    best, settings = None, []
+    for ppcb in (4, 8, 16):
+        for splits in (4, 8, 16, 32):
+            if pps % splits or (pps // splits) % min(ppcb, pps // splits):
+                continue
+            for warps in (4,):
+                kw = dict(block_h=16, pages_per_compute_block=ppcb, k_splits=splits, num_warps=warps, num_stages=2)
+
+                def fn(fx, q, pt, kw=kw):
+                    return jpa.paged_attention(q, fx[0], fx[1], pt, lengths, **kw)
+
+                try:
+                    t = timed(fn, (kp, vp), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials)
+                except Exception as e:  # a setting the kernel rejects
+                    settings.append(dict(kw=kw, error=repr(e)[:120]))
+                    continue
+                settings.append(dict(kw=kw, time_s=t))
+                if best is None or t < best["time_s"]:
+                    best = dict(time_s=t, kw=kw)
+    del kp, vp
+    return dict(**(best or {}), bytes=nbytes, settings=settings)
+
+
+def bench_quantize_write(b, page, args) -> dict:
+    """quantize_write(..., backend='gpu'): one decode step's B whole pages of K into one layer's pool."""
+    from pallas_kernels.quantize_write import quantize_write
+
+    out = {}
+    for name in ("4", "2", "8"):
+        spec = KVSpec(bits=int(name), axis="token", group_size=D)
+        n = 4096
+        codes, scale, zero = make_store(jax.random.key(5), spec, n, page)
+        pages = [jax.random.normal(jax.random.key(10 + i), (H, b, page, D), jnp.bfloat16) for i in range(4)]
+        dests = [jax.random.permutation(jax.random.key(20 + i), n)[:b].astype(jnp.int32) for i in range(4)]
+
+        @functools.partial(jax.jit, donate_argnums=(0,))
+        def many(pool, pg, ds, spec=spec):
+            def body(step, pool):
+                c, s, z = pool
+                return quantize_write(c, s, z, pg[step % 4], ds[step % 4], spec=spec, backend="gpu")
+
+            return jax.lax.fori_loop(0, args.reps, body, pool)
+
+        pool = (codes, scale, zero)
+        pg, ds = jnp.stack(pages), jnp.stack(dests)
+        pool = jax.block_until_ready(many(pool, pg, ds))
+        ts = []
+        for _ in range(args.trials):
+            t0 = time.perf_counter()
+            pool = jax.block_until_ready(many(pool, pg, ds))
+            ts.append((time.perf_counter() - t0) / args.reps)
+        out[f"k{name}_token_G{D}"] = float(np.median(ts))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", default="8,32,128")
+    ap.add_argument("--contexts", default="1024,4096,16384,32768")
+    ap.add_argument("--configs", default="16/16,8/8,4/4,4/2,2/2,schedule")
+    ap.add_argument("--page", type=int, default=64, help="page size of our kernel")
+    ap.add_argument("--jax-page", type=int, default=16, help="page size of JAX's bf16 kernel")
+    ap.add_argument("--tuning", default="{}", help="JSON kwargs for our kernel (pages_per_block, num_splits, ...)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--max-copies", type=int, default=16)
+    ap.add_argument("--mem-gb", type=float, default=60.0)
+    ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--quantize-write", action="store_true", help="also time quantize_write(backend='gpu')")
+    ap.add_argument("--tunings", default=None, help="JSON list of tuning dicts: time every config under each")
+    ap.add_argument("--once", default=None, help="run this config once at the first batch/context and exit (ncu)")
+    ap.add_argument("--interpret", action="store_true", help="CPU dry run of this script (kernel in interpret mode)")
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    kw = json.loads(args.tuning)
+    if args.interpret:
+        kw["interpret"] = True
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+    configs = args.configs.split(",")
+    tunings = [dict(kw, **t) for t in json.loads(args.tunings)] if args.tunings else [kw]
+
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        smi = ""
+    meta = dict(
+        date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        device=smi or str(jax.devices()[0]),
+        jax=jax.__version__,
+        command=" ".join(sys.argv),
+        tuning=kw,
+        page=args.page,
+        jax_page=args.jax_page,
+    )
+    print(meta, flush=True)
+    if args.once:
+        b, ctx, page = batches[0], contexts[0], args.page
+        ks, vs = spec_pair(args.once)
+        key = jax.random.key(0)
+        pps = ctx // page
+        k = make_store(jax.random.fold_in(key, 1), ks, b * pps, page)
+        v = make_store(jax.random.fold_in(key, 2), vs, b * pps, page)
+        pt = page_tables(jax.random.fold_in(key, 3), b, pps, 1)[0]
+        q = jax.random.normal(key, (b, HQ, 1, D), jnp.bfloat16)
+        nt = jnp.full((b,), ctx, jnp.int32)
+        for _ in range(3):
+            jax.block_until_ready(paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=D**-0.5, **kw))
+        return
+    bw = copy_bandwidth(nbytes=2**24 if args.interpret else 2 * 2**30)
+    best_bw = max(v for k, v in bw.items() if not k.endswith("error"))
+    print("bandwidth", {k: (f"{v / 1e12:.3f} TB/s" if isinstance(v, float) else v) for k, v in bw.items()}, flush=True)
+
+    pairs, defaults, source = schedule_pairs()
+    distinct = sorted(set(pairs))
+    rows = []
+    checks = {}
+    if not args.no_check:
+        todo = [c for c in configs if c != "schedule"] + [f"sched{k}/{v}" for k, v in distinct]
+        for c in todo:
+            ks, vs = schedule_spec(*map(int, c[5:].split("/")), defaults) if c.startswith("sched") else spec_pair(c)
+            checks[c] = check_small(ks, vs, args.page, kw)
+            print(f"check {c}: rel err {checks[c]:.2e}", flush=True)
+            assert checks[c] < 1e-3, f"{c} does not match the reference"
+
+    for b in batches:
+        for ctx in contexts:
+            jres = dict(skipped="--no-jax") if args.no_jax else bench_jax_bf16(b, ctx, args.jax_page, args)
+            jt = jres.get("time_s")
+            rows.append(dict(batch=b, context=ctx, config="jax_bf16", **{k: v for k, v in jres.items()}))
+            for c, kw in [(c, t) for t in tunings for c in configs]:
+                label = c if len(tunings) == 1 else f"{c}@{json.dumps(kw, separators=(',', ':'))}"
+                if c == "schedule":
+                    total, total_bytes, per_pair = 0.0, 0.0, {}
+                    for kb, vb in distinct:
+                        ks, vs = schedule_spec(kb, vb, defaults)
+                        r = bench_ours(b, ctx, ks, vs, args.page, kw, args)
+                        if "time_s" not in r:
+                            total = None
+                            break
+                        per_pair[f"{kb}/{vb}"] = r["time_s"]
+                        n = pairs.count((kb, vb))
+                        total += n * r["time_s"]
+                        total_bytes += n * r["bytes"]
+                    if total is None:
+                        rows.append(dict(batch=b, context=ctx, config=label, **r))
+                        continue
+                    r = dict(time_s=total / len(pairs), bytes=total_bytes / len(pairs), per_pair=per_pair)
+                    r["note"] = f"mean per layer over {len(pairs)} layers of {source}"
+                else:
+                    ks, vs = spec_pair(c)
+                    r = bench_ours(b, ctx, ks, vs, args.page, kw, args)
+                if "time_s" in r:
+                    r["gbps"] = r["bytes"] / r["time_s"] / 1e9
+                    r["pct_bw"] = 100 * r["bytes"] / r["time_s"] / best_bw
+                    r["floor_s"] = r["bytes"] / best_bw
+                    if jt:
+                        r["speedup_vs_jax_bf16"] = jt / r["time_s"]
+                rows.append(dict(batch=b, context=ctx, config=label, tuning=kw, **r))
+                print(rows[-1], flush=True)
+            if jt:
+                jrow = [r for r in rows if r["config"] == "jax_bf16"][-1]
+                jrow["gbps"] = jres["bytes"] / jt / 1e9
+                jrow["pct_bw"] = 100 * jres["bytes"] / jt / best_bw
+
+    qw = None
+    if args.quantize_write:
+        try:
+            qw = bench_quantize_write(32, args.page, args)
+        except Exception as e:
+            qw = dict(error=repr(e)[:300])
+        print("quantize_write per decode step (B=32 pages, one layer's K):", qw, flush=True)
+
+    result = dict(meta=meta, bandwidth=bw, best_bandwidth=best_bw, checks=checks, rows=rows, quantize_write=qw)
+    with open(os.path.join(args.out, "attention.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    keys = ["batch", "context", "config", "time_s", "gbps", "pct_bw", "floor_s", "speedup_vs_jax_bf16", "skipped"]
+    with open(os.path.join(args.out, "attention.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    print(f"\nbest copy bandwidth {best_bw / 1e12:.3f} TB/s (read+write); device {meta['device']}")
+    print(f"{'B':>4} {'ctx':>6} {'config':>9} {'ms':>8} {'GB/s':>7} {'%bw':>5} {'floor':>7} {'xJAX':>6}")
+    for r in rows:
+        if "time_s" not in r:
+            print(f"{r['batch']:>4} {r['context']:>6} {r['config']:>9}  skipped: {r.get('skipped', r.get('error'))}")
+            continue
+        print(
+            f"{r['batch']:>4} {r['context']:>6} {r['config']:>9} {r['time_s'] * 1e3:8.3f} {r.get('gbps', 0):7.0f}"
+            f" {r.get('pct_bw', 0):5.1f} {r.get('floor_s', 0) * 1e3:7.3f} {r.get('speedup_vs_jax_bf16', 0):6.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
