@@ -316,11 +316,16 @@ def _config_from_json(d: dict) -> ModelConfig:
 
 
 def save_orbax(
-    directory: str | os.PathLike, cfg: ModelConfig, params: Params, tokenizer: Tokenizer | str | None
+    directory: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Params,
+    tokenizer: Tokenizer | str | None,
+    overwrite: bool = True,
 ) -> Path:
     """Write config (JSON), tokenizer (JSON) and params (Orbax) under `directory`, atomically (temp dir + rename).
 
-    tokenizer: a Tokenizer, its `to_json()` string, or None. Overwrites an existing checkpoint at `directory`.
+    tokenizer: a Tokenizer, its `to_json()` string, or None. overwrite=False keeps a checkpoint that already exists
+    at `directory` when we finish (another process converted the same model first) and drops ours.
     """
     import orbax.checkpoint as ocp
 
@@ -338,6 +343,9 @@ def save_orbax(
     # The metadata file is written last: its presence marks a complete checkpoint.
     (tmp / ORBAX_META).write_text(json.dumps({"format": 1, "config": _config_to_json(cfg)}, indent=1))
     if directory.exists():
+        if not overwrite:
+            shutil.rmtree(tmp)
+            return directory
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
@@ -412,7 +420,7 @@ def load_model(
         return load_orbax(target, dtype)
     t0 = time.perf_counter()
     cfg, params, tok = load_gguf(path, dtype="float32", progress=progress)
-    save_orbax(target, cfg, params, tok)
+    save_orbax(target, cfg, params, tok, overwrite=False)
     if progress:
         tqdm.write(f"converted {path.name} to Orbax at {target} in {time.perf_counter() - t0:.1f} s")
     if dtype is not None and dtype != cfg.dtype:
