@@ -85,10 +85,9 @@ def _assert_same_bytes(got, want):
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_write_bit_exact_and_other_pages_untouched(backend, case):
+def test_write_bit_exact_and_other_pages_untouched(backend, case, rng):
     spec, p, d = case
     h, n, m = 2, 7, 3
-    rng = np.random.default_rng(hash((backend, _ids(case))) % 2**32)
     pool = _poisoned_pool(rng, spec, h, n, p, d)
     before = [None if a is None else np.array(a) for a in pool]
     pages = _pages(rng, h, m, p, d)
@@ -104,9 +103,8 @@ def test_write_bit_exact_and_other_pages_untouched(backend, case):
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_all_dest_negative_writes_nothing(backend):
+def test_all_dest_negative_writes_nothing(backend, rng):
     spec, p, d = _spec(4, "channel", 16), 16, 64
-    rng = np.random.default_rng(1)
     pool = _poisoned_pool(rng, spec, 2, 4, p, d)
     before = [np.array(a) for a in pool]
     pages = _pages(rng, 2, 2, p, d)
