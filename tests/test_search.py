@@ -89,10 +89,11 @@ def planted():
     cfg = dataclasses.replace(model.tiny_config(), num_layers=4)
     params = model.init_random_params(cfg, jax.random.key(0))
     layers = list(params.layers)
-    # Keys 8x larger: attention logits 8x sharper, so the same relative 2-bit key error moves them 8x more.
-    layers[PLANTED] = dataclasses.replace(layers[PLANTED], wk=layers[PLANTED].wk * 8.0)
+    # Keys 16x larger: attention logits 16x sharper, so the same relative 2-bit key error moves them 16x more.
+    layers[PLANTED] = dataclasses.replace(layers[PLANTED], wk=layers[PLANTED].wk * 16.0)
     params = dataclasses.replace(params, layers=tuple(layers))
-    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 48)).astype(np.int32)
+    # Two rows of 64 tokens: the same shapes as the pipeline test's windows, so compiled pieces are shared.
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 64)).astype(np.int32)
     calib = prof_lib.Calibration.build(params, cfg, tokens)
     sch = space.make_scheme("pertoken", cfg.head_dim, 8)
     prof = prof_lib.profile_layers(calib, sch, batch=3)
@@ -130,7 +131,7 @@ def test_profile_reproduces_planted_sensitivity(planted):
     cfg, _, _, _, _, prof = planted
     k2 = prof.losses[:, prof.pairs.index((2, 16))]
     assert int(np.argmax(k2)) == PLANTED
-    assert k2[PLANTED] > 2 * np.max(np.delete(k2, PLANTED))
+    assert k2[PLANTED] > 2 * np.max(np.delete(k2, PLANTED))  # measured 3.5x: a clear margin, not a coin toss
     # More bits never hurt much: 8-bit keys are far less damaging than 2-bit keys in every layer.
     assert np.all(prof.losses[:, prof.pairs.index((8, 16))] < 0.1 * k2)
 
@@ -191,9 +192,9 @@ def test_pipeline_end_to_end_and_resume(planted, tmp_path):
     config = pipeline.SearchConfig(
         out_dir=str(tmp_path / "run"),
         model_name="tiny-planted",
-        scheme="kivi",
-        page_size=16,
-        bits=(16, 4, 2),
+        scheme="pertoken",
+        page_size=8,
+        bits=(16, 2),
         seq_len=64,
         num_windows=2,
         heldout_windows=2,
@@ -209,26 +210,29 @@ def test_pipeline_end_to_end_and_resume(planted, tmp_path):
               "heldout.md", "summary.json", "study.db"):  # fmt: skip
         assert (out / f).exists(), f
     assert summary["front"]
-    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 80)).astype(np.int32)  # Q(t) > 0 from t = 48
+    tokens = (
+        np.random.default_rng(5).integers(0, cfg.vocab_size, (1, 40)).astype(np.int32)
+    )  # R = 0: Q(t) > 0 from t = 8
     ref = model.logits_dense(params, cfg, tokens)
     for e in summary["front"]:
         m = manifest.load(e["path"], model=manifest.ModelIdentity("tiny-planted", 4, cfg.num_kv_heads, cfg.head_dim))
         assert m.layer_bits() == tuple(tuple(p) for p in e["layer_pairs"])
-        assert manifest.memory_report(m, page_size=16).avg_nominal_bits <= 4.0
+        assert manifest.memory_report(m, page_size=8).avg_nominal_bits <= 4.0
         meta = m.to_json()["metadata"]
         for key in ("model", "data", "seed", "date", "loss"):
             assert key in meta
-        logits = faithful.faithful_logits(params, cfg, tokens, m, 16)  # runs in the decoder
+        logits = faithful.faithful_logits(params, cfg, tokens, m, 8)  # runs in the decoder
         assert np.all(np.isfinite(np.asarray(logits)))
         kl = float(faithful.kl_vs_reference(logits, ref))
         assert kl > 1e-6 if any(p != [16, 16] for p in e["layer_pairs"]) else abs(kl) < 1e-6
     rows = summary["heldout"]
-    assert len(rows) == 9 + len(summary["front"])
+    assert len(rows) == 4 + len(summary["front"])
     assert next(r for r in rows if r["config"] == "uniform 16/16")["kl"] == pytest.approx(0.0, abs=1e-6)
     # Resume: same storage, more trials -> the study continues (profile reused, old trials kept).
-    again = pipeline.run(dataclasses.replace(config, trials=16), params, cfg, _CharTokenizer(cfg.vocab_size), texts,
-                         log=logs.append)  # fmt: skip
+    config2 = dataclasses.replace(config, trials=16, heldout_windows=0)
+    again = pipeline.run(config2, params, cfg, _CharTokenizer(cfg.vocab_size), texts, log=logs.append)
     assert any("reused" in s for s in logs)
+    assert (summary["n_trials"], again["n_trials"]) == (12, 16)
     n = json.loads((out / "pareto.json").read_text())
     assert len(n["evaluated"]) >= len(summary["front"]) and again["front"]
     assert all(e["nominal_bits"] <= 4.0 for e in again["front"])
