@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from kvtuner_jax.rotation import maybe_rotate
 from kvtuner_jax.specs import KVSpec, LayerSpec
 from pallas_kernels import layout
 from pallas_kernels.quantize_write import dequantize_pages, quantize_pages
@@ -92,7 +93,7 @@ class FaithfulQuantAttention:
     """Attention protocol object (kvtuner_jax.model.forward) scoring whole texts with decode-faithful KV quantization.
 
     layer_specs: one LayerSpec per layer (a manifest's `layer_specs()`); page_size: P. Hashable, so it can be a static
-    argument of a jitted forward. `rotation` is not supported here (raises NotImplementedError naming the layer).
+    argument of a jitted forward. Layers with `rotation` rotate Q and K by the block Hadamard of kvtuner_jax.rotation.
     """
 
     layer_specs: tuple[LayerSpec, ...]
@@ -107,8 +108,7 @@ class FaithfulQuantAttention:
         if layer >= len(self.layer_specs):
             raise ValueError(f"layer {layer} has no spec ({len(self.layer_specs)} layer specs given)")
         spec = self.layer_specs[layer]
-        if spec.rotation:
-            raise NotImplementedError(f"layer {layer}: rotation is not supported by faithful evaluation")
+        q, k = maybe_rotate(spec, q, k)  # as the cache does: K stored rotated, Q rotated to match
         return faithful_attention(q, k, v, spec, self.page_size), state
 
 

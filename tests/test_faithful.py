@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,14 +94,6 @@ def test_quantized_prefix_length_rule():
     want = np.array([max(0, (i - 5) // 8) * 8 for i in range(40)])
     np.testing.assert_array_equal(got, want)
     assert got[12] == 0 and got[13] == 8  # (13 - 5) // 8 = 1: page 0 leaves the tail once R tokens follow it
-
-
-def test_rotation_unsupported_names_layer():
-    spec = dataclasses.replace(_spec(4, 4), rotation=True)
-    att = faithful.FaithfulQuantAttention((_spec(4, 4), spec), 8)
-    x = jnp.ones((1, 8, 2, 16))
-    with pytest.raises(NotImplementedError, match="layer 1"):
-        att(1, x, x, x, None, None)
 
 
 def test_metrics_against_numpy():
