@@ -1,13 +1,16 @@
 """Paged attention over quantized pages, TPU kernel (Pallas, Mosaic), dequantizing inside the kernel.
 
-Grid (batch b, KV head h, page i). The page table and num_tokens are scalar-prefetched into SMEM; the K/V block index
-maps read them to DMA physical page `page_table[b, i]` of head h (packed codes, scales, zeros) straight from the pool.
+Grid (batch b, KV head h, page block i). The page table and num_tokens are scalar-prefetched into SMEM; a block holds
+`pages_per_block` pages, each its own BlockSpec whose index map reads the table to DMA physical page
+`page_table[b, i * ppb + j]` of head h (packed codes, scales, zeros) straight from the pool, double-buffered by the
+Pallas pipeline. The pages are dequantized into one [ppb * P, D] K and V tile, so each step does one score matmul.
 All query heads of KV head h (G = Hq / H) and all query tokens form the rows of one tile `[G * Tq, D]`, so each page
 is loaded once per KV head. Online softmax state (m, l, acc) lives in VMEM scratch across the page axis; the last
 page step normalizes and writes `out` and `lse`.
 
-Pages at or past the sequence's end are not computed, and their block index repeats the last valid page so the
-pipeline fetches nothing new. INVALID (-1) entries are clamped into range and never read past num_tokens.
+Blocks past the sequence's end are not computed. Pages past the end map to the last valid page (finite values, which
+the length mask drops; on later steps the unchanged block index means no new DMA). INVALID (-1) table entries are
+clamped into range and never used.
 
 Tile math: `tile_quant.dequantize_tile` (mask/matmul style: unpack by a 0/1 spread matmul, shifts on int32, scale
 expansion by a 0/1 matmul at full f32 precision), because Mosaic cannot split the lane axis in a reshape. The GPU
@@ -64,18 +67,22 @@ def _load_page(refs, spec: KVSpec) -> jnp.ndarray:
     )
 
 
-def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_scale: float, page_size: int):
+def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_scale: float, page_size: int, ppb: int):
     # pt_ref: SMEM [B * max_pages] int32; nt_ref: SMEM [B] int32.
-    # q_ref: [R, D] (R = G * Tq rows of KV head h). K then V refs, each: codes [rows, cols] (+ scale, zero
-    # [srows, scols]) of one physical page of head h, in the pool layout.
-    # out_ref: [R, D] f32; lse_ref: [R, 1] f32. Scratch: m, l [R, 1] f32 (running max / sum), acc [R, D] f32.
+    # q_ref: [R, D] (R = G * Tq rows of KV head h).
+    # Then, for each of the ppb pages of this block, the K refs and then the V refs: codes [rows, cols]
+    # (+ scale, zero [srows, scols]) of one physical page of head h, in the pool layout.
+    # out_ref: [R, D] f32; lse_ref: [R, 1] f32. Scratch: m, l [R, 1] f32 (running max / sum), acc [R, D] f32,
+    # and when ppb > 1 the block's dequantized K and V, [ppb * P, D] f32 each.
     nk = _store_refs(k_spec)
     nv = _store_refs(v_spec)
-    k_refs, v_refs = refs[:nk], refs[nk : nk + nv]
-    out_ref, lse_ref, m_ref, l_ref, acc_ref = refs[nk + nv :]
+    per_page = nk + nv
+    pages = [refs[j * per_page : (j + 1) * per_page] for j in range(ppb)]
+    out_ref, lse_ref, m_ref, l_ref, acc_ref, *bufs = refs[ppb * per_page :]
     b = pl.program_id(0)
     i = pl.program_id(2)
     nt = nt_ref[b]
+    block_tokens = ppb * page_size
 
     @pl.when(i == 0)
     def _init():
@@ -83,16 +90,26 @@ def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_sca
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-    @pl.when(i * page_size < nt)
-    def _page():
+    @pl.when(i * block_tokens < nt)
+    def _block():
         q = q_ref[...].astype(jnp.float32)  # [R, D]
-        k = _load_page(k_refs, k_spec)  # [P, D]
-        v = _load_page(v_refs, v_spec)  # [P, D]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale  # [R, P]
-        tok = i * page_size + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-        s = jnp.where(tok < nt, s, -jnp.inf)  # num_tokens is a multiple of P; this keeps any other length exact
+        if ppb == 1:
+            k = _load_page(pages[0][:nk], k_spec)  # [P, D]
+            v = _load_page(pages[0][nk:], v_spec)
+        else:
+            # Pages past the end were fetched as the last valid page (finite values); the length mask drops them.
+            k_buf, v_buf = bufs
+            for j, page in enumerate(pages):
+                rows = slice(j * page_size, (j + 1) * page_size)  # sublane-aligned: P is a multiple of 8
+                k_buf[rows, :] = _load_page(page[:nk], k_spec)
+                v_buf[rows, :] = _load_page(page[nk:], v_spec)
+            k = k_buf[...]  # [ppb * P, D]
+            v = v_buf[...]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale  # [R, T]
+        tok = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        s = jnp.where(tok < nt, s, -jnp.inf)
         m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # finite: this page has a valid token
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # finite: this block has a valid token
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.exp(s - m_new)
         l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
@@ -108,14 +125,13 @@ def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_sca
         lse_ref[...] = jnp.where(ok, m_ref[...] + jnp.log(l_safe), -jnp.inf)
 
 
-def _store_specs(spec: KVSpec, codes, scale, zero, page_map):
-    arrs = [codes] if not spec.quantized else [codes, scale] + ([] if spec.symmetric else [zero])
-    return arrs, [pl.BlockSpec((None, None, *a.shape[2:]), page_map) for a in arrs]
+def _store_arrays(spec: KVSpec, codes, scale, zero):
+    return [codes] if not spec.quantized else [codes, scale] + ([] if spec.symmetric else [zero])
 
 
-@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "sm_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "sm_scale", "ppb", "interpret"))
 def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, *, k_spec, v_spec,
-               sm_scale, interpret):  # fmt: skip
+               sm_scale, ppb, interpret):  # fmt: skip
     b, hq, t, d = q.shape
     h, n = k_codes.shape[:2]
     g = hq // h
@@ -123,27 +139,35 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
     mp = page_table.shape[1]
     p = _page_size(k_spec, k_codes)
 
-    def page_map(bi, hi, i, pt, nt):
-        last = jnp.maximum((nt[bi] + p - 1) // p - 1, 0)  # past the end: repeat the last valid page (no new DMA)
-        page = pt[bi * mp + jnp.minimum(i, last)]
-        return hi, jnp.minimum(jnp.maximum(page, 0), n - 1), 0, 0
+    def page_map(j):
+        def index(bi, hi, i, pt, nt):
+            # Past the end: repeat the last valid page, so the pipeline fetches nothing new and the values are finite.
+            last = jnp.minimum(jnp.maximum((nt[bi] + p - 1) // p - 1, 0), mp - 1)
+            page = pt[bi * mp + jnp.minimum(i * ppb + j, last)]
+            return hi, jnp.minimum(jnp.maximum(page, 0), n - 1), 0, 0  # INVALID (-1) -> in range, never used
 
-    k_arrs, k_specs = _store_specs(k_spec, k_codes, k_scale, k_zero, page_map)
-    v_arrs, v_specs = _store_specs(v_spec, v_codes, v_scale, v_zero, page_map)
+        return index
+
+    k_arrs = _store_arrays(k_spec, k_codes, k_scale, k_zero)
+    v_arrs = _store_arrays(v_spec, v_codes, v_scale, v_zero)
+    page_specs, page_args = [], []
+    for j in range(ppb):
+        for a in (*k_arrs, *v_arrs):
+            page_specs.append(pl.BlockSpec((None, None, *a.shape[2:]), page_map(j)))
+            page_args.append(a)
     row_map = lambda bi, hi, i, pt, nt: (bi, hi, 0, 0)
+    scratch = [pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, d), jnp.float32)]
+    if ppb > 1:
+        scratch += [pltpu.VMEM((ppb * p, d), jnp.float32), pltpu.VMEM((ppb * p, d), jnp.float32)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(b, h, mp),
-        in_specs=[pl.BlockSpec((None, None, r, d), row_map), *k_specs, *v_specs],
+        grid=(b, h, pl.cdiv(mp, ppb)),
+        in_specs=[pl.BlockSpec((None, None, r, d), row_map), *page_specs],
         out_specs=[pl.BlockSpec((None, None, r, d), row_map), pl.BlockSpec((None, None, r, 1), row_map)],
-        scratch_shapes=[
-            pltpu.VMEM((r, 1), jnp.float32),
-            pltpu.VMEM((r, 1), jnp.float32),
-            pltpu.VMEM((r, d), jnp.float32),
-        ],
+        scratch_shapes=scratch,
     )
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, page_size=p),
+        functools.partial(_kernel, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, page_size=p, ppb=ppb),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, h, r, d), jnp.float32), jax.ShapeDtypeStruct((b, h, r, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
@@ -153,10 +177,14 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
         page_table.astype(jnp.int32).reshape(-1),
         num_tokens.astype(jnp.int32),
         q.reshape(b, h, r, d),  # query head hq = h * G + j reads KV head h (repeat_kv grouping); rows = (j, token)
-        *k_arrs,
-        *v_arrs,
+        *page_args,
     )
     return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def default_pages_per_block(page_size: int, max_pages: int) -> int:
+    """Pages per grid step: about 128 tokens (one MXU-wide score tile), at most the table's width."""
+    return max(1, min(max_pages, 128 // page_size))
 
 
 def paged_attention(
@@ -174,13 +202,15 @@ def paged_attention(
     v_spec: KVSpec,
     sm_scale: float,
     interpret: bool = False,
+    pages_per_block: int | None = None,
 ):
     """q [B, Hq, Tq, D] against the quantized pages of each sequence -> (out [B, Hq, Tq, D] f32, lse [B, Hq, Tq] f32).
 
     page_table [B, max_pages] int32 (physical page per logical page; entries past the end are ignored);
     num_tokens [B] int32, a multiple of the page size. Same semantics as `paged_attention_reference`: out is
     normalized over the pages only; num_tokens 0 gives out 0 and lse -inf. `interpret=True` runs under
-    `pltpu.InterpretParams()` (CPU).
+    `pltpu.InterpretParams()` (CPU). pages_per_block: pages per grid step (default `default_pages_per_block`);
+    each page is its own pipelined BlockSpec, so more pages per step amortize the per-step cost.
     """
     d = q.shape[-1]
     p = _page_size(k_spec, k_codes)
@@ -188,5 +218,8 @@ def paged_attention(
         raise ValueError(f"K and V page sizes differ: {p} vs {_page_size(v_spec, v_codes)}")
     layout.check_spec(k_spec, p, d)
     layout.check_spec(v_spec, p, d)
+    ppb = pages_per_block or default_pages_per_block(p, page_table.shape[1])
+    if ppb > 1 and p % 8:
+        raise ValueError(f"pages_per_block={ppb} > 1 needs a page size that is a multiple of 8, got {p}")
     return _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens,
-                      k_spec=k_spec, v_spec=v_spec, sm_scale=float(sm_scale), interpret=interpret)  # fmt: skip
+                      k_spec=k_spec, v_spec=v_spec, sm_scale=float(sm_scale), ppb=ppb, interpret=interpret)  # fmt: skip

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from kvtuner_jax.specs import KVSpec
-from pallas_kernels import layout
+from pallas_kernels import layout, paged_attention_tpu
 from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
 from pallas_kernels.quantize_write import quantize_write_reference
 
@@ -66,22 +66,22 @@ def _poison(rng, pool, pages):
     return tuple(out)
 
 
-def _problem(i: int):
+def _problem(i: int, mp: int = 2):
     kb, vb = PAIRS[i]
     k_spec, v_spec, gqa, tq, p, d = _case(i, kb, vb)
-    b, h, mp, n = 3, 2, 2, 9
+    b, h, n = 3, 2, 9
     rng = np.random.default_rng(100 + i)
     perm = rng.permutation(n)
     lengths = np.array([mp, 1, 0])  # pages per sequence: full table, one page, empty
     table = np.full((b, mp), -1, np.int32)
-    table[0] = perm[:2]
-    table[1] = perm[2:4]  # table[1, 1] lies past the end of sequence 1: a stale page that must not count
+    table[0] = perm[:mp]
+    table[1] = perm[mp : 2 * mp]  # table[1, 1:] lies past the end of sequence 1: stale pages that must not count
     q = jnp.asarray(rng.standard_normal((b, h * gqa, tq, d)), jnp.bfloat16 if i % 4 == 3 else jnp.float32)
     k_pool = _pool(rng, k_spec, h, n, p, d)
     v_pool = _pool(rng, v_spec, h, n, p, d)
     tail = (jnp.asarray(table), jnp.asarray(lengths * p, jnp.int32))
     kw = dict(k_spec=k_spec, v_spec=v_spec, sm_scale=d**-0.5)
-    unused = [int(x) for x in perm[3:]]  # neither sequence owns these (incl. the one past the end of sequence 1)
+    unused = [int(x) for x in perm[mp + 1 :]]  # no sequence owns these (incl. those past the end of sequence 1)
     return rng, q, k_pool, v_pool, tail, kw, unused
 
 
@@ -95,6 +95,18 @@ def test_tpu_attention_matches_reference(i):
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
     # num_tokens 0: out exactly 0, lse exactly -inf (not NaN).
     assert np.all(np.asarray(got_o[2]) == 0) and np.all(np.asarray(got_l[2]) == -np.inf)
+
+
+@pytest.mark.parametrize("i,ppb", [(5, 1), (10, 2)])
+def test_tpu_attention_pages_per_block(i, ppb):
+    """One page per step, and blocks of 2 pages over a 3-page table (the last block half past the table's end)."""
+    _, q, k_pool, v_pool, tail, kw, _ = _problem(i, mp=3)
+    want_o, want_l = _reference(q, *k_pool, *v_pool, *tail, **kw)
+    got_o, got_l = paged_attention_tpu.paged_attention(
+        q, *k_pool, *v_pool, *tail, **kw, interpret=True, pages_per_block=ppb
+    )
+    np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("i", [6])
