@@ -49,6 +49,7 @@ class _Side:
     group: int
     symmetric: bool
     per: int = 1  # codes per byte
+    nf: int = 1  # token: unpacked fields per byte (tile_attention.num_fields)
     cb: int = 0  # token: byte columns per column block
     ncb: int = 0  # token: number of column blocks
     ngroups: int = 0  # token: groups along head_dim; channel: groups along the page
@@ -67,6 +68,7 @@ def _side(spec: KVSpec, codes, page_size: int, head_dim: int) -> _Side:
             spec.group_size,
             spec.symmetric,
             per=per,
+            nf=ta.num_fields(spec.bits),
             cb=cb,
             ncb=head_dim // (cb * per),
             ngroups=head_dim // spec.group_size,
@@ -130,8 +132,9 @@ def _kernel(
     if ks.kind == "full":
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
-        qk = [[[q_ref[p, g, j, :, :] for j in range(ks.per)] for g in range(ks.ngroups)] for p in range(qparts)]
-        qsum = [qsum_ref[g, :] for g in range(ks.ngroups)]  # [R] f32
+        qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
+        qsum = [qsum_ref[0, g, :] for g in range(ks.ngroups)]  # [R] f32, exact query sums (zero-points)
+        qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
         q_t = q_ref[...]  # [D, R] f32
 
@@ -153,13 +156,18 @@ def _kernel(
         return jnp.minimum(jnp.where(ok, pg, 0), N - 1), ok
 
     def token_order_codes(c_ref, side: _Side, base):
-        """Channel-axis page block read in token order: codes [TB, D] int32 (byte rows gathered once per field)."""
+        """Channel-axis page block in token order, as a bf16 operand [TB, D] and the offset it carries per code.
+
+        Byte rows are gathered once per field; 2/4-bit codes use the magic conversion (operand = 128 + code).
+        """
         t_in = tok % P
         page_tok = pt_ref[base + tok // P]
         ok = (base + tok // P < npages) & (page_tok >= 0)
         page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
         x = c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
-        return ta.unpack_field_rows(x, side.bits, t_in % side.per)
+        if side.bits <= 4:
+            return ta.magic_operand_rows(x, side.bits, t_in % side.per), ta.MAGIC
+        return ta.codes_to_operand(ta.unpack_field_rows(x, side.bits, t_in % side.per)), 0.0
 
     def scale_tokens(s_ref, pages, g):
         return s_ref[pages, :, g].reshape(TB).astype(jnp.float32)  # [TB]
@@ -176,26 +184,28 @@ def _kernel(
             gpb = ks.cb * ks.per // ks.group
             for cbi in range(ks.ncb):
                 x = kc_ref[pages, :, pl.ds(cbi * ks.cb, ks.cb)].reshape(TB, ks.cb)
-                cs = [ta.codes_to_operand(ta.unpack_field(x, ks.bits, j)) for j in range(ks.per)]
+                cs = [ta.magic_operand(x, ks.bits, j) for j in range(ks.nf)]  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
-                        for j in range(ks.per):
+                        for j in range(ks.nf):
                             dd = _dot(cs[j], qk[p][g][j])
                             d = dd if d is None else d + dd
                     sc = scale_tokens(ksc_ref, pages, g)
                     zt = ta.zero_term(sc, None if kz_ref is None else scale_tokens(kz_ref, pages, g), ks.bits)
                     s = s + ta.fold_scores(d, sc, zt, qsum[g])
+                    s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
         else:
-            c = ta.codes_to_operand(token_order_codes(kc_ref, ks, base))  # [TB, D]
+            c, off = token_order_codes(kc_ref, ks, base)  # [TB, D]
             s = jnp.zeros((TB, R), jnp.float32)
             for pp in range(ppb):
                 pg, _ = page_scalar(base, pp)  # rows of an invalid page are masked to -inf below
                 for tg in range(ks.ngroups):
                     sc = ksc_ref[pg, tg, :].astype(jnp.float32)  # [D]
                     zt = ta.zero_term(sc, None if kz_ref is None else kz_ref[pg, tg, :], ks.bits)
-                    q_s = q_t * sc[:, None]  # [D, R]: per-channel scale folded into the query
-                    d = _dot_parts(c, ta.split_parts(q_s, parts)) + jnp.sum(q_t * zt[:, None], axis=0)[None, :]
+                    q_s = ta.split_parts(q_t * sc[:, None], parts)  # [D, R]: per-channel scale folded into q
+                    zq = jnp.sum(q_t * zt[:, None], axis=0) - off * jnp.sum(ta.parts_value(q_s), axis=0)
+                    d = _dot_parts(c, q_s) + zq[None, :]
                     lo = pp * P + tg * ks.group
                     rows = (tok >= lo) & (tok < lo + ks.group)
                     s = s + jnp.where(rows[:, None], d, 0.0)
@@ -217,21 +227,22 @@ def _kernel(
             zaccs = [z * alpha for z in zaccs]
             for cbi in range(vs.ncb):
                 x = vc_ref[pages, :, pl.ds(cbi * vs.cb, vs.cb)].reshape(TB, vs.cb)
-                cs = [ta.codes_to_operand(ta.unpack_field(x, vs.bits, j)) for j in range(vs.per)]
+                cs = [ta.magic_operand(x, vs.bits, j) for j in range(vs.nf)]  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = scale_tokens(vsc_ref, pages, g)
                     zt = ta.zero_term(sc, None if vz_ref is None else scale_tokens(vz_ref, pages, g), vs.bits)
                     pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
                     pparts = ta.split_parts(pg_, parts)
-                    for j in range(vs.per):
+                    off = ta.magic_offset(vs.bits) * jnp.sum(ta.parts_value(pparts), axis=0)  # operand offset
+                    for j in range(vs.nf):
                         d = _dot_parts(cs[j], pparts, trans_a=True)  # [cb, R]
                         if gpb > 1:
                             keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
                             d = jnp.where(keep[:, None], d, 0.0)
-                        accs[cbi * vs.per + j] = accs[cbi * vs.per + j] + d
-                    zaccs[g] = zaccs[g] + jnp.sum(jnp.where(valid[:, None], p * zt[:, None], 0.0), axis=0)
+                        accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
+                    zaccs[g] = zaccs[g] + jnp.sum(jnp.where(valid[:, None], p * zt[:, None], 0.0), axis=0) - off
         else:
-            c = ta.codes_to_operand(token_order_codes(vc_ref, vs, base))  # [TB, D]
+            c, off = token_order_codes(vc_ref, vs, base)  # [TB, D]
             for pp in range(ppb):
                 pg, ok = page_scalar(base, pp)
                 for tg in range(vs.ngroups):
@@ -241,7 +252,8 @@ def _kernel(
                     lo = pp * P + tg * vs.group
                     rows = (tok >= lo) & (tok < lo + vs.group) & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
-                    d = _dot_parts(c, ta.split_parts(pm, parts), trans_a=True)  # [D, R]
+                    pmp = ta.split_parts(pm, parts)
+                    d = _dot_parts(c, pmp, trans_a=True) - off * jnp.sum(ta.parts_value(pmp), axis=0)[None, :]
                     accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
         return accs, zaccs
 
@@ -254,7 +266,7 @@ def _kernel(
         return m_new, l_new, accs, zaccs
 
     if vs.kind == "token":
-        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.per)]
+        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
         zaccs = [jnp.zeros((R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
@@ -368,12 +380,16 @@ def paged_attention(
         args.append(qk)
         specs.append(pl.BlockSpec((None, None, qparts, d, R), lambda i, j, s: (i, j, 0, 0, 0)))
     elif ks.kind == "token":
-        qk, qsum = ta.arrange_q_token(q_t, ks.bits, ks.group)  # [B, H, ng, per, cb, R], [B, H, ng, R]
-        qk = jnp.stack(ta.split_parts(qk, qparts), axis=2)
+        qk, qsum = ta.arrange_q_token(q_t, ks.bits, ks.group)  # [B, H, ng, F, cb, R], [B, H, ng, R]
+        qk_parts = ta.split_parts(qk, qparts)
+        # Each field's operand is 128 + field, so its dot carries 128 * sum of the (weighted, bf16-split) query block.
+        qsum_op = jnp.sum(ta.parts_value(qk_parts), axis=(-3, -2))  # [B, H, ng, R]
+        qsum = jnp.stack([qsum, qsum_op], axis=2)  # [B, H, 2, ng, R]
+        qk = jnp.stack(qk_parts, axis=2)
         args += [qk, qsum]
         specs += [
-            pl.BlockSpec((None, None, qparts, ks.ngroups, ks.per, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)),
-            pl.BlockSpec((None, None, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)),
+            pl.BlockSpec((None, None, 2, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0, 0)),
         ]
     else:
         args.append(q_t)
@@ -384,7 +400,7 @@ def paged_attention(
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
     if vs.kind == "token":
-        nacc, arows = vs.ncb * vs.per, vs.cb
+        nacc, arows = vs.ncb * vs.nf, vs.cb
     else:
         nacc, arows = 1, d
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
@@ -422,7 +438,7 @@ def paged_attention(
     )(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.per, vs.cb, R), vs.bits, vs.group, d)
+        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R), vs.bits, vs.group, d)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za
     else:

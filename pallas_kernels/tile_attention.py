@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 LOG2E = math.log2(math.e)
@@ -49,8 +50,58 @@ def unpack_field_rows(words: jnp.ndarray, bits: int, shift_codes: jnp.ndarray) -
 
 
 def codes_to_operand(c: jnp.ndarray) -> jnp.ndarray:
-    """Integer codes (< 256) -> bf16 matmul operand (exact)."""
+    """Integer codes (< 256) -> bf16 matmul operand (exact). Uses int->float conversions (slow on GPUs)."""
     return c.astype(jnp.float32).astype(jnp.bfloat16)
+
+
+# Magic-number conversion: a field f < 128 OR-ed into the mantissa of bf16 128.0 (bits 0x4300) *is* the bf16 number
+# 128 + f, exactly, with no int->float instruction. Kernels feed these "offset codes" to the dot and subtract the
+# offset on the score / output side (`magic_offset`), where it costs one multiply-add per token, not per element.
+MAGIC_BITS = 0x4300
+MAGIC = 128.0
+
+
+def field_bits(bits: int) -> int:
+    """Width of one unpacked field: the code itself for 2/4 bits; 8-bit codes are read as two 4-bit nibbles."""
+    return 4 if bits == 8 else bits
+
+
+def num_fields(bits: int) -> int:
+    """Fields per byte of a token-axis row (see `field_bits`)."""
+    return 8 // field_bits(bits)
+
+
+def field_weight(bits: int, j: int) -> float:
+    """Weight of field j in its channel's code: 8-bit code = lo + 16 * hi; 2/4-bit fields are whole codes."""
+    return float(16**j) if bits == 8 else 1.0
+
+
+def field_channel(bits: int, byte_col, j: int):
+    """Channel (within a token's head_dim) that field j of byte column `byte_col` belongs to."""
+    return codes_per_byte(bits) * byte_col + (j if bits < 8 else 0)
+
+
+def magic_offset(bits: int) -> float:
+    """Sum over fields of (weight * MAGIC) for one channel: what the magic operand adds to each channel's code."""
+    return MAGIC * sum(field_weight(bits, j) for j in range(num_fields(bits)) if field_channel(bits, 0, j) == 0)
+
+
+def magic_operand(words: jnp.ndarray, bits: int, j: int) -> jnp.ndarray:
+    """Field j of bytes `words` (uint8 / int tile) as bf16 `128 + field`, exact, via bit operations only."""
+    fb = field_bits(bits)
+    w = words.astype(jnp.int16)
+    f = (w >> (j * fb)) & ((1 << fb) - 1) if j or fb < 8 else w
+    return jax.lax.bitcast_convert_type(f | MAGIC_BITS, jnp.bfloat16)
+
+
+def magic_operand_rows(words: jnp.ndarray, bits: int, shift_codes: jnp.ndarray) -> jnp.ndarray:
+    """Channel-axis rows read in token order (per-row field index `shift_codes` [rows]) as bf16 `128 + code`.
+
+    Only for bits <= 4 (an 8-bit code does not fit the 7 mantissa bits); see `codes_to_operand` for 8 bits.
+    """
+    w = words.astype(jnp.int16)
+    f = (w >> (shift_codes[:, None] * bits).astype(jnp.int16)) & ((1 << bits) - 1)
+    return jax.lax.bitcast_convert_type(f | MAGIC_BITS, jnp.bfloat16)
 
 
 def split_parts(x: jnp.ndarray, parts: int) -> tuple[jnp.ndarray, ...]:
@@ -63,6 +114,18 @@ def split_parts(x: jnp.ndarray, parts: int) -> tuple[jnp.ndarray, ...]:
         if i + 1 < parts:
             r = r - hi.astype(jnp.float32)
     return tuple(out)
+
+
+def parts_value(parts: tuple[jnp.ndarray, ...]) -> jnp.ndarray:
+    """float32 value the dot actually sees for split operands (sum of the bf16 parts).
+
+    The magic offset must be removed with sums of *this* value, not of the exact float32 operand: then the offset
+    cancels up to float32 rounding instead of amplifying the parts' rounding error by offset / code (~17x).
+    """
+    v = parts[0].astype(jnp.float32)
+    for x in parts[1:]:
+        v = v + x.astype(jnp.float32)
+    return v
 
 
 def zero_term(scale: jnp.ndarray, zero: jnp.ndarray | None, bits: int) -> jnp.ndarray:
@@ -82,39 +145,43 @@ def col_block(head_dim: int, bits: int, group_size: int) -> int:
 def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Query, transposed `q_t [..., D, R]` -> per-(group, field) blocks for token-axis packed keys.
 
-    Returns `(qk [..., ngroups, per, cb, R], qsum [..., ngroups, R])` where `qk[g, j, i, r] = q[r, d]` with
-    `d = per * (cbi * cb + i) + j`, `cbi = g // groups_per_block`, when channel d belongs to group g, else 0, and
-    `qsum[g] = sum of q over group g`. A column block holds `cb = col_block(...)` bytes; when one group's bytes are
-    fewer than 16 the block spans several groups and the zeros select one group per dot.
+    Returns `(qk [..., ngroups, F, cb, R], qsum [..., ngroups, R])` with F = `num_fields(bits)`: `qk[g, j, i, r] =
+    field_weight(j) * q[r, d]` where `d = field_channel(bits, cbi * cb + i, j)` and `cbi = g // groups_per_block`,
+    when channel d belongs to group g, else 0; `qsum[g]` = sum of q over group g. A column block holds
+    `cb = col_block(...)` bytes; when one group's bytes are fewer than 16 the block spans several groups and the
+    zeros select one group per dot.
     """
     *lead, d, r = q_t.shape
     per = codes_per_byte(bits)
+    nf = num_fields(bits)
     cb = col_block(d, bits, group_size)
     ng = d // group_size
     gpb = cb * per // group_size  # groups per column block
     x = q_t.reshape(*lead, d // (cb * per), cb, per, r)  # [.., ncb, cb, per, R]
-    x = jnp.moveaxis(x, -2, -3)  # [.., ncb, per, cb, R]
     blocks = []
     for g in range(ng):
         cbi = g // gpb
-        xb = x[..., cbi, :, :, :]  # [.., per, cb, R]
-        chan = per * (cbi * cb + jnp.arange(cb))[None, :] + jnp.arange(per)[:, None]  # [per, cb]
-        keep = (chan // group_size) == g
-        blocks.append(jnp.where(keep[..., None], xb, 0.0))
-    qk = jnp.stack(blocks, axis=-4)  # [.., ng, per, cb, R]
+        fields = []
+        for j in range(nf):
+            xb = x[..., cbi, :, j if bits < 8 else 0, :] * field_weight(bits, j)  # [.., cb, R]
+            keep = (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g  # [cb]
+            fields.append(jnp.where(keep[:, None], xb, 0.0))
+        blocks.append(jnp.stack(fields, axis=-3))  # [.., F, cb, R]
+    qk = jnp.stack(blocks, axis=-4)  # [.., ng, F, cb, R]
     qsum = q_t.reshape(*lead, ng, group_size, r).sum(axis=-2)
     return qk, qsum
 
 
 def group_mask_of_block(cb: int, cbi: int, bits: int, group_size: int, j: int, g: int) -> jnp.ndarray:
     """bool [cb]: which byte columns of column block cbi hold, in field j, a channel of group g (output masks)."""
-    per = codes_per_byte(bits)
-    chan = per * (cbi * cb + jnp.arange(cb)) + j
-    return (chan // group_size) == g
+    return (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g
 
 
 def unarrange_out_token(o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int) -> jnp.ndarray:
-    """Inverse of the field split for the output: `o_t [..., ncb, per, cb, R]` -> `[..., R, D]` in channel order."""
+    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit: lo + 16 * hi)."""
+    del group_size
+    if bits == 8:
+        o_t = o_t[..., :, :1, :, :] + field_weight(8, 1) * o_t[..., :, 1:, :, :]
     *lead, ncb, per, cb, r = o_t.shape
     x = jnp.moveaxis(o_t, -1, -4)  # [.., R, ncb, per, cb]
     x = jnp.swapaxes(x, -1, -2)  # [.., R, ncb, cb, per]
