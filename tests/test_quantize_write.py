@@ -9,11 +9,13 @@ difference is a bug, not rounding.
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from kvtuner_jax import quant
 from kvtuner_jax.specs import KVSpec
@@ -115,21 +117,34 @@ def test_all_dest_negative_writes_nothing(backend, rng):
         np.testing.assert_array_equal(_bytes(g), b.view(np.uint8))
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-def test_write_in_place_under_jit_donation(backend):
-    """Under jit with the pool donated, the kernel output aliases the pool buffer (no copy of the pool)."""
+def _abstract_mesh(kind: str, platform: str):
+    """Lowering a kernel for a platform this host lacks needs the target device: an abstract mesh names it."""
+    dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
+    return jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+
+
+@pytest.mark.parametrize(
+    "backend,platform,kind", [("gpu", "cuda", "NVIDIA H100"), ("tpu", "tpu", "TPU v5 lite")], ids=["gpu", "tpu"]
+)
+def test_write_in_place_under_jit_donation(backend, platform, kind):
+    """Compiled kernels write in place: lowered for the real platform under jit with the pool donated, every pool
+    array is aliased to an output, the kernel's custom call aliases its pool operands, and nothing copies the pool."""
     spec, p, d = _spec(2, "token", 32), 16, 64
-    rng = np.random.default_rng(2)
-    pool = layout.allocate(spec, 2, 5, p, d)
-    pages = _pages(rng, 2, 1, p, d)
+    pool = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 2, 5, p, d)]
 
-    @jax.jit
     def step(codes, scale, zero, pages, dest):
-        return quantize_write(codes, scale, zero, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
+        return quantize_write(codes, scale, zero, pages, dest, spec=spec, backend=backend)
 
-    hlo = jax.jit(step, donate_argnums=(0, 1, 2)).lower(*pool, pages, jnp.array([3], jnp.int32)).compile().as_text()
-    # Each donated pool input is aliased to an output: XLA records it in the module's input_output_alias.
-    assert hlo.count("may-alias") + hlo.count("must-alias") >= 3, hlo[:2000]
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu" if platform == "cuda" else platform)):
+        text = (
+            jax.jit(step, donate_argnums=(0, 1, 2))
+            .trace(*pool, jax.ShapeDtypeStruct((2, 1, p, d), jnp.bfloat16), jax.ShapeDtypeStruct((1,), jnp.int32))
+            .lower(lowering_platforms=(platform,))
+            .as_text()
+        )
+    assert sorted(re.findall(r"tf\.aliasing_output = (\d+)", text)) == ["0", "1", "2"]
+    assert len(re.findall(r"output_operand_alias<", text)) == 3
+    assert "stablehlo.copy" not in text
 
 
 def test_tile_quant_matches_quant_both_styles():
@@ -162,12 +177,9 @@ def test_round_half_even_matches_jnp_round():
 
 def test_gpu_write_lowers_to_triton():
     """The compiled GPU path (Triton lowering, incl. the div.rn.f32 inline asm) lowers on CPU for an abstract H100."""
-    from jax.sharding import AxisType
-
     from pallas_kernels import quantize_write_gpu
 
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
+    mesh = _abstract_mesh("NVIDIA H100", "gpu")
     for spec, p, d in (CASES[1], CASES[3], CASES[-1]):
         pool = [
             None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 2, 4, p, d)
