@@ -67,7 +67,18 @@ def _load_page(refs, spec: KVSpec) -> jnp.ndarray:
     )
 
 
-def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_scale: float, page_size: int, ppb: int):
+def _kernel(
+    pt_ref,
+    nt_ref,
+    q_ref,
+    *refs,
+    k_spec: KVSpec,
+    v_spec: KVSpec,
+    sm_scale: float,
+    page_size: int,
+    ppb: int,
+    max_tokens: int,
+):
     # pt_ref: SMEM [B * max_pages] int32; nt_ref: SMEM [B] int32.
     # q_ref: [R, D] (R = G * Tq rows of KV head h).
     # Then, for each of the ppb pages of this block, the K refs and then the V refs: codes [rows, cols]
@@ -81,7 +92,7 @@ def _kernel(pt_ref, nt_ref, q_ref, *refs, k_spec: KVSpec, v_spec: KVSpec, sm_sca
     out_ref, lse_ref, m_ref, l_ref, acc_ref, *bufs = refs[ppb * per_page :]
     b = pl.program_id(0)
     i = pl.program_id(2)
-    nt = nt_ref[b]
+    nt = jnp.minimum(nt_ref[b], max_tokens)  # never count a page twice when num_tokens overstates the table
     block_tokens = ppb * page_size
 
     @pl.when(i == 0)
@@ -167,7 +178,9 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
         scratch_shapes=scratch,
     )
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, page_size=p, ppb=ppb),
+        functools.partial(
+            _kernel, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, page_size=p, ppb=ppb, max_tokens=mp * p
+        ),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, h, r, d), jnp.float32), jax.ShapeDtypeStruct((b, h, r, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),

@@ -107,6 +107,14 @@ def test_tpu_attention_pages_per_block(i, ppb):
     )
     np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
+    # num_tokens beyond the table (4 pages for 3): like the reference, every table page counts once.
+    over = (tail[0], tail[1].at[0].set(tail[1][0] + tail[1][0] // 3))
+    want_o, want_l = _reference(q, *k_pool, *v_pool, *over, **kw)
+    got_o, got_l = paged_attention_tpu.paged_attention(
+        q, *k_pool, *v_pool, *over, **kw, interpret=True, pages_per_block=ppb
+    )
+    np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("i", [6])
