@@ -1,0 +1,123 @@
+"""run_inference.py and its library: error paths exit 2 with one clear line, manifest resolution (file, none, serving
+flags, beside the checkpoint), and one real end-to-end run on the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from kvtuner_jax import inference, model
+from kvtuner_jax import manifest as mf
+from kvtuner_jax.errors import KVTunerError, ManifestError
+from kvtuner_jax.inference import InferenceConfig, KVFlags, resolve_manifest, save_manifest_beside
+from kvtuner_jax.sampling import SamplingParams
+from kvtuner_jax.weights import save_orbax
+
+REPO = Path(__file__).resolve().parent.parent
+SMOL = model.ModelConfig(
+    name="SmolLM2-135M-Instruct",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, str(REPO / "run_inference.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+def test_cli_missing_model_file():
+    assert "/nope/model.gguf does not exist" in one_error_line(cli("--model=/nope/model.gguf"))
+
+
+def test_cli_bad_flag_combinations():
+    line = one_error_line(cli("--manifest=configs/smollm2_k4v4.json", "--kv_nbits_key=4"))
+    assert "cannot be combined with the --kv_* flags" in line
+    assert "temperature must be >= 0" in one_error_line(cli("--temperature=-1"))
+
+
+def test_manifest_for_another_model():
+    with pytest.raises(ManifestError, match="model.num_layers: manifest has 32, model has 30"):
+        resolve_manifest(str(REPO / "configs/llama31_8b_kvtuner_3.25bit.json"), None, SMOL)
+    with pytest.raises(ManifestError, match="does not exist"):
+        resolve_manifest("/nope.json", None, SMOL)
+
+
+def test_manifest_resolution_order(tmp_path):
+    tiny = dataclasses.replace(model.tiny_config(), name="SmolLM2-135M-Instruct")
+    ident = inference.model_identity(tiny)
+    ckpt = save_orbax(tmp_path / "ckpt", tiny, model.init_random_params(tiny, jax.random.key(0)), None)
+    # nothing beside the checkpoint: the default file (written for SmolLM2's 30 layers) does not fit the tiny model
+    with pytest.raises(ManifestError, match="num_layers"):
+        resolve_manifest(None, None, tiny, str(ckpt))
+    beside = mf.uniform(ident, 4, 2, k_group_size=16, v_group_size=16)
+    path = save_manifest_beside(ckpt, beside)
+    assert path == ckpt / "kvtuner_manifest.json"
+    m, src = resolve_manifest(None, None, tiny, str(ckpt))
+    assert m == beside and "beside the checkpoint" in src
+    m, src = resolve_manifest("none", None, tiny, str(ckpt))
+    assert m.layer_bits() == ((16, 16),) * 2 and "16-bit" in src
+    kv = KVFlags(nbits_key=8, nbits_value=2, asym=False, axis_key="channel", group_size=8, residual_length=8)
+    m, src = resolve_manifest(None, kv, tiny, str(ckpt))
+    spec = m.layer(1)
+    assert (spec.k.bits, spec.v.bits, spec.k.axis, spec.v.axis) == (8, 2, "channel", "token")
+    assert spec.k.symmetric and spec.v.symmetric and spec.k.group_size == 8 and spec.residual_length == 8
+    assert "K8/V2" in src
+    with pytest.raises(KVTunerError, match="cannot be combined"):
+        resolve_manifest(str(path), kv, tiny)
+    with pytest.raises(KVTunerError, match="--kv_\\* flags: .*mode"):
+        resolve_manifest(None, dataclasses.replace(kv, mode="fp3"), tiny)
+    with pytest.raises(KVTunerError, match="--kv_\\* flags: .*group_size"):
+        resolve_manifest(None, KVFlags(nbits_key=4, group_size=5), tiny)
+    with pytest.raises(KVTunerError, match="not a directory"):
+        save_manifest_beside(tmp_path / "missing", beside)
+
+
+@pytest.mark.slow
+def test_end_to_end_embedded_model(capsys):
+    """The embedded SmolLM2 through run(): text comes out, with the plan and the stats line; then the error path of
+    a prompt that cannot fit the cache (one page) exits 2 with the reason."""
+    out = io.StringIO()
+    cfg = InferenceConfig(
+        prompts=("The capital of France is",),
+        sampling=SamplingParams(max_new_tokens=4),
+        backend="reference",
+        page_size=16,
+    )
+    texts = inference.run(cfg, out=out)
+    log = out.getvalue()
+    assert len(texts) == 1 and texts[0].strip()
+    assert "smollm2_k8v4.json (default)" in log and "max concurrent tokens" in log
+    assert "stats: layers K/V bits 0-29:8/4" in log and "pages free" in log
+    long = " ".join(["word"] * 200)
+    bad = dataclasses.replace(cfg, prompts=(long,), num_pages=1)
+    with pytest.raises(SystemExit) as e:
+        inference.main_guard(lambda: inference.run(bad, out=io.StringIO()))
+    assert e.value.code == 2
+    assert "prompt 0: " in capsys.readouterr().err
