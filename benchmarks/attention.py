@@ -159,6 +159,7 @@ def copy_bandwidth(trials: int = 7, nbytes: int = 2 * 2**30) -> dict:
             e.record()
         torch.cuda.synchronize()
         res["torch_copy_rw"] = 2 * nbytes / (float(np.median([s.elapsed_time(e) for s, e in ev])) / 1e3)
+        a = a.float()  # a float32 sum: a read-only pass (an int32 sum in torch accumulates slowly in int64)
         ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(trials)]
         for s, e in ev:
             s.record()
@@ -186,7 +187,8 @@ def check_small(k_spec: KVSpec, v_spec: KVSpec, page: int, kw: dict) -> float:
     pt = jnp.where(jnp.arange(mp)[None] < (nt // page)[:, None], pt, -1)
     args = (q, *ks, *vs, pt, nt)
     out, lse = paged_attention(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5, **kw)
-    ref, ref_lse = paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5)
+    with jax.default_matmul_precision("highest"):  # XLA's default f32 matmul on GPU is TF32-like
+        ref, ref_lse = paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5)
     out, ref = np.asarray(out), np.asarray(ref)
     assert np.all(np.isfinite(out)), "non-finite output"
     assert np.all(out[0] == 0) and np.all(np.asarray(lse)[0] == -np.inf), "empty sequence not 0 / -inf"

@@ -107,6 +107,7 @@ def _kernel(
     parts: int,
     qparts: int,
     c_scale: float,
+    variant: str = "",
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -257,11 +258,35 @@ def _kernel(
                     accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
         return accs, zaccs
 
+    def loads_only(base, pages, valid, accs):
+        """Ablation: read what the kernel reads (codes and scales of K and V), reduce it trivially."""
+        tot = jnp.zeros((), jnp.int32)
+        for c_ref, sc_ref, side in ((kc_ref, ksc_ref, ks), (vc_ref, vsc_ref, vs)):
+            if side.kind == "token":
+                for cbi in range(side.ncb):
+                    x = c_ref[pages, :, pl.ds(cbi * side.cb, side.cb)].reshape(TB, side.cb)
+                    tot = tot + jnp.sum(x.astype(jnp.int32))
+                for g in range(side.ngroups):
+                    tot = tot + jnp.sum(scale_tokens(sc_ref, pages, g).astype(jnp.int32))
+            else:
+                x = c_ref[pages, :, :].reshape(TB, -1)
+                tot = tot + jnp.sum(x.astype(jnp.float32)).astype(jnp.int32)
+        accs[0] = accs[0] + tot.astype(jnp.float32)
+        return accs
+
     def body(i, carry):
         m, l, accs, zaccs = carry
         base, pages, valid = load_pages(i)
+        if variant == "loads":
+            return m, l, loads_only(base, pages, valid, list(accs)), zaccs
         s = scores(base, pages, valid)
-        m_new, alpha, p, l_new = ta.online_softmax_step(m, l, s)
+        if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
+            m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
+        else:
+            m_new, alpha, p, l_new = ta.online_softmax_step(m, l, s)
+        if variant == "novalues":  # ablation: scores and softmax only
+            accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]
+            return m_new, l_new, accs, zaccs
         accs, zaccs = values(base, pages, valid, p, accs, zaccs, alpha)
         return m_new, l_new, accs, zaccs
 
@@ -307,6 +332,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) ->
         "num_warps",
         "num_stages",
         "parts",
+        "_variant",
     ),
 )
 def paged_attention(
@@ -329,6 +355,7 @@ def paged_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     parts: int = 2,
+    _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
 
@@ -425,6 +452,7 @@ def paged_attention(
         parts=parts,
         qparts=qparts,
         c_scale=float(sm_scale) * ta.LOG2E,
+        variant=_variant,
     )
     res = pl.pallas_call(
         kernel,

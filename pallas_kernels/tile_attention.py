@@ -104,15 +104,28 @@ def magic_operand_rows(words: jnp.ndarray, bits: int, shift_codes: jnp.ndarray) 
     return jax.lax.bitcast_convert_type(f | MAGIC_BITS, jnp.bfloat16)
 
 
+def round_bf16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 -> (bf16 round-to-nearest-even, the same value as float32), by integer ops on the bits.
+
+    Written with bit operations on purpose: XLA on GPU may drop an f32 -> bf16 -> f32 round trip as "excess
+    precision", which would silently zero the low part of a split (seen on H100: 3% error instead of 1e-5).
+    Finite inputs only (queries, probabilities).
+    """
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & jnp.uint32(0xFFFF0000)
+    hi = jax.lax.bitcast_convert_type((b >> 16).astype(jnp.uint16), jnp.bfloat16)
+    return hi, jax.lax.bitcast_convert_type(b, jnp.float32)
+
+
 def split_parts(x: jnp.ndarray, parts: int) -> tuple[jnp.ndarray, ...]:
     """float32 x -> `parts` bf16 terms whose float32 sum approximates x (hi first); exact for bf16 inputs at parts=1."""
     out = []
     r = x.astype(jnp.float32)
     for i in range(parts):
-        hi = r.astype(jnp.bfloat16)
+        hi, hi_f32 = round_bf16(r)
         out.append(hi)
         if i + 1 < parts:
-            r = r - hi.astype(jnp.float32)
+            r = r - hi_f32
     return tuple(out)
 
 
