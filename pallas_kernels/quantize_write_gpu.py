@@ -115,4 +115,6 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
             f"the GPU (Triton) write kernel needs page_size and head_dim to be powers of two, got page_size={p}, "
             f"head_dim={d}; use backend='reference'"
         )
+    if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
+        return codes, scale, zero
     return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)

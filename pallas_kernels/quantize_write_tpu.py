@@ -93,4 +93,6 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
     updated `(codes, scale, zero)`. The pool is aliased input -> output: inside a jit that donates the pool the
     write is in place. dest must not repeat a physical page. `interpret=True` runs under `pltpu.InterpretParams()`.
     """
+    if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
+        return codes, scale, zero
     return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)

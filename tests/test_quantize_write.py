@@ -117,6 +117,16 @@ def test_all_dest_negative_writes_nothing(backend, rng):
         np.testing.assert_array_equal(_bytes(g), b.view(np.uint8))
 
 
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_write_zero_pages_is_a_no_op(backend, rng):
+    spec = _spec(8, "token", 64)
+    pool = _poisoned_pool(rng, spec, 2, 3, 16, 64)
+    got = quantize_write(
+        *pool, jnp.zeros((2, 0, 16, 64)), jnp.zeros((0,), jnp.int32), spec=spec, backend=backend, interpret=True
+    )
+    _assert_same_bytes(got, pool)
+
+
 def _abstract_mesh(kind: str, platform: str):
     """Lowering a kernel for a platform this host lacks needs the target device: an abstract mesh names it."""
     dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
