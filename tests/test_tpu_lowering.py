@@ -3,7 +3,8 @@ Mosaic lowering on CPU (no TPU needed), which rejects unsupported primitives, bl
 rule, bad index maps or scalar-prefetch use. It does not run Mosaic's own layout passes (those live in libtpu).
 
 Lowering only, no execution. By default a representative subset (every K/V bit pair once for attention, every
-(bits, axis, symmetric) once for the write, head_dim and page size rotating); the full matrix is @pytest.mark.slow.
+(bits, axis, symmetric) once for the write, head_dim, page size and scale dtype rotating); the full matrix (the
+write over both scale dtypes) is @pytest.mark.slow.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pallas_kernels import layout, paged_attention_tpu, quantize_write_tpu
 BITS = (2, 4, 8, 16)
 HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 64, 128)
+SDTS = ("float16", "bfloat16")
 CHIP = "TPU v5 lite"
 
 
@@ -34,14 +36,14 @@ def _sds(a):
     return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)
 
 
-def _k_spec(bits, axis, sym, p, d):
+def _k_spec(bits, axis, sym, p, d, sdt="float16"):
     # Per-channel keys group over 32 tokens (KIVI) or the whole page when smaller; per-token groups over head_dim.
     group = min(32, p) if axis == "channel" else d
-    return KVSpec(bits=bits, axis=axis, group_size=group, symmetric=sym)
+    return KVSpec(bits=bits, axis=axis, group_size=group, symmetric=sym, scale_dtype=sdt)
 
 
-def _v_spec(bits, sym, d):
-    return KVSpec(bits=bits, axis="token", group_size=min(32, d), symmetric=sym)
+def _v_spec(bits, sym, d, sdt="float16"):
+    return KVSpec(bits=bits, axis="token", group_size=min(32, d), symmetric=sym, scale_dtype=sdt)
 
 
 def _export(f, *args, chip: str = CHIP):
@@ -52,9 +54,9 @@ def _export(f, *args, chip: str = CHIP):
     return exp
 
 
-def _lower_attention(kb, vb, axis, sym, d, p, chip: str = CHIP, ppb: int | None = None):
+def _lower_attention(kb, vb, axis, sym, d, p, sdt="float16", chip: str = CHIP, ppb: int | None = None):
     b, h, g, tq, n, mp = 4, 8, 4, 1, 64, 16
-    k_spec, v_spec = _k_spec(kb, axis, sym, p, d), _v_spec(vb, not sym, d)
+    k_spec, v_spec = _k_spec(kb, axis, sym, p, d, sdt), _v_spec(vb, not sym, d, sdt)
     k = [_sds(a) for a in layout.allocate(k_spec, h, n, p, d)]
     v = [_sds(a) for a in layout.allocate(v_spec, h, n, p, d)]
 
@@ -67,9 +69,9 @@ def _lower_attention(kb, vb, axis, sym, d, p, chip: str = CHIP, ppb: int | None 
     _export(f, q, *k, *v, jax.ShapeDtypeStruct((b, mp), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32), chip=chip)
 
 
-def _lower_write(bits, axis, sym, d, p, chip: str = CHIP):
+def _lower_write(bits, axis, sym, d, p, sdt="float16", chip: str = CHIP):
     h, n, m = 8, 64, 4
-    spec = _k_spec(bits, axis, sym, p, d)
+    spec = _k_spec(bits, axis, sym, p, d, sdt)
     pool = [_sds(a) for a in layout.allocate(spec, h, n, p, d)]
 
     def f(codes, scale, zero, pages, dest):
@@ -81,16 +83,25 @@ def _lower_write(bits, axis, sym, d, p, chip: str = CHIP):
 
 ATTN_FULL = list(itertools.product(BITS, BITS, ("token", "channel"), (False, True), HEAD_DIMS, PAGE_SIZES))
 ATTN_SUBSET = [
-    (kb, vb, ("token", "channel")[i % 2], (i // 2) % 2 == 1, HEAD_DIMS[(i // 4) % 2], PAGE_SIZES[i % 3])
+    (
+        kb,
+        vb,
+        ("token", "channel")[i % 2],
+        (i // 2) % 2 == 1,
+        HEAD_DIMS[(i // 4) % 2],
+        PAGE_SIZES[i % 3],
+        SDTS[i % 5 % 2],
+    )
     for i, (kb, vb) in enumerate(itertools.product(BITS, BITS))
 ]
 WRITE_FULL = [
     c
-    for c in itertools.product(BITS, ("token", "channel"), (False, True), HEAD_DIMS, PAGE_SIZES)
-    if c[0] != 16 or (c[1] == "token" and not c[2])  # 16 bits: plain store, axis and symmetry do not apply
+    for c in itertools.product(BITS, ("token", "channel"), (False, True), HEAD_DIMS, PAGE_SIZES, SDTS)
+    if c[0] != 16
+    or (c[1] == "token" and not c[2] and c[5] == "float16")  # 16 bits: plain store, axis and symmetry do not apply
 ]
 WRITE_SUBSET = [
-    (bits, axis, sym, HEAD_DIMS[i % 2], PAGE_SIZES[i % 3])
+    (bits, axis, sym, HEAD_DIMS[i % 2], PAGE_SIZES[i % 3], SDTS[i // 3 % 2])
     for i, (bits, axis, sym) in enumerate(itertools.product((2, 4, 8), ("token", "channel"), (False, True)))
 ] + [(16, "token", False, 128, 16)]
 
