@@ -140,6 +140,13 @@ def _store_arrays(spec: KVSpec, codes, scale, zero):
     return [codes] if not spec.quantized else [codes, scale] + ([] if spec.symmetric else [zero])
 
 
+def _interpret_params(interpret):
+    """False -> compiled; True -> `pltpu.InterpretParams()`; an `InterpretParams` (e.g. race detection) as given."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret else False
+
+
 @functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "sm_scale", "ppb", "interpret"))
 def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, *, k_spec, v_spec,
                sm_scale, ppb, interpret):  # fmt: skip
@@ -184,7 +191,7 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct((b, h, r, d), jnp.float32), jax.ShapeDtypeStruct((b, h, r, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=_interpret_params(interpret),
         name=f"paged_attention_k{k_spec.bits}{k_spec.axis[0]}_v{v_spec.bits}{v_spec.axis[0]}",
     )(
         page_table.astype(jnp.int32).reshape(-1),
@@ -222,8 +229,9 @@ def paged_attention(
     page_table [B, max_pages] int32 (physical page per logical page; entries past the end are ignored);
     num_tokens [B] int32, a multiple of the page size. Same semantics as `paged_attention_reference`: out is
     normalized over the pages only; num_tokens 0 gives out 0 and lse -inf. `interpret=True` runs under
-    `pltpu.InterpretParams()` (CPU). pages_per_block: pages per grid step (default `default_pages_per_block`);
-    each page is its own pipelined BlockSpec, so more pages per step amortize the per-step cost.
+    `pltpu.InterpretParams()` (CPU); an `InterpretParams` instance is used as given.
+    pages_per_block: pages per grid step (default `default_pages_per_block`); each page is its own pipelined
+    BlockSpec, so more pages per step amortize the per-step cost.
     """
     d = q.shape[-1]
     p = _page_size(k_spec, k_codes)

@@ -54,6 +54,13 @@ def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec, n_pool: int):
             pltpu.sync_copy(tile, out.at[h, d])
 
 
+def _interpret_params(interpret):
+    """False -> compiled; True -> `pltpu.InterpretParams()`; an `InterpretParams` (e.g. race detection) as given."""
+    if isinstance(interpret, pltpu.InterpretParams):
+        return interpret
+    return pltpu.InterpretParams() if interpret else False
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "interpret"))
 def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
     h, m, p, d = pages.shape
@@ -75,7 +82,7 @@ def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in pool],
         input_output_aliases={2 + i: i for i in range(n)},  # operand 0 is dest (scalar prefetch), 1 the pages
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=_interpret_params(interpret),
         name=f"quantize_write_b{spec.bits}_{spec.axis}",
     )(dest.astype(jnp.int32), pages, *pool)
     it = iter(out)
@@ -91,7 +98,8 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
 
     codes/scale/zero: the pool in `pallas_kernels.layout` (scale/zero None where the layout has none). Returns the
     updated `(codes, scale, zero)`. The pool is aliased input -> output: inside a jit that donates the pool the
-    write is in place. dest must not repeat a physical page. `interpret=True` runs under `pltpu.InterpretParams()`.
+    write is in place. dest must not repeat a physical page. `interpret=True` runs under `pltpu.InterpretParams()`
+    (CPU); an `InterpretParams` instance is used as given (e.g. 2 cores with race detection).
     """
     if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
         return codes, scale, zero

@@ -127,3 +127,19 @@ def test_tpu_attention_reads_only_owned_pages(i):
     dirty = paged_attention(q, *k_bad, *v_bad, *tail, **kw, backend="tpu", interpret=True)
     for c, d in zip(clean, dirty, strict=True):
         np.testing.assert_array_equal(np.asarray(c), np.asarray(d))
+
+
+def test_tpu_attention_two_cores_no_races():
+    """Megacore: batch and head grid axes split over 2 simulated cores, with the race detector on."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
+    from jax.experimental.pallas import tpu as pltpu
+
+    _, q, k_pool, v_pool, tail, kw, _ = _problem(6, mp=3)
+    params = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+    got_o, got_l = paged_attention_tpu.paged_attention(
+        q, *k_pool, *v_pool, *tail, **kw, interpret=params, pages_per_block=2
+    )
+    assert not tpu_interpreter.races.races_found
+    want_o, want_l = _reference(q, *k_pool, *v_pool, *tail, **kw)
+    np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
