@@ -203,7 +203,10 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
 
 
 def default_pages_per_block(page_size: int, max_pages: int) -> int:
-    """Pages per grid step: about 128 tokens (one MXU-wide score tile), at most the table's width."""
+    """Pages per grid step: about 128 tokens (one MXU-wide score tile), at most the table's width; 1 when pages do
+    not stack on sublane boundaries (page size not a multiple of 8)."""
+    if page_size % 8:
+        return 1
     return max(1, min(max_pages, 128 // page_size))
 
 
