@@ -68,6 +68,26 @@ def test_kmeans_recovers_planted_groups_deterministically():
         cluster.cluster_layers(losses, 13)
 
 
+def test_restrict_to_budget_keeps_exactly_the_feasible_configurations():
+    import itertools
+
+    pairs = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8), (16, 16))
+    sp = optimize.SearchSpace(6, ((0,), (1, 2), (3, 4, 5)), (pairs, pairs[:4], pairs))
+    nominal = lambda p: (p[0] + p[1]) / 2
+    small = optimize.restrict_to_budget(sp, nominal, 4.0)
+    assert len(small.choices[0]) < len(pairs) and len(small.choices[2]) < len(pairs)  # something was dropped
+
+    def feasible(s):
+        out = set()
+        for picks in itertools.product(*(range(len(c)) for c in s.choices)):
+            lp = s.layer_pairs(picks)
+            if space.nominal_bits(lp) <= 4.0:
+                out.add(lp)
+        return out
+
+    assert feasible(small) == feasible(sp) and feasible(sp)
+
+
 def test_effective_bits_match_manifest_memory_report():
     ident = manifest.ModelIdentity("*", 4, 3, 64)
     pairs = [(8, 4), (2, 16), (4, 2), (16, 16)]

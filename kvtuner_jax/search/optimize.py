@@ -69,6 +69,21 @@ def build_space(
     return SearchSpace(losses.shape[0], tuple(tuple(g) for g in groups), tuple(choices)), keep
 
 
+def restrict_to_budget(space: SearchSpace, pair_bits: Callable[[Pair], float], max_avg_bits: float) -> SearchSpace:
+    """Drops choices that cannot be within budget whatever the other groups pick (even at their cheapest): they would
+    only waste NSGA-II trials. `pair_bits` must be the per-layer quantity the budget averages over layers. Every
+    feasible configuration of `space` stays in the result."""
+    sizes = [len(g) for g in space.groups]
+    cheapest = [min(pair_bits(p) for p in c) * n for c, n in zip(space.choices, sizes, strict=True)]
+    total_min = sum(cheapest)
+    choices = []
+    for c, n, lo in zip(space.choices, sizes, cheapest, strict=True):
+        room = max_avg_bits * space.num_layers - (total_min - lo)
+        kept = tuple(p for p in c if pair_bits(p) * n <= room + 1e-9)
+        choices.append(kept or c[:1])  # an infeasible budget still leaves the cheapest choice to evaluate
+    return dataclasses.replace(space, choices=tuple(choices))
+
+
 def additive_estimate(layer_pairs: Sequence[Pair], losses: np.ndarray, pairs: Sequence[Pair]) -> float:
     """Sum over layers of the single-layer profile losses: a cheap (first-order) estimate of a configuration's loss."""
     index = {tuple(p): c for c, p in enumerate(pairs)}

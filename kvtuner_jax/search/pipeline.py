@@ -109,8 +109,7 @@ def run(config: SearchConfig, params=None, cfg=None, tokenizer=None, texts=None,
 
     # 2-3. Prune and cluster
     space, keep = optimize.build_space(prof.losses, prof.pairs, scheme, cfg.head_dim, config.num_groups, config.seed)
-    _save(out / "space.json", {**space.to_json(), "pareto_pairs_per_layer": [
-        [list(prof.pairs[c]) for c in np.flatnonzero(row)] for row in keep]})  # fmt: skip
+    pareto_per_layer = [[list(prof.pairs[c]) for c in np.flatnonzero(row)] for row in keep]
     plots.heatmap(out / "profile_heatmap.png", prof.losses, prof.pairs, f"{name}, {scheme.name}", space.groups)
 
     # 4. NSGA-II
@@ -123,6 +122,11 @@ def run(config: SearchConfig, params=None, cfg=None, tokenizer=None, texts=None,
         b = nominal_bits(lp) if config.budget_kind == "nominal" else effective_bits(lp, scheme, cfg.head_dim)
         return b - config.max_avg_bits
 
+    def pair_bits(p):
+        return (p[0] + p[1]) / 2 if config.budget_kind == "nominal" else scheme.pair_bits(*p, cfg.head_dim)
+
+    space = optimize.restrict_to_budget(space, pair_bits, config.max_avg_bits)
+    _save(out / "space.json", {**space.to_json(), "pareto_pairs_per_layer": pareto_per_layer})
     seeds = optimize.greedy_seeds(space, prof.losses, prof.pairs, scheme, cfg.head_dim, budget)
     result = optimize.run_search(
         space,
