@@ -256,3 +256,52 @@ def test_pipeline_end_to_end_and_resume(planted, tmp_path):
     n = json.loads((out / "pareto.json").read_text())
     assert len(n["evaluated"]) >= len(summary["front"]) and again["front"]
     assert all(e["nominal_bits"] <= 4.0 for e in again["front"])
+
+
+def test_shipped_manifests_load_and_honour_their_budget():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "searched"
+    files = sorted(root.glob("*/manifests/*.json"))
+    if not files:
+        pytest.skip("no shipped searched manifests")
+    smol = manifest.ModelIdentity("SmolLM2-135M-Instruct", 30, 3, 64)
+    for f in files:
+        m = manifest.load(f, model=smol)
+        meta = m.to_json()["metadata"]
+        rep = manifest.memory_report(m, page_size=meta["page_size"])
+        assert rep.avg_nominal_bits <= meta["max_avg_bits"] + 1e-9, f
+        assert rep.avg_nominal_bits == pytest.approx(meta["nominal_bits"]) and rep.effective_bits == pytest.approx(
+            meta["effective_bits"]
+        )
+        for key in ("model", "data", "seed", "date", "loss"):
+            assert key in meta, (f, key)
+        front = json.loads((f.parent.parent / "pareto.json").read_text())["front"]
+        entry = next(e for e in front if Path(e["path"]).name == f.name)
+        assert [list(p) for p in m.layer_bits()] == entry["layer_pairs"]
+
+
+@pytest.mark.slow
+def test_shipped_manifests_run_on_smollm2():
+    from pathlib import Path
+
+    from kvtuner_jax import assets, weights
+
+    root = Path(__file__).resolve().parent.parent / "configs" / "searched"
+    dirs = sorted(d for d in root.glob("*") if (d / "manifests").is_dir())
+    if not dirs:
+        pytest.skip("no shipped searched manifests")
+    try:
+        cfg, params, tok = weights.load_model(None, progress=False)
+    except Exception as e:  # assets missing on this machine
+        pytest.skip(f"SmolLM2 not available: {e}")
+    tokens = np.asarray([tok.encode(assets.essay_texts()[1])[:96]], np.int32)
+    calib = prof_lib.Calibration.build(params, cfg, tokens)
+    for d in dirs:
+        f = max(
+            (d / "manifests").glob("*.json"), key=lambda p: manifest.memory_report(manifest.load(p)).avg_nominal_bits
+        )
+        m = manifest.load(f)
+        r = calib.evaluate(m.layer_specs(), m.to_json()["metadata"]["page_size"])
+        # The highest-bit manifest on each front is a near-lossless 4-bit-ish config: small but nonzero KL.
+        assert 0.0 < r["kl"] < 0.05 and r["top1"] > 0.8, (f, r)
