@@ -107,6 +107,7 @@ def _kernel(
     parts: int,
     qparts: int,
     c_scale: float,
+    prefetch: bool,
     variant: str = "",
 ):
     it = iter(refs)
@@ -142,13 +143,48 @@ def _kernel(
     tok = jax.lax.broadcasted_iota(jnp.int32, (TB,), 0)
 
     def load_pages(i):
+        """Physical pages of block i [ppb] (clamped: invalid entries read page 0 and are masked by `valid`)."""
         base = first + i * ppb
         idx = base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)
         pages = pt_ref[pl.ds(base, ppb)]
         ok = (idx < npages) & (pages >= 0)
-        pages = jnp.minimum(jnp.where(ok, pages, 0), N - 1)
-        valid = (base + tok // P) < npages
-        return base, pages, valid
+        return jnp.minimum(jnp.where(ok, pages, 0), N - 1)
+
+    def block_of(i):
+        base = first + i * ppb
+        return base, (base + tok // P) < npages
+
+    # Code tiles prefetched one block ahead in registers: the small ones (token-axis, <= 4 bits). 16-bit and 8-bit
+    # tiles are 4-8x larger and would spill; they are loaded in the iteration that uses them.
+    pref = tuple(prefetch and side.kind == "token" and side.bits <= 4 for side in (ks, vs))
+
+    def block_tiles(pages, which):
+        """Code tiles of a block for the 16-bit and token-axis stores ([TB, cols] each), or () for channel-axis."""
+        out = []
+        for side, c_ref, w in ((ks, kc_ref, which[0]), (vs, vc_ref, which[1])):
+            if not w:
+                out.append(())
+            elif side.kind == "full":
+                out.append((c_ref[pages, :, :].reshape(TB, D),))
+            elif side.kind == "token":
+                out.append(
+                    tuple(c_ref[pages, :, pl.ds(i * side.cb, side.cb)].reshape(TB, side.cb) for i in range(side.ncb))
+                )
+            else:
+                out.append(())
+        return tuple(out)
+
+    def token_params(pages):
+        """Per-token scales / zeros of a block's token-axis stores, [TB] f32 each (prefetched one block ahead)."""
+        out = []
+        for side, sc_ref, z_ref in ((ks, ksc_ref, kz_ref), (vs, vsc_ref, vz_ref)):
+            if side.kind != "token":
+                out.append(((), ()))
+                continue
+            sc = tuple(scale_tokens(sc_ref, pages, g) for g in range(side.ngroups))
+            z = () if z_ref is None else tuple(scale_tokens(z_ref, pages, g) for g in range(side.ngroups))
+            out.append((sc, z))
+        return tuple(out)
 
     def page_scalar(base, pp):
         """(physical page, is valid) of page pp of the block; invalid pages read page 0, weights zeroed."""
@@ -173,9 +209,9 @@ def _kernel(
     def scale_tokens(s_ref, pages, g):
         return s_ref[pages, :, g].reshape(TB).astype(jnp.float32)  # [TB]
 
-    def scores(base, pages, valid):
+    def scores(base, pages, valid, prm, tiles):
         if ks.kind == "full":
-            x = kc_ref[pages, :, :].reshape(TB, D)
+            x = tiles[0][0]
             if ks.full_bf16:
                 s = _dot_parts(x, qk)
             else:
@@ -184,7 +220,7 @@ def _kernel(
             s = jnp.zeros((TB, R), jnp.float32)
             gpb = ks.cb * ks.per // ks.group
             for cbi in range(ks.ncb):
-                x = kc_ref[pages, :, pl.ds(cbi * ks.cb, ks.cb)].reshape(TB, ks.cb)
+                x = tiles[0][cbi]
                 cs = [ta.magic_operand(x, ks.bits, j) for j in range(ks.nf)]  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
@@ -192,8 +228,8 @@ def _kernel(
                         for j in range(ks.nf):
                             dd = _dot(cs[j], qk[p][g][j])
                             d = dd if d is None else d + dd
-                    sc = scale_tokens(ksc_ref, pages, g)
-                    zt = ta.zero_term(sc, None if kz_ref is None else scale_tokens(kz_ref, pages, g), ks.bits)
+                    sc = prm[0][0][g]
+                    zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
                     s = s + ta.fold_scores(d, sc, zt, qsum[g])
                     s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
         else:
@@ -212,10 +248,10 @@ def _kernel(
                     s = s + jnp.where(rows[:, None], d, 0.0)
         return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
 
-    def values(base, pages, valid, p, accs, zaccs, alpha):
+    def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
         accs = [a * alpha[None, :] for a in accs]
         if vs.kind == "full":
-            x = vc_ref[pages, :, :].reshape(TB, D)
+            x = tiles[1][0]
             x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
             pp_ = ta.split_parts(p, parts)
             if vs.full_bf16:
@@ -227,16 +263,20 @@ def _kernel(
             gpb = vs.cb * vs.per // vs.group
             zaccs = [z * alpha for z in zaccs]
             for cbi in range(vs.ncb):
-                x = vc_ref[pages, :, pl.ds(cbi * vs.cb, vs.cb)].reshape(TB, vs.cb)
-                cs = [ta.magic_operand(x, vs.bits, j) for j in range(vs.nf)]  # 128 + field, bf16
+                x = tiles[1][cbi]
+                if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
+                    xt = x.T
+                    cs = [ta.magic_operand(xt, vs.bits, j) for j in range(vs.nf)]
+                else:
+                    cs = [ta.magic_operand(x, vs.bits, j) for j in range(vs.nf)]  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
-                    sc = scale_tokens(vsc_ref, pages, g)
-                    zt = ta.zero_term(sc, None if vz_ref is None else scale_tokens(vz_ref, pages, g), vs.bits)
+                    sc = prm[1][0][g]
+                    zt = ta.zero_term(sc, prm[1][1][g] if prm[1][1] else None, vs.bits)
                     pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
                     pparts = ta.split_parts(pg_, parts)
                     off = ta.magic_offset(vs.bits) * jnp.sum(ta.parts_value(pparts), axis=0)  # operand offset
                     for j in range(vs.nf):
-                        d = _dot_parts(cs[j], pparts, trans_a=True)  # [cb, R]
+                        d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
                             keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
                             d = jnp.where(keep[:, None], d, 0.0)
@@ -258,37 +298,42 @@ def _kernel(
                     accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
         return accs, zaccs
 
-    def loads_only(base, pages, valid, accs):
-        """Ablation: read what the kernel reads (codes and scales of K and V), reduce it trivially."""
-        tot = jnp.zeros((), jnp.int32)
-        for c_ref, sc_ref, side in ((kc_ref, ksc_ref, ks), (vc_ref, vsc_ref, vs)):
-            if side.kind == "token":
-                for cbi in range(side.ncb):
-                    x = c_ref[pages, :, pl.ds(cbi * side.cb, side.cb)].reshape(TB, side.cb)
-                    tot = tot + jnp.sum(x.astype(jnp.int32))
-                for g in range(side.ngroups):
-                    tot = tot + jnp.sum(scale_tokens(sc_ref, pages, g).astype(jnp.int32))
-            else:
-                x = c_ref[pages, :, :].reshape(TB, -1)
-                tot = tot + jnp.sum(x.astype(jnp.float32)).astype(jnp.int32)
-        accs[0] = accs[0] + tot.astype(jnp.float32)
+    def loads_only(tiles, prm, accs):
+        """Ablation: read what the kernel reads (code tiles, scales), reduce it trivially."""
+        tot = jnp.zeros((), jnp.float32)
+        for x in tiles[0] + tiles[1]:
+            tot = tot + jnp.sum(x.astype(jnp.float32))
+        for side in prm:
+            for v in side[0] + side[1]:
+                tot = tot + jnp.sum(v)
+        accs[0] = accs[0] + tot
         return accs
 
     def body(i, carry):
-        m, l, accs, zaccs = carry
-        base, pages, valid = load_pages(i)
+        # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
+        # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
+        # latency was otherwise exposed on every block).
+        m, l, accs, zaccs, pages, pages_next, prm, tiles = carry
+        prm_next = token_params(pages_next)
+        tiles_next = block_tiles(pages_next, pref)
+        pages_nn = load_pages(i + 2)
+        base, valid = block_of(i)
+        # Loaded from freshly read page ids (not the carried ones) so that Triton's pipeliner can stream them.
+        now = block_tiles(load_pages(i) if not all(pref) else pages, tuple(not x for x in pref))
+        tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
+        nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
-            return m, l, loads_only(base, pages, valid, list(accs)), zaccs
-        s = scores(base, pages, valid)
+            return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
+        s = scores(base, pages, valid, prm, tiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step(m, l, s)
         if variant == "novalues":  # ablation: scores and softmax only
             accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]
-            return m_new, l_new, accs, zaccs
-        accs, zaccs = values(base, pages, valid, p, accs, zaccs, alpha)
-        return m_new, l_new, accs, zaccs
+            return m_new, l_new, accs, zaccs, *nxt
+        accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
+        return m_new, l_new, accs, zaccs, *nxt
 
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
@@ -298,7 +343,10 @@ def _kernel(
         zaccs = []
     m0 = jnp.full((R,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((R,), jnp.float32)
-    m, l, accs, zaccs = jax.lax.fori_loop(0, nblk, body, (m0, l0, accs, zaccs))
+    pages0 = load_pages(0)
+    tiles0 = block_tiles(pages0, pref)
+    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(pages0), tiles0)
+    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc
     for g, z in enumerate(zaccs):
@@ -332,6 +380,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) ->
         "num_warps",
         "num_stages",
         "parts",
+        "prefetch",
         "_variant",
     ),
 )
@@ -355,6 +404,7 @@ def paged_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     parts: int = 2,
+    prefetch: bool = True,
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -389,7 +439,8 @@ def paged_attention(
     bps = -(-nblocks // splits)
     splits = -(-nblocks // bps)
     pps = bps * ppb
-    pt = jnp.full((b, splits * pps), -1, jnp.int32).at[:, :mp].set(page_table.astype(jnp.int32))
+    # Two spare blocks of INVALID entries: the loop reads page ids two blocks ahead.
+    pt = jnp.full((b, splits * pps + 2 * ppb), -1, jnp.int32).at[:, :mp].set(page_table.astype(jnp.int32))
     nt = num_tokens.astype(jnp.int32)
 
     # Query rows: r = (head in group) * tq + token; transposed to [D, R] and padded.
@@ -400,7 +451,7 @@ def paged_attention(
     args = [nt, pt]
     specs = [
         pl.BlockSpec((1,), lambda i, j, s: (i,)),
-        pl.BlockSpec((None, splits * pps), lambda i, j, s: (i, 0)),
+        pl.BlockSpec((None, splits * pps + 2 * ppb), lambda i, j, s: (i, 0)),
     ]
     if ks.kind == "full":
         qk = jnp.stack(ta.split_parts(q_t, qparts), axis=2)  # [B, H, qparts, D, R]
@@ -453,6 +504,7 @@ def paged_attention(
         qparts=qparts,
         c_scale=float(sm_scale) * ta.LOG2E,
         variant=_variant,
+        prefetch=prefetch,
     )
     res = pl.pallas_call(
         kernel,
