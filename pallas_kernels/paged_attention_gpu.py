@@ -261,7 +261,7 @@ def _kernel(
                     accs[0] = accs[0] + _dot_parts(xp, pp_, trans_a=True)
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            zaccs = [z * alpha for z in zaccs]
+            zaccs = [z * alpha[None, :] for z in zaccs]
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -274,14 +274,21 @@ def _kernel(
                     zt = ta.zero_term(sc, prm[1][1][g] if prm[1][1] else None, vs.bits)
                     pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
                     pparts = ta.split_parts(pg_, parts)
-                    off = ta.magic_offset(vs.bits) * jnp.sum(ta.parts_value(pparts), axis=0)  # operand offset
+                    off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
                     for j in range(vs.nf):
-                        d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
+                        if variant == "vrows":  # out [R, cb] = p'^T @ codes: codes as the right operand, natural
+                            d = None
+                            for pp_ in reversed(pparts):
+                                dd = _dot(pp_.T, cs[j]).T
+                                d = dd if d is None else d + dd
+                        else:
+                            d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
                             keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
                             d = jnp.where(keep[:, None], d, 0.0)
                         accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
-                    zaccs[g] = zaccs[g] + jnp.sum(jnp.where(valid[:, None], p * zt[:, None], 0.0), axis=0) - off
+                    # Zero-point and offset terms accumulate per token; summed over tokens once, after the loop.
+                    zaccs[g] = zaccs[g] + jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
         else:
             c, off = token_order_codes(vc_ref, vs, base)  # [TB, D]
             for pp in range(ppb):
@@ -328,21 +335,21 @@ def _kernel(
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
         else:
-            m_new, alpha, p, l_new = ta.online_softmax_step(m, l, s)
+            m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s)
         if variant == "novalues":  # ablation: scores and softmax only
-            accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]
+            accs = [a + jnp.sum(p[:, :1]) for a in accs]
             return m_new, l_new, accs, zaccs, *nxt
         accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
         return m_new, l_new, accs, zaccs, *nxt
 
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        zaccs = [jnp.zeros((R,), jnp.float32) for _ in range(vs.ngroups)]
+        zaccs = [jnp.zeros((TB, R), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
         zaccs = []
     m0 = jnp.full((R,), -jnp.inf, jnp.float32)
-    l0 = jnp.zeros((R,), jnp.float32)
+    l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
     pages0 = load_pages(0)
     tiles0 = block_tiles(pages0, pref)
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(pages0), tiles0)
@@ -350,9 +357,9 @@ def _kernel(
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc
     for g, z in enumerate(zaccs):
-        za_ref[g, :] = z
+        za_ref[g, :] = jnp.sum(z, axis=0)
     m_ref[...] = m
-    l_ref[...] = l
+    l_ref[...] = jnp.sum(l, axis=0)
 
 
 def _next_pow2(x: int) -> int:

@@ -220,6 +220,19 @@ def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray):
     return m_new, alpha, p, l_new
 
 
+def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndarray):
+    """`online_softmax_step` with the sum over tokens deferred: `l_acc [T, R]` accumulates p elementwise.
+
+    Sums over the token axis cost a cross-warp reduction (shared memory and barriers) per block on a GPU when tokens
+    are spread over warps; rescaling by alpha commutes with the sum, so the kernel sums `l_acc` once at the end.
+    """
+    m_new = jnp.maximum(m, jnp.max(s, axis=0))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2(m - m_safe)
+    p = jnp.exp2(s - m_safe[None, :])
+    return m_new, alpha, p, l_acc * alpha[None, :] + p
+
+
 def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):
     """Exact flash-decoding combine of unnormalized partial results over splits S.
 
