@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from kvtuner_jax import model
 from kvtuner_jax.rotation import maybe_rotate
 from kvtuner_jax.specs import KVSpec, LayerSpec
 from pallas_kernels import layout
@@ -121,8 +122,6 @@ def specs_of(manifest_or_specs) -> tuple[LayerSpec, ...]:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "attention"))
 def _forward_logits(params, tokens, *, cfg, attention):
-    from kvtuner_jax import model
-
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     logits, _ = model.forward(params, cfg, tokens, positions, attention, None)

@@ -124,6 +124,7 @@ def test_evaluate_matches_faithful_logits(planted):
     cfg, params, tokens, calib, sch, _ = planted
     lp = [(4, 2), (16, 16), (2, 8), (8, 4)]
     specs = [sch.layer_spec(*p) for p in lp]
+    specs[2] = dataclasses.replace(specs[2], rotation=True)  # rotated keys must be honoured by both paths
     got = calib.evaluate(specs, sch.page_size)
     q = faithful.faithful_logits(params, cfg, tokens, specs, sch.page_size)
     ref = model.logits_dense(params, cfg, tokens)

@@ -22,6 +22,7 @@ import numpy as np
 from kvtuner_jax import model
 from kvtuner_jax.errors import AssetError
 from kvtuner_jax.faithful import faithful_attention
+from kvtuner_jax.rotation import maybe_rotate
 from kvtuner_jax.search.space import PAIRS, Scheme
 from kvtuner_jax.specs import KVSpec, LayerSpec
 
@@ -72,6 +73,7 @@ def _qkv(lp, x, *, cfg):
 def _attend(q, k, v, *, spec: LayerSpec, page_size: int):
     if not (spec.k.quantized or spec.v.quantized):
         return model.dense_causal_attention(q, k, v)
+    q, k = maybe_rotate(spec, q, k)  # as FaithfulQuantAttention and the cache do
     return faithful_attention(q, k, v, spec, page_size)
 
 
