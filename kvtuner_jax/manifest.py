@@ -44,6 +44,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from kvtuner_jax import modes
 from kvtuner_jax.errors import ManifestError
 from kvtuner_jax.specs import SCALE_DTYPES, VALID_BITS, KVSpec, LayerSpec, ModelIdentity
 
@@ -95,12 +96,15 @@ BUILTIN_DEFAULTS: Mapping[str, Any] = MappingProxyType(
 LAYER_KEYS = tuple(BUILTIN_DEFAULTS)
 MAX_CHANNEL_GROUP = 128  # a channel group must fit in one page; pages are at most this many tokens in our kernels
 
-# Storage mode names accepted for k_mode / v_mode. Issue 8 adds "fp8" through register_mode_name.
-_MODE_NAMES: set[str] = {"int"}
+# Storage mode names accepted for k_mode / v_mode: every mode registered in kvtuner_jax.modes ("int", "bf16", "fp8"
+# and any registered later), plus names allowed for validation only through register_mode_name (no implementation:
+# such a layer is not checked further and cannot be laid out).
+_MODE_NAMES: set[str] = set()
 
 
 def register_mode_name(name: str) -> None:
-    """Allows `name` as a value of k_mode / v_mode in manifests (a hook for new storage modes, e.g. "fp8")."""
+    """Allows `name` as a value of k_mode / v_mode in manifests without registering an implementation (prefer
+    `kvtuner_jax.modes.register_mode`, which also makes the name valid here)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"mode name must be a non-empty string, got {name!r}")
     _MODE_NAMES.add(name)
@@ -108,7 +112,7 @@ def register_mode_name(name: str) -> None:
 
 def mode_names() -> tuple[str, ...]:
     """The storage mode names accepted now, sorted."""
-    return tuple(sorted(_MODE_NAMES))
+    return tuple(sorted(_MODE_NAMES | set(modes.registered_modes())))
 
 
 # Shapes of models we ship presets for, so a KVTuner YAML preset can be loaded without spelling the shape out.
@@ -184,7 +188,7 @@ def _check_field(key: str, v: Any, path: str, file: str | None) -> None:
             kind = "" if _is_int(v) else f" ({_type_name(v)}, not an integer)"
             raise bad(f"{_show(v)} is not one of {_one_of(VALID_BITS)}{kind}")
     elif key.endswith("_mode"):
-        if not isinstance(v, str) or v not in _MODE_NAMES:
+        if not isinstance(v, str) or not (v in _MODE_NAMES or modes.is_registered(v)):
             raise bad(f"{_show(v)} is not one of {_one_of(mode_names())}")
     elif key.endswith("_symmetric") or key == "rotation":
         if not isinstance(v, bool):
@@ -332,10 +336,33 @@ class Manifest:
         def where(key: str) -> str:
             return f"layers[{i}].{key}" if key in entry else f"defaults.{key}" if key in defaults else f"layers[{i}]"
 
+        def level(key: str) -> int:
+            return 2 if key in entry else 1 if key in defaults else 0
+
         def kv(p: str) -> KVSpec:
             g = r[f"{p}_group_size"] if r[f"{p}_group_size"] is not None else d
-            spec = KVSpec(r[f"{p}_bits"], r[f"{p}_mode"], r[f"{p}_axis"], g, r[f"{p}_symmetric"], r["scale_dtype"])
-            if spec.quantized:
+            bits, name = r[f"{p}_bits"], r[f"{p}_mode"]
+            mode = modes.get_mode(name) if modes.is_registered(name) else None
+            # A mode named more specifically than the bits brings its own bits (fp8 -> 8, bf16 -> 16), so a layer
+            # may say {"k_mode": "fp8"} under integer defaults. Bits 16 always means unquantized.
+            if mode is not None and mode.implied_bits is not None and level(f"{p}_bits") < level(f"{p}_mode"):
+                bits = mode.implied_bits
+            spec = KVSpec(bits, name, r[f"{p}_axis"], g, r[f"{p}_symmetric"], r["scale_dtype"])
+            if spec.quantized and mode is not None and mode.name != "int":
+                if bits not in mode.valid_bits:
+                    allowed = ", ".join(map(str, sorted({*mode.valid_bits, 16})))
+                    raise ManifestError(
+                        where(f"{p}_bits"),
+                        f'{bits} is not valid for {p}_mode "{name}" ({where(f"{p}_mode")}); expected one of {allowed} '
+                        "(16 = unquantized)",
+                        self.source,
+                    )
+                spec = mode.canonical(spec, d)
+                try:
+                    mode.validate(spec, None, d)
+                except ValueError as e:
+                    raise ManifestError(where(f"{p}_mode"), str(e), self.source) from None
+            elif spec.quantized and mode is not None:
                 gpath = where(f"{p}_group_size")
                 if spec.axis == "token" and d % g:
                     raise ManifestError(gpath, f'{g} does not divide head_dim {d} ({p}_axis "token")', self.source)
@@ -825,7 +852,12 @@ def memory_report(manifest: Manifest, page_size: int | None = None, cache_dtype_
         page_bytes = None
         if page_size is not None:
             for p, s in (("k", spec.k), ("v", spec.v)):
-                if s.quantized and s.axis == "channel" and (page_size % s.group_size or (page_size * s.bits) % 8):
+                if s.quantized and s.mode != "int":
+                    try:
+                        modes.mode_of(s).validate(s, page_size, m.head_dim)
+                    except ValueError as e:
+                        raise ManifestError(f"layers[{i}].{p}_mode", str(e), manifest.source) from None
+                elif s.quantized and s.axis == "channel" and (page_size % s.group_size or (page_size * s.bits) % 8):
                     raise ManifestError(
                         f"layers[{i}].{p}_group_size",
                         f"{s.group_size} does not divide page_size {page_size} into whole-byte groups ({p}_axis "
@@ -858,6 +890,8 @@ def _fmt_bytes(n: float) -> str:
 def _store(s: KVSpec) -> str:
     if not s.quantized:
         return "16 (bf16)"
+    if s.mode != "int" and modes.is_registered(s.mode):
+        return modes.mode_of(s).describe(s)
     sym = "sym" if s.symmetric else "asym"
     mode = "" if s.mode == "int" else f" {s.mode}"
     return f"{s.bits}{mode} {s.axis} G{s.group_size} {sym}"

@@ -35,11 +35,12 @@ class ModelIdentity:
 class KVSpec:
     """How one of K or V of one layer is stored.
 
-    bits: 2, 4, 8, or 16 (= unquantized, stored in the cache's dtype).
-    mode: storage mode name ("int" for the integer codes of DESIGN.md; "bf16" is implied by bits == 16).
-    axis: "token" (groups of G channels of one token) or "channel" (groups of G tokens of one channel).
-    group_size: G. For "token" it divides head_dim; for "channel" it divides the page size.
-    symmetric: symmetric codes (scale only) instead of asymmetric (scale and zero-point).
+    bits: 2, 4, 8, or 16 (= unquantized, stored in the cache's dtype, whatever `mode` says).
+    mode: storage mode name, registered in `kvtuner_jax.modes`: "int" (the integer codes of DESIGN.md), "fp8"
+        (float8_e4m3fn codes, one scale per token and head; bits 8), "bf16" (unquantized; implied by bits == 16).
+    axis: "token" (groups of G channels of one token) or "channel" (groups of G tokens of one channel). Mode "int".
+    group_size: G. For "token" it divides head_dim; for "channel" it divides the page size. Mode "int".
+    symmetric: symmetric codes (scale only) instead of asymmetric (scale and zero-point). Mode "int".
     scale_dtype: 16-bit float name for scales and zero-points.
     """
 
@@ -62,15 +63,15 @@ class KVSpec:
     def bytes_per_token(self, num_kv_heads: int, head_dim: int, cache_dtype_bytes: int = 2) -> Fraction:
         """Bytes one token of this store takes in quantized pages, all KV heads: codes + scales (+ zeros).
 
-        Unquantized (bits 16): `heads * head_dim * cache_dtype_bytes`. Quantized: `heads * head_dim * bits / 8` code
-        bytes plus `heads * head_dim / G` groups' parameters per token, for either axis ("token": D/G groups per
-        token; "channel": D groups per G tokens). Exact (a Fraction: channel groups amortise over G tokens).
+        Decided by the store's mode (kvtuner_jax.modes; no jax is imported). Unquantized (bits 16):
+        `heads * head_dim * cache_dtype_bytes`. "int": `heads * head_dim * bits / 8` code bytes plus
+        `heads * head_dim / G` groups' parameters per token, for either axis ("token": D/G groups per token;
+        "channel": D groups per G tokens). "fp8": `heads * head_dim` code bytes plus one scale per head. Exact (a
+        Fraction: channel groups amortise over G tokens).
         """
-        n = num_kv_heads * head_dim
-        if not self.quantized:
-            return Fraction(n * cache_dtype_bytes)
-        params = Fraction(n, self.group_size) * self.params_per_group * SCALE_DTYPE_BYTES[self.scale_dtype]
-        return Fraction(n * self.bits, 8) + params
+        from kvtuner_jax import modes
+
+        return modes.mode_of(self).bytes_per_token(self, num_kv_heads, head_dim, cache_dtype_bytes)
 
 
 @dataclasses.dataclass(frozen=True)

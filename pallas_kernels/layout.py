@@ -1,12 +1,14 @@
-"""Pool layout of one K or V store of one layer: the one place that says which arrays exist and their shapes.
+"""Pool layout of one K or V store of one layer: the one place core code asks which arrays exist and their shapes.
 
-For H KV heads, N physical pages, page size P, head_dim D and a `KVSpec` s (bits b, group size G):
+Every pool is the triple `(codes, scale, zero)`; scale and zero may be None. What they hold is decided by the store's
+*mode* (`kvtuner_jax.modes`, looked up from the `KVSpec`); for H KV heads, N physical pages, page size P, head_dim D:
 
-- b == 16 (unquantized): `codes` holds the values themselves, `[H, N, P, D]` in the cache dtype; no scale/zero.
-- axis "token", b < 16: `codes` uint8 `[H, N, P, D*b/8]` (packed along D, LSB first);
-  `scale` `[H, N, P, D/G]` (scale dtype); `zero` the same shape, or None when symmetric.
-- axis "channel", b < 16: `codes` uint8 `[H, N, P*b/8, D]` (packed along the page's tokens, LSB first);
+- bits 16 (mode "bf16", unquantized): `codes` holds the values themselves, `[H, N, P, D]` in the cache dtype.
+- mode "int", axis "token": `codes` uint8 `[H, N, P, D*b/8]` (packed along D, LSB first); `scale` `[H, N, P, D/G]`
+  (scale dtype); `zero` the same shape, or None when symmetric.
+- mode "int", axis "channel": `codes` uint8 `[H, N, P*b/8, D]` (packed along the page's tokens, LSB first);
   `scale` `[H, N, P/G, D]`; `zero` the same shape, or None when symmetric.
+- mode "fp8": `codes` float8_e4m3fn `[H, N, P, D]`; `scale` `[H, N, P, 1]` (one per token and head); `zero` None.
 
 Heads lead so the pools shard over KV heads; pages come next so a page table indexes one axis.
 """
@@ -14,68 +16,57 @@ Heads lead so the pools shard over KV heads; pages come next so a page table ind
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from kvtuner_jax.quant import scale_dtype_of
+from kvtuner_jax.modes import PoolArrays, mode_of
 from kvtuner_jax.specs import KVSpec
 
 
+def _dtype_name(cache_dtype) -> str:
+    return jnp.dtype(cache_dtype).name
+
+
 def check_spec(spec: KVSpec, page_size: int, head_dim: int) -> None:
-    """Raises ValueError when `spec` cannot be laid out for this page size and head_dim."""
-    if spec.bits not in (2, 4, 8, 16):
-        raise ValueError(f"bits={spec.bits} is not one of 2, 4, 8, 16")
-    if not spec.quantized:
-        return
-    if spec.axis == "token":
-        if head_dim % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide head_dim={head_dim} (axis 'token')")
-        if (head_dim * spec.bits) % 8:
-            raise ValueError(f"head_dim={head_dim} does not pack into whole bytes at {spec.bits} bits")
-    else:
-        if page_size % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide page_size={page_size} (axis 'channel')")
-        if (page_size * spec.bits) % 8:
-            raise ValueError(f"page_size={page_size} does not pack into whole bytes at {spec.bits} bits")
+    """Raises ValueError when `spec` cannot be laid out for this page size and head_dim (or names no known mode)."""
+    mode_of(spec).validate(spec, page_size, head_dim)
+
+
+def arrays(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int, cache_dtype=jnp.bfloat16) -> PoolArrays:
+    """Shapes and dtype names of a pool's `(codes, scale, zero)` (kvtuner_jax.modes.PoolArrays)."""
+    return mode_of(spec).arrays(spec, heads, pages, page_size, head_dim, _dtype_name(cache_dtype))
 
 
 def codes_shape(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int) -> tuple[int, ...]:
-    if not spec.quantized:
-        return (heads, pages, page_size, head_dim)
-    if spec.axis == "token":
-        return (heads, pages, page_size, head_dim * spec.bits // 8)
-    return (heads, pages, page_size * spec.bits // 8, head_dim)
+    return arrays(spec, heads, pages, page_size, head_dim).codes.shape
 
 
 def scale_shape(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int) -> tuple[int, ...] | None:
-    if not spec.quantized:
-        return None
-    if spec.axis == "token":
-        return (heads, pages, page_size, head_dim // spec.group_size)
-    return (heads, pages, page_size // spec.group_size, head_dim)
+    s = arrays(spec, heads, pages, page_size, head_dim).scale
+    return None if s is None else s.shape
+
+
+def zero_shape(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int) -> tuple[int, ...] | None:
+    z = arrays(spec, heads, pages, page_size, head_dim).zero
+    return None if z is None else z.shape
 
 
 def codes_dtype(spec: KVSpec, cache_dtype=jnp.bfloat16):
-    return jnp.dtype(jnp.uint8) if spec.quantized else jnp.dtype(cache_dtype)
+    # page_size/head_dim only shape the arrays, never their dtype; 8 x 8 lays out in every shipped mode
+    return jnp.dtype(mode_of(spec).arrays(spec, 1, 1, 8, 8, _dtype_name(cache_dtype)).codes.dtype)
+
+
+def page_size_of(spec: KVSpec, codes, head_dim: int) -> int:
+    """Page size P of a pool, read from its codes array's shape."""
+    return mode_of(spec).page_size_of(spec, tuple(codes.shape), head_dim)
 
 
 def bytes_per_page(spec: KVSpec, heads: int, page_size: int, head_dim: int, cache_dtype=jnp.bfloat16) -> int:
     """Bytes one physical page of this store takes (codes + scales + zeros), all heads."""
-    n = int(np.prod(codes_shape(spec, heads, 1, page_size, head_dim))) * codes_dtype(spec, cache_dtype).itemsize
-    ss = scale_shape(spec, heads, 1, page_size, head_dim)
-    if ss is not None:
-        per = int(np.prod(ss)) * jnp.dtype(scale_dtype_of(spec.scale_dtype)).itemsize
-        n += per * spec.params_per_group
-    return n
+    return arrays(spec, heads, 1, page_size, head_dim, cache_dtype).nbytes
 
 
 def allocate(spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int, cache_dtype=jnp.bfloat16):
     """Zero-filled `(codes, scale, zero)` for a pool; scale/zero are None where the layout has none."""
     check_spec(spec, page_size, head_dim)
-    codes = jnp.zeros(codes_shape(spec, heads, pages, page_size, head_dim), codes_dtype(spec, cache_dtype))
-    ss = scale_shape(spec, heads, pages, page_size, head_dim)
-    if ss is None:
-        return codes, None, None
-    sdt = scale_dtype_of(spec.scale_dtype)
-    scale = jnp.zeros(ss, sdt)
-    zero = None if spec.symmetric else jnp.zeros(ss, sdt)  # a distinct buffer from scale (donation)
-    return codes, scale, zero
+    a = arrays(spec, heads, pages, page_size, head_dim, cache_dtype)
+    # distinct buffers for scale and zero (jit donates the cache, and one buffer may not be donated twice)
+    return tuple(None if x is None else jnp.zeros(x.shape, jnp.dtype(x.dtype)) for x in (a.codes, a.scale, a.zero))

@@ -7,20 +7,22 @@ the page size).
 
 GQA: query head `hq` reads KV head `hq // (Hq // H)` (HuggingFace's repeat_kv grouping).
 
-This file holds the shared validation, the pure-jnp reference (the oracle) and the public dispatcher. Backend kernels
-live beside it and are tested against `paged_attention_reference`.
+This file holds the shared validation, the pure-jnp reference (the oracle) and the public dispatcher. Pages are read
+through their store's mode (`kvtuner_jax.modes`): the reference dequantizes with the mode's numerics, and the
+dispatcher runs the kernel a mode offers for the (K spec, V spec) pair on the backend (today's
+`paged_attention_{gpu,tpu}` when both K and V are "int"/"bf16"), or the reference with a one-time warning when no
+mode offers one. Backend kernels live beside it and are tested against `paged_attention_reference`.
 """
 
 from __future__ import annotations
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 
+from kvtuner_jax import modes
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
-from pallas_kernels.quantize_write import dequantize_pages
+from pallas_kernels.quantize_write import check_pool, dequantize_pages
 
 
 def validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec) -> None:
@@ -38,21 +40,8 @@ def validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, 
         ("k", k_spec, k_codes, k_scale, k_zero),
         ("v", v_spec, v_codes, v_scale, v_zero),
     ):
-        p = _page_size(spec, codes, d)
-        want = layout.codes_shape(spec, h, n, p, d)
-        if tuple(codes.shape) != want:
-            raise ValueError(f"{name}_codes shape {codes.shape} does not match the {spec} layout {want}")
-        ss = layout.scale_shape(spec, h, n, p, d)
-        if ss is not None and (scale is None or tuple(scale.shape) != ss):
-            raise ValueError(f"{name}_scale shape {None if scale is None else scale.shape} does not match {ss}")
-        if spec.quantized and spec.symmetric != (zero is None):
-            raise ValueError(f"{name}_zero must be None exactly when the spec is symmetric")
-
-
-def _page_size(spec: KVSpec, codes, head_dim: int) -> int:
-    if spec.quantized and spec.axis == "channel":
-        return codes.shape[2] * 8 // spec.bits
-    return codes.shape[2]
+        p = layout.page_size_of(spec, codes, d)
+        check_pool(codes, scale, zero, spec, layout.arrays(spec, h, n, p, d), f"{name}_")
 
 
 def gather_pages(codes, scale, zero, spec: KVSpec, page_table, head_dim: int) -> jnp.ndarray:
@@ -112,17 +101,27 @@ def paged_attention(
     """Public entry: dispatches to the reference or a Pallas kernel by `backend`.
 
     backend: "auto" (GPU kernel on GPU, TPU kernel on TPU, reference elsewhere), "reference", "gpu", "tpu".
-    `interpret=True` runs a Pallas kernel in interpret mode (CPU tests). Backend modules are imported lazily
-    (`pallas_kernels.paged_attention_gpu` / `paged_attention_tpu`, each exposing `paged_attention` with this
-    signature minus `backend`), so an unused backend costs no import or compile time.
+    `interpret=True` runs a Pallas kernel in interpret mode (CPU tests). The kernel comes from K's mode, else V's
+    (`Mode.attention_kernel(backend, k_spec, v_spec)`; for int/bf16 pairs the lazily imported
+    `pallas_kernels.paged_attention_gpu` / `paged_attention_tpu`, each exposing `paged_attention` with this signature
+    minus `backend`), so an unused backend or mode costs no import or compile time. When neither mode offers one,
+    the reference runs and a warning is logged once.
     """
     backend = resolve_backend(backend)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     if backend == "reference":
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     validate(*args, k_spec, v_spec)
-    mod = importlib.import_module(f"pallas_kernels.paged_attention_{backend}")
-    return mod.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret)
+    km, vm = modes.mode_of(k_spec), modes.mode_of(v_spec)
+    kernel = km.attention_kernel(backend, k_spec, v_spec) or vm.attention_kernel(backend, k_spec, v_spec)
+    if kernel is None:
+        modes.warn_once(
+            (km.name, vm.name, "attention", backend),
+            f"no {backend} paged-attention kernel for K mode {km.name!r} with V mode {vm.name!r}; this layer's "
+            "attention runs on the jnp reference path",
+        )
+        return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
+    return kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret)
 
 
 def resolve_backend(backend: str) -> str:

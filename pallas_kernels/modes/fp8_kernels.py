@@ -1,0 +1,190 @@
+"""Pallas page-write kernels of mode fp8 (GPU: Triton lowering; TPU: Mosaic), bit-exact against the mode's reference.
+
+Both follow today's int write kernels (`pallas_kernels.quantize_write_{gpu,tpu}`): grid (page m, KV head h); the page
+tile [P, D] comes in through a BlockSpec, is quantized by `quantize_tile` (the shared tile math, the mode's numerics
+in plain jnp) and lands at physical page dest[m] of head h, or nowhere when dest[m] < 0. The pool (codes
+float8_e4m3fn [H, N, P, D], scale [H, N, P, 1]) is aliased input -> output, so under a donating jit only the written
+pages change.
+
+- GPU: direct stores into the whole pool (`pl.ANY`). Triton casts f32 -> e4m3fn with round-to-nearest-even
+  (sm_89 or newer, e.g. H100) and its f32 `/` is approximate, so compiled runs divide with PTX `div.rn.f32`.
+  page_size and head_dim must be powers of two (Triton block sizes).
+- TPU: the quantized tile goes to VMEM scratch and is DMA'd to the page (a step that writes nothing issues no DMA).
+
+Attention over fp8 pages has no kernel here yet: `attention_kernel` returns None and the dispatcher runs the
+reference for such layers (logging a warning once).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from kvtuner_jax.quant import scale_dtype_of
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels.modes.fp8 import E4M3_MAX, EPS
+
+
+def quantize_tile(x: jnp.ndarray, scale_dtype, div=jnp.divide):
+    """One page of one head, x [P, D] (any float) -> (codes float8_e4m3fn [P, D], scale [P, 1] in scale_dtype).
+
+    Exactly `FP8Mode.quantize_pages` on a tile; `div` is the f32 division (a correctly rounded one on NVIDIA)."""
+    xf = x.astype(jnp.float32)
+    xf = jnp.where(jnp.isfinite(xf), xf, 0.0)
+    amax = jnp.max(jnp.abs(xf), axis=-1, keepdims=True)  # [P, 1]
+    fmax = float(jnp.finfo(scale_dtype).max)
+    scale = jnp.minimum(div(jnp.maximum(amax, EPS), jnp.float32(E4M3_MAX)), fmax).astype(scale_dtype)
+    y = jnp.clip(div(xf, scale.astype(jnp.float32)), -E4M3_MAX, E4M3_MAX)
+    return y.astype(jnp.float8_e4m3fn), scale
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU (Triton)
+
+
+def _div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Correctly rounded f32 division on NVIDIA GPUs (Triton's `/` is `div.full.f32`, up to 2 ulp off)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
+    (out,) = plgpu.elementwise_inline_asm(
+        "div.rn.f32 $0, $1, $2;",
+        args=[a, b],
+        constraints="=r,r,r",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
+    )
+    return out
+
+
+def _gpu_kernel(dest_ref, pages_ref, _codes_in, _scale_in, codes_ref, scale_ref, *, scale_dtype, div):
+    # dest_ref: [M] int32 (whole); pages_ref: [P, D] (page m, head h); then the aliased pool inputs (unused) and the
+    # pool outputs, whole: codes [H, N, P, D] float8_e4m3fn, scale [H, N, P, 1].
+    m = pl.program_id(0)
+    h = pl.program_id(1)
+    d = dest_ref[m]
+
+    @pl.when(d >= 0)
+    def _():
+        codes, scale = quantize_tile(pages_ref[...], scale_dtype, div)
+        codes_ref[h, d] = codes
+        scale_ref[h, d] = scale
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _write_gpu(codes, scale, pages, dest, *, spec: KVSpec, interpret: bool):
+    from jax.experimental.pallas import triton as plgpu
+
+    h, m, p, d = pages.shape
+    kernel = functools.partial(
+        _gpu_kernel, scale_dtype=scale_dtype_of(spec.scale_dtype), div=jnp.divide if interpret else _div_rn
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(m, h),
+        in_specs=[
+            pl.BlockSpec(memory_space=pl.ANY),  # dest, whole
+            pl.BlockSpec((None, None, p, d), lambda i, j: (j, i, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ],
+        out_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+        out_shape=[jax.ShapeDtypeStruct(codes.shape, codes.dtype), jax.ShapeDtypeStruct(scale.shape, scale.dtype)],
+        input_output_aliases={2: 0, 3: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name="quantize_write_fp8",
+    )(dest.astype(jnp.int32), pages, codes, scale)
+
+
+def quantize_write_gpu(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
+    """fp8 page write on GPU: quantize `pages` [H, M, P, D] and write page m to physical page dest[m] (skip if < 0).
+
+    Same contract as `pallas_kernels.quantize_write_gpu.quantize_write` (zero is None for fp8; dest must not repeat a
+    physical page; in place under a donating jit)."""
+    _, _, p, d = pages.shape
+    if not (_is_pow2(p) and _is_pow2(d)):
+        raise ValueError(
+            f"the GPU (Triton) fp8 write kernel needs page_size and head_dim to be powers of two, got page_size={p}, "
+            f"head_dim={d}; use backend='reference'"
+        )
+    if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid launch
+        return codes, scale, zero
+    c, s = _write_gpu(codes, scale, pages, dest, spec=spec, interpret=interpret)
+    return c, s, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TPU (Mosaic)
+
+
+def _tpu_kernel(
+    dest_ref, pages_ref, _codes_in, _scale_in, codes_out, scale_out, codes_tile, scale_tile, *, scale_dtype
+):
+    # dest_ref: SMEM [M] int32; pages_ref: VMEM [P, D] (page m, head h); pool inputs (HBM, aliased, unused); pool
+    # outputs (HBM, whole): codes [H, N, P, D], scale [H, N, P, 1]; VMEM scratch: codes [P, D], scale [P, 1].
+    m = pl.program_id(0)
+    h = pl.program_id(1)
+    d = dest_ref[m]
+
+    @pl.when(d >= 0)
+    def _():
+        from jax.experimental.pallas import tpu as pltpu
+
+        codes, scale = quantize_tile(pages_ref[...], scale_dtype)
+        codes_tile[...] = codes
+        scale_tile[...] = scale
+        pltpu.sync_copy(codes_tile, codes_out.at[h, d])
+        pltpu.sync_copy(scale_tile, scale_out.at[h, d])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _write_tpu(codes, scale, pages, dest, *, spec: KVSpec, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    h, m, p, d = pages.shape
+    if isinstance(interpret, pltpu.InterpretParams):
+        mode = interpret
+    else:
+        mode = pltpu.InterpretParams() if interpret else False
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,
+        grid=(m, h),
+        in_specs=[
+            pl.BlockSpec((None, None, p, d), lambda i, j, dest: (j, i, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ],
+        out_specs=[pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+        scratch_shapes=[pltpu.VMEM((p, d), codes.dtype), pltpu.VMEM((p, 1), scale.dtype)],
+    )
+    return pl.pallas_call(
+        functools.partial(_tpu_kernel, scale_dtype=scale_dtype_of(spec.scale_dtype)),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(codes.shape, codes.dtype), jax.ShapeDtypeStruct(scale.shape, scale.dtype)],
+        input_output_aliases={2: 0, 3: 1},  # operand 0 is dest (scalar prefetch), 1 the pages
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+        interpret=mode,
+        name="quantize_write_fp8",
+    )(dest.astype(jnp.int32), pages, codes, scale)
+
+
+def quantize_write_tpu(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret=False):
+    """fp8 page write on TPU; same contract as `quantize_write_gpu` above. `interpret=True` runs under
+    `pltpu.InterpretParams()` (CPU); an `InterpretParams` instance is used as given."""
+    if pages.shape[1] == 0:
+        return codes, scale, zero
+    c, s = _write_tpu(codes, scale, pages, dest, spec=spec, interpret=interpret)
+    return c, s, None
+
+
+def attention_kernel(backend: str, k_spec: KVSpec, v_spec: KVSpec):
+    """No fp8 attention kernel yet: None, so paged attention over fp8 pages runs the reference (warned once)."""
+    return None
