@@ -363,19 +363,56 @@ def _write(pool: Pool, pages: jnp.ndarray, dest: jnp.ndarray, backend: str, inte
 class PagedAttention:
     """Attention through the paged cache. `state` is `(KVCache, BatchInfo)`; the returned state holds the new cache.
 
-    Static under jit (hashable): the backend choice is a Python string.
+    Static under jit (hashable): the backend choice is a Python string. With a `mesh` (axes "data", "model"), each
+    layer's cache work (paged attention, tail attention, packed write, tail update) runs under `shard_map`: KV heads
+    of q/k/v and of every pool and tail on "model", batch rows with their pages and slots on "data"
+    (`kvtuner_jax.sharding` states the layout). The whole layer op is one manual region, not only the kernels,
+    because the tail gathers and scatters index by slot, and only inside the region is it known that a data
+    shard's slots and pages are its own; left to the partitioner they would all-gather the cache.
     """
 
     backend: str = "auto"
     interpret: bool = False
+    mesh: jax.sharding.Mesh | None = None
 
     def __call__(self, layer_idx, q, k, v, positions, state):
         cache, batch = state
         layer = cache.layers[layer_idx]
-        out = attend(layer, q, k, v, batch, backend=self.backend, interpret=self.interpret)
-        new_layer = append(layer, k, v, batch, backend=self.backend, interpret=self.interpret)
+        if self.mesh is None:
+            out, new_layer = self._layer(layer, q, k, v, batch)
+        else:
+            out, new_layer = self._sharded_layer(layer, q, k, v, batch)
         layers = cache.layers[:layer_idx] + (new_layer,) + cache.layers[layer_idx + 1 :]
         return out.astype(q.dtype), (KVCache(layers=layers), batch)
+
+    def _layer(self, layer, q, k, v, batch):
+        out = attend(layer, q, k, v, batch, backend=self.backend, interpret=self.interpret)
+        return out, append(layer, k, v, batch, backend=self.backend, interpret=self.interpret)
+
+    def _sharded_layer(self, layer, q, k, v, batch):
+        from jax.sharding import PartitionSpec as P
+
+        from kvtuner_jax import sharding
+
+        heads = P(sharding.RULES["batch"], None, sharding.RULES["kv_heads"], None)  # q/k/v/out [B, T, H, D]
+        lspec = sharding.cache_specs(layer)
+        bspec = sharding.batch_specs()
+
+        def local(layer, q, k, v, batch):
+            pt, slots, num_new = sharding.localize_batch(
+                batch.page_table, batch.slots, batch.num_new, layer.k.codes.shape[1], layer.k_tail.shape[1]
+            )
+            batch = BatchInfo(page_table=pt, lengths=batch.lengths, num_new=num_new, slots=slots)
+            return self._layer(layer, q, k, v, batch)
+
+        fn = jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(lspec, heads, heads, heads, bspec),
+            out_specs=(heads, lspec),
+            check_vma=False,
+        )
+        return fn(layer, q, k, v, batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,14 @@ def _step(params, cache, tokens, batch, *, cfg: ModelConfig, attention, all_logi
 
 @dataclasses.dataclass
 class ModelRunner:
-    """Model + manifest + cache sizes -> a compiled step. `backend` is the kernel choice ("auto", "reference", ...)."""
+    """Model + manifest + cache sizes -> a compiled step. `backend` is the kernel choice ("auto", "reference", ...).
+
+    mesh: optional ("data", "model") mesh (`kvtuner_jax.sharding`). With it, the params are rewritten by the KV-head
+    plan (replicated / zero-padded heads so every model shard owns whole KV heads) and placed Megatron-style, the
+    cache is allocated sharded (heads on "model", pages and slots on "data"), the batch rows are split over "data",
+    and the logits come back replicated on every device (every process can read them). `cache_cfg` stays the
+    logical config the caller gave; `sharded_cache_cfg` is what is allocated (H' heads).
+    """
 
     cfg: ModelConfig
     params: Params
@@ -51,33 +58,101 @@ class ModelRunner:
     backend: str = "auto"
     interpret: bool = False
     compiles: int = 0  # number of distinct step signatures compiled (a test asserts steady state adds none)
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         if len(self.specs) != self.cfg.num_layers:
             raise CacheError(f"manifest has {len(self.specs)} layers, model {self.cfg.name} has {self.cfg.num_layers}")
+        self._seen: set = set()
+        self.min_residual = min(s.residual_length for s in self.specs)
+        if self.mesh is not None:
+            self._init_sharded()
+            return
+        self.run_cfg, self.run_params, self.sharded_cache_cfg = self.cfg, self.params, self.cache_cfg
         attention = kc.PagedAttention(backend=self.backend, interpret=self.interpret)
         self._fns = {}
         for all_logits in (False, True):
             self._fns[all_logits] = jax.jit(
                 partial(_step, cfg=self.cfg, attention=attention, all_logits=all_logits), donate_argnums=(1,)
             )
-        self._seen: set = set()
-        self.min_residual = min(s.residual_length for s in self.specs)
+
+    def _init_sharded(self):
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from kvtuner_jax import sharding as sh
+
+        data, model = sh.mesh_sizes(self.mesh)
+        cc = self.cache_cfg
+        sh.check_divisible("num_pages", cc.num_pages, data)
+        sh.check_divisible("max_seqs", cc.max_seqs, data)
+        self.head_plan = sh.plan_for(self.cfg, model)
+        self.run_cfg = sh.padded_config(self.cfg, self.head_plan)
+        self.sharded_cache_cfg = dataclasses.replace(cc, num_kv_heads=self.head_plan.kv_heads)
+        self._param_sh = sh.named(self.mesh, sh.param_specs(self.run_cfg, model))
+        padded = sh.pad_params(self.params, self.cfg, self.head_plan)
+        self.run_params = jax.tree.map(sh.put_global, padded, self._param_sh)
+        abstract = jax.eval_shape(lambda: kc.init_cache(self.specs, self.sharded_cache_cfg))
+        self._cache_sh = sh.named(self.mesh, sh.cache_specs(abstract))
+        self._batch_sh = sh.named(self.mesh, sh.batch_specs())
+        self._tok_sh = NamedSharding(self.mesh, P("data", None))
+        self._out_sh = NamedSharding(self.mesh, P())  # logits replicated: every process reads them locally
+        attention = kc.PagedAttention(backend=self.backend, interpret=self.interpret, mesh=self.mesh)
+        self._fns = {}
+        for all_logits in (False, True):
+            self._fns[all_logits] = jax.jit(
+                partial(_step, cfg=self.run_cfg, attention=attention, all_logits=all_logits),
+                in_shardings=(self._param_sh, self._cache_sh, self._tok_sh, self._batch_sh),
+                out_shardings=(self._out_sh, self._cache_sh),
+                donate_argnums=(1,),
+            )
 
     @property
     def page_size(self) -> int:
         return self.cache_cfg.page_size
 
+    @property
+    def data_shards(self) -> int:
+        return 1 if self.mesh is None else int(self.mesh.shape["data"])
+
     def init_cache(self) -> kc.KVCache:
-        return kc.init_cache(self.specs, self.cache_cfg)
+        if self.mesh is None:
+            return kc.init_cache(self.specs, self.cache_cfg)
+        # Allocated in place with its sharding: each device creates only its own shard.
+        return jax.jit(lambda: kc.init_cache(self.specs, self.sharded_cache_cfg), out_shardings=self._cache_sh)()
 
     def step(self, cache: kc.KVCache, tokens, batch: kc.BatchInfo, all_logits: bool = False):
-        """tokens [B, T] int32 -> (logits [B, V] of each row's last new token, or [B, T, V] if all_logits; cache)."""
+        """tokens [B, T] int32 -> (logits [B, V] of each row's last new token, or [B, T, V] if all_logits; cache).
+
+        With a mesh, B must divide over the data axis and every live row's pages and slot must belong to its data
+        shard (`sharding.check_batch_placement`); tokens and batch may be host arrays given alike on every process.
+        """
         sig = (tuple(np.shape(tokens)), tuple(batch.page_table.shape), all_logits)
         if sig not in self._seen:
             self._seen.add(sig)
             self.compiles += 1
-        return self._fns[all_logits](self.params, cache, jnp.asarray(tokens, jnp.int32), batch)
+        if self.mesh is None:
+            return self._fns[all_logits](self.params, cache, jnp.asarray(tokens, jnp.int32), batch)
+        return self._sharded_step(cache, tokens, batch, all_logits)
+
+    def _sharded_step(self, cache, tokens, batch, all_logits):
+        from kvtuner_jax import sharding as sh
+
+        cc = self.cache_cfg
+        host = [np.asarray(x) for x in (batch.page_table, batch.lengths, batch.num_new, batch.slots)]
+        sh.check_divisible("batch rows", host[0].shape[0], self.data_shards)
+        sh.check_batch_placement(host[0], host[3], host[2], cc.num_pages, cc.max_seqs, self.data_shards)
+        gbatch = kc.BatchInfo(*(sh.put_global(x, s) for x, s in zip(host, self._batch_sh_fields(), strict=True)))
+        gtok = sh.put_global(np.asarray(tokens, np.int32), self._tok_sh)
+        logits, cache = self._fns[all_logits](self.run_params, cache, gtok, gbatch)
+        if jax.process_count() > 1:
+            # A process-local copy, so host code (samplers, the engine) can mix it with its own local arrays.
+            logits = jnp.asarray(np.asarray(logits))
+        return logits, cache
+
+    def _batch_sh_fields(self):
+        b = self._batch_sh
+        return (b.page_table, b.lengths, b.num_new, b.slots)
 
     def pages_for(self, length: int) -> int:
         return pages_needed(length, self.min_residual, self.page_size)
@@ -123,37 +198,64 @@ def generate(
             )
     if total_need > cc.num_pages:
         raise CacheError(f"the {b} prompts need {total_need} pages together; the cache holds {cc.num_pages}")
+    # Data parallelism: prompt i is row i; rows split evenly over data shards (padding rows at the end of the last
+    # ones), and a row's slot and pages come from its own shard's ranges (kvtuner_jax.sharding).
+    data = runner.data_shards
+    rows_per = -(-b // data)
+    nrows, slots_per = rows_per * data, cc.max_seqs // data
+    if data > 1:
+        if rows_per > slots_per:
+            raise CacheError(
+                f"{b} prompts over data={data} shards need {rows_per} slots per shard; each has {slots_per}"
+            )
+        for d in range(data):
+            need = sum(
+                runner.pages_for(len(p) + sampling.max_new_tokens) for p in prompts[d * rows_per : (d + 1) * rows_per]
+            )
+            if need > cc.num_pages // data:
+                raise CacheError(f"prompts of data shard {d} need {need} pages; a shard holds {cc.num_pages // data}")
     # Table width: enough for the longest request, bucketed; the reference path reads every listed page.
     max_pages = bucket(max(runner.pages_for(len(p) + sampling.max_new_tokens) for p in prompts))
-    alloc = PageAllocator(cc.num_pages)
-    seqs = [SequencePages(slot=i) for i in range(b)]
+    if data == 1:
+        alloc = PageAllocator(cc.num_pages)
+        take = lambda n, row: alloc.allocate(n)
+    else:
+        from kvtuner_jax.sharding import ShardedPageAllocator
+
+        salloc = ShardedPageAllocator(cc.num_pages, data)
+        take = lambda n, row: salloc.allocate(n, row // rows_per)
+    seqs = [SequencePages(slot=(i // rows_per) * slots_per + i % rows_per) if i < b else None for i in range(nrows)]
     cache = runner.init_cache()
     keys = jax.random.split(jax.random.key(sampling.seed), b)
-    temp = jnp.full((b,), sampling.temperature, jnp.float32)
-    top_k = jnp.full((b,), sampling.top_k, jnp.int32)
-    top_p = jnp.full((b,), sampling.top_p, jnp.float32)
+    if nrows > b:  # padding rows sample with a copy of key 0; their tokens are dropped
+        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (nrows - b,))])
+    temp = jnp.full((nrows,), sampling.temperature, jnp.float32)
+    top_k = jnp.full((nrows,), sampling.top_k, jnp.int32)
+    top_p = jnp.full((nrows,), sampling.top_p, jnp.float32)
     sampler = jax.jit(sample)
     fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
 
     t = bucket(max(len(p) for p in prompts), 16)
-    tokens = np.zeros((b, t), np.int32)
+    tokens = np.zeros((nrows, t), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    num_new = [len(p) for p in prompts]
+    num_new = [len(p) for p in prompts] + [0] * (nrows - b)
     out: list[list[int]] = [[] for _ in range(b)]
-    done = [sampling.max_new_tokens == 0] * b
+    done = [sampling.max_new_tokens == 0] * b + [True] * (nrows - b)
     step_no = 0
     while not all(done):
-        for s, n in zip(seqs, num_new, strict=True):
-            s.pages += alloc.allocate(runner.pages_for(s.length + n) - len(s.pages))
+        for i, (s, n) in enumerate(zip(seqs, num_new, strict=True)):
+            if s is not None:
+                s.pages += take(runner.pages_for(s.length + n) - len(s.pages), i)
         batch = make_batch(seqs, num_new, max_pages)
         logits, cache = runner.step(cache, tokens, batch)
         step_keys = fold(keys, step_no)
         nxt = np.asarray(sampler(logits, step_keys, temp, top_k, top_p))
         for i, s in enumerate(seqs):
-            s.length += num_new[i]
-        tokens = np.zeros((b, 1), np.int32)
-        num_new = [0] * b
+            if s is not None:
+                s.length += num_new[i]
+        tokens = np.zeros((nrows, 1), np.int32)
+        num_new = [0] * nrows
         for i in range(b):
             if done[i]:
                 continue
