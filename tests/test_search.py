@@ -88,6 +88,17 @@ def test_restrict_to_budget_keeps_exactly_the_feasible_configurations():
     assert feasible(small) == feasible(sp) and feasible(sp)
 
 
+def test_polish_finds_the_budget_neutral_exchange():
+    pairs = [(2, 2), (4, 4), (8, 4)]
+    losses = np.array([[0.01, 0.009, 0.0], [1.0, 0.5, 0.1], [0.3, 0.2, 0.15]])  # layer 1 sensitive, layer 0 not
+    sp = optimize.SearchSpace(3, ((0,), (1,), (2,)), (tuple(pairs),) * 3)
+    sch = space.make_scheme("pertoken", 64)
+    budget = lambda lp: space.nominal_bits(lp) - 4.0
+    got = optimize.polish(sp, [1, 1, 1], losses, pairs, sch, 64, budget)
+    # 2/2 in the insensitive layer pays exactly for 8/4 in the sensitive one; nothing else improves the estimate.
+    assert got == [0, 2, 1] and budget(sp.layer_pairs(got)) <= 0
+
+
 def test_effective_bits_match_manifest_memory_report():
     ident = manifest.ModelIdentity("*", 4, 3, 64)
     pairs = [(8, 4), (2, 16), (4, 2), (16, 16)]

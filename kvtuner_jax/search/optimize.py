@@ -41,6 +41,9 @@ class SearchSpace:
                 out[l] = self.choices[g][picks[g]]
         return tuple(out)  # type: ignore[arg-type]
 
+    def to_lists(self) -> tuple[list, list]:
+        return list(self.groups), list(self.choices)
+
     def to_json(self) -> dict:
         return {
             "groups": [list(g) for g in self.groups],
@@ -92,7 +95,8 @@ def additive_estimate(layer_pairs: Sequence[Pair], losses: np.ndarray, pairs: Se
 
 def greedy_seeds(space: SearchSpace, losses, pairs, scheme: Scheme, head_dim: int, budget: Callable) -> list[list[int]]:
     """Starting points: the additive-estimate greedy path from all-cheapest upwards (buying, at each step, the upgrade
-    with the best loss reduction per bit), keeping the points within budget; plus uniform choices where available."""
+    with the best loss reduction per bit), keeping the points within budget; each of those polished by exchanges at
+    its own bit level (`polish`); plus uniform choices where available."""
     n_g = len(space.groups)
     seeds: list[list[int]] = []
     picks = [0] * n_g
@@ -114,6 +118,9 @@ def greedy_seeds(space: SearchSpace, losses, pairs, scheme: Scheme, head_dim: in
         if best is None:
             break
         picks = best
+    for s in list(seeds):  # each greedy point, improved by exchanges at no more bits than it has
+        level = budget(space.layer_pairs(s))
+        seeds.append(polish(space, s, losses, pairs, scheme, head_dim, lambda lp, level=level: budget(lp) - level))
     for pair in sorted({p for c in space.choices for p in c}):
         if all(pair in c for c in space.choices):
             seeds.append([c.index(pair) for c in space.choices])
@@ -123,6 +130,33 @@ def greedy_seeds(space: SearchSpace, losses, pairs, scheme: Scheme, head_dim: in
             seen.add(tuple(s))
             out.append(s)
     return out
+
+
+def polish(space: SearchSpace, picks, losses, pairs, scheme: Scheme, head_dim: int, budget: Callable) -> list[int]:
+    """Hill-climbs the additive estimate by exchanges within budget: one group down a step (or more) and another up,
+    best exchange first, until none improves. Reaches mixes the upward greedy path cannot (it never downgrades), e.g.
+    paying for 8-bit keys in a sensitive layer with 2-bit values in an insensitive one."""
+    index = {tuple(p): c for c, p in enumerate(pairs)}
+    losses = np.asarray(losses)
+    g_loss = [[float(losses[list(ls), index[p]].sum()) for p in ch] for ls, ch in zip(*space.to_lists(), strict=True)]
+    picks = list(picks)
+    while True:
+        best, best_delta = None, -1e-12
+        for gd in range(len(picks)):
+            for cd in range(picks[gd]):
+                for gu in range(len(picks)):
+                    if gu == gd:
+                        continue
+                    for cu in range(picks[gu] + 1, len(space.choices[gu])):
+                        delta = g_loss[gd][cd] - g_loss[gd][picks[gd]] + g_loss[gu][cu] - g_loss[gu][picks[gu]]
+                        if delta < best_delta:
+                            trial = list(picks)
+                            trial[gd], trial[gu] = cd, cu
+                            if budget(space.layer_pairs(trial)) <= 0:
+                                best, best_delta = trial, delta
+        if best is None:
+            return picks
+        picks = best
 
 
 @dataclasses.dataclass
