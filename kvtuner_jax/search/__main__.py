@@ -21,6 +21,7 @@ flags.DEFINE_integer("seq_len", 512, "Tokens per calibration window.")
 flags.DEFINE_integer("num_windows", 8, "Calibration windows (from the calibration half of the essays).")
 flags.DEFINE_integer("heldout_windows", 8, "Held-out windows (other half) for the final table; 0 skips it.")
 flags.DEFINE_integer("heldout_seq_len", 0, "Tokens per held-out window (0: --seq_len).")
+flags.DEFINE_integer("heldout_front", 0, "Front manifests in the held-out table (evenly spaced, top kept); 0: all.")
 flags.DEFINE_enum("calib_half", "even", ["even", "odd"], "Essays (by sorted file index) used for calibration.")
 flags.DEFINE_integer("num_groups", 6, "Layer groups (k-means on log-KL profiles); one pair is chosen per group.")
 flags.DEFINE_integer("trials", 100, "Total NSGA-II trials in the study (a resumed study runs only the rest).")
@@ -47,6 +48,7 @@ def main(argv):
         num_windows=F.num_windows,
         heldout_windows=F.heldout_windows,
         heldout_seq_len=F.heldout_seq_len,
+        heldout_front=F.heldout_front,
         calib_half=F.calib_half,
         num_groups=F.num_groups,
         trials=F.trials,

@@ -30,6 +30,7 @@ class SearchConfig:
     num_windows: int = 8
     heldout_windows: int = 8
     heldout_seq_len: int = 0  # 0: seq_len
+    heldout_front: int = 0  # front manifests in the held-out table (evenly spaced, top included); 0: all
     calib_half: str = "even"
     num_groups: int = 6
     trials: int = 100
@@ -205,7 +206,15 @@ def run(config: SearchConfig, params=None, cfg=None, tokenizer=None, texts=None,
         )
         rows = []
         candidates = [(f"uniform {kb}/{vb}", [(kb, vb)] * cfg.num_layers) for kb, vb in pairs]
-        candidates += [(Path(e["path"]).name, [tuple(x) for x in e["layer_pairs"]]) for e in emitted]
+        chosen = emitted
+        if 0 < config.heldout_front < len(emitted):  # evenly spaced along the front, always including the top
+            n = len(emitted)
+            chosen = [
+                emitted[n - 1 - round(i * (n - 1) / (config.heldout_front - 1 or 1))]
+                for i in range(config.heldout_front)
+            ]
+            chosen = sorted({id(e): e for e in chosen}.values(), key=lambda e: e["nominal_bits"])
+        candidates += [(Path(e["path"]).name, [tuple(x) for x in e["layer_pairs"]]) for e in chosen]
         for label, lp in candidates:
             r = held.evaluate([scheme.layer_spec(*p) for p in lp], scheme.page_size)
             rows.append({
