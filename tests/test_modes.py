@@ -10,6 +10,7 @@ compared with the decode-faithful pass.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -182,10 +183,8 @@ def test_fp8_attention_reference_vs_numpy(rng):
     table = np.array([[3, 0, 5, 7], [6, 2, -1, -1], [1, -1, -1, -1]], np.int32)
     num_tokens = np.array([4 * p, 2 * p, 0], np.int32)
     q = rng.normal(size=(b, hq, 2, d)).astype(np.float32)
-    out, lse = paged_attention_reference(
-        jnp.asarray(q), kc_, ks, kz, vc, vs, vz, jnp.asarray(table), jnp.asarray(num_tokens),
-        k_spec=FP8, v_spec=v_spec, sm_scale=1 / np.sqrt(d),
-    )  # fmt: skip
+    ref = jax.jit(functools.partial(paged_attention_reference, k_spec=FP8, v_spec=v_spec, sm_scale=1 / np.sqrt(d)))
+    out, lse = ref(jnp.asarray(q), kc_, ks, kz, vc, vs, vz, jnp.asarray(table), jnp.asarray(num_tokens))
     k_hat = np_fp8(xk)[2]
     v_hat = np.asarray(dequantize_pages(vc, vs, vz, v_spec), np.float64)  # int4 numerics are test_quant's subject
     tk = np.clip(table, 0, n - 1)
@@ -214,6 +213,42 @@ def test_fp8_write_kernels_match_reference(backend, rng, caplog):
     np.testing.assert_array_equal(np.asarray(got[0]).view(np.uint8), np.asarray(want[0]).view(np.uint8))
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
     assert got[2] is None
+
+
+@pytest.mark.parametrize("pair", ["fp8/fp8", "fp8/bf16", "bf16/fp8"])
+def test_fp8_gpu_attention_kernel_matches_reference(pair, rng, caplog):
+    """fp8's GPU attention kernel (interpret mode), reached through the dispatcher: GQA 3:1 with 2 query tokens, a
+    table with INVALID entries past the end, an empty sequence (out 0, lse -inf), against the reference."""
+    h, hq, n, p, d, b = 2, 6, 7, 16, 32, 3
+    ks, vs = (FP8 if m == "fp8" else KVSpec(16) for m in pair.split("/"))
+    xk, xv = _pages(rng, (h, n, p, d)), rng.normal(size=(h, n, p, d)).astype(np.float32)
+    k = quantize_pages(jnp.asarray(xk), ks)
+    v = quantize_pages(jnp.asarray(xv), vs)
+    table = jnp.asarray([[3, 0, 5, 6], [6, 2, -1, -1], [1, -1, -1, -1]], jnp.int32)
+    args = (jnp.asarray(rng.normal(size=(b, hq, 2, d)).astype(np.float32)), *k, *v, table, jnp.asarray([64, 32, 0]))
+    with caplog.at_level(logging.WARNING, logger="kvtuner_jax.modes"):
+        out, lse = paged_attention(*args, k_spec=ks, v_spec=vs, sm_scale=0.3, backend="gpu", interpret=True)
+    assert not caplog.records  # the kernel ran, not the fallback
+    want, want_lse = paged_attention_reference(*args, k_spec=ks, v_spec=vs, sm_scale=0.3)
+    # Both f32, but the kernel scales q before the dot and uses exp2: with outlier channels scores reach |s| ~ 50,
+    # and a few f32 roundings of s (|s| * 2^-23 each) move a softmax weight by ~1e-5 relative; fp8 steps are ~3%.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=1e-4, rtol=1e-4)
+    assert np.all(np.asarray(lse)[2] == -np.inf) and np.all(np.asarray(out)[2] == 0)
+
+
+def test_fp8_gpu_attention_lowers_to_triton():
+    from pallas_kernels.modes import fp8_kernels
+
+    spec = dataclasses.replace(FP8, group_size=128)
+    k = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 8, 64, 16, 128)[:2]]
+    f = lambda q, kc, ks, vc, vs, pt, nt: fp8_kernels.paged_attention_gpu(
+        q, kc, ks, None, vc, vs, None, pt, nt, k_spec=spec, v_spec=spec, sm_scale=0.1
+    )
+    args = (jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16), *k, *k)
+    args += (jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32))
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100", "gpu")):
+        assert "triton" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def _abstract_mesh(kind: str, platform: str):
@@ -268,7 +303,7 @@ def test_model_runs_with_fp8_manifest():
     specs = man.layer_specs()
     assert [(s.k.mode, s.k.bits, s.v.mode, s.v.bits) for s in specs] == [("fp8", 8, "int", 4), ("fp8", 8, "fp8", 8)]
     params = model.init_random_params(TINY, jax.random.key(0))
-    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 30), 3, TINY.vocab_size))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 20), 3, TINY.vocab_size))
     cc = kc.CacheConfig(TINY.num_layers, TINY.num_kv_heads, TINY.head_dim, PAGE, 16, 1, dtype="float32")
     runner = ModelRunner(TINY, params, specs, cc, backend="reference")
     cache = runner.init_cache()

@@ -11,8 +11,9 @@ pages change.
   page_size and head_dim must be powers of two (Triton block sizes).
 - TPU: the quantized tile goes to VMEM scratch and is DMA'd to the page (a step that writes nothing issues no DMA).
 
-Attention over fp8 pages has no kernel here yet: `attention_kernel` returns None and the dispatcher runs the
-reference for such layers (logging a warning once).
+Attention (GPU only, `paged_attention_gpu`): K and V each fp8 or bf16; a first, untuned Triton kernel. Other pairs
+with an fp8 side (fp8 mixed with int codes) and every fp8 pair on TPU have no kernel: the dispatcher runs the
+reference for such layers and logs a warning once.
 """
 
 from __future__ import annotations
@@ -185,6 +186,113 @@ def quantize_write_tpu(codes, scale, zero, pages, dest, *, spec: KVSpec, interpr
     return c, s, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Paged attention over fp8 (and bf16) pages, GPU (Triton)
+
+ATTENTION_MODES = ("fp8", "bf16")  # per-token layouts [H, N, P, D] this kernel reads (bf16: values, no scale)
+
+
+def _attn_kernel(nt_ref, pt_ref, q_ref, *refs, P: int, N: int, MP: int, k_scaled: bool, v_scaled: bool, c_scale: float):
+    # nt_ref [1] int32; pt_ref [MP] int32 (this sequence); q_ref [R, D] f32 (GQA group x query tokens, padded rows);
+    # refs: K codes [N, P, D] (this KV head), K scale [N, P, 1] if fp8, V codes, V scale if fp8; o_ref [R, D] f32
+    # normalized; lse_ref [R] f32 (base e).
+    it = iter(refs)
+    kc_ref = next(it)
+    ks_ref = next(it) if k_scaled else None
+    vc_ref = next(it)
+    vs_ref = next(it) if v_scaled else None
+    o_ref, lse_ref = next(it), next(it)
+    hi = jax.lax.Precision.HIGHEST  # f32 operands, IEEE dot: fp8 codes are exact in f32, and so is the reference
+    npages = jnp.minimum(nt_ref[0] // P, MP)  # whole pages only; never past the table (the reference caps there too)
+    q = q_ref[...] * c_scale  # [R, D], base-2 scores
+    r, d = q.shape
+
+    def body(i, carry):
+        m, l, acc = carry  # [R], [R], [R, D]
+        pg = jnp.clip(pt_ref[i], 0, N - 1)
+        k = kc_ref[pg].astype(jnp.float32)  # [P, D]
+        s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=hi, preferred_element_type=jnp.float32)
+        if k_scaled:
+            s = s * ks_ref[pg, :, 0].astype(jnp.float32)[None, :]  # per-token scale folded into the scores [R, P]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        l = l * alpha + jnp.sum(p, axis=1)
+        if v_scaled:
+            p = p * vs_ref[pg, :, 0].astype(jnp.float32)[None, :]  # per-token V scale folded into the weights
+        v = vc_ref[pg].astype(jnp.float32)  # [P, D]
+        pv = jax.lax.dot_general(p, v, (((1,), (0,)), ((), ())), precision=hi, preferred_element_type=jnp.float32)
+        return m_new, l, acc * alpha[:, None] + pv
+
+    init = (jnp.full((r,), -jnp.inf, jnp.float32), jnp.zeros((r,), jnp.float32), jnp.zeros((r, d), jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, npages, body, init)
+    ok = l > 0
+    o_ref[...] = acc / jnp.where(ok, l, 1.0)[:, None]
+    lse_ref[...] = jnp.where(ok, (m + jnp.log2(jnp.where(ok, l, 1.0))) / LOG2E, -jnp.inf)
+
+
+LOG2E = 1.4426950408889634
+
+
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "sm_scale", "interpret"))
+def paged_attention_gpu(
+    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, *, k_spec, v_spec, sm_scale,
+    interpret=False,
+):  # fmt: skip
+    """Paged attention of q [B, Hq, Tq, D] over fp8/bf16 pages; same contract as `paged_attention_reference`.
+
+    Grid (batch, KV head): one program holds the GQA group's query rows (padded to R >= 16, a power of two) and walks
+    the sequence's pages with an online softmax; fp8 scales are folded into the scores and the probabilities, so each
+    element costs one fp8 -> f32 convert and its share of an IEEE f32 dot. A first, untuned kernel (no split over
+    the sequence). page_size and head_dim must be powers of two, at least 16."""
+    from jax.experimental.pallas import triton as plgpu
+
+    b, hq, tq, d = q.shape
+    h, n, p = k_codes.shape[:3]
+    if not (_is_pow2(p) and p >= 16 and _is_pow2(d) and d >= 16):
+        raise ValueError(f"page_size={p} and head_dim={d} must be powers of two, at least 16 (fp8 GPU attention)")
+    rows = (hq // h) * tq
+    r = max(16, 1 << (rows - 1).bit_length())
+    qf = q.astype(jnp.float32).reshape(b, h, rows, d)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, r - rows), (0, 0)))  # [B, H, R, D]
+    mp = page_table.shape[1]
+    k_scaled, v_scaled = k_scale is not None, v_scale is not None
+    args = [num_tokens.astype(jnp.int32), page_table.astype(jnp.int32), qf]
+    specs = [
+        pl.BlockSpec((1,), lambda i, j: (i,)),
+        pl.BlockSpec((None, mp), lambda i, j: (i, 0)),
+        pl.BlockSpec((None, None, r, d), lambda i, j: (i, j, 0, 0)),
+    ]
+    for arr in (k_codes, k_scale, v_codes, v_scale):
+        if arr is not None:
+            args.append(arr)
+            specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j: (j, 0, 0, 0)))
+    kernel = functools.partial(
+        _attn_kernel, P=p, N=n, MP=mp, k_scaled=k_scaled, v_scaled=v_scaled, c_scale=float(sm_scale) * LOG2E
+    )
+    o, lse = pl.pallas_call(
+        kernel,
+        grid=(b, h),
+        in_specs=specs,
+        out_specs=[
+            pl.BlockSpec((None, None, r, d), lambda i, j: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, r), lambda i, j: (i, j, 0)),
+        ],
+        out_shape=[jax.ShapeDtypeStruct((b, h, r, d), jnp.float32), jax.ShapeDtypeStruct((b, h, r), jnp.float32)],
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        name="paged_attention_fp8",
+    )(*args)
+    return o[:, :, :rows].reshape(b, hq, tq, d), lse[:, :, :rows].reshape(b, hq, tq)
+
+
 def attention_kernel(backend: str, k_spec: KVSpec, v_spec: KVSpec):
-    """No fp8 attention kernel yet: None, so paged attention over fp8 pages runs the reference (warned once)."""
+    """The fp8 attention kernel for this pair, or None (then the dispatcher runs the reference, warning once).
+
+    GPU: `paged_attention_gpu` when K and V are each fp8 or bf16 (int codes mixed with fp8 are not handled here).
+    TPU: none yet."""
+    from kvtuner_jax.modes import mode_name_of
+
+    if backend == "gpu" and mode_name_of(k_spec) in ATTENTION_MODES and mode_name_of(v_spec) in ATTENTION_MODES:
+        return paged_attention_gpu
     return None
