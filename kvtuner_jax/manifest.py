@@ -97,8 +97,8 @@ LAYER_KEYS = tuple(BUILTIN_DEFAULTS)
 MAX_CHANNEL_GROUP = 128  # a channel group must fit in one page; pages are at most this many tokens in our kernels
 
 # Storage mode names accepted for k_mode / v_mode: every mode registered in kvtuner_jax.modes ("int", "bf16", "fp8"
-# and any registered later), plus names allowed for validation only through register_mode_name (no implementation:
-# such a layer is not checked further and cannot be laid out).
+# and any registered later; kept in step through modes.on_change), plus names allowed for validation only through
+# register_mode_name (no implementation: such a layer is not checked further and cannot be laid out).
 _MODE_NAMES: set[str] = set()
 
 
@@ -112,7 +112,17 @@ def register_mode_name(name: str) -> None:
 
 def mode_names() -> tuple[str, ...]:
     """The storage mode names accepted now, sorted."""
-    return tuple(sorted(_MODE_NAMES | set(modes.registered_modes())))
+    return tuple(sorted(_MODE_NAMES))
+
+
+def _mode_changed(name: str, registered: bool) -> None:
+    if registered:
+        register_mode_name(name)
+    else:
+        _MODE_NAMES.discard(name)
+
+
+modes.on_change(_mode_changed)
 
 
 # Shapes of models we ship presets for, so a KVTuner YAML preset can be loaded without spelling the shape out.
@@ -188,7 +198,7 @@ def _check_field(key: str, v: Any, path: str, file: str | None) -> None:
             kind = "" if _is_int(v) else f" ({_type_name(v)}, not an integer)"
             raise bad(f"{_show(v)} is not one of {_one_of(VALID_BITS)}{kind}")
     elif key.endswith("_mode"):
-        if not isinstance(v, str) or not (v in _MODE_NAMES or modes.is_registered(v)):
+        if not isinstance(v, str) or v not in _MODE_NAMES:
             raise bad(f"{_show(v)} is not one of {_one_of(mode_names())}")
     elif key.endswith("_symmetric") or key == "rotation":
         if not isinstance(v, bool):

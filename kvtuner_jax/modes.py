@@ -50,6 +50,7 @@ __all__ = [
     "mode_of",
     "registered_modes",
     "unregister_mode",
+    "on_change",
     "is_registered",
     "itemsize",
     "warn_once",
@@ -180,6 +181,15 @@ class Mode:
 _LOADERS: dict[str, str | Mode] = {}  # name -> module path (imported on first use) or a Mode instance
 _LOADED: dict[str, Mode] = {}
 _WARNED: set[tuple] = set()
+_LISTENERS: list[Callable[[str, bool], None]] = []  # told (name, registered?) on every change (the manifest's names)
+
+
+def on_change(callback: Callable[[str, bool], None]) -> None:
+    """Calls `callback(name, True)` for every registered mode now and on each registration, `(name, False)` on each
+    removal. kvtuner_jax.manifest uses it to keep the mode names it accepts in step."""
+    _LISTENERS.append(callback)
+    for name in _LOADERS:
+        callback(name, True)
 
 
 def register_mode(name: str, loader_module: str | Mode, *, replace: bool = False) -> None:
@@ -196,12 +206,16 @@ def register_mode(name: str, loader_module: str | Mode, *, replace: bool = False
         raise ValueError(f"mode {name!r} is already registered ({old!r}); pass replace=True to override it")
     _LOADERS[name] = loader_module
     _LOADED.pop(name, None)
+    for cb in _LISTENERS:
+        cb(name, True)
 
 
 def unregister_mode(name: str) -> None:
     """Removes a registered mode (tests that register toy modes clean up with this)."""
     _LOADERS.pop(name, None)
     _LOADED.pop(name, None)
+    for cb in _LISTENERS:
+        cb(name, False)
 
 
 def registered_modes() -> tuple[str, ...]:
