@@ -215,10 +215,12 @@ def test_fp8_write_kernels_match_reference(backend, rng, caplog):
     assert got[2] is None
 
 
-@pytest.mark.parametrize("pair", ["fp8/fp8", "fp8/bf16", "bf16/fp8"])
-def test_fp8_gpu_attention_kernel_matches_reference(pair, rng, caplog):
-    """fp8's GPU attention kernel (interpret mode), reached through the dispatcher: GQA 3:1 with 2 query tokens, a
-    table with INVALID entries past the end, an empty sequence (out 0, lse -inf), against the reference."""
+@pytest.mark.parametrize(
+    "backend,pair", [("gpu", "fp8/fp8"), ("gpu", "fp8/bf16"), ("tpu", "fp8/fp8"), ("tpu", "bf16/fp8")]
+)
+def test_fp8_attention_kernels_match_reference(backend, pair, rng, caplog):
+    """fp8's GPU and TPU attention kernels (interpret mode), reached through the dispatcher: GQA 3:1 with 2 query
+    tokens, a table with INVALID entries past the end, an empty sequence (out 0, lse -inf), against the reference."""
     h, hq, n, p, d, b = 2, 6, 7, 16, 32, 3
     ks, vs = (FP8 if m == "fp8" else KVSpec(16) for m in pair.split("/"))
     xk, xv = _pages(rng, (h, n, p, d)), rng.normal(size=(h, n, p, d)).astype(np.float32)
@@ -227,7 +229,7 @@ def test_fp8_gpu_attention_kernel_matches_reference(pair, rng, caplog):
     table = jnp.asarray([[3, 0, 5, 6], [6, 2, -1, -1], [1, -1, -1, -1]], jnp.int32)
     args = (jnp.asarray(rng.normal(size=(b, hq, 2, d)).astype(np.float32)), *k, *v, table, jnp.asarray([64, 32, 0]))
     with caplog.at_level(logging.WARNING, logger="kvtuner_jax.modes"):
-        out, lse = paged_attention(*args, k_spec=ks, v_spec=vs, sm_scale=0.3, backend="gpu", interpret=True)
+        out, lse = paged_attention(*args, k_spec=ks, v_spec=vs, sm_scale=0.3, backend=backend, interpret=True)
     assert not caplog.records  # the kernel ran, not the fallback
     want, want_lse = paged_attention_reference(*args, k_spec=ks, v_spec=vs, sm_scale=0.3)
     # Both f32, but the kernel scales q before the dot and uses exp2: with outlier channels scores reach |s| ~ 50,
@@ -237,7 +239,8 @@ def test_fp8_gpu_attention_kernel_matches_reference(pair, rng, caplog):
     assert np.all(np.asarray(lse)[2] == -np.inf) and np.all(np.asarray(out)[2] == 0)
 
 
-def test_fp8_gpu_attention_lowers_to_triton():
+def test_fp8_attention_kernels_lower():
+    """The compiled fp8 attention kernels lower: Triton for an abstract H100, Mosaic for TPU (jax.export)."""
     from pallas_kernels.modes import fp8_kernels
 
     spec = dataclasses.replace(FP8, group_size=128)
@@ -249,6 +252,15 @@ def test_fp8_gpu_attention_lowers_to_triton():
     args += (jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32))
     with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100", "gpu")):
         assert "triton" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    for ps, v_spec in ((16, spec), (128, KVSpec(16))):
+        kk = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 8, 32, ps, 128)[:2]]
+        vv = kk if v_spec is spec else [jax.ShapeDtypeStruct(kk[0].shape, jnp.bfloat16), None]
+        t = lambda q, kc, ks, vc, vs, pt, nt, v_spec=v_spec: fp8_kernels.paged_attention_tpu(
+            q, kc, ks, None, vc, vs, None, pt, nt, k_spec=spec, v_spec=v_spec, sm_scale=0.1
+        )
+        a = (args[0], *kk, *vv, args[-2], args[-1])
+        with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
+            assert "tpu_custom_call" in jax.export.export(jax.jit(t), platforms=["tpu"])(*a).mlir_module()
 
 
 def _abstract_mesh(kind: str, platform: str):

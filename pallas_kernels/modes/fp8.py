@@ -12,8 +12,8 @@ Numerics (the oracle, `quantize_pages` / `dequantize_pages`), per token and head
     x_hat = float32(codes) * scale
 448 is e4m3fn's largest finite value. Non-finite inputs quantize as 0 (quant.py's contract).
 
-Kernels: `pallas_kernels.modes.fp8_kernels` (GPU/Triton and TPU/Mosaic page writes); attention reads fp8 pages on the
-reference path unless a kernel is offered there.
+Kernels: `pallas_kernels.modes.fp8_kernels` (GPU/Triton and TPU/Mosaic page writes, and paged attention when K and
+V are each fp8 or bf16); an fp8 store paired with an int one is read by the reference path (warned once).
 """
 
 from __future__ import annotations

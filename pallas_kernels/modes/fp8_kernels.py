@@ -1,4 +1,5 @@
-"""Pallas page-write kernels of mode fp8 (GPU: Triton lowering; TPU: Mosaic), bit-exact against the mode's reference.
+"""Pallas kernels of mode fp8 (GPU: Triton lowering; TPU: Mosaic): page writes, bit-exact against the mode's
+reference, and paged attention over fp8/bf16 pages.
 
 Both follow today's int write kernels (`pallas_kernels.quantize_write_{gpu,tpu}`): grid (page m, KV head h); the page
 tile [P, D] comes in through a BlockSpec, is quantized by `quantize_tile` (the shared tile math, the mode's numerics
@@ -11,9 +12,10 @@ pages change.
   page_size and head_dim must be powers of two (Triton block sizes).
 - TPU: the quantized tile goes to VMEM scratch and is DMA'd to the page (a step that writes nothing issues no DMA).
 
-Attention (GPU only, `paged_attention_gpu`): K and V each fp8 or bf16; a first, untuned Triton kernel. Other pairs
-with an fp8 side (fp8 mixed with int codes) and every fp8 pair on TPU have no kernel: the dispatcher runs the
-reference for such layers and logs a warning once.
+Attention (`paged_attention_gpu`, `paged_attention_tpu`): K and V each fp8 or bf16; first, untuned kernels (one page
+per step, IEEE f32 dots, no split over the sequence), tested in interpret mode and lowered for H100 / TPU on CPU,
+never yet run on a device. fp8 mixed with int codes has no kernel: the dispatcher runs the reference for such layers
+and logs a warning once.
 """
 
 from __future__ import annotations
@@ -286,13 +288,129 @@ def paged_attention_gpu(
     return o[:, :, :rows].reshape(b, hq, tq, d), lse[:, :, :rows].reshape(b, hq, tq)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Paged attention over fp8 (and bf16) pages, TPU (Mosaic)
+
+
+def _tpu_attn_kernel(nt_ref, pt_ref, q_ref, *refs, P: int, MP: int, k_scaled: bool, v_scaled: bool, c_scale: float):
+    # Scalar prefetch: nt_ref [B], pt_ref [B, MP] (SMEM). q_ref [R, D] f32 (this sequence and KV head). Per grid step
+    # (b, h, i) the page pt[b, i] of this head: K codes [P, D], K scale [P, 1] if fp8, V codes, V scale if fp8.
+    # Outputs: o_ref [D, R] f32 normalized, lse_ref [1, R] (base e). Scratch: m, l [1, R] (base 2), acc [D, R].
+    # Scores are kept transposed, [P, R], so per-token scales [P, 1] broadcast along lanes and the running
+    # statistics are lane rows [1, R].
+    it = iter(refs)
+    kc_ref = next(it)
+    ks_ref = next(it) if k_scaled else None
+    vc_ref = next(it)
+    vs_ref = next(it) if v_scaled else None
+    o_ref, lse_ref, m_sc, l_sc, acc_sc = (next(it) for _ in range(5))
+    b, i = pl.program_id(0), pl.program_id(2)
+    npages = jnp.minimum(nt_ref[b] // P, MP)
+    hi = jax.lax.Precision.HIGHEST
+
+    @pl.when(i == 0)
+    def _():
+        m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    @pl.when(i < npages)
+    def _():
+        q = q_ref[...] * c_scale  # [R, D]
+        k = kc_ref[...].astype(jnp.float32)  # [P, D]
+        s = jax.lax.dot_general(k, q, (((1,), (1,)), ((), ())), precision=hi, preferred_element_type=jnp.float32)
+        if k_scaled:
+            s = s * ks_ref[...].astype(jnp.float32)  # [P, R] * [P, 1]
+        m = m_sc[...]
+        m_new = jnp.maximum(m, jnp.max(s, axis=0, keepdims=True))  # [1, R]
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new)  # [P, R]
+        l_sc[...] = l_sc[...] * alpha + jnp.sum(p, axis=0, keepdims=True)
+        m_sc[...] = m_new
+        if v_scaled:
+            p = p * vs_ref[...].astype(jnp.float32)
+        v = vc_ref[...].astype(jnp.float32)  # [P, D]
+        pv = jax.lax.dot_general(v, p, (((0,), (0,)), ((), ())), precision=hi, preferred_element_type=jnp.float32)
+        acc_sc[...] = acc_sc[...] * alpha + pv  # [D, R]
+
+    @pl.when(i == pl.num_programs(2) - 1)
+    def _():
+        l = l_sc[...]
+        ok = l > 0
+        o_ref[...] = acc_sc[...] / jnp.where(ok, l, 1.0)
+        lse_ref[...] = jnp.where(ok, (m_sc[...] + jnp.log2(jnp.where(ok, l, 1.0))) / LOG2E, -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("k_spec", "v_spec", "sm_scale", "interpret"))
+def paged_attention_tpu(
+    q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, *, k_spec, v_spec, sm_scale,
+    interpret=False,
+):  # fmt: skip
+    """Paged attention of q [B, Hq, Tq, D] over fp8/bf16 pages on TPU; same contract as `paged_attention_reference`.
+
+    Grid (batch, KV head, page): the page table and lengths are scalar-prefetched and pick each step's page through
+    the BlockSpec index maps (pipelined DMA of one page of codes and scales); an online softmax runs in VMEM across
+    the page axis. Steps past a sequence's pages still fetch a (clamped) table entry but compute nothing
+    (`pl.when`). A first, untuned kernel (one page per step, f32 dots at HIGHEST precision)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, hq, tq, d = q.shape
+    h, n, p = k_codes.shape[:3]
+    rows = (hq // h) * tq
+    r = -(-rows // 8) * 8
+    qf = q.astype(jnp.float32).reshape(b, h, rows, d)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, r - rows), (0, 0)))  # [B, H, R, D]
+    mp = page_table.shape[1]
+    k_scaled, v_scaled = k_scale is not None, v_scale is not None
+
+    def page_map(i, j, k, nt, pt):
+        return (j, jnp.clip(pt[i, k], 0, n - 1), 0, 0)
+
+    args, specs = [qf], [pl.BlockSpec((None, None, r, d), lambda i, j, k, nt, pt: (i, j, 0, 0))]
+    for arr in (k_codes, k_scale, v_codes, v_scale):
+        if arr is not None:
+            args.append(arr)
+            specs.append(pl.BlockSpec((None, None, p, arr.shape[3]), page_map))
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(b, h, mp),
+        in_specs=specs,
+        out_specs=[
+            pl.BlockSpec((None, None, d, r), lambda i, j, k, nt, pt: (i, j, 0, 0)),
+            pl.BlockSpec((None, None, 1, r), lambda i, j, k, nt, pt: (i, j, 0, 0)),
+        ],
+        scratch_shapes=[
+            pltpu.VMEM((1, r), jnp.float32),
+            pltpu.VMEM((1, r), jnp.float32),
+            pltpu.VMEM((d, r), jnp.float32),
+        ],
+    )
+    if isinstance(interpret, pltpu.InterpretParams):
+        mode = interpret
+    else:
+        mode = pltpu.InterpretParams() if interpret else False
+    kernel = functools.partial(
+        _tpu_attn_kernel, P=p, MP=mp, k_scaled=k_scaled, v_scaled=v_scaled, c_scale=float(sm_scale) * LOG2E
+    )
+    o, lse = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((b, h, d, r), jnp.float32), jax.ShapeDtypeStruct((b, h, 1, r), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=mode,
+        name="paged_attention_fp8",
+    )(num_tokens.astype(jnp.int32), page_table.astype(jnp.int32), *args)
+    o = jnp.swapaxes(o, -1, -2)[:, :, :rows].reshape(b, hq, tq, d)
+    return o, lse[:, :, 0, :rows].reshape(b, hq, tq)
+
+
 def attention_kernel(backend: str, k_spec: KVSpec, v_spec: KVSpec):
     """The fp8 attention kernel for this pair, or None (then the dispatcher runs the reference, warning once).
 
-    GPU: `paged_attention_gpu` when K and V are each fp8 or bf16 (int codes mixed with fp8 are not handled here).
-    TPU: none yet."""
+    `paged_attention_gpu` / `paged_attention_tpu` when K and V are each fp8 or bf16 (int codes mixed with fp8 are not
+    handled here)."""
     from kvtuner_jax.modes import mode_name_of
 
-    if backend == "gpu" and mode_name_of(k_spec) in ATTENTION_MODES and mode_name_of(v_spec) in ATTENTION_MODES:
-        return paged_attention_gpu
+    if mode_name_of(k_spec) in ATTENTION_MODES and mode_name_of(v_spec) in ATTENTION_MODES:
+        return {"gpu": paged_attention_gpu, "tpu": paged_attention_tpu}.get(backend)
     return None
