@@ -6,9 +6,9 @@ calls back only for addressable shards), and values the host must read (logits, 
 the compiled step, so each process reads its local copy: the outputs are gathered on process 0 and on every other.
 
 Configuration, in order of precedence: explicit arguments (the `--coordinator_address`, `--num_processes`,
-`--process_id` flags of `kvtuner_jax.sharding.define_mesh_flags`), then the environment variables JAX reads itself:
-`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (and `JAX_LOCAL_DEVICE_IDS`), then cluster
-auto-detection (SLURM, Open MPI, Cloud TPU) inside `jax.distributed.initialize`.
+`--process_id` flags of `kvtuner_jax.sharding.define_mesh_flags`), then environment variables: `JAX_COORDINATOR_ADDRESS`
+and `JAX_LOCAL_DEVICE_IDS` (which JAX itself reads), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` (read here, same
+naming), then cluster auto-detection (SLURM, Open MPI, Cloud TPU) inside `jax.distributed.initialize`.
 """
 
 from __future__ import annotations

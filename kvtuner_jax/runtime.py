@@ -86,12 +86,9 @@ class ModelRunner:
         cc = self.cache_cfg
         sh.check_divisible("num_pages", cc.num_pages, data)
         sh.check_divisible("max_seqs", cc.max_seqs, data)
-        self.head_plan = sh.plan_for(self.cfg, model)
-        self.run_cfg = sh.padded_config(self.cfg, self.head_plan)
+        self.head_plan, self.run_cfg, self.run_params = sh.shard_params(self.params, self.cfg, self.mesh)
         self.sharded_cache_cfg = dataclasses.replace(cc, num_kv_heads=self.head_plan.kv_heads)
         self._param_sh = sh.named(self.mesh, sh.param_specs(self.run_cfg, model))
-        padded = sh.pad_params(self.params, self.cfg, self.head_plan)
-        self.run_params = jax.tree.map(sh.put_global, padded, self._param_sh)
         abstract = jax.eval_shape(lambda: kc.init_cache(self.specs, self.sharded_cache_cfg))
         self._cache_sh = sh.named(self.mesh, sh.cache_specs(abstract))
         self._batch_sh = sh.named(self.mesh, sh.batch_specs())

@@ -351,6 +351,20 @@ def named(mesh: Mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def shard_params(params, cfg, mesh: Mesh):
+    """Rewrites params by the KV-head plan for this mesh and places them Megatron-style.
+
+    Returns (plan, padded cfg, placed params). Use the padded cfg with `model.forward` / any jitted pass (dense,
+    decode-faithful): XLA partitions plain-jnp attention over the head axis by itself; only the paged cache needs
+    `PagedAttention(mesh=...)`. Every process calls this with the same params (each places only its shards).
+    """
+    _, m = mesh_sizes(mesh)
+    plan = plan_for(cfg, m)
+    run_cfg = padded_config(cfg, plan)
+    shardings = named(mesh, param_specs(run_cfg, m))
+    return plan, run_cfg, jax.tree.map(put_global, pad_params(params, cfg, plan), shardings)
+
+
 def put_global(x, sharding: NamedSharding) -> jax.Array:
     """A host value (numpy, or a single-process jax array) -> a global array with `sharding`.
 

@@ -17,6 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from kvtuner_jax import distributed
+from kvtuner_jax.errors import KVTunerError
+
 WORKER = Path(__file__).with_name("_mp_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600
@@ -86,3 +91,21 @@ def test_two_processes_generate_like_one(tmp_path):
         assert g["mesh"] == {"data": 2, "model": 2} and g["kv_heads"] == 4  # 3 KV heads padded to 4
         assert g["tokens"] == want["tokens"], (i, g["tokens"], want["tokens"])
     assert all(len(t) == 6 for t in want["tokens"])
+
+
+def test_start_up_arguments_are_checked(monkeypatch):
+    """Bad multi-host settings fail with the flag at fault, before JAX starts anything; single-host is a no-op."""
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+    assert distributed.initialize() is False  # nothing asked for: single process, no coordinator needed
+    assert distributed.initialize(num_processes=1) is False
+    with pytest.raises(KVTunerError, match="--coordinator_address"):
+        distributed.initialize(num_processes=2, process_id=0)
+    with pytest.raises(KVTunerError, match="--process_id=2"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(KVTunerError, match="JAX_NUM_PROCESSES"):
+        distributed.initialize()
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    with pytest.raises(KVTunerError, match="--coordinator_address"):
+        distributed.initialize()

@@ -251,6 +251,21 @@ def test_mesh_matches_one_device(name, data, m, backend, rule):
 
 
 @multi
+def test_sharded_params_run_the_dense_forward():
+    """`shard_params` + the padded cfg under plain jit (no shard_map): the route the eval job's passes take."""
+    cfg, params = CFGS["kv3"], params_of("kv3")
+    mesh = sh.make_mesh(1, 4, jax.devices()[:4])
+    plan, run_cfg, placed = sh.shard_params(params, cfg, mesh)
+    assert plan.rule == "pad" and run_cfg.num_kv_heads == 4 and "3->4 (pad)" in sh.describe(mesh, cfg)
+    assert placed.layers[0].wk.addressable_shards[0].data.shape == (cfg.hidden_size, cfg.head_dim)  # 1 head each
+    tokens = np.random.default_rng(3).integers(3, cfg.vocab_size, (2, 24))
+    dense = jax.jit(model.logits_dense, static_argnums=1)
+    want = np.asarray(dense(params, cfg, tokens))
+    got = np.asarray(dense(placed, run_cfg, tokens))
+    np.testing.assert_allclose(got, want, atol=ATOL)  # same reasoning as ATOL: only sum order differs
+
+
+@multi
 def test_kernel_path_agrees_with_reference_on_one_device():
     """The 1-device kernel baseline used above is itself the reference's answer (bf16-split products: 2e-3)."""
     ref, ref_tokens = one_device("kv3", "reference")
@@ -313,5 +328,5 @@ def test_multi_device_checks():
     assert r.returncode == 0, tail
     m = re.search(r"(\d+) passed(?:, (\d+) skipped)?", r.stdout)
     assert m, tail
-    multi_tests = len(MESH_CASES) + 2
+    multi_tests = len(MESH_CASES) + 3
     assert int(m.group(1)) == multi_tests and m.group(2) is not None, tail  # every device test ran and passed
