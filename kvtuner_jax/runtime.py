@@ -155,13 +155,17 @@ class ModelRunner:
         return pages_needed(length, self.min_residual, self.page_size)
 
 
-def make_batch(seqs: Sequence[SequencePages | None], num_new: Sequence[int], max_pages: int) -> kc.BatchInfo:
-    """Device batch info for rows of live sequences (None = padding row)."""
+def make_batch(
+    seqs: Sequence[SequencePages | None], num_new: Sequence[int], max_pages: int, as_numpy: bool = False
+) -> kc.BatchInfo:
+    """Batch info for rows of live sequences (None = padding row): device arrays, or host numpy with `as_numpy`
+    (what a sharded runner wants: it checks placement on the host and transfers each shard once)."""
+    conv = np.asarray if as_numpy else jnp.asarray
     return kc.BatchInfo(
-        page_table=jnp.asarray(table_rows(list(seqs), max_pages)),
-        lengths=jnp.asarray(np.array([0 if s is None else s.length for s in seqs], np.int32)),
-        num_new=jnp.asarray(np.array(num_new, np.int32)),
-        slots=jnp.asarray(np.array([-1 if s is None else s.slot for s in seqs], np.int32)),
+        page_table=conv(table_rows(list(seqs), max_pages)),
+        lengths=conv(np.array([0 if s is None else s.length for s in seqs], np.int32)),
+        num_new=conv(np.array(num_new, np.int32)),
+        slots=conv(np.array([-1 if s is None else s.slot for s in seqs], np.int32)),
     )
 
 
@@ -244,7 +248,7 @@ def generate(
         for i, (s, n) in enumerate(zip(seqs, num_new, strict=True)):
             if s is not None:
                 s.pages += take(runner.pages_for(s.length + n) - len(s.pages), i)
-        batch = make_batch(seqs, num_new, max_pages)
+        batch = make_batch(seqs, num_new, max_pages, as_numpy=runner.mesh is not None)
         logits, cache = runner.step(cache, tokens, batch)
         step_keys = fold(keys, step_no)
         nxt = np.asarray(sampler(logits, step_keys, temp, top_k, top_p))
