@@ -405,19 +405,23 @@ def check_batch_placement(page_table, slots, num_new, num_pages: int, max_seqs: 
     b = pt.shape[0]
     check_divisible("batch rows", b, data)
     rows, npg, nsl = b // data, num_pages // data, max_seqs // data
-    for r in range(b):
-        d = r // rows
-        pages = pt[r][pt[r] != INVALID_PAGE]
-        bad = pages[(pages < d * npg) | (pages >= (d + 1) * npg)]
-        if bad.size:
-            raise CacheError(
-                f"row {r} (data shard {d}) lists pages {bad.tolist()} outside its shard's pages "
-                f"[{d * npg}, {(d + 1) * npg}); allocate with ShardedPageAllocator"
-            )
-        if (nn[r] > 0 or pages.size) and not d * nsl <= sl[r] < (d + 1) * nsl:
-            raise CacheError(
-                f"row {r} (data shard {d}) uses slot {sl[r]} outside its shard's slots [{d * nsl}, {(d + 1) * nsl})"
-            )
+    d = np.arange(b) // rows  # data shard of each row (vectorized: this runs every step)
+    listed = pt != INVALID_PAGE
+    off = listed & ((pt < (d * npg)[:, None]) | (pt >= ((d + 1) * npg)[:, None]))
+    if off.any():
+        r = int(np.argmax(off.any(axis=1)))
+        raise CacheError(
+            f"row {r} (data shard {d[r]}) lists pages {pt[r][off[r]].tolist()} outside its shard's pages "
+            f"[{d[r] * npg}, {(d[r] + 1) * npg}); allocate with ShardedPageAllocator"
+        )
+    live = (nn > 0) | listed.any(axis=1)
+    bad = live & ((sl < d * nsl) | (sl >= (d + 1) * nsl))
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise CacheError(
+            f"row {r} (data shard {d[r]}) uses slot {sl[r]} outside its shard's slots "
+            f"[{d[r] * nsl}, {(d[r] + 1) * nsl})"
+        )
 
 
 class ShardedPageAllocator:
