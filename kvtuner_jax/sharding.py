@@ -32,6 +32,15 @@ and each row's pages and slot must lie in its shard's ranges (`ShardedPageAlloca
 `check_batch_placement` raises before a step otherwise). Page ids stay global on the host. The per-layer cache
 operations (paged attention, tail attention, packed write, tail update) run under `shard_map` with no collectives;
 the page table, lengths, new-token counts and slots are sharded over "data" with the batch rows.
+
+Collectives of one compiled step (asserted on the HLO in tests/test_sharding.py): per layer one all-reduce over
+"model" after wo and one after w_down (activations [rows, T, D]); one all-reduce for the vocab-parallel embedding
+lookup (XLA's masked local gather + sum); all-gathers of the logits only (vocab shards over "model", rows over
+"data"), because the step returns logits replicated so every process can read them. None moves cache data.
+
+Multi-host (`kvtuner_jax.distributed`): every process runs the same host program (scheduler, allocator, sampler) on
+the same host state; `put_global` transfers only the shards a process's devices hold, so each process feeds its
+own batch rows, pages and slots, and the replicated logits are read locally on every process.
 """
 
 from __future__ import annotations
