@@ -171,9 +171,8 @@ def greedy_continuations(params: Params, cfg: ModelConfig, prompts: np.ndarray, 
     a, p = prompts.shape
     toks = np.zeros((a, p + n), np.int32)
     toks[:, :p] = prompts
-    fn = jax.jit(logits_dense, static_argnums=1)
     for t in range(p, p + n):
-        logits = fn(params, cfg, jnp.asarray(toks))
+        logits = _dense(params, cfg, jnp.asarray(toks))
         toks[:, t] = np.asarray(jnp.argmax(logits[:, t - 1], axis=-1))
     return toks
 
@@ -203,7 +202,13 @@ def build_data(tok, texts: Sequence[str], params: Params, model_cfg: ModelConfig
 # Logits under a manifest
 
 
+_dense = jax.jit(logits_dense, static_argnums=1)
+
+
 def faithful_or_reference(params, cfg, tokens, specs, page_size, ecfg: EvalConfig) -> jnp.ndarray:
+    """Logits [B, T, V] of `tokens` under `specs` by ecfg.path (an all-16-bit spec may take the dense shortcut)."""
+    if ecfg.reuse_reference_for_16bit and _is_16bit(specs):
+        return _dense(params, cfg, jnp.asarray(tokens))
     if ecfg.path == "engine":
         return engine_logits(params, cfg, tokens, specs, page_size, ecfg.backend, ecfg.interpret)
     return faithful.faithful_logits(params, cfg, jnp.asarray(tokens), specs, page_size)
@@ -291,10 +296,9 @@ def evaluate(
     t0 = time.perf_counter()
     want_windows = ("perplexity" in ecfg.tasks or "kl" in ecfg.tasks) and len(data.windows)
     if want_windows:
-        ref_fn = jax.jit(logits_dense, static_argnums=1)
         for sl in _batches(len(data.windows), ecfg.batch_size):
             toks = jnp.asarray(data.windows[sl])
-            ref = ref_fn(params, cfg, toks)
+            ref = _dense(params, cfg, toks)
             for e in manifests:
                 if ecfg.reuse_reference_for_16bit and _is_16bit(e.specs):
                     q = ref
