@@ -45,7 +45,7 @@ from kvtuner_jax import cache as kc
 from kvtuner_jax import planner
 from kvtuner_jax.errors import CacheError, KVTunerError, ManifestError
 from kvtuner_jax.model import ModelConfig, Params
-from kvtuner_jax.page_table import PageAllocator, SequencePages
+from kvtuner_jax.page_table import SequencePages
 from kvtuner_jax.runtime import ModelRunner, bucket, make_batch
 from kvtuner_jax.sampling import SamplingParams, sample
 from kvtuner_jax.specs import LayerSpec
@@ -128,7 +128,9 @@ class Engine:
     """Continuous batching over one model + manifest. See the module docstring for the scheduling rules.
 
     model, params: the decoder (`kvtuner_jax.model`). manifest: a `Manifest`, a tuple of one LayerSpec per layer, or
-    None (every layer 16-bit). mesh: reserved for the sharded runtime (must be None until the runtime takes one).
+    None (every layer 16-bit). mesh: a ("data", "model") mesh (`kvtuner_jax.sharding`): KV heads over "model",
+    slots / pages / batch rows over "data" (max_seqs must divide by the data axis; the page count is rounded down
+    to a multiple of it); None runs on one device.
     max_seqs: sequence slots = batch rows of every step. max_seq_len: longest prompt + max_new_tokens accepted
     (default: the model's max_position_embeddings); fixes the page-table width. KV pool size: `num_pages`, or a budget
     (`kv_cache_gb` GiB, or `budget_bytes`), default enough for max_seqs sequences of max_seq_len. prefill_chunk:
@@ -156,10 +158,6 @@ class Engine:
         interpret: bool = False,
         eos_ids: Sequence[int] | None = None,
     ):
-        if mesh is not None:
-            raise KVTunerError(
-                "Engine(mesh=...) needs the sharded runtime (kvtuner_jax.sharding), which this build does not have"
-            )
         if max_seqs <= 0:
             raise CacheError(f"max_seqs must be positive, got {max_seqs}")
         if prefill_chunk <= 0 or prefill_chunk & (prefill_chunk - 1):
@@ -184,10 +182,19 @@ class Engine:
         if num_pages is None and budget_bytes is None:
             num_pages = max_seqs * self.max_pages_per_seq
         self.plan = planner.plan(self.specs, base, budget_bytes=budget_bytes, num_pages=num_pages)
-        cache_cfg = dataclasses.replace(base, num_pages=self.plan.num_pages)
-        self.runner = ModelRunner(model, params, self.specs, cache_cfg, backend=backend, interpret=interpret)
+        # With a mesh, pages and slots are split over the "data" axis: each row's pages and slot come from its own
+        # data shard (row = slot, so slot s belongs to shard s // (max_seqs / data)).
+        from kvtuner_jax import sharding as sh
+
+        self.data_shards = sh.mesh_sizes(mesh)[0]
+        sh.check_divisible("max_seqs", max_seqs, self.data_shards)
+        pages = self.plan.num_pages - self.plan.num_pages % self.data_shards
+        if pages != self.plan.num_pages:
+            self.plan = dataclasses.replace(self.plan, num_pages=pages)
+        cache_cfg = dataclasses.replace(base, num_pages=pages)
+        self.runner = ModelRunner(model, params, self.specs, cache_cfg, backend=backend, interpret=interpret, mesh=mesh)
         self.cache = self.runner.init_cache()
-        self.alloc = PageAllocator(cache_cfg.num_pages)
+        self.alloc = sh.ShardedPageAllocator(pages, self.data_shards)
         self._free_slots = list(range(max_seqs - 1, -1, -1))  # pop() gives the lowest slot
         self._running: list[Request] = []  # by arrival
         self._waiting: list[Request] = []  # by arrival
@@ -260,10 +267,12 @@ class Engine:
                 f"max_seq_len {self.max_seq_len}"
             )
         need = self.runner.pages_for(total)
-        if need > self.alloc.num_pages:
+        per_shard = self.alloc.num_pages // self.data_shards  # a sequence's pages all live in its data shard
+        if need > per_shard:
+            where = "in all" if self.data_shards == 1 else f"per data shard ({self.data_shards} shards)"
             return (
                 f"prompt of {n} tokens + max_new_tokens {req.sampling.max_new_tokens} needs {need} pages of "
-                f"{self.page_size} tokens; the KV cache holds {self.alloc.num_pages} pages in all"
+                f"{self.page_size} tokens; the KV cache holds {per_shard} pages {where}"
             )
         return None
 
@@ -313,25 +322,37 @@ class Engine:
         self.num_preemptions += 1
         bisect.insort(self._waiting, req, key=lambda r: r.arrival)
 
+    def _shard(self, slot: int) -> int:
+        return slot // (self.max_seqs // self.data_shards)
+
     def _next_chunk(self, req: Request) -> int:
         return min(req._pending(), self.prefill_chunk)
 
     def _admit(self) -> None:
-        # Pages the running requests will ask for in this step; admission leaves them free.
-        growth = sum(
-            max(0, self.runner.pages_for(r.num_computed + self._next_chunk(r)) - len(r.seq.pages))
-            for r in self._running
-        )
+        # Pages the running requests will ask for in this step, per data shard; admission leaves them free.
+        growth = [0] * self.data_shards
+        for r in self._running:
+            growth[self._shard(r.seq.slot)] += max(
+                0, self.runner.pages_for(r.num_computed + self._next_chunk(r)) - len(r.seq.pages)
+            )
         while self._waiting and self._free_slots:
             req = self._waiting[0]
             need = self.runner.pages_for(len(req.tokens) + 1)
-            if self.alloc.num_free - growth < need:
+
+            def spare(d: int) -> int:
+                return self.alloc.num_free_in(d) - growth[d]
+
+            # the lowest free slot of the data shard with the most spare pages
+            slot = max(self._free_slots[::-1], key=lambda s: spare(self._shard(s)))
+            d = self._shard(slot)
+            if spare(d) < need:
                 break  # first come, first served: later requests wait behind this one
             self._waiting.pop(0)
+            self._free_slots.remove(slot)
             req.status = RUNNING
-            req.seq = SequencePages(slot=self._free_slots.pop())
+            req.seq = SequencePages(slot=slot)
             bisect.insort(self._running, req, key=lambda r: r.arrival)
-            growth += need
+            growth[d] += need
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """(request, tokens this step) for every running request, allocating its pages; preempts newest on need."""
@@ -341,15 +362,17 @@ class Engine:
             req = self._running[i]
             n = self._next_chunk(req)
             need = self.runner.pages_for(req.num_computed + n) - len(req.seq.pages)
-            while need > self.alloc.num_free:
-                victim = self._running[-1]
+            d = self._shard(req.seq.slot)
+            while need > self.alloc.num_free_in(d):
+                # the newest running request holding pages of this data shard (possibly req itself)
+                victim = next(r for r in reversed(self._running) if self._shard(r.seq.slot) == d)
                 self._preempt(victim)
                 if victim is req:
                     break
             if req.status != RUNNING:
                 break  # req was the newest: everything after it is preempted too
             if need > 0:
-                req.seq.pages += self.alloc.allocate(need)
+                req.seq.pages += self.alloc.allocate(need, shard=d)
             sched.append((req, n))
             i += 1
         return sched
@@ -391,7 +414,7 @@ class Engine:
             tokens[row, :n] = req.tokens[req.num_computed : req.num_computed + n]
             num_new[row] = n
             seqs[row] = req.seq
-        batch = make_batch(seqs, num_new, self.max_pages_per_seq)
+        batch = make_batch(seqs, num_new, self.max_pages_per_seq, as_numpy=self.data_shards > 1)
         logits, self.cache = self.runner.step(self.cache, tokens, batch)
         self.num_steps += 1
         emit = []
@@ -546,7 +569,7 @@ class Engine:
             req = Request(next(self._ids), prompt, sampling, frozenset(), next(self._arrivals))
             self.requests[req.request_id] = req
             req.seq = SequencePages(slot=self._free_slots.pop(), length=context)
-            req.seq.pages = self.alloc.allocate(self.runner.pages_for(context))
+            req.seq.pages = self.alloc.allocate(self.runner.pages_for(context), shard=self._shard(req.seq.slot))
             req.num_computed, req.status = context, RUNNING
             self._running.append(req)
             reqs.append(req)
