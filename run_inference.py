@@ -12,6 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
+from kvtuner_jax import sharding as sh
 from kvtuner_jax.inference import InferenceConfig, define_kv_flags, kv_flags_from, main_guard, run
 from kvtuner_jax.sampling import SamplingParams
 
@@ -41,6 +42,7 @@ flags.DEFINE_integer("prefill_chunk", 256, "Most prompt tokens a request feeds p
 flags.DEFINE_enum("backend", "auto", ["auto", "reference", "gpu", "tpu"], "Attention/write kernels.")
 flags.DEFINE_string("dtype", None, "Params/activations dtype (default float32 on CPU, bfloat16 on accelerators).")
 define_kv_flags()
+sh.define_mesh_flags()
 
 
 def main(argv):
@@ -74,7 +76,7 @@ def main(argv):
         backend=FLAGS.backend,
         dtype=FLAGS.dtype,
     )
-    main_guard(lambda: run(cfg))
+    main_guard(lambda: run(cfg, mesh=sh.mesh_from_flags()))
 
 
 if __name__ == "__main__":

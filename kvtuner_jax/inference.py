@@ -193,7 +193,9 @@ def load_manifest(spec: str | None, model_cfg) -> mf.Manifest:
 # Running
 
 
-def build_engine(model_cfg, params, manifest: mf.Manifest, cfg: InferenceConfig, max_seq_len: int, seqs: int):
+def build_engine(
+    model_cfg, params, manifest: mf.Manifest, cfg: InferenceConfig, max_seq_len: int, seqs: int, mesh=None
+):
     """An Engine sized for `seqs` sequences of up to max_seq_len tokens (or the --num_pages / --kv_cache_gb pool)."""
     from kvtuner_jax.engine import Engine
 
@@ -203,6 +205,7 @@ def build_engine(model_cfg, params, manifest: mf.Manifest, cfg: InferenceConfig,
         model_cfg,
         params,
         manifest,
+        mesh,
         max_seqs=seqs,
         max_seq_len=max_seq_len,
         page_size=cfg.page_size,
@@ -213,8 +216,11 @@ def build_engine(model_cfg, params, manifest: mf.Manifest, cfg: InferenceConfig,
     )
 
 
-def run(cfg: InferenceConfig, out=sys.stdout) -> list[str]:
-    """Loads the model and manifest, generates for every prompt, prints generations, the memory plan and stats."""
+def run(cfg: InferenceConfig, out=sys.stdout, mesh=None) -> list[str]:
+    """Loads the model and manifest, generates for every prompt, prints generations, the memory plan and stats.
+
+    mesh: a ("data", "model") mesh (`sharding.mesh_from_flags`); the slot count is rounded up to a multiple of its
+    data axis."""
     import jax
 
     from kvtuner_jax.runtime import bucket
@@ -244,10 +250,14 @@ def run(cfg: InferenceConfig, out=sys.stdout) -> list[str]:
             f"{longest} tokens, longer than the model's context of {limit}"
         )
     max_seq_len = min(limit, max(bucket(longest), cfg.page_size))
-    engine = build_engine(model_cfg, params, manifest, cfg, max_seq_len, cfg.max_seqs or len(prompts))
+    seqs = cfg.max_seqs or len(prompts)
+    if mesh is not None:
+        data = int(mesh.shape["data"])
+        seqs = -(-seqs // data) * data
+    engine = build_engine(model_cfg, params, manifest, cfg, max_seq_len, seqs, mesh)
     print(
         f"model {model_cfg.name} ({model_cfg.num_layers} layers, {dtype}) loaded in {time.perf_counter() - t0:.1f} s;"
-        f" manifest {source}; backend {cfg.backend}",
+        f" manifest {source}; backend {cfg.backend}" + ("" if mesh is None else f"; mesh {dict(mesh.shape)}"),
         file=out,
     )
     for line in memory_lines(manifest, engine):
