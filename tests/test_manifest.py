@@ -126,7 +126,7 @@ def test_layers_structure_errors(smollm2, layers, path, fragment):
         (lambda o: o.update(defaults={"k_axis": "head"}), "defaults.k_axis", '"head" is not one of "token"'),
         (lambda o: o.update(defaults={"scale_dtype": "float32"}), "defaults.scale_dtype", "not one of"),
         (lambda o: o.update(defaults={"residual_length": -1}), "defaults.residual_length", "non-negative"),
-        (lambda o: o.update(defaults={"k_mode": "fp8"}), "defaults.k_mode", '"fp8" is not one of "int"'),
+        (lambda o: o.update(defaults={"k_mode": "fp6"}), "defaults.k_mode", '"fp6" is not one of "bf16", "fp8", "int"'),
         (lambda o: o.update(defaults=[]), "defaults", "expected an object"),
         (lambda o: o.update(metadata="x"), "metadata", "expected an object"),
         (lambda o: o["layers"].__setitem__(4, 8), "layers[4]", "is an integer, expected an object"),
