@@ -184,11 +184,6 @@ def resolve_manifest(
     return load_manifest_file(DEFAULT_MANIFEST, model_cfg), f"{DEFAULT_MANIFEST} (default)"
 
 
-# Kept for callers of the first version: a manifest file or "none", checked against the model.
-def load_manifest(spec: str | None, model_cfg) -> mf.Manifest:
-    return resolve_manifest(spec, None, model_cfg)[0]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Running
 
