@@ -124,6 +124,7 @@ def _kernel(
     m_ref, l_ref = next(it), next(it)  # [R], [R]
 
     TB = ppb * P
+    defer_z = vs.kind == "token" and vs.ngroups == 1
     split = pl.program_id(2)
     npages = nt_ref[0] // P
     first = split * pps
@@ -156,9 +157,11 @@ def _kernel(
 
     # Code tiles prefetched one block ahead in registers: the small ones (token-axis, <= 4 bits). 16-bit and 8-bit
     # tiles are 4-8x larger and would spill; they are loaded in the iteration that uses them.
-    pref = tuple(prefetch and side.kind == "token" and side.bits <= 4 for side in (ks, vs))
+    pref = tuple(
+        prefetch and (side.kind == "channel" or (side.kind == "token" and side.bits <= 4)) for side in (ks, vs)
+    )
 
-    def block_tiles(pages, which):
+    def block_tiles(i, pages, which):
         """Code tiles of a block for the 16-bit and token-axis stores ([TB, cols] each), or () for channel-axis."""
         out = []
         for side, c_ref, w in ((ks, kc_ref, which[0]), (vs, vc_ref, which[1])):
@@ -171,13 +174,16 @@ def _kernel(
                     tuple(c_ref[pages, :, pl.ds(i * side.cb, side.cb)].reshape(TB, side.cb) for i in range(side.ncb))
                 )
             else:
-                out.append(())
+                out.append((channel_raw(c_ref, side, first + i * ppb),))
         return tuple(out)
 
-    def token_params(pages):
+    def token_params(i, pages):
         """Per-token scales / zeros of a block's token-axis stores, [TB] f32 each (prefetched one block ahead)."""
         out = []
         for side, sc_ref, z_ref in ((ks, ksc_ref, kz_ref), (vs, vsc_ref, vz_ref)):
+            if side.kind == "channel":
+                out.append(channel_params(sc_ref, z_ref, side, first + i * ppb))
+                continue
             if side.kind != "token":
                 out.append(((), ()))
                 continue
@@ -192,16 +198,31 @@ def _kernel(
         ok = (base + pp < npages) & (pg >= 0)
         return jnp.minimum(jnp.where(ok, pg, 0), N - 1), ok
 
-    def token_order_codes(c_ref, side: _Side, base):
-        """Channel-axis page block in token order, as a bf16 operand [TB, D] and the offset it carries per code.
-
-        Byte rows are gathered once per field; 2/4-bit codes use the magic conversion (operand = 128 + code).
-        """
+    def channel_raw(c_ref, side: _Side, base):
+        """Channel-axis page block in token order, raw bytes [TB, D]: each byte row gathered once per field."""
         t_in = tok % P
         page_tok = pt_ref[base + tok // P]
         ok = (base + tok // P < npages) & (page_tok >= 0)
         page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
-        x = c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
+        return c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
+
+    def channel_params(s_ref, z_ref, side: _Side, base):
+        """Per (page of the block, token group): (scale [D], zero term [D]) f32; zeros for invalid pages."""
+        out = []
+        for pp in range(ppb):
+            pg, ok = page_scalar(base, pp)
+            for tg in range(side.ngroups):
+                sc = s_ref[pg, tg, :].astype(jnp.float32)
+                zt = ta.zero_term(sc, None if z_ref is None else z_ref[pg, tg, :], side.bits)
+                out.append((jnp.where(ok, sc, 0.0), jnp.where(ok, zt, 0.0)))  # a stale page may hold NaN scales
+        return tuple(out)
+
+    def token_order_codes(x, side: _Side):
+        """Channel-axis raw block [TB, D] -> (bf16 operand [TB, D], offset carried per code).
+
+        2/4-bit codes use the magic conversion (operand = 128 + code); 8-bit codes an int->float conversion.
+        """
+        t_in = tok % P
         if side.bits <= 4:
             return ta.magic_operand_rows(x, side.bits, t_in % side.per), ta.MAGIC
         return ta.codes_to_operand(ta.unpack_field_rows(x, side.bits, t_in % side.per)), 0.0
@@ -233,13 +254,11 @@ def _kernel(
                     s = s + ta.fold_scores(d, sc, zt, qsum[g])
                     s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
         else:
-            c, off = token_order_codes(kc_ref, ks, base)  # [TB, D]
+            c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = jnp.zeros((TB, R), jnp.float32)
             for pp in range(ppb):
-                pg, _ = page_scalar(base, pp)  # rows of an invalid page are masked to -inf below
                 for tg in range(ks.ngroups):
-                    sc = ksc_ref[pg, tg, :].astype(jnp.float32)  # [D]
-                    zt = ta.zero_term(sc, None if kz_ref is None else kz_ref[pg, tg, :], ks.bits)
+                    sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
                     q_s = ta.split_parts(q_t * sc[:, None], parts)  # [D, R]: per-channel scale folded into q
                     zq = jnp.sum(q_t * zt[:, None], axis=0) - off * jnp.sum(ta.parts_value(q_s), axis=0)
                     d = _dot_parts(c, q_s) + zq[None, :]
@@ -261,7 +280,7 @@ def _kernel(
                     accs[0] = accs[0] + _dot_parts(xp, pp_, trans_a=True)
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            zaccs = [z * alpha[None, :] for z in zaccs]
+            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -287,16 +306,15 @@ def _kernel(
                             keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
                             d = jnp.where(keep[:, None], d, 0.0)
                         accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
-                    # Zero-point and offset terms accumulate per token; summed over tokens once, after the loop.
-                    zaccs[g] = zaccs[g] + jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
+                    # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
+                    # (one group), or summed per block (several groups: per-token accumulators would spill).
+                    zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
+                    zaccs[g] = zaccs[g] + (zterm if defer_z else jnp.sum(zterm, axis=0))
         else:
-            c, off = token_order_codes(vc_ref, vs, base)  # [TB, D]
+            c, off = token_order_codes(tiles[1][0], vs)  # [TB, D]
             for pp in range(ppb):
-                pg, ok = page_scalar(base, pp)
                 for tg in range(vs.ngroups):
-                    sc = vsc_ref[pg, tg, :].astype(jnp.float32)  # [D]
-                    zt = ta.zero_term(sc, None if vz_ref is None else vz_ref[pg, tg, :], vs.bits)
-                    sc, zt = jnp.where(ok, sc, 0.0), jnp.where(ok, zt, 0.0)  # a stale page may hold NaN scales
+                    sc, zt = prm[1][pp * vs.ngroups + tg]  # [D] each
                     lo = pp * P + tg * vs.group
                     rows = (tok >= lo) & (tok < lo + vs.group) & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
@@ -308,11 +326,8 @@ def _kernel(
     def loads_only(tiles, prm, accs):
         """Ablation: read what the kernel reads (code tiles, scales), reduce it trivially."""
         tot = jnp.zeros((), jnp.float32)
-        for x in tiles[0] + tiles[1]:
+        for x in jax.tree.leaves((tiles, prm)):
             tot = tot + jnp.sum(x.astype(jnp.float32))
-        for side in prm:
-            for v in side[0] + side[1]:
-                tot = tot + jnp.sum(v)
         accs[0] = accs[0] + tot
         return accs
 
@@ -321,12 +336,12 @@ def _kernel(
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
         # latency was otherwise exposed on every block).
         m, l, accs, zaccs, pages, pages_next, prm, tiles = carry
-        prm_next = token_params(pages_next)
-        tiles_next = block_tiles(pages_next, pref)
+        prm_next = token_params(i + 1, pages_next)
+        tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
         base, valid = block_of(i)
         # Loaded from freshly read page ids (not the carried ones) so that Triton's pipeliner can stream them.
-        now = block_tiles(load_pages(i) if not all(pref) else pages, tuple(not x for x in pref))
+        now = block_tiles(i, load_pages(i) if not all(pref) else pages, tuple(not x for x in pref))
         tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
@@ -344,20 +359,20 @@ def _kernel(
 
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        zaccs = [jnp.zeros((TB, R), jnp.float32) for _ in range(vs.ngroups)]
+        zaccs = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
         zaccs = []
     m0 = jnp.full((R,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
     pages0 = load_pages(0)
-    tiles0 = block_tiles(pages0, pref)
-    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(pages0), tiles0)
+    tiles0 = block_tiles(0, pages0, pref)
+    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
     m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc
     for g, z in enumerate(zaccs):
-        za_ref[g, :] = jnp.sum(z, axis=0)
+        za_ref[g, :] = jnp.sum(z, axis=0) if defer_z else z
     m_ref[...] = m
     l_ref[...] = jnp.sum(l, axis=0)
 
