@@ -8,7 +8,7 @@ runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b
 (shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
 with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. A Mosaic GPU kernel would
 need explicit TMA/wgmma staging per page (pages are scattered, one gather per page), M >= 64 wgmma tiles, and has
-no CPU interpreter to test it in CI. See notes/kernels_gpu.md for the measured numbers behind the tuning defaults.
+no CPU interpreter to test it in CI. BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
 Design (the tile math is in `tile_attention`, shared with the TPU kernel):
 - Grid (batch, kv_heads, splits). One program serves all query heads of one KV head (GQA group x query tokens,
@@ -403,6 +403,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) ->
         "num_stages",
         "parts",
         "prefetch",
+        "max_rows",
         "_variant",
     ),
 )
@@ -427,6 +428,7 @@ def paged_attention(
     num_stages: int = 2,
     parts: int = 2,
     prefetch: bool = True,
+    max_rows: int = 64,
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -435,7 +437,58 @@ def paged_attention(
     lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
     programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
     float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32).
+
+    One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
+    memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
+    `max(1, max_rows // group)` tokens, one kernel call each (every query token sees the same pages, so the pieces
+    are independent).
     """
+    kw = dict(
+        k_spec=k_spec,
+        v_spec=v_spec,
+        sm_scale=sm_scale,
+        interpret=interpret,
+        pages_per_block=pages_per_block,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        parts=parts,
+        prefetch=prefetch,
+        variant=_variant,
+    )
+    pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
+    tq = q.shape[2]
+    step = max(1, max_rows // (q.shape[1] // k_codes.shape[0]))
+    if tq <= step:
+        return _paged_attention_rows(q, *pools, **kw)
+    outs = [_paged_attention_rows(q[:, :, t : t + step], *pools, **kw) for t in range(0, tq, step)]
+    return jnp.concatenate([o for o, _ in outs], axis=2), jnp.concatenate([x for _, x in outs], axis=2)
+
+
+def _paged_attention_rows(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    page_table,
+    num_tokens,
+    *,
+    k_spec: KVSpec,
+    v_spec: KVSpec,
+    sm_scale: float,
+    interpret: bool,
+    pages_per_block: int | None,
+    num_splits: int | None,
+    num_warps: int,
+    num_stages: int,
+    parts: int,
+    prefetch: bool,
+    variant: str,
+):
+    """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
     b, hq, tq, d = q.shape
     h, n = k_codes.shape[:2]
     page_size = (
@@ -525,7 +578,7 @@ def paged_attention(
         parts=parts,
         qparts=qparts,
         c_scale=float(sm_scale) * ta.LOG2E,
-        variant=_variant,
+        variant=variant,
         prefetch=prefetch,
     )
     res = pl.pallas_call(

@@ -162,6 +162,24 @@ def test_prefill_chunk_and_bf16_query(rng):
     _check(q.astype(jnp.bfloat16), k, v, pt, nt, ks, vs)
 
 
+def test_long_query_chunk_is_cut_into_row_tiles(rng):
+    """More query rows than one program holds (max_rows): pieces of 2 tokens x GQA 4, the last piece shorter."""
+    ks, vs = _spec(4, "channel", 16), _spec(2, group=32)
+    q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=4, tq=5, lengths=[3 * 16, 0])
+    _check(q, k, v, pt, nt, ks, vs, max_rows=8)
+
+
+@pytest.mark.skipif(not COMPILED, reason="a Llama-sized prefill chunk is a GPU shared-memory check (compiled only)")
+@pytest.mark.parametrize(
+    "kv", [(_spec(4, group=128), _spec(4, group=128)), (_spec(2, "channel", 32), _spec(2, group=32)), (_spec(16),) * 2]
+)
+def test_llama_prefill_chunk_compiles_and_matches(kv, rng):
+    """A 128-token chunk at GQA 4, head_dim 128 (512 query rows per KV head) fits the GPU once cut into row tiles."""
+    ks, vs = kv
+    q, k, v, pt, nt = _case(rng, ks, vs, b=2, h=2, hg=4, tq=128, d=128, p=64, max_pages=4, lengths=[4 * 64, 3 * 64])
+    _check(q.astype(jnp.bfloat16), k, v, pt, nt, ks, vs)
+
+
 def test_parts_one_is_bf16_precision(rng):
     ks, vs = _spec(4, group=64), _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=4, lengths=[3 * 16, 4 * 16])
