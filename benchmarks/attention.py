@@ -43,12 +43,22 @@ PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi
 
 
 def spec_pair(name: str) -> tuple[KVSpec, KVSpec]:
-    """'4/2' -> per-token groups of head_dim (f16 scale + min per token-head); 'kivi4/2' -> KIVI layout."""
-    kivi = name.startswith("kivi")
-    kb, vb = (int(x) for x in name.removeprefix("kivi").split("/"))
-    if kivi:
+    """'4/2' -> per-token groups of head_dim (f16 scale + min per token-head); 'kivi4/2' -> KIVI layout (keys per
+    channel, G = 32; values per token, G = 32); each side may also name its layout: '4c32' = per channel, group 32;
+    '2t32' = per token, group 32 (e.g. '4c32/4' or '4/4t32', for ablations)."""
+    if name.startswith("kivi"):
+        kb, vb = (int(x) for x in name.removeprefix("kivi").split("/"))
         return KVSpec(bits=kb, axis="channel", group_size=32), KVSpec(bits=vb, axis="token", group_size=32)
-    return KVSpec(bits=kb, axis="token", group_size=D), KVSpec(bits=vb, axis="token", group_size=D)
+
+    def one(side: str) -> KVSpec:
+        for tag, axis in (("c", "channel"), ("t", "token")):
+            if tag in side:
+                bits, group = side.split(tag)
+                return KVSpec(bits=int(bits), axis=axis, group_size=int(group))
+        return KVSpec(bits=int(side), axis="token", group_size=D)
+
+    k, v = name.split("/")
+    return one(k), one(v)
 
 
 def schedule_pairs() -> tuple[list[tuple[int, int]], dict, str]:

@@ -108,6 +108,8 @@ def _kernel(
     qparts: int,
     c_scale: float,
     prefetch: bool,
+    kdeq: bool = False,
+    vdeq: bool = False,
     variant: str = "",
 ):
     it = iter(refs)
@@ -132,7 +134,7 @@ def _kernel(
     nblk = (nvalid + ppb - 1) // ppb
 
     # Loop-invariant query tiles.
-    if ks.kind == "full":
+    if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
         qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
@@ -253,6 +255,26 @@ def _kernel(
                     zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
                     s = s + ta.fold_scores(d, sc, zt, qsum[g])
                     s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
+        elif kdeq:
+            # Dequantize the block (one FMA per element against per-token rows of the group scales), split it into
+            # bf16 parts and run one set of dots: cheaper than re-scaling and re-splitting q per group.
+            c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
+            sc_rows = zt_rows = None
+            for pp in range(ppb):
+                for tg in range(ks.ngroups):
+                    sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
+                    lo = pp * P + tg * ks.group
+                    rows = ((tok >= lo) & (tok < lo + ks.group))[:, None]
+                    sc_rows = jnp.where(rows, sc[None, :], 0.0 if sc_rows is None else sc_rows)
+                    zt_rows = jnp.where(rows, (zt - off * sc)[None, :], 0.0 if zt_rows is None else zt_rows)
+            kf = c.astype(jnp.float32) * sc_rows + zt_rows  # [TB, D] keys as the reference dequantizes them
+            kp = ta.split_parts(kf, parts)
+            s = None
+            for a in reversed(range(parts)):
+                for b_ in reversed(range(qparts)):
+                    if a + b_ < max(parts, qparts):  # lo x lo terms are below float32 rounding of the sum
+                        d = _dot(kp[a], qk[b_])
+                        s = d if s is None else s + d
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = jnp.zeros((TB, R), jnp.float32)
@@ -278,6 +300,36 @@ def _kernel(
             else:
                 for xp in ta.split_parts(x.astype(jnp.float32), parts):
                     accs[0] = accs[0] + _dot_parts(xp, pp_, trans_a=True)
+        elif vdeq:
+            # Small value groups: dequantize each field tile (one FMA per element against the token's group scale)
+            # and split it into bf16 parts, so p is split once per block instead of re-scaled and re-split per group,
+            # and no per-group zero-point sums over tokens are needed.
+            gpb = vs.cb * vs.per // vs.group
+            pv = ta.split_parts(jnp.where(valid[:, None], p, 0.0), parts)
+            for cbi in range(vs.ncb):
+                x = tiles[1][cbi]
+                for j in range(vs.nf):
+                    sc_t = zt_t = None
+                    for g in range(cbi * gpb, (cbi + 1) * gpb):
+                        sc = prm[1][0][g][:, None]  # [TB, 1]
+                        zt = ta.zero_term(prm[1][0][g], prm[1][1][g] if prm[1][1] else None, vs.bits)[:, None]
+                        if gpb > 1:
+                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
+                            sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
+                            zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
+                        sc_t, zt_t = sc, zt
+                    if ta.field_weight(vs.bits, j) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
+                        zt_t = jnp.zeros_like(zt_t)
+                    vf = ta.magic_operand(x, vs.bits, j).astype(jnp.float32) * sc_t + (zt_t - ta.MAGIC * sc_t)
+                    vf = jnp.where(valid[:, None], vf, 0.0)  # a stale page may hold NaN scales
+                    vp = ta.split_parts(vf, parts)  # [TB, cb] each
+                    d = None
+                    for a in reversed(range(parts)):
+                        for b_ in reversed(range(parts)):
+                            if a + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
+                                dd = _dot(vp[a], pv[b_], trans_a=True)  # [cb, R]
+                                d = dd if d is None else d + dd
+                    accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
             zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
@@ -404,6 +456,8 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) ->
         "parts",
         "prefetch",
         "max_rows",
+        "channel_keys",
+        "small_value_groups",
         "_variant",
     ),
 )
@@ -429,6 +483,8 @@ def paged_attention(
     parts: int = 2,
     prefetch: bool = True,
     max_rows: int = 64,
+    channel_keys: str = "dequant",
+    small_value_groups: str = "dequant",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -436,7 +492,10 @@ def paged_attention(
     Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and
     lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
     programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
-    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32).
+    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32). Per-channel (KIVI) keys are
+    either dequantized in the kernel and split into `parts` bf16 terms (`channel_keys="dequant"`), or read as codes
+    against a query re-scaled per token group (`"fold"`, the older path, kept for comparison); per-token values with
+    several groups per head are likewise dequantized (`small_value_groups="dequant"`) or folded into p (`"fold"`).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -454,8 +513,13 @@ def paged_attention(
         num_stages=num_stages,
         parts=parts,
         prefetch=prefetch,
+        channel_keys=channel_keys,
+        small_value_groups=small_value_groups,
         variant=_variant,
     )
+    for name, val in (("channel_keys", channel_keys), ("small_value_groups", small_value_groups)):
+        if val not in ("dequant", "fold"):
+            raise ValueError(f"{name}={val!r}: expected 'dequant' or 'fold'")
     pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     tq = q.shape[2]
     step = max(1, max_rows // (q.shape[1] // k_codes.shape[0]))
@@ -486,6 +550,8 @@ def _paged_attention_rows(
     num_stages: int,
     parts: int,
     prefetch: bool,
+    channel_keys: str,
+    small_value_groups: str,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -523,12 +589,14 @@ def _paged_attention_rows(
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - rows), (0, 0)))
     q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
     qparts = 1 if q.dtype == jnp.bfloat16 else parts
+    kdeq = ks.kind == "channel" and channel_keys == "dequant"
+    vdeq = vs.kind == "token" and vs.ngroups > 1 and small_value_groups == "dequant"
     args = [nt, pt]
     specs = [
         pl.BlockSpec((1,), lambda i, j, s: (i,)),
         pl.BlockSpec((None, splits * pps + 2 * ppb), lambda i, j, s: (i, 0)),
     ]
-    if ks.kind == "full":
+    if ks.kind == "full" or kdeq:
         qk = jnp.stack(ta.split_parts(q_t, qparts), axis=2)  # [B, H, qparts, D, R]
         args.append(qk)
         specs.append(pl.BlockSpec((None, None, qparts, d, R), lambda i, j, s: (i, j, 0, 0, 0)))
@@ -580,6 +648,8 @@ def _paged_attention_rows(
         c_scale=float(sm_scale) * ta.LOG2E,
         variant=variant,
         prefetch=prefetch,
+        kdeq=kdeq,
+        vdeq=vdeq,
     )
     res = pl.pallas_call(
         kernel,

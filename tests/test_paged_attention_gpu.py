@@ -180,6 +180,23 @@ def test_llama_prefill_chunk_compiles_and_matches(kv, rng):
     _check(q.astype(jnp.bfloat16), k, v, pt, nt, ks, vs)
 
 
+@pytest.mark.parametrize("keys", ["fold", "dequant"])
+def test_channel_key_paths(keys, rng):
+    """Both per-channel key paths (query re-scaled per group / keys dequantized in the kernel), blocks of 2 pages."""
+    ks, vs = _spec(2, "channel", 8, sym=True), _spec(4, group=32)
+    q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=2, max_pages=5, lengths=[5 * 16, 3 * 16 - 16])
+    _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2)
+
+
+@pytest.mark.parametrize("values", ["fold", "dequant"])
+@pytest.mark.parametrize("vspec", [_spec(2, group=16), _spec(8, group=32, sym=True)], ids=["v2g16", "v8g32sym"])
+def test_small_value_group_paths(values, vspec, rng):
+    """Per-token values with several groups per head (2-bit: two groups share a 16-byte column block), both paths."""
+    ks = _spec(4, group=64)
+    q, k, v, pt, nt = _case(rng, ks, vspec, b=2, hg=4, max_pages=3, lengths=[3 * 16, 16])
+    _check(q, k, v, pt, nt, ks, vspec, small_value_groups=values)
+
+
 def test_parts_one_is_bf16_precision(rng):
     ks, vs = _spec(4, group=64), _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=4, lengths=[3 * 16, 4 * 16])
