@@ -210,8 +210,11 @@ def attend(
     *,
     backend: str = "auto",
     interpret: bool = False,
+    precision: str = "high",
 ) -> jnp.ndarray:
     """Attention of a step's queries over this layer's cache plus the step's own K/V.
+
+    precision: the paged kernel's operand precision ("high" or "bf16", see `pallas_kernels.paged_attention`).
 
     q [B, T, Hq, D], k_new/v_new [B, T, H, D] (RoPE'd) -> out [B, T, Hq, D] float32. The cache is read at its state
     before the step (Q(L) tokens in pages). Padded query rows (t >= num_new) get finite, meaningless values.
@@ -238,6 +241,7 @@ def attend(
         sm_scale=sm_scale,
         backend=backend,
         interpret=interpret,
+        precision=precision,
     )
     slots = jnp.clip(batch.slots, 0, layer.k_tail.shape[1] - 1)
     k_tail = jnp.transpose(layer.k_tail[:, slots], (1, 0, 2, 3))  # [B, H, C, D]
@@ -374,6 +378,7 @@ class PagedAttention:
     backend: str = "auto"
     interpret: bool = False
     mesh: jax.sharding.Mesh | None = None
+    precision: str = "high"  # paged kernel operands: "high" or "bf16" (pallas_kernels.paged_attention)
 
     def __call__(self, layer_idx, q, k, v, positions, state):
         cache, batch = state
@@ -386,7 +391,7 @@ class PagedAttention:
         return out.astype(q.dtype), (KVCache(layers=layers), batch)
 
     def _layer(self, layer, q, k, v, batch):
-        out = attend(layer, q, k, v, batch, backend=self.backend, interpret=self.interpret)
+        out = attend(layer, q, k, v, batch, backend=self.backend, interpret=self.interpret, precision=self.precision)
         return out, append(layer, k, v, batch, backend=self.backend, interpret=self.interpret)
 
     def _sharded_layer(self, layer, q, k, v, batch):

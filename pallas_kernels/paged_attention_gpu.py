@@ -260,7 +260,15 @@ def _kernel(
             # bf16 parts and run one set of dots: cheaper than re-scaling and re-splitting q per group.
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             sc_rows = zt_rows = None
-            for pp in range(ppb):
+            if variant == "kgather":  # per-token rows of the group scales loaded (L1 hits) instead of selected
+                t_in = tok % P
+                page_tok = pt_ref[base + tok // P]
+                ok = ((base + tok // P < npages) & (page_tok >= 0))[:, None]
+                page_tok = jnp.minimum(jnp.where(ok[:, 0], page_tok, 0), N - 1)
+                sc_rows = jnp.where(ok, ksc_ref[page_tok, t_in // ks.group, :].astype(jnp.float32), 0.0)
+                zr = None if kz_ref is None else kz_ref[page_tok, t_in // ks.group, :]
+                zt_rows = jnp.where(ok, ta.zero_term(sc_rows, zr, ks.bits), 0.0) - off * sc_rows
+            for pp in range(ppb if sc_rows is None else 0):
                 for tg in range(ks.ngroups):
                     sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
                     lo = pp * P + tg * ks.group
@@ -458,6 +466,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int) ->
         "max_rows",
         "channel_keys",
         "small_value_groups",
+        "precision",
         "_variant",
     ),
 )
@@ -483,8 +492,9 @@ def paged_attention(
     parts: int = 2,
     prefetch: bool = True,
     max_rows: int = 64,
-    channel_keys: str = "dequant",
+    channel_keys: str = "fold",
     small_value_groups: str = "dequant",
+    precision: str = "high",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -492,10 +502,12 @@ def paged_attention(
     Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and
     lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
     programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
-    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32). Per-channel (KIVI) keys are
-    either dequantized in the kernel and split into `parts` bf16 terms (`channel_keys="dequant"`), or read as codes
-    against a query re-scaled per token group (`"fold"`, the older path, kept for comparison); per-token values with
-    several groups per head are likewise dequantized (`small_value_groups="dequant"`) or folded into p (`"fold"`).
+    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means
+    parts=1 (the dispatcher's serving option). Per-channel (KIVI) keys are
+    read as codes against a query re-scaled per token group (`channel_keys="fold"`) or dequantized in the kernel and
+    split into `parts` bf16 terms (`"dequant"`); per-token values with several groups per head are dequantized
+    (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
+    (BENCHMARKS.md, KIVI layout ablation).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -517,6 +529,10 @@ def paged_attention(
         small_value_groups=small_value_groups,
         variant=_variant,
     )
+    if precision == "bf16":
+        kw["parts"] = 1
+    elif precision != "high":
+        raise ValueError(f"precision={precision!r}: expected 'high' or 'bf16'")
     for name, val in (("channel_keys", channel_keys), ("small_value_groups", small_value_groups)):
         if val not in ("dequant", "fold"):
             raise ValueError(f"{name}={val!r}: expected 'dequant' or 'fold'")

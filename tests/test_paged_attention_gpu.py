@@ -241,6 +241,23 @@ def test_dispatcher_routes_to_kernel(rng):
     assert np.linalg.norm(np.asarray(out) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref)) < RTOL
 
 
+def test_dispatcher_bf16_precision(rng):
+    """precision="bf16" (one bf16 operand term) stays at the bf16 level (2e-2) but is not the high-precision path:
+    its error is well above the 1e-4 that "high" meets, so the option really reaches the kernel."""
+    ks, vs = _spec(4, "channel", 16), _spec(2, group=32)
+    q, k, v, pt, nt = _case(rng, ks, vs, hg=4, lengths=[4 * 16, 2 * 16])
+    args = (q, *k, *v, pt, nt)
+    ref, _ = _reference(*args, k_spec=ks, v_spec=vs, sm_scale=0.125)
+    errs = {}
+    for prec in ("high", "bf16"):
+        out, _ = _run(dispatch, *args, k_spec=ks, v_spec=vs, sm_scale=0.125, backend="gpu", interpret=INTERPRET,
+                      precision=prec)  # fmt: skip
+        errs[prec] = np.linalg.norm(np.asarray(out) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert errs["high"] < RTOL and 10 * RTOL < errs["bf16"] < 2e-2, errs
+    with pytest.raises(ValueError, match="precision"):
+        dispatch(*args, k_spec=ks, v_spec=vs, sm_scale=0.125, backend="gpu", interpret=True, precision="fp32")
+
+
 def test_rejects_unsupported_shapes(rng):
     ks = _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, ks, p=16)
