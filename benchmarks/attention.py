@@ -254,8 +254,9 @@ def bench_jax_bf16(b, ctx, page, args) -> dict:
     lengths = jnp.full((b,), ctx, jnp.int32)
     qs = [jax.random.normal(jax.random.fold_in(key, 10 + i), (b, HQ, D), jnp.bfloat16) for i in range(copies)]
     best, settings = None, []
-    for ppcb in (4, 8, 16):
-        for splits in (4, 8, 16, 32):
+    ppcbs, splitss = ([int(x) for x in part.split(",")] for part in args.jax_grid.split(":"))
+    for ppcb in ppcbs:
+        for splits in splitss:
             if pps % splits or (pps // splits) % min(ppcb, pps // splits):
                 continue
             for warps in (4,):
@@ -321,6 +322,9 @@ def main(argv=None):
     ap.add_argument("--max-copies", type=int, default=16)
     ap.add_argument("--mem-gb", type=float, default=60.0)
     ap.add_argument("--no-jax", action="store_true")
+    ap.add_argument(
+        "--jax-grid", default="4,8,16:4,8,16,32", help="JAX kernel settings tried: pages_per_compute_block:k_splits"
+    )
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quantize-write", action="store_true", help="also time quantize_write(backend='gpu')")
     ap.add_argument("--tunings", default=None, help="JSON list of tuning dicts: time every config under each")
