@@ -437,6 +437,23 @@ def _kernel(
     l_ref[...] = jnp.sum(l, axis=0)
 
 
+def check_index_range(**pools) -> None:
+    """Raises ValueError for a 1-byte pool array of more than 2^31 and at most 2^32 bytes.
+
+    JAX 0.11's Triton lowering switches to 64-bit offsets only above 2^32 *bytes*, but offsets count elements in a
+    signed int32: a uint8 pool in that range overflows and the kernel reads out of bounds (seen on an H100 as
+    CUDA_ERROR_ILLEGAL_ADDRESS with an 8-bit layer of 4 GiB). Larger arrays get 64-bit offsets and are fine.
+    """
+    for name, arr in pools.items():
+        nbytes = arr.size * arr.dtype.itemsize
+        if arr.dtype.itemsize == 1 and arr.size > 2**31 and nbytes <= 2**32:  # offsets up to size - 1
+            raise ValueError(
+                f"{name} {tuple(arr.shape)} {arr.dtype} is {nbytes / 2**30:.2f} GiB: 1-byte pools of 2-4 GiB per layer "
+                "overflow the Triton lowering's 32-bit offsets; plan a smaller KV budget (--kv_cache_gb), or shard "
+                "the KV heads over more devices (--mesh), so each layer's pool stays under 2 GiB per device"
+            )
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -580,6 +597,7 @@ def _paged_attention_rows(
     )
     if not (_pow2(page_size) and page_size >= 16 and _pow2(d) and d >= 16):
         raise ValueError(f"page_size={page_size} and head_dim={d} must be powers of 2, at least 16")
+    check_index_range(k_codes=k_codes, v_codes=v_codes)
     ks = _side(k_spec, k_codes, page_size, d)
     vs = _side(v_spec, v_codes, page_size, d)
     for side in (ks, vs):

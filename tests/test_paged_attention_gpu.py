@@ -258,6 +258,19 @@ def test_dispatcher_bf16_precision(rng):
         dispatch(*args, k_spec=ks, v_spec=vs, sm_scale=0.125, backend="gpu", interpret=True, precision="fp32")
 
 
+def test_rejects_pools_that_overflow_32_bit_offsets():
+    """A 4 GiB uint8 pool (8/8 layer, batch 128 x 32K) crashed the H100 with an illegal address: refused up front."""
+    from pallas_kernels.paged_attention_gpu import check_index_range
+
+    big = jax.ShapeDtypeStruct((8, 65536, 64, 128), jnp.uint8)  # 2^32 bytes, 2^32 elements
+    with pytest.raises(ValueError, match="k_codes .* 4.00 GiB"):
+        check_index_range(k_codes=big)
+    check_index_range(
+        k_codes=jax.ShapeDtypeStruct((8, 32768, 64, 128), jnp.uint8)
+    )  # 2 GiB: last offset 2^31 - 1 still fits
+    check_index_range(v_codes=jax.ShapeDtypeStruct((8, 65536, 64, 128), jnp.bfloat16))  # 8 GiB: 64-bit offsets
+
+
 def test_rejects_unsupported_shapes(rng):
     ks = _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, ks, p=16)
