@@ -40,6 +40,13 @@ flags.DEFINE_float("kv_cache_gb", None, "KV memory budget in GiB (sets the page 
 flags.DEFINE_integer("max_seqs", None, "Sequence slots run at once (default: the number of prompts).")
 flags.DEFINE_integer("prefill_chunk", 256, "Most prompt tokens a request feeds per step (a power of two).")
 flags.DEFINE_enum("backend", "auto", ["auto", "reference", "gpu", "tpu"], "Attention/write kernels.")
+flags.DEFINE_enum(
+    "attention_precision",
+    "high",
+    ["high", "bf16"],
+    "Paged-attention operands: 'high' (~16-bit splits, matches the float32 reference to ~1e-5) or 'bf16' "
+    "(FlashAttention-level, faster on GPU).",
+)
 flags.DEFINE_string("dtype", None, "Params/activations dtype (default float32 on CPU, bfloat16 on accelerators).")
 define_kv_flags()
 sh.define_mesh_flags()
@@ -74,6 +81,7 @@ def main(argv):
         max_seqs=FLAGS.max_seqs,
         prefill_chunk=FLAGS.prefill_chunk,
         backend=FLAGS.backend,
+        attention_precision=FLAGS.attention_precision,
         dtype=FLAGS.dtype,
     )
     main_guard(lambda: run(cfg, mesh=sh.mesh_from_flags()))

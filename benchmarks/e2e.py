@@ -86,6 +86,7 @@ def time_decode(cfg, params, manifest, batch, context, args) -> dict:
         page_size=args.page_size,
         num_pages=pages,
         backend=args.backend,
+        precision=args.precision,
         eos_ids=(),
     )
     # one token more than the timed steps: the requests are still running when the stats are read
@@ -131,6 +132,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure_max_batch", action="store_true", help="also time each manifest at its largest batch")
     p.add_argument("--max_batch_cap", type=int, default=512)
     p.add_argument("--backend", default="auto")
+    p.add_argument("--precision", default="high", choices=["high", "bf16"], help="paged-attention operand precision")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args(argv)
 

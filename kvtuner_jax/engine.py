@@ -136,6 +136,8 @@ class Engine:
     (`kv_cache_gb` GiB, or `budget_bytes`), default enough for max_seqs sequences of max_seq_len. prefill_chunk:
     most prompt tokens one request feeds per step (a power of two). cache_dtype: 16-bit stores and tails (default:
     bfloat16 for a bf16 model, float32 otherwise). backend / interpret: kernel choice, as in `cache.PagedAttention`.
+    precision: paged-attention operand precision, "high" (default; agrees with the reference to ~1e-5) or "bf16"
+    (FlashAttention-level, faster; see `pallas_kernels.paged_attention`).
     eos_ids: default stop tokens (default: the model's eos_token_ids).
     """
 
@@ -157,9 +159,12 @@ class Engine:
         backend: str = "auto",
         interpret: bool = False,
         eos_ids: Sequence[int] | None = None,
+        precision: str = "high",
     ):
         if max_seqs <= 0:
             raise CacheError(f"max_seqs must be positive, got {max_seqs}")
+        if precision not in ("high", "bf16"):
+            raise CacheError(f"precision must be 'high' or 'bf16', got {precision!r}")
         if prefill_chunk <= 0 or prefill_chunk & (prefill_chunk - 1):
             raise CacheError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
         self.model = model
@@ -192,7 +197,9 @@ class Engine:
         if pages != self.plan.num_pages:
             self.plan = dataclasses.replace(self.plan, num_pages=pages)
         cache_cfg = dataclasses.replace(base, num_pages=pages)
-        self.runner = ModelRunner(model, params, self.specs, cache_cfg, backend=backend, interpret=interpret, mesh=mesh)
+        self.runner = ModelRunner(
+            model, params, self.specs, cache_cfg, backend=backend, interpret=interpret, mesh=mesh, precision=precision
+        )
         self.cache = self.runner.init_cache()
         self.alloc = sh.ShardedPageAllocator(pages, self.data_shards)
         self._free_slots = list(range(max_seqs - 1, -1, -1))  # pop() gives the lowest slot

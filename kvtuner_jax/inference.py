@@ -89,6 +89,7 @@ class InferenceConfig:
     max_seqs: int | None = None
     prefill_chunk: int = 256
     backend: str = "auto"
+    attention_precision: str = "high"  # "high" or "bf16" (faster; see pallas_kernels.paged_attention)
     dtype: str | None = None  # params/activations; None: float32 on CPU, bfloat16 on accelerators
 
 
@@ -208,6 +209,7 @@ def build_engine(
         kv_cache_gb=cfg.kv_cache_gb,
         prefill_chunk=cfg.prefill_chunk,
         backend=cfg.backend,
+        precision=cfg.attention_precision,
     )
 
 

@@ -59,6 +59,7 @@ class ModelRunner:
     interpret: bool = False
     compiles: int = 0  # number of distinct step signatures compiled (a test asserts steady state adds none)
     mesh: jax.sharding.Mesh | None = None
+    precision: str = "high"  # paged-attention operands: "high" or "bf16" (pallas_kernels.paged_attention)
 
     def __post_init__(self):
         if len(self.specs) != self.cfg.num_layers:
@@ -69,7 +70,7 @@ class ModelRunner:
             self._init_sharded()
             return
         self.run_cfg, self.run_params, self.sharded_cache_cfg = self.cfg, self.params, self.cache_cfg
-        attention = kc.PagedAttention(backend=self.backend, interpret=self.interpret)
+        attention = kc.PagedAttention(backend=self.backend, interpret=self.interpret, precision=self.precision)
         self._fns = {}
         for all_logits in (False, True):
             self._fns[all_logits] = jax.jit(
@@ -94,7 +95,9 @@ class ModelRunner:
         self._batch_sh = sh.named(self.mesh, sh.batch_specs())
         self._tok_sh = NamedSharding(self.mesh, P("data", None))
         self._out_sh = NamedSharding(self.mesh, P())  # logits replicated: every process reads them locally
-        attention = kc.PagedAttention(backend=self.backend, interpret=self.interpret, mesh=self.mesh)
+        attention = kc.PagedAttention(
+            backend=self.backend, interpret=self.interpret, mesh=self.mesh, precision=self.precision
+        )
         self._fns = {}
         for all_logits in (False, True):
             self._fns[all_logits] = jax.jit(
