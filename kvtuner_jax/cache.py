@@ -392,6 +392,10 @@ class PagedAttention:
 
     def _layer(self, layer, q, k, v, batch):
         out = attend(layer, q, k, v, batch, backend=self.backend, interpret=self.interpret, precision=self.precision)
+        # The write below updates the pools in place. Nothing orders it after the read above, so XLA protects the
+        # read with a copy of every pool (temporaries as large as the whole cache: the full-memory OOM on the H100).
+        # The barrier makes the write consume what the read produced.
+        out, layer = jax.lax.optimization_barrier((out, layer))
         return out, append(layer, k, v, batch, backend=self.backend, interpret=self.interpret)
 
     def _sharded_layer(self, layer, q, k, v, batch):
