@@ -584,35 +584,49 @@ class Engine:
 
 
 def _randomize(cache: kc.KVCache, key) -> kc.KVCache:
-    """Every leaf of the cache replaced by random data of its dtype (benchmark only), one layer at a time."""
+    """Every leaf of the cache replaced by pseudo-random data of its dtype (benchmark only), one layer at a time.
+
+    The data is a hash of each element's index, computed elementwise into the donated buffer: no temporaries (a
+    full-memory pool leaves no room for threefry's float32 / uint32 intermediates, several times a pool array).
+    """
+    seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     layers = []
     for i, layer in enumerate(cache.layers):
-        layers.append(_randomize_layer(layer, jax.random.fold_in(key, i)))
+        layers.append(_randomize_layer(layer, jnp.uint32(seed + 7919 * i)))
     return kc.KVCache(layers=tuple(layers))
 
 
+def _hash_unit(shape, seed, salt: int) -> jnp.ndarray:
+    """float32 in [0, 1) per element: a multiplicative hash of the element's flat index (fuses into its consumer)."""
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for ax in reversed(range(len(shape))):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(stride % 2**32)
+        stride *= shape[ax]
+    h = (idx + seed * jnp.uint32(0x9E3779B9) + jnp.uint32(salt)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    return (h >> 8).astype(jnp.float32) * (1.0 / 2**24)
+
+
 @partial(jax.jit, donate_argnums=0)
-def _randomize_layer(layer: kc.LayerCache, key) -> kc.LayerCache:
-    ks = jax.random.split(key, 8)
+def _randomize_layer(layer: kc.LayerCache, seed) -> kc.LayerCache:
+    def values(x, salt):  # 16-bit pools and tails: uniform in [-1.7, 1.7) (unit variance)
+        return ((_hash_unit(x.shape, seed, salt) * 2.0 - 1.0) * 1.732).astype(x.dtype)
 
-    def values(k, x):  # 16-bit pools and tails ~ N(0, 1)
-        return jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-
-    def pool(k1, k2, k3, p: kc.Pool) -> kc.Pool:
+    def pool(p: kc.Pool, salt: int) -> kc.Pool:
         if not p.spec.quantized:
-            return dataclasses.replace(p, codes=values(k1, p.codes))
-        codes = jax.random.bits(k1, p.codes.shape, jnp.uint8).astype(p.codes.dtype)
+            return dataclasses.replace(p, codes=values(p.codes, salt))
+        codes = (_hash_unit(p.codes.shape, seed, salt) * 256.0).astype(jnp.uint8).astype(p.codes.dtype)
         # scales in [0.01, 0.1] and zeros in [-1, 0]: dequantized values stay O(1), like real keys and values
-        scale = jax.random.uniform(k2, p.scale.shape, jnp.float32, 0.01, 0.1).astype(p.scale.dtype)
-        zero = None if p.zero is None else jax.random.uniform(k3, p.zero.shape, jnp.float32, -1.0, 0.0)
-        return dataclasses.replace(
-            p, codes=codes, scale=scale, zero=None if zero is None else zero.astype(p.zero.dtype)
-        )
+        scale = (0.01 + 0.09 * _hash_unit(p.scale.shape, seed, salt + 1)).astype(p.scale.dtype)
+        zero = None if p.zero is None else (-_hash_unit(p.zero.shape, seed, salt + 2)).astype(p.zero.dtype)
+        return dataclasses.replace(p, codes=codes, scale=scale, zero=zero)
 
     return dataclasses.replace(
         layer,
-        k=pool(ks[0], ks[1], ks[2], layer.k),
-        v=pool(ks[3], ks[4], ks[5], layer.v),
-        k_tail=values(ks[6], layer.k_tail),
-        v_tail=values(ks[7], layer.v_tail),
+        k=pool(layer.k, 1),
+        v=pool(layer.v, 11),
+        k_tail=values(layer.k_tail, 21),
+        v_tail=values(layer.v_tail, 31),
     )
