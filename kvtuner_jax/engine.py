@@ -592,7 +592,9 @@ def _randomize(cache: kc.KVCache, key) -> kc.KVCache:
     seed = int(jax.random.randint(key, (), 0, 2**31 - 1))
     layers = []
     for i, layer in enumerate(cache.layers):
-        layers.append(_randomize_layer(layer, jnp.uint32(seed + 7919 * i)))
+        # Waited for one layer at a time: each call writes fresh buffers and frees the donated ones only when it has
+        # run, so dispatching every layer asynchronously could hold a second copy of the whole cache on a GPU.
+        layers.append(jax.block_until_ready(_randomize_layer(layer, jnp.uint32(seed + 7919 * i))))
     return kc.KVCache(layers=tuple(layers))
 
 
