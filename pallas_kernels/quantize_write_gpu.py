@@ -117,4 +117,7 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
         )
     if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
         return codes, scale, zero
+    from pallas_kernels.paged_attention_gpu import check_index_range
+
+    check_index_range(codes=codes)  # same 32-bit offset limit as the attention kernel
     return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)

@@ -269,6 +269,13 @@ def test_rejects_pools_that_overflow_32_bit_offsets():
         k_codes=jax.ShapeDtypeStruct((8, 32768, 64, 128), jnp.uint8)
     )  # 2 GiB: last offset 2^31 - 1 still fits
     check_index_range(v_codes=jax.ShapeDtypeStruct((8, 65536, 64, 128), jnp.bfloat16))  # 8 GiB: 64-bit offsets
+    from pallas_kernels.quantize_write_gpu import quantize_write as write_gpu
+
+    pages = jax.ShapeDtypeStruct((8, 2, 64, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="codes .* 4.00 GiB"):  # the write kernel refuses the same pool
+        jax.eval_shape(
+            lambda c, pg: write_gpu(c, None, None, pg, jnp.zeros(2, jnp.int32), spec=_spec(8, group=128)), big, pages
+        )
 
 
 def test_rejects_unsupported_shapes(rng):
