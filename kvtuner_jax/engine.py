@@ -193,7 +193,8 @@ class Engine:
 
         self.data_shards = sh.mesh_sizes(mesh)[0]
         sh.check_divisible("max_seqs", max_seqs, self.data_shards)
-        pages = self.plan.num_pages - self.plan.num_pages % self.data_shards
+        pages = min(self.plan.num_pages, _gpu_page_cap(self.specs, base, backend))
+        pages -= pages % self.data_shards
         if pages != self.plan.num_pages:
             self.plan = dataclasses.replace(self.plan, num_pages=pages)
         cache_cfg = dataclasses.replace(base, num_pages=pages)
@@ -581,6 +582,23 @@ class Engine:
             self._running.append(req)
             reqs.append(req)
         return reqs
+
+
+def _gpu_page_cap(specs, cfg: kc.CacheConfig, backend: str) -> int:
+    """Most pages the GPU kernels can address: a 1-byte pool array of one layer must stay within 2^31 elements
+    (`pallas_kernels.paged_attention_gpu.check_index_range`); no cap on other backends."""
+    from pallas_kernels import layout
+    from pallas_kernels.paged_attention import resolve_backend
+
+    if resolve_backend(backend) != "gpu":
+        return 2**62
+    cap = 2**62
+    for s in specs:
+        for kv in (s.k, s.v):
+            if layout.codes_dtype(kv).itemsize == 1:
+                per_page = int(np.prod(layout.codes_shape(kv, cfg.num_kv_heads, 1, cfg.page_size, cfg.head_dim)))
+                cap = min(cap, 2**31 // per_page)
+    return cap
 
 
 def _randomize(cache: kc.KVCache, key) -> kc.KVCache:

@@ -354,3 +354,18 @@ def test_bf16_attention_precision_reaches_the_kernel_and_keeps_greedy_tokens(rng
     assert eng.generate(prompts, sp) == ref
     with pytest.raises(CacheError, match="precision"):
         make_engine(QUANT, chunk=8, precision="fp32")
+
+
+def test_gpu_page_cap_keeps_1_byte_pools_addressable():
+    """On GPU the planner's page count is capped so a layer's uint8 pool has at most 2^31 elements (Triton offsets);
+    8-bit per-token K at 8 heads x 64 x 128 per page gives 2^31 / 2^16 = 32768 pages; other backends are not capped."""
+    from kvtuner_jax import cache as kc
+    from kvtuner_jax.engine import _gpu_page_cap
+
+    cfg = kc.CacheConfig(32, 8, 128, 64, 1, 1, dtype="bfloat16")
+    specs = (LayerSpec(KVSpec(4, group_size=128), KVSpec(4, group_size=128)),) * 3 + (
+        LayerSpec(KVSpec(8, group_size=128), KVSpec(16)),
+    )
+    assert _gpu_page_cap(specs, cfg, "gpu") == 32768
+    assert _gpu_page_cap(specs[:3], cfg, "gpu") == 65536  # 4-bit rows are half as wide
+    assert _gpu_page_cap(specs, cfg, "reference") > 2**40
