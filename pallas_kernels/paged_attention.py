@@ -17,6 +17,7 @@ mode offers one. Backend kernels live beside it and are tested against `paged_at
 from __future__ import annotations
 
 import inspect
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +118,7 @@ def paged_attention(
     """
     if precision not in ("high", "bf16"):
         raise ValueError(f"precision {precision!r} is not one of 'high', 'bf16'")
-    backend = resolve_backend(backend)
+    requested, backend = backend, resolve_backend(backend)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     if backend == "reference":
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
@@ -130,6 +131,15 @@ def paged_attention(
             f"no {backend} paged-attention kernel for K mode {km.name!r} with V mode {vm.name!r}; this layer's "
             "attention runs on the jnp reference path",
         )
+        return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
+    # A kernel module may say which shapes it cannot run (`unsupported(q, k_codes, v_codes, *, k_spec, v_spec)`):
+    # under "auto" that layer falls back to the reference (logged once); an explicit backend raises.
+    check = getattr(sys.modules.get(getattr(kernel, "__module__", "")), "unsupported", None)
+    reason = check(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec) if check else None
+    if reason:
+        if requested != "auto":
+            raise ValueError(f"{backend} paged attention: {reason}; use backend='reference' or 'auto'")
+        modes.warn_once((k_spec, v_spec, q.shape[-1], "attention", backend), f"{reason}: this layer runs the reference")
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     kw = {"precision": precision} if "precision" in inspect.signature(kernel).parameters else {}
     return kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret, **kw)

@@ -437,6 +437,27 @@ def _kernel(
     l_ref[...] = jnp.sum(l, axis=0)
 
 
+def _page_size(k_codes, k_spec: KVSpec) -> int:
+    if k_spec.quantized and k_spec.axis == "channel":
+        return k_codes.shape[2] * 8 // k_spec.bits
+    return k_codes.shape[2]
+
+
+def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
+    """Why this kernel cannot run these shapes/specs (the dispatcher then falls back to the reference under
+    backend="auto"), or None. Page size and head_dim must be powers of two >= 16; a per-token packed row of one
+    group must span at least 16 bytes (tensor-core tile)."""
+    d = q.shape[-1]
+    page_size = _page_size(k_codes, k_spec)
+    if not (_pow2(page_size) and page_size >= 16 and _pow2(d) and d >= 16):
+        return f"page_size={page_size} and head_dim={d} must be powers of 2, at least 16"
+    for spec in (k_spec, v_spec):
+        if spec.quantized and spec.axis == "token":
+            if not _pow2(spec.group_size) or d // ta.codes_per_byte(spec.bits) < 16:
+                return f"token-axis group {spec.group_size} / head_dim {d} at {spec.bits} bits is not supported"
+    return None
+
+
 def check_index_range(**pools) -> None:
     """Raises ValueError for a 1-byte pool array of more than 2^31 and at most 2^32 bytes.
 
@@ -590,19 +611,13 @@ def _paged_attention_rows(
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
     b, hq, tq, d = q.shape
     h, n = k_codes.shape[:2]
-    page_size = (
-        k_codes.shape[2]
-        if not (k_spec.quantized and k_spec.axis == "channel")
-        else (k_codes.shape[2] * 8 // k_spec.bits)
-    )
-    if not (_pow2(page_size) and page_size >= 16 and _pow2(d) and d >= 16):
-        raise ValueError(f"page_size={page_size} and head_dim={d} must be powers of 2, at least 16")
+    page_size = _page_size(k_codes, k_spec)
+    reason = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
+    if reason:
+        raise ValueError(reason)
     check_index_range(k_codes=k_codes, v_codes=v_codes)
     ks = _side(k_spec, k_codes, page_size, d)
     vs = _side(v_spec, v_codes, page_size, d)
-    for side in (ks, vs):
-        if side.kind == "token" and (not _pow2(side.group) or d // side.per < 16):
-            raise ValueError(f"token-axis group {side.group} / head_dim {d} at {side.bits} bits is not supported")
     hg = hq // h
     rows = hg * tq
     R = max(16, _next_pow2(rows))

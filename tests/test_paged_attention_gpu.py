@@ -278,6 +278,22 @@ def test_rejects_pools_that_overflow_32_bit_offsets():
         )
 
 
+def test_auto_backend_falls_back_to_reference_where_the_kernel_cannot_run(rng, monkeypatch):
+    """head_dim 32 with 2-bit per-token rows (8 bytes < one 16-wide tile): "auto" on a GPU runs the reference for that
+    layer (exactly its numbers); an explicit backend="gpu" says why it cannot."""
+    import pallas_kernels.paged_attention as pa
+
+    ks, vs = _spec(2, group=32), _spec(4, "channel", 16)
+    q, k, v, pt, nt = _case(rng, ks, vs, d=32, lengths=[2 * 16, 16])
+    args = (q, *k, *v, pt, nt)
+    monkeypatch.setattr(pa, "resolve_backend", lambda b: "gpu" if b == "auto" else b)  # as on a GPU machine
+    out, lse = dispatch(*args, k_spec=ks, v_spec=vs, sm_scale=0.2, backend="auto", interpret=True)
+    ref, ref_lse = paged_attention_reference(*args, k_spec=ks, v_spec=vs, sm_scale=0.2)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    with pytest.raises(ValueError, match="token-axis group 32 / head_dim 32 at 2 bits"):
+        dispatch(*args, k_spec=ks, v_spec=vs, sm_scale=0.2, backend="gpu", interpret=True)
+
+
 def test_rejects_unsupported_shapes(rng):
     ks = _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, ks, p=16)
