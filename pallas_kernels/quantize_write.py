@@ -13,6 +13,8 @@ Backend kernels live beside it and are tested against `quantize_write_reference`
 
 from __future__ import annotations
 
+import sys
+
 import jax.numpy as jnp
 
 from kvtuner_jax import modes
@@ -89,7 +91,7 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: st
     """
     from pallas_kernels.paged_attention import resolve_backend
 
-    backend = resolve_backend(backend)
+    requested, backend = backend, resolve_backend(backend)
     if backend == "reference":
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
     validate(codes, scale, zero, pages, dest, spec)
@@ -100,5 +102,12 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: st
             (mode.name, "write", backend),
             f"KV mode {mode.name!r} has no {backend} write kernel; its pages are written by the jnp reference path",
         )
+        return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
+    # A kernel module may say which shapes it cannot write (`unsupported(pages, *, spec)`): "auto" then uses the
+    # reference for this layer (logged once); an explicit backend raises (in the kernel's own check).
+    check = getattr(sys.modules.get(getattr(kernel, "__module__", "")), "unsupported", None)
+    reason = check(pages, spec=spec) if check and requested == "auto" else None
+    if reason:
+        modes.warn_once((spec, pages.shape[2:], "write", backend), f"{reason}: this layer is written by the reference")
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
     return kernel(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)

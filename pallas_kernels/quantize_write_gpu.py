@@ -101,6 +101,18 @@ def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
     return codes, scale, zero
 
 
+def unsupported(pages, *, spec: KVSpec) -> str | None:
+    """Why this kernel cannot write these pages (the dispatcher falls back to the reference under "auto"), or None."""
+    del spec
+    _, _, p, d = pages.shape
+    if not (_is_pow2(p) and _is_pow2(d)):
+        return (
+            f"the GPU (Triton) write kernel needs page_size and head_dim to be powers of two, got page_size={p}, "
+            f"head_dim={d}"
+        )
+    return None
+
+
 def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
     """Quantize `pages` [H, M, P, D] per `spec`, pack, and write page m to physical page dest[m] (skip if < 0).
 
@@ -109,12 +121,9 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
     and the write is in place (eagerly, XLA copies the pool first).
     dest must not repeat a physical page (two programs would race on it).
     """
-    _, _, p, d = pages.shape
-    if not (_is_pow2(p) and _is_pow2(d)):
-        raise ValueError(
-            f"the GPU (Triton) write kernel needs page_size and head_dim to be powers of two, got page_size={p}, "
-            f"head_dim={d}; use backend='reference'"
-        )
+    reason = unsupported(pages, spec=spec)
+    if reason:
+        raise ValueError(f"{reason}; use backend='reference'")
     if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
         return codes, scale, zero
     from pallas_kernels.paged_attention_gpu import check_index_range

@@ -232,3 +232,19 @@ def test_gpu_rejects_non_power_of_two_shapes():
     pool = layout.allocate(spec, 1, 2, 16, 48)
     with pytest.raises(ValueError, match="powers of two"):
         quantize_write_gpu.quantize_write(*pool, jnp.zeros((1, 1, 16, 48)), jnp.zeros((1,), jnp.int32), spec=spec)
+
+
+def test_auto_backend_writes_unsupported_shapes_with_the_reference(rng, monkeypatch):
+    """head_dim 48 on a GPU machine: "auto" writes that layer with the reference (bit-identical), instead of failing."""
+    import pallas_kernels.paged_attention as pa
+
+    spec = _spec(4, "token", 16)
+    pool = layout.allocate(spec, 2, 4, 16, 48)
+    pages, dest = _pages(rng, 2, 2, 16, 48), jnp.asarray([3, 1], jnp.int32)
+    monkeypatch.setattr(pa, "resolve_backend", lambda b: "gpu" if b == "auto" else b)
+    got = quantize_write(*pool, pages, dest, spec=spec, backend="auto", interpret=True)
+    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    with pytest.raises(ValueError, match="powers of two"):
+        quantize_write(*pool, pages, dest, spec=spec, backend="gpu", interpret=True)
