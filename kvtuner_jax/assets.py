@@ -7,6 +7,7 @@ not install. Every path can be overridden by the caller or by the environment va
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 from pathlib import Path
 
@@ -76,3 +77,26 @@ def kvtuner_presets_dir(path: str | os.PathLike | None = None) -> Path:
     if not p.is_dir():
         raise AssetError(f"KVTuner presets directory {p} does not exist (set ${PRESETS_ENV} to the folder of *.yaml)")
     return p
+
+
+def read_jsonl_strings(path: str | os.PathLike, key: str) -> list[str]:
+    """Strings of a JSONL file: each non-blank line a JSON string or an object with a string under `key`.
+
+    Raises AssetError naming the file and line for a missing file, invalid JSON or a line without that string.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AssetError(f"{path} does not exist")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AssetError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        text = obj if isinstance(obj, str) else obj.get(key) if isinstance(obj, dict) else None
+        if not isinstance(text, str):
+            raise AssetError(f'{path}:{n}: expected a JSON string or an object with a "{key}" string')
+        out.append(text)
+    return out

@@ -13,7 +13,6 @@ Which KV manifest runs (first match wins):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -96,22 +95,11 @@ class InferenceConfig:
 def read_prompts(cfg: InferenceConfig) -> list[str]:
     prompts = list(cfg.prompts)
     if cfg.prompts_file:
-        path = Path(cfg.prompts_file)
-        if not path.is_file():
-            raise KVTunerError(f"--prompts_file {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise KVTunerError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if isinstance(obj, str):
-                prompts.append(obj)
-            elif isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                prompts.append(obj["prompt"])
-            else:
-                raise KVTunerError(f'{path}:{n}: expected a JSON string or an object with a "prompt" string')
+        from kvtuner_jax.assets import read_jsonl_strings
+
+        if not Path(cfg.prompts_file).is_file():
+            raise KVTunerError(f"--prompts_file {cfg.prompts_file} does not exist")
+        prompts += read_jsonl_strings(cfg.prompts_file, "prompt")
     return prompts or [DEFAULT_PROMPT]
 
 

@@ -121,3 +121,22 @@ def test_end_to_end_embedded_model(capsys):
         inference.main_guard(lambda: inference.run(bad, out=io.StringIO()))
     assert e.value.code == 2
     assert "prompt 0: " in capsys.readouterr().err
+
+
+def test_jsonl_inputs_one_reader_errors_name_file_and_line(tmp_path):
+    """Prompts (key "prompt") and eval texts (key "text") come from the same JSONL reader."""
+    from kvtuner_jax import eval as ev
+    from kvtuner_jax.assets import read_jsonl_strings
+    from kvtuner_jax.errors import AssetError
+
+    good = tmp_path / "p.jsonl"
+    good.write_text('"plain"\n\n{"prompt": "a", "text": "b"}\n')
+    assert inference.read_prompts(inference.InferenceConfig(prompts_file=str(good))) == ["plain", "a"]
+    assert ev.load_texts([str(good)]) == ["plain", "b"]
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('"ok"\n{"text": 3}\n')
+    with pytest.raises(AssetError, match=f'{bad}:2: expected a JSON string or an object with a "text" string'):
+        read_jsonl_strings(bad, "text")
+    bad.write_text('"ok"\n{oops\n')
+    with pytest.raises(AssetError, match=f"{bad}:2: not valid JSON"):
+        inference.read_prompts(inference.InferenceConfig(prompts_file=str(bad)))

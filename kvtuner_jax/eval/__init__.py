@@ -113,17 +113,7 @@ def load_texts(paths: Sequence[str] = (), split: str = "heldout") -> list[str]:
             raise AssetError(f"text input {p} does not exist or holds no .txt/.jsonl files")
         for f in files:
             if f.suffix == ".jsonl":
-                for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise AssetError(f"{f}:{n}: not valid JSON ({e.msg})") from None
-                    text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
-                    if not isinstance(text, str):
-                        raise AssetError(f'{f}:{n}: expected a JSON string or an object with a "text" string')
-                    out.append(text)
+                out += assets.read_jsonl_strings(f, "text")
             else:
                 out.append(f.read_text(encoding="utf-8", errors="replace"))
     return out
