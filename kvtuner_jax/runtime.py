@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -20,8 +20,7 @@ import numpy as np
 from kvtuner_jax import cache as kc
 from kvtuner_jax.errors import CacheError
 from kvtuner_jax.model import ModelConfig, Params, forward
-from kvtuner_jax.page_table import PageAllocator, SequencePages, pages_needed, table_rows
-from kvtuner_jax.sampling import SamplingParams, sample
+from kvtuner_jax.page_table import SequencePages, pages_needed, table_rows
 from kvtuner_jax.specs import LayerSpec
 
 
@@ -170,107 +169,3 @@ def make_batch(
         num_new=conv(np.array(num_new, np.int32)),
         slots=conv(np.array([-1 if s is None else s.slot for s in seqs], np.int32)),
     )
-
-
-def generate(
-    runner: ModelRunner,
-    prompts: Sequence[Sequence[int]],
-    sampling: SamplingParams,
-    eos_ids: Sequence[int] = (),
-    on_token: Callable[[int, int], None] | None = None,
-) -> list[list[int]]:
-    """Static-batch generation: one prefill step for all prompts, then decode steps until every row stops.
-
-    Raises CacheError before any compute when a prompt plus max_new_tokens cannot fit the cache.
-    """
-    b = len(prompts)
-    cc = runner.cache_cfg
-    if b == 0:
-        return []
-    if b > cc.max_seqs:
-        raise CacheError(f"{b} prompts but the cache has {cc.max_seqs} sequence slots (max_seqs)")
-    total_need = 0
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise CacheError(f"prompt {i} is empty")
-        need = runner.pages_for(len(p) + sampling.max_new_tokens)
-        total_need += need
-        if need > cc.num_pages:
-            raise CacheError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} it needs {need} pages "
-                f"of {cc.page_size} tokens but the cache holds {cc.num_pages} pages in all"
-            )
-    if total_need > cc.num_pages:
-        raise CacheError(f"the {b} prompts need {total_need} pages together; the cache holds {cc.num_pages}")
-    # Data parallelism: prompt i is row i; rows split evenly over data shards (padding rows at the end of the last
-    # ones), and a row's slot and pages come from its own shard's ranges (kvtuner_jax.sharding).
-    data = runner.data_shards
-    rows_per = -(-b // data)
-    nrows, slots_per = rows_per * data, cc.max_seqs // data
-    if data > 1:
-        if rows_per > slots_per:
-            raise CacheError(
-                f"{b} prompts over data={data} shards need {rows_per} slots per shard; each has {slots_per}"
-            )
-        for d in range(data):
-            need = sum(
-                runner.pages_for(len(p) + sampling.max_new_tokens) for p in prompts[d * rows_per : (d + 1) * rows_per]
-            )
-            if need > cc.num_pages // data:
-                raise CacheError(f"prompts of data shard {d} need {need} pages; a shard holds {cc.num_pages // data}")
-    # Table width: enough for the longest request, bucketed; the reference path reads every listed page.
-    max_pages = bucket(max(runner.pages_for(len(p) + sampling.max_new_tokens) for p in prompts))
-    if data == 1:
-        alloc = PageAllocator(cc.num_pages)
-        take = lambda n, row: alloc.allocate(n)
-    else:
-        from kvtuner_jax.sharding import ShardedPageAllocator
-
-        salloc = ShardedPageAllocator(cc.num_pages, data)
-        take = lambda n, row: salloc.allocate(n, row // rows_per)
-    seqs = [SequencePages(slot=(i // rows_per) * slots_per + i % rows_per) if i < b else None for i in range(nrows)]
-    cache = runner.init_cache()
-    keys = jax.random.split(jax.random.key(sampling.seed), b)
-    if nrows > b:  # padding rows sample with a copy of key 0; their tokens are dropped
-        keys = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (nrows - b,))])
-    temp = jnp.full((nrows,), sampling.temperature, jnp.float32)
-    top_k = jnp.full((nrows,), sampling.top_k, jnp.int32)
-    top_p = jnp.full((nrows,), sampling.top_p, jnp.float32)
-    sampler = jax.jit(sample)
-    fold = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(0, None)))
-
-    t = bucket(max(len(p) for p in prompts), 16)
-    tokens = np.zeros((nrows, t), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
-    num_new = [len(p) for p in prompts] + [0] * (nrows - b)
-    out: list[list[int]] = [[] for _ in range(b)]
-    done = [sampling.max_new_tokens == 0] * b + [True] * (nrows - b)
-    step_no = 0
-    while not all(done):
-        for i, (s, n) in enumerate(zip(seqs, num_new, strict=True)):
-            if s is not None:
-                s.pages += take(runner.pages_for(s.length + n) - len(s.pages), i)
-        batch = make_batch(seqs, num_new, max_pages, as_numpy=runner.mesh is not None)
-        logits, cache = runner.step(cache, tokens, batch)
-        step_keys = fold(keys, step_no)
-        nxt = np.asarray(sampler(logits, step_keys, temp, top_k, top_p))
-        for i, s in enumerate(seqs):
-            if s is not None:
-                s.length += num_new[i]
-        tokens = np.zeros((nrows, 1), np.int32)
-        num_new = [0] * nrows
-        for i in range(b):
-            if done[i]:
-                continue
-            tok = int(nxt[i])
-            out[i].append(tok)
-            if on_token is not None:
-                on_token(i, tok)
-            if tok in eos_ids or len(out[i]) >= sampling.max_new_tokens:
-                done[i] = True
-            else:
-                tokens[i, 0] = tok
-                num_new[i] = 1
-        step_no += 1
-    return out

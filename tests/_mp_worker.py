@@ -32,9 +32,8 @@ def main(argv):
     import jax
     import numpy as np
 
-    from kvtuner_jax import cache as kc
     from kvtuner_jax import model
-    from kvtuner_jax.runtime import ModelRunner, generate
+    from kvtuner_jax.engine import Engine
     from kvtuner_jax.sampling import SamplingParams
     from kvtuner_jax.specs import KVSpec, LayerSpec
 
@@ -44,10 +43,11 @@ def main(argv):
         LayerSpec(KVSpec(4, axis="channel", group_size=8), KVSpec(2, group_size=16), residual_length=4),
         LayerSpec(KVSpec(8, symmetric=True, group_size=16), KVSpec(16), residual_length=0),
     )
-    cc = kc.CacheConfig(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 8, 16, 4, dtype="float32")
     mesh = sharding.mesh_from_flag(FLAGS.mesh)
-    runner = ModelRunner(cfg, params, specs, cc, backend="reference", mesh=mesh)
-    tokens = generate(runner, PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
+    engine = Engine(cfg, params, specs, mesh, max_seqs=4, max_seq_len=64, page_size=8, num_pages=16,
+                    cache_dtype="float32", backend="reference", eos_ids=())  # fmt: skip
+    runner = engine.runner
+    tokens = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=MAX_NEW))
     info = {
         "tokens": tokens,
         "process_index": jax.process_index(),
