@@ -93,12 +93,7 @@ def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
         interpret=interpret,
         name=f"quantize_write_b{spec.bits}_{spec.axis}",
     )(dest.astype(jnp.int32), pages, *pool)
-    it = iter(out)
-    codes = next(it)
-    if spec.quantized:
-        scale = next(it)
-        zero = next(it) if zero is not None else None
-    return codes, scale, zero
+    return tile_quant.pool_outputs(out, scale, zero)
 
 
 def unsupported(pages, *, spec: KVSpec) -> str | None:

@@ -235,3 +235,11 @@ def dequantize_tile(codes, scale, zero, *, bits, group_size, axis, symmetric, re
     if symmetric:
         return (q - 2 ** (bits - 1)) * s
     return q * s + expand_groups(zero, group_size, axis, q.shape, reshape=reshape)
+
+
+def pool_outputs(out, scale, zero):
+    """A write kernel's outputs (the pool arrays that exist, in `(codes, scale, zero)` order) -> the full triple,
+    None where the pool has no such array (`scale`/`zero` are the inputs, to tell which exist)."""
+    it = iter(out)
+    codes = next(it)
+    return codes, None if scale is None else next(it), None if zero is None else next(it)
