@@ -9,6 +9,15 @@ scheduling, sampling and the host round trip. The cache is filled with random K/
     PYTHONPATH=. python3 benchmarks/e2e.py --out /tmp/e2e.json                       # GPU, the full comparison
     PYTHONPATH=. python3 benchmarks/e2e.py --shape tiny --contexts 64,128 --batch 4 --kv_budget_gb 0.01 --steps 3
 
+Device memory: `--kv_budget_gb` unset sizes the pool from `planner.device_budget_bytes`, i.e. XLA's `bytes_limit`
+(the client preallocates XLA_PYTHON_CLIENT_MEM_FRACTION of the GPU, 0.75 by default) minus what is in use (the
+weights), times --mem_fraction, minus --reserve_gb. The compiled step needs little besides the donated cache and the
+weights (XLA's buffer assignment: 29 MiB of temporaries for the 8B step on the H100, independent of the pool;
+`benchmarks/step_memory.py` prints it), and `fill_random` rewrites each layer in place, so a full-memory run is
+
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 PYTHONPATH=. python3 benchmarks/e2e.py --mem_fraction 0.95 --reserve_gb 2 \
+        --measure_max_batch --out /tmp/e2e_full.json
+
 Manifests: 16/16 (bf16 cache), 8/8, the upstream KVTuner 3.25-bit schedule (configs/llama31_8b_kvtuner_3.25bit.json),
 4/4, 2/2; uniform ones use the schedule's KIVI layout (K per channel, V per token, groups of 32, residual 32) unless
 --uniform_layout=pertoken. Targets (reported, not asserted): at 16K the 3.25-bit schedule holds >= 3x the concurrent

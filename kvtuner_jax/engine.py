@@ -629,7 +629,9 @@ def _hash_unit(shape, seed, salt: int) -> jnp.ndarray:
     return (h >> 8).astype(jnp.float32) * (1.0 / 2**24)
 
 
-@partial(jax.jit, donate_argnums=0)
+# keep_unused: the layer is only read for its shapes, and jit would otherwise prune it from the computation, so
+# nothing is aliased and each call holds a fresh layer next to the donated one (one extra layer, >1 GiB on the 8B).
+@partial(jax.jit, donate_argnums=0, keep_unused=True)
 def _randomize_layer(layer: kc.LayerCache, seed) -> kc.LayerCache:
     def values(x, salt):  # 16-bit pools and tails: uniform in [-1.7, 1.7) (unit variance)
         return ((_hash_unit(x.shape, seed, salt) * 2.0 - 1.0) * 1.732).astype(x.dtype)
