@@ -85,11 +85,14 @@ def scale_zero(stats, bits: int, symmetric: bool, scale_dtype, div: Div = jnp.di
 
     Same float32 expressions as `kvtuner_jax.quant.quantize`.
     """
+    fmax = float(jnp.finfo(scale_dtype).max)  # a group too wide for the scale dtype saturates, as in the reference
     if symmetric:
         (amax,) = stats
-        return div(jnp.maximum(amax, EPS), jnp.float32(2 ** (bits - 1) - 1)).astype(scale_dtype), None
+        scale = jnp.minimum(div(jnp.maximum(amax, EPS), jnp.float32(2 ** (bits - 1) - 1)), fmax)
+        return scale.astype(scale_dtype), None
     mn, mx = stats
-    return div(jnp.maximum(mx - mn, EPS), jnp.float32(2**bits - 1)).astype(scale_dtype), mn.astype(scale_dtype)
+    scale = jnp.minimum(div(jnp.maximum(mx - mn, EPS), jnp.float32(2**bits - 1)), fmax)
+    return scale.astype(scale_dtype), jnp.clip(mn, -fmax, fmax).astype(scale_dtype)
 
 
 def codes_of(x, scale_full, zero_full, bits: int, symmetric: bool, div: Div = jnp.divide) -> jnp.ndarray:

@@ -11,6 +11,12 @@ from __future__ import annotations
 import os
 import re
 
+if os.environ.get("KVTUNER_TEST_COMPILED") == "1":
+    # On a GPU, XLA may drop the reference's f32 -> f16 -> f32 rounding of scales as "excess precision", so the
+    # reference would quantize with unrounded scales while the kernel uses the stored ones (read before the backend
+    # starts: run this file on its own, as the GPU check does).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_allow_excess_precision=false").strip()
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -248,3 +254,18 @@ def test_auto_backend_writes_unsupported_shapes_with_the_reference(rng, monkeypa
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     with pytest.raises(ValueError, match="powers of two"):
         quantize_write(*pool, pages, dest, spec=spec, backend="gpu", interpret=True)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+def test_groups_too_wide_for_fp16_scales_saturate_like_the_reference(backend, sym, rng):
+    """Values of +-2e5 at 2 bits: range / 3 and the minimum exceed fp16's 65504. The reference clamps scale and zero
+    to the dtype's range (codes clip instead of an inf scale); the kernels must write the same bytes."""
+    spec, p, d = _spec(2, "token", 32, sym=sym), 16, 64
+    pool = layout.allocate(spec, 2, 4, p, d)
+    pages = jnp.asarray(rng.uniform(-2e5, 2e5, (2, 2, p, d)).astype(np.float32)).astype(jnp.bfloat16)
+    dest = jnp.array([3, 0], jnp.int32)
+    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    assert np.all(np.isfinite(np.asarray(want[1], np.float32)))  # the reference saturates
+    got = quantize_write(*pool, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
+    _assert_same_bytes(got, want)
