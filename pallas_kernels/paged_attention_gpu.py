@@ -20,8 +20,11 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   channel per*i+j through a permuted query (`arrange_q_token`), and per-token scale/zero are folded into the
   scores (`s * (q.c) + z * sum q`) and into the probabilities (`(p * s) . c + sum(p * z)`), so the per-element
   work is shift, mask, int->bf16 and the tensor-core dot.
-- Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field) and their
-  per-channel scales are folded into the query (keys) or into the output (values), one token group at a time.
+- Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field); their
+  per-channel scales are folded into the query one token group at a time (keys, default) or applied by dequantizing
+  the block in the kernel (`channel_keys="dequant"`); channel-axis values have theirs applied to the output per
+  token group. Per-token values with several groups per head are dequantized per field tile (default) or folded
+  into p group by group (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 """
@@ -164,7 +167,8 @@ def _kernel(
     )
 
     def block_tiles(i, pages, which):
-        """Code tiles of a block for the 16-bit and token-axis stores ([TB, cols] each), or () for channel-axis."""
+        """Code tiles of a block: [TB, cols] each for 16-bit and token-axis stores; for a channel-axis store its raw
+        bytes in token order [TB, D]; () for a side not in `which`."""
         out = []
         for side, c_ref, w in ((ks, kc_ref, which[0]), (vs, vc_ref, which[1])):
             if not w:
