@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kvtuner_jax.specs import KVSpec
+from pallas_kernels import layout
 from pallas_kernels import tile_attention as ta
 
 
@@ -441,18 +442,12 @@ def _kernel(
     l_ref[...] = jnp.sum(l, axis=0)
 
 
-def _page_size(k_codes, k_spec: KVSpec) -> int:
-    if k_spec.quantized and k_spec.axis == "channel":
-        return k_codes.shape[2] * 8 // k_spec.bits
-    return k_codes.shape[2]
-
-
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
     """Why this kernel cannot run these shapes/specs (the dispatcher then falls back to the reference under
     backend="auto"), or None. Page size and head_dim must be powers of two >= 16; a per-token packed row of one
     group must span at least 16 bytes (tensor-core tile)."""
     d = q.shape[-1]
-    page_size = _page_size(k_codes, k_spec)
+    page_size = layout.page_size_of(k_spec, k_codes, d)
     if not (_pow2(page_size) and page_size >= 16 and _pow2(d) and d >= 16):
         return f"page_size={page_size} and head_dim={d} must be powers of 2, at least 16"
     for spec in (k_spec, v_spec):
@@ -615,7 +610,7 @@ def _paged_attention_rows(
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
     b, hq, tq, d = q.shape
     h, n = k_codes.shape[:2]
-    page_size = _page_size(k_codes, k_spec)
+    page_size = layout.page_size_of(k_spec, k_codes, d)
     reason = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if reason:
         raise ValueError(reason)

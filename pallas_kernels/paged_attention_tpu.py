@@ -35,12 +35,6 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout, tile_quant
 
 
-def _page_size(spec: KVSpec, codes) -> int:
-    if spec.quantized and spec.axis == "channel":
-        return codes.shape[2] * 8 // spec.bits
-    return codes.shape[2]
-
-
 def _store_refs(spec: KVSpec) -> int:
     """Arrays one store (K or V) passes to the kernel: codes (+ scale) (+ zero)."""
     if not spec.quantized:
@@ -155,7 +149,7 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
     g = hq // h
     r = g * t
     mp = page_table.shape[1]
-    p = _page_size(k_spec, k_codes)
+    p = layout.page_size_of(k_spec, k_codes, d)
 
     def page_map(j):
         def index(bi, hi, i, pt, nt):
@@ -237,9 +231,9 @@ def paged_attention(
     BlockSpec, so more pages per step amortize the per-step cost.
     """
     d = q.shape[-1]
-    p = _page_size(k_spec, k_codes)
-    if _page_size(v_spec, v_codes) != p:
-        raise ValueError(f"K and V page sizes differ: {p} vs {_page_size(v_spec, v_codes)}")
+    p, pv = (layout.page_size_of(spec, codes, q.shape[-1]) for spec, codes in ((k_spec, k_codes), (v_spec, v_codes)))
+    if pv != p:
+        raise ValueError(f"K and V page sizes differ: {p} vs {pv}")
     layout.check_spec(k_spec, p, d)
     layout.check_spec(v_spec, p, d)
     ppb = pages_per_block or default_pages_per_block(p, page_table.shape[1])
