@@ -49,6 +49,7 @@ from kvtuner_jax.page_table import SequencePages
 from kvtuner_jax.runtime import ModelRunner, bucket, make_batch
 from kvtuner_jax.sampling import SamplingParams, sample
 from kvtuner_jax.specs import LayerSpec
+from pallas_kernels.paged_attention import PRECISIONS
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 MIN_PREFILL_BUCKET = 16  # smallest T of a step that carries prefill tokens (fewer distinct shapes to compile)
@@ -163,8 +164,8 @@ class Engine:
     ):
         if max_seqs <= 0:
             raise CacheError(f"max_seqs must be positive, got {max_seqs}")
-        if precision not in ("high", "bf16"):
-            raise CacheError(f"precision must be 'high' or 'bf16', got {precision!r}")
+        if precision not in PRECISIONS:
+            raise CacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         if prefill_chunk <= 0 or prefill_chunk & (prefill_chunk - 1):
             raise CacheError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
         self.model = model
@@ -592,12 +593,14 @@ def _gpu_page_cap(specs, cfg: kc.CacheConfig, backend: str) -> int:
 
     if resolve_backend(backend) != "gpu":
         return 2**62
+    from pallas_kernels.paged_attention_gpu import MAX_1BYTE_POOL_ELEMENTS
+
     cap = 2**62
     for s in specs:
         for kv in (s.k, s.v):
             if layout.codes_dtype(kv).itemsize == 1:
                 per_page = int(np.prod(layout.codes_shape(kv, cfg.num_kv_heads, 1, cfg.page_size, cfg.head_dim)))
-                cap = min(cap, 2**31 // per_page)
+                cap = min(cap, MAX_1BYTE_POOL_ELEMENTS // per_page)
     return cap
 
 

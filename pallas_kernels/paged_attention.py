@@ -27,6 +27,8 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
 from pallas_kernels.quantize_write import check_pool, dequantize_pages
 
+PRECISIONS = ("high", "bf16")  # paged-attention operand precision: ~16-bit bf16 splits, or plain bf16
+
 
 def validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec) -> None:
     if q.ndim != 4:
@@ -116,8 +118,8 @@ def paged_attention(
     minus `backend`), so an unused backend or mode costs no import or compile time. When neither mode offers one,
     the reference runs and a warning is logged once.
     """
-    if precision not in ("high", "bf16"):
-        raise ValueError(f"precision {precision!r} is not one of 'high', 'bf16'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
     requested, backend = backend, resolve_backend(backend)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     if backend == "reference":
@@ -134,8 +136,7 @@ def paged_attention(
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     # A kernel module may say which shapes it cannot run (`unsupported(q, k_codes, v_codes, *, k_spec, v_spec)`):
     # under "auto" that layer falls back to the reference (logged once); an explicit backend raises.
-    check = getattr(sys.modules.get(getattr(kernel, "__module__", "")), "unsupported", None)
-    reason = check(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec) if check else None
+    reason = kernel_unsupported(kernel, q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if reason:
         if requested != "auto":
             raise ValueError(f"{backend} paged attention: {reason}; use backend='reference' or 'auto'")
@@ -143,6 +144,12 @@ def paged_attention(
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     kw = {"precision": precision} if "precision" in inspect.signature(kernel).parameters else {}
     return kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret, **kw)
+
+
+def kernel_unsupported(kernel, *args, **kw) -> str | None:
+    """Why `kernel` cannot run these inputs, from its module's optional `unsupported(*args, **kw)`, or None."""
+    check = getattr(sys.modules.get(getattr(kernel, "__module__", "")), "unsupported", None)
+    return check(*args, **kw) if check else None
 
 
 def resolve_backend(backend: str) -> str:

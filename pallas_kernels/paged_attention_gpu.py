@@ -42,6 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
 from pallas_kernels import tile_attention as ta
+from pallas_kernels.paged_attention import PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -457,6 +458,9 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     return None
 
 
+MAX_1BYTE_POOL_ELEMENTS = 2**31  # int32 offsets reach size - 1 (see check_index_range)
+
+
 def check_index_range(**pools) -> None:
     """Raises ValueError for a 1-byte pool array of more than 2^31 and at most 2^32 bytes.
 
@@ -466,7 +470,7 @@ def check_index_range(**pools) -> None:
     """
     for name, arr in pools.items():
         nbytes = arr.size * arr.dtype.itemsize
-        if arr.dtype.itemsize == 1 and arr.size > 2**31 and nbytes <= 2**32:  # offsets up to size - 1
+        if arr.dtype.itemsize == 1 and arr.size > MAX_1BYTE_POOL_ELEMENTS and nbytes <= 2**32:
             raise ValueError(
                 f"{name} {tuple(arr.shape)} {arr.dtype} is {nbytes / 2**30:.2f} GiB: 1-byte pools of 2-4 GiB per layer "
                 "overflow the Triton lowering's 32-bit offsets; plan a smaller KV budget (--kv_cache_gb), or shard "
@@ -566,10 +570,10 @@ def paged_attention(
         small_value_groups=small_value_groups,
         variant=_variant,
     )
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "bf16":
         kw["parts"] = 1
-    elif precision != "high":
-        raise ValueError(f"precision={precision!r}: expected 'high' or 'bf16'")
     for name, val in (("channel_keys", channel_keys), ("small_value_groups", small_value_groups)):
         if val not in ("dequant", "fold"):
             raise ValueError(f"{name}={val!r}: expected 'dequant' or 'fold'")

@@ -13,8 +13,6 @@ Backend kernels live beside it and are tested against `quantize_write_reference`
 
 from __future__ import annotations
 
-import sys
-
 import jax.numpy as jnp
 
 from kvtuner_jax import modes
@@ -89,7 +87,7 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: st
     aliased; donate the pool under jit). A mode without a kernel for the backend runs the reference instead, and a
     warning is logged once.
     """
-    from pallas_kernels.paged_attention import resolve_backend
+    from pallas_kernels.paged_attention import kernel_unsupported, resolve_backend
 
     requested, backend = backend, resolve_backend(backend)
     if backend == "reference":
@@ -105,8 +103,7 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: st
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
     # A kernel module may say which shapes it cannot write (`unsupported(pages, *, spec)`): "auto" then uses the
     # reference for this layer (logged once); an explicit backend raises (in the kernel's own check).
-    check = getattr(sys.modules.get(getattr(kernel, "__module__", "")), "unsupported", None)
-    reason = check(pages, spec=spec) if check and requested == "auto" else None
+    reason = kernel_unsupported(kernel, pages, spec=spec) if requested == "auto" else None
     if reason:
         modes.warn_once((spec, pages.shape[2:], "write", backend), f"{reason}: this layer is written by the reference")
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
