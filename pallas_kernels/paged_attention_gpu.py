@@ -263,18 +263,10 @@ def _kernel(
                     s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
         elif kdeq:
             # Dequantize the block (one FMA per element against per-token rows of the group scales), split it into
-            # bf16 parts and run one set of dots: cheaper than re-scaling and re-splitting q per group.
+            # bf16 parts and run one set of dots instead of re-scaling q per group (slower on the H100: BENCHMARKS.md).
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             sc_rows = zt_rows = None
-            if variant == "kgather":  # per-token rows of the group scales loaded (L1 hits) instead of selected
-                t_in = tok % P
-                page_tok = pt_ref[base + tok // P]
-                ok = ((base + tok // P < npages) & (page_tok >= 0))[:, None]
-                page_tok = jnp.minimum(jnp.where(ok[:, 0], page_tok, 0), N - 1)
-                sc_rows = jnp.where(ok, ksc_ref[page_tok, t_in // ks.group, :].astype(jnp.float32), 0.0)
-                zr = None if kz_ref is None else kz_ref[page_tok, t_in // ks.group, :]
-                zt_rows = jnp.where(ok, ta.zero_term(sc_rows, zr, ks.bits), 0.0) - off * sc_rows
-            for pp in range(ppb if sc_rows is None else 0):
+            for pp in range(ppb):
                 for tg in range(ks.ngroups):
                     sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
                     lo = pp * P + tg * ks.group
