@@ -79,6 +79,15 @@ def build_manifest(name: str, cfg: model.ModelConfig, layout: str) -> mf.Manifes
     return mf.uniform(ident, k, v, **layout_settings(layout, cfg.head_dim))
 
 
+def mem_line(tag: str) -> None:
+    """Prints the device allocator's bytes in use / peak / limit (GPU); nothing on backends without the stats."""
+    st = jax.devices()[0].memory_stats() or {}
+    if "bytes_in_use" in st:
+        gib = {k: st.get(k, 0) / 2**30 for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")}
+        print(f"  memory {tag}: in use {gib['bytes_in_use']:.2f} GiB, peak {gib['peak_bytes_in_use']:.2f}, "
+              f"limit {gib['bytes_limit']:.2f}", flush=True)  # fmt: skip
+
+
 def time_decode(cfg, params, manifest, batch, context, args) -> dict:
     """Engine at `batch` sequences of `context` cached tokens: seconds per decode step (median of --repeats)."""
     steps = args.warmup + args.steps * args.repeats
@@ -99,9 +108,12 @@ def time_decode(cfg, params, manifest, batch, context, args) -> dict:
         eos_ids=(),
     )
     # one token more than the timed steps: the requests are still running when the stats are read
+    mem_line(f"engine of {batch} x {context} allocated")
     eng.fill_random(batch, context, seed=0, sampling=SamplingParams(max_new_tokens=steps + 1))
+    mem_line("after fill_random")
     for _ in range(args.warmup):
         eng.step()
+    mem_line("after warm-up steps")
     compiles = eng.compiles
     times = []
     for _ in range(args.repeats):
@@ -114,6 +126,7 @@ def time_decode(cfg, params, manifest, batch, context, args) -> dict:
     assert eng.compiles == compiles, "a timed step recompiled"
     del eng
     gc.collect()
+    mem_line("after the engine is freed")
     dt = float(np.median(times))
     return {
         "batch": batch,
