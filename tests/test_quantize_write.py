@@ -1,7 +1,11 @@
 """Packed page write kernels (GPU Triton, TPU Mosaic) against `quantize_write_reference`: bit-exact codes, scales and
 zero-points, pages of other sequences untouched, dest < 0 skipped.
 
-Kernels run in interpret mode on CPU. KVTUNER_TEST_COMPILED=1 runs the GPU kernel compiled (on a real GPU).
+Kernels run in interpret mode on CPU. KVTUNER_TEST_COMPILED=1 runs the GPU kernel compiled (on a real GPU), against
+the reference evaluated on the CPU. Known open defect (H100, 2026-11-22): compiled, the asymmetric specs differ from
+the reference in 1-2 codes of ~7,000 (one quantization step each; symmetric and 8-bit specs are exact), so
+`test_write_bit_exact_and_other_pages_untouched` fails there for those specs; cause not yet found (division and
+the scale/zero rounding are correctly rounded in the kernel).
 Equality is exact (byte for byte): the kernels compute the reference's float32 expressions in the same order, so any
 difference is a bug, not rounding.
 """
@@ -79,6 +83,16 @@ def _poisoned_pool(rng, spec, h, n, p, d):
     return tuple(out)
 
 
+def _reference(*args, spec):
+    """`quantize_write_reference`, on the CPU when the kernel runs compiled: XLA's GPU backend may rewrite the
+    reference's float32 expressions (division, fused rounding), its CPU backend evaluates them as written."""
+    if not COMPILED:
+        return quantize_write_reference(*args, spec=spec)
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        return quantize_write_reference(*jax.device_put(args, cpu), spec=spec)
+
+
 def _bytes(a):
     return None if a is None else np.asarray(a).view(np.uint8)
 
@@ -100,7 +114,7 @@ def test_write_bit_exact_and_other_pages_untouched(backend, case, rng):
     before = [None if a is None else np.array(a) for a in pool]
     pages = _pages(rng, h, m, p, d)
     dest = jnp.array([5, -1, 2], jnp.int32)
-    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    want = _reference(*pool, pages, dest, spec=spec)
     got = quantize_write(*pool, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
     _assert_same_bytes(got, want)
     # Independently of the reference: every page but 5 and 2 is byte-for-byte what was there (the poison).
@@ -150,7 +164,7 @@ def test_tpu_write_two_cores_no_races(rng):
         got = quantize_write_tpu.quantize_write(*pool, pages, dest, spec=spec, interpret=params)
         assert tpu_interpreter.races.races_found == racy
         if not racy:
-            _assert_same_bytes(got, quantize_write_reference(*pool, pages, dest, spec=spec))
+            _assert_same_bytes(got, _reference(*pool, pages, dest, spec=spec))
 
 
 def _abstract_mesh(kind: str, platform: str):
@@ -249,7 +263,7 @@ def test_auto_backend_writes_unsupported_shapes_with_the_reference(rng, monkeypa
     pages, dest = _pages(rng, 2, 2, 16, 48), jnp.asarray([3, 1], jnp.int32)
     monkeypatch.setattr(pa, "resolve_backend", lambda b: "gpu" if b == "auto" else b)
     got = quantize_write(*pool, pages, dest, spec=spec, backend="auto", interpret=True)
-    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    want = _reference(*pool, pages, dest, spec=spec)
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
     with pytest.raises(ValueError, match="powers of two"):
@@ -265,7 +279,7 @@ def test_groups_too_wide_for_fp16_scales_saturate_like_the_reference(backend, sy
     pool = layout.allocate(spec, 2, 4, p, d)
     pages = jnp.asarray(rng.uniform(-2e5, 2e5, (2, 2, p, d)).astype(np.float32)).astype(jnp.bfloat16)
     dest = jnp.array([3, 0], jnp.int32)
-    want = quantize_write_reference(*pool, pages, dest, spec=spec)
+    want = _reference(*pool, pages, dest, spec=spec)
     assert np.all(np.isfinite(np.asarray(want[1], np.float32)))  # the reference saturates
     got = quantize_write(*pool, pages, dest, spec=spec, backend=backend, interpret=INTERPRET[backend])
     _assert_same_bytes(got, want)
