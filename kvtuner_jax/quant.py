@@ -9,7 +9,12 @@ Written for clarity, not speed. The contract is DESIGN.md's "Numerics contract":
   `x_hat = (q - 2^(b-1)) * scale`.
 - Scale and zero-point (`mn`) are stored in a 16-bit float (`scale_dtype`). They are rounded to that dtype *first* and
   the codes are computed from the rounded values, so what is stored is exactly what the codes were made against.
-- Rounding is round-half-to-even (`jnp.round`), in float32.
+- Rounding is round-half-to-even of the exact quotient (`round_div`): `q` is the integer nearest to the real number
+  `d / scale`, where `d = x - mn` (or `x`) is the float32 difference and `scale` the stored 16-bit value; ties go to
+  even. XLA does not promise a correctly rounded float32 division (on CPU and GPU it may multiply by a reciprocal),
+  and with 16-bit scales exact ties are common, so a plain `round(d / scale)` would differ between backends.
+- `scale` is the range times the float32 constant `1 / (2^b - 1)` (`1 / (2^(b-1) - 1)`), a multiplication, so it is
+  the same on every backend, then rounded to the scale dtype.
 - Non-finite inputs (NaN, +-Inf) are quantized as if they were 0. A NaN therefore cannot poison its group's scale,
   and groups are independent, so nothing else is affected either. (A model producing NaN keys is broken anyway; the
   cache must not turn one bad element into a bad sequence.)
@@ -35,6 +40,25 @@ Axis = Literal["token", "channel"]
 
 QUANT_BITS = (2, 4, 8)
 EPS = 1e-4  # floor on a group's range, so a constant group gets a finite, nonzero scale
+
+
+def inv_levels(bits: int, symmetric: bool) -> np.float32:
+    """The float32 constant a group's range (asymmetric) or absmax (symmetric) is multiplied by to give its scale."""
+    return np.float32(1.0 / (2 ** (bits - 1) - 1 if symmetric else 2**bits - 1))
+
+
+def round_div(d: jnp.ndarray, s: jnp.ndarray) -> jnp.ndarray:
+    """round(d / s) with ties to even, exactly, for float32 d and positive s holding a 16-bit float; float32 result.
+
+    The quotient (any float32 division, even one a few ulps off) only picks the candidate k = floor(d / s); the
+    rounding is decided by comparing d with (k + 1/2) * s, a product that is exact in float32 (k + 1/2 has at most
+    10 significant bits for |k| <= 300, s at most 11). Quotients beyond +-300 are clipped first: every caller clips
+    the codes to at most 255 afterwards. Elementwise jnp only, so the Pallas kernels use it unchanged.
+    """
+    k = jnp.floor(jnp.clip(d / s, -300.0, 300.0))
+    t = (k + 0.5) * s
+    odd = k - 2.0 * jnp.floor(k * 0.5)  # 1.0 when k is odd
+    return k + jnp.where(d > t, 1.0, jnp.where(d < t, 0.0, odd))
 
 
 def _check(bits: int, axis: str) -> None:
@@ -86,15 +110,15 @@ def quantize(
     if symmetric:
         half = 2 ** (bits - 1)
         amax = jnp.max(jnp.abs(g), axis=ga, keepdims=True)
-        scale = jnp.minimum(jnp.maximum(amax, EPS) / (half - 1), fmax).astype(scale_dtype)
-        q = jnp.clip(jnp.round(g / scale.astype(jnp.float32)) + half, 0, qmax)
+        scale = jnp.minimum(jnp.maximum(amax, EPS) * inv_levels(bits, True), fmax).astype(scale_dtype)
+        q = jnp.clip(round_div(g, scale.astype(jnp.float32)) + half, 0, qmax)
         zero = None
     else:
         mn = jnp.min(g, axis=ga, keepdims=True)
         mx = jnp.max(g, axis=ga, keepdims=True)
-        scale = jnp.minimum(jnp.maximum(mx - mn, EPS) / qmax, fmax).astype(scale_dtype)
+        scale = jnp.minimum(jnp.maximum(mx - mn, EPS) * inv_levels(bits, False), fmax).astype(scale_dtype)
         zero = jnp.clip(mn, -fmax, fmax).astype(scale_dtype)
-        q = jnp.clip(jnp.round((g - zero.astype(jnp.float32)) / scale.astype(jnp.float32)), 0, qmax)
+        q = jnp.clip(round_div(g - zero.astype(jnp.float32), scale.astype(jnp.float32)), 0, qmax)
     codes = q.astype(jnp.uint8).reshape(x.shape)
     scale = jnp.squeeze(scale, ga)
     zero = None if zero is None else jnp.squeeze(zero, ga)

@@ -8,8 +8,8 @@ pages are touched.
 Triton needs every in-kernel array size to be a power of two, so page_size and head_dim must be powers of two
 (every group size that divides them then is one too). Other shapes: use the reference backend.
 
-Numerics: bit-exact against `quantize_write_reference`. NVIDIA Triton lowers f32 `/` to an approximate division, so
-compiled runs divide with PTX `div.rn.f32` (correctly rounded, like XLA); interpret mode uses plain `/`.
+Numerics: bit-exact against `quantize_write_reference`, compiled or interpreted: `tile_quant` never lets a result
+depend on how float32 division rounds (Triton's `/` on NVIDIA is approximate, and so is XLA's).
 """
 
 from __future__ import annotations
@@ -30,20 +30,7 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _div_rn(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-    """Correctly rounded f32 division on NVIDIA GPUs (Triton's `/` is `div.full.f32`, up to 2 ulp off)."""
-    a, b = jnp.broadcast_arrays(a.astype(jnp.float32), b.astype(jnp.float32))
-    (out,) = plgpu.elementwise_inline_asm(
-        "div.rn.f32 $0, $1, $2;",
-        args=[a, b],
-        constraints="=r,r,r",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)],
-    )
-    return out
-
-
-def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec, div):
+def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec):
     # dest_ref: [M] int32 (whole); pages_ref: [P, D] (page m, head h); refs = aliased pool inputs (unused), then the
     # pool outputs, whole: codes [H, N, rows, cols], scale/zero [H, N, srows, scols] (when quantized).
     n_pool = len(refs) // 2
@@ -66,7 +53,6 @@ def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec, div):
             symmetric=spec.symmetric,
             scale_dtype=scale_dtype_of(spec.scale_dtype),
             reshape=True,
-            div=div,
         )
         codes_ref[h, d] = codes
         param_refs[0][h, d] = scale
@@ -79,7 +65,7 @@ def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
     h, m, p, d = pages.shape
     pool = [a for a in (codes, scale, zero) if a is not None]
     out = pl.pallas_call(
-        functools.partial(_kernel, spec=spec, div=jnp.divide if interpret else _div_rn),
+        functools.partial(_kernel, spec=spec),
         grid=(m, h),
         in_specs=[
             pl.BlockSpec(memory_space=pl.ANY),  # dest, whole

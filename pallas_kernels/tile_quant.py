@@ -2,8 +2,9 @@
 
 Plain functions of arrays (no refs), so they run inside any Pallas kernel and, unchanged, outside one (tests).
 They reproduce `kvtuner_jax.quant.quantize` + `quant.pack` bit for bit: the same float32 operations in the same
-order (range, `/ qmax`, rounding of scale/zero to the scale dtype first, `(x - zero) / scale`, round half to even,
-clip), so a kernel built from them is bit-exact against `quantize_write_reference` wherever division is IEEE.
+order (range, `* 1/qmax`, rounding of scale/zero to the scale dtype first, `x - zero`, `quant.round_div`, clip). No
+result depends on how a backend divides (round_div decides ties with an exact product), so a kernel built from them
+is bit-exact against `quantize_write_reference` on every backend, compiled or interpreted.
 
 Two ways to do the work that moves data across lanes (grouping along head_dim, packing codes into bytes):
 - `reshape=True` (Triton): split the grouped axis with reshapes and reduce; every shape stays a power of two.
@@ -15,25 +16,10 @@ Two ways to do the work that moves data across lanes (grouping along head_dim, p
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax.numpy as jnp
 from jax import lax
 
-from kvtuner_jax.quant import EPS
-
-Div = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
-
-
-def round_half_even(y: jnp.ndarray) -> jnp.ndarray:
-    """Round half to even (like `jnp.round`) from floor only: Triton has no lowering for `lax.round`.
-
-    `y - floor(y)` is exact in float32, so the tie test is exact. Callers clamp y to a small range first (infinities).
-    """
-    f = jnp.floor(y)
-    d = y - f
-    odd = f - 2.0 * jnp.floor(f * 0.5)  # 1.0 when f is odd, else 0.0
-    return jnp.where(d > 0.5, f + 1.0, jnp.where(d < 0.5, f, f + odd))
+from kvtuner_jax.quant import EPS, inv_levels, round_div
 
 
 def _reduce_axis(axis: str) -> int:
@@ -80,37 +66,30 @@ def group_stats(x: jnp.ndarray, group_size: int, axis: str, *, symmetric: bool, 
     return tuple(compact), tuple(full)
 
 
-def scale_zero(stats, bits: int, symmetric: bool, scale_dtype, div: Div = jnp.divide):
+def scale_zero(stats, bits: int, symmetric: bool, scale_dtype):
     """Group statistics -> (scale, zero) rounded to `scale_dtype` (zero None when symmetric). Elementwise.
 
     Same float32 expressions as `kvtuner_jax.quant.quantize`.
     """
     fmax = float(jnp.finfo(scale_dtype).max)  # a group too wide for the scale dtype saturates, as in the reference
+    inv = jnp.float32(inv_levels(bits, symmetric))
     if symmetric:
         (amax,) = stats
-        scale = jnp.minimum(div(jnp.maximum(amax, EPS), jnp.float32(2 ** (bits - 1) - 1)), fmax)
+        scale = jnp.minimum(jnp.maximum(amax, EPS) * inv, fmax)
         return scale.astype(scale_dtype), None
     mn, mx = stats
-    scale = jnp.minimum(div(jnp.maximum(mx - mn, EPS), jnp.float32(2**bits - 1)), fmax)
+    scale = jnp.minimum(jnp.maximum(mx - mn, EPS) * inv, fmax)
     return scale.astype(scale_dtype), jnp.clip(mn, -fmax, fmax).astype(scale_dtype)
 
 
-def codes_of(x, scale_full, zero_full, bits: int, symmetric: bool, div: Div = jnp.divide) -> jnp.ndarray:
-    """x [P, D] f32 and scale/zero broadcast to [P, D] (scale dtype) -> unpacked codes [P, D] int32 in [0, 2^b).
-
-    `div`: float32 division; the Triton kernel passes a correctly rounded one (its `/` is approximate on NVIDIA).
-    """
+def codes_of(x, scale_full, zero_full, bits: int, symmetric: bool) -> jnp.ndarray:
+    """x [P, D] f32 and scale/zero broadcast to [P, D] (scale dtype) -> unpacked codes [P, D] int32 in [0, 2^b)."""
     qmax = 2**bits - 1
     s = scale_full.astype(jnp.float32)
     if symmetric:
-        half = 2 ** (bits - 1)
-        y = div(x, s)
-        y = jnp.clip(y, -half - 1.0, half + 1.0)  # keeps infinities out of the rounding; the clip below is unchanged
-        q = round_half_even(y) + half
+        q = round_div(x, s) + 2 ** (bits - 1)
     else:
-        y = div(x - zero_full.astype(jnp.float32), s)
-        y = jnp.clip(y, -1.0, qmax + 1.0)
-        q = round_half_even(y)
+        q = round_div(x - zero_full.astype(jnp.float32), s)
     return jnp.clip(q, 0.0, float(qmax)).astype(jnp.int32)
 
 
@@ -159,7 +138,6 @@ def quantize_tile(
     symmetric: bool,
     scale_dtype,
     reshape: bool,
-    div: Div = jnp.divide,
 ):
     """One page of one KV head, x [P, D] (any float) -> (packed codes uint8, scale, zero | None) in the pool layout.
 
@@ -168,9 +146,9 @@ def quantize_tile(
     xf = x.astype(jnp.float32)
     xf = jnp.where(jnp.isfinite(xf), xf, 0.0)  # non-finite values quantize as 0 (quant.py contract)
     compact, full = group_stats(xf, group_size, axis, symmetric=symmetric, reshape=reshape)
-    scale_c, zero_c = scale_zero(compact, bits, symmetric, scale_dtype, div)
-    scale_f, zero_f = scale_zero(full, bits, symmetric, scale_dtype, div)
-    codes = codes_of(xf, scale_f, zero_f, bits, symmetric, div)
+    scale_c, zero_c = scale_zero(compact, bits, symmetric, scale_dtype)
+    scale_f, zero_f = scale_zero(full, bits, symmetric, scale_dtype)
+    codes = codes_of(xf, scale_f, zero_f, bits, symmetric)
     return pack_tile(codes, bits, axis, reshape=reshape), scale_c, zero_c
 
 
