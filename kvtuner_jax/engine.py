@@ -81,6 +81,13 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    def token_span(self, start: int, stop: int) -> list[int]:
+        """`tokens[start:stop]` without building the whole list (a decode step reads one token of a 16K history)."""
+        n = len(self.prompt)
+        if start >= n:
+            return self.output[start - n : stop - n]
+        return self.prompt[start:stop] + self.output[: max(0, stop - n)]
+
     @property
     def finished(self) -> bool:
         return self.status == FINISHED
@@ -346,7 +353,7 @@ class Engine:
             )
         while self._waiting and self._free_slots:
             req = self._waiting[0]
-            need = self.runner.pages_for(len(req.tokens) + 1)
+            need = self.runner.pages_for(len(req.prompt) + len(req.output) + 1)
 
             def spare(d: int) -> int:
                 return self.alloc.num_free_in(d) - growth[d]
@@ -420,7 +427,7 @@ class Engine:
         seqs: list[SequencePages | None] = [None] * b
         for req, n in sched:
             row = req.seq.slot
-            tokens[row, :n] = req.tokens[req.num_computed : req.num_computed + n]
+            tokens[row, :n] = req.token_span(req.num_computed, req.num_computed + n)
             num_new[row] = n
             seqs[row] = req.seq
         batch = make_batch(seqs, num_new, self.max_pages_per_seq, as_numpy=self.data_shards > 1)

@@ -21,7 +21,7 @@ import pytest
 
 from kvtuner_jax import faithful, model, planner
 from kvtuner_jax import manifest as mf
-from kvtuner_jax.engine import Engine
+from kvtuner_jax.engine import Engine, Request
 from kvtuner_jax.errors import CacheError
 from kvtuner_jax.sampling import SamplingParams
 from kvtuner_jax.specs import KVSpec, LayerSpec, ModelIdentity
@@ -294,7 +294,7 @@ import dataclasses, json, sys
 import jax, numpy as np
 sys.path.insert(0, "tests")
 from test_engine import CFG, PARAMS, QUANT, F16, PAGE, MAX_LEN
-from kvtuner_jax.engine import Engine
+from kvtuner_jax.engine import Engine, Request
 from kvtuner_jax.sampling import SamplingParams
 from kvtuner_jax.sharding import mesh_from_flag
 
@@ -369,3 +369,14 @@ def test_gpu_page_cap_keeps_1_byte_pools_addressable():
     assert _gpu_page_cap(specs, cfg, "gpu") == 32768
     assert _gpu_page_cap(specs[:3], cfg, "gpu") == 65536  # 4-bit rows are half as wide
     assert _gpu_page_cap(specs, cfg, "reference") > 2**40
+
+
+def test_token_span_equals_slicing_the_whole_history(rng):
+    """Request.token_span(a, b) is tokens[a:b] for spans inside the prompt, inside the output and across both."""
+    for _ in range(200):
+        p, o = int(rng.integers(0, 12)), int(rng.integers(0, 12))
+        req = Request(0, list(rng.integers(0, 100, p)), SamplingParams(), frozenset(), 0)
+        req.output = list(rng.integers(100, 200, o))
+        a = int(rng.integers(0, p + o + 1))
+        b = int(rng.integers(a, p + o + 3))
+        assert req.token_span(a, b) == req.tokens[a:b], (p, o, a, b)
