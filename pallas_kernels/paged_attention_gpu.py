@@ -309,25 +309,43 @@ def _kernel(
         elif vdeq:
             # Small value groups: dequantize each field tile (one FMA per element against the token's group scale)
             # and split it into bf16 parts, so p is split once per block instead of re-scaled and re-split per group,
-            # and no per-group zero-point sums over tokens are needed.
+            # and no per-group zero-point sums over tokens are needed. The per-element scale / offset tiles are built
+            # once per column block (a byte column's group is the same in every field when the group size is a
+            # multiple of the codes per byte), and rows past the end get scale and zero-point 0 as [TB] vectors (a
+            # stale page may hold NaN scales), so no per-element select remains for them.
             gpb = vs.cb * vs.per // vs.group
             pv = ta.split_parts(jnp.where(valid[:, None], p, 0.0), parts)
+            sc_rows = [jnp.where(valid, prm[1][0][g], 0.0) for g in range(vs.ngroups)]  # [TB] each
+            zt_rows = [
+                jnp.where(valid, ta.zero_term(prm[1][0][g], prm[1][1][g] if prm[1][1] else None, vs.bits), 0.0)
+                for g in range(vs.ngroups)
+            ]
+
+            def group_tiles(cbi, j):
+                """(scale, offset of the magic operand) per element of field j of column block cbi: [TB, cb] or
+                [TB, 1]."""
+                sc_t = zt_t = None
+                for g in range(cbi * gpb, (cbi + 1) * gpb):
+                    sc, zt = sc_rows[g][:, None], zt_rows[g][:, None]
+                    if gpb > 1:
+                        keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
+                        sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
+                        zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
+                    sc_t, zt_t = sc, zt
+                if ta.field_weight(vs.bits, j) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
+                    return sc_t, -ta.MAGIC * sc_t
+                return sc_t, zt_t - ta.MAGIC * sc_t
+
+            shared = vs.group % vs.per == 0
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
+                once = {}
                 for j in range(vs.nf):
-                    sc_t = zt_t = None
-                    for g in range(cbi * gpb, (cbi + 1) * gpb):
-                        sc = prm[1][0][g][:, None]  # [TB, 1]
-                        zt = ta.zero_term(prm[1][0][g], prm[1][1][g] if prm[1][1] else None, vs.bits)[:, None]
-                        if gpb > 1:
-                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
-                            sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
-                            zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
-                        sc_t, zt_t = sc, zt
-                    if ta.field_weight(vs.bits, j) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
-                        zt_t = jnp.zeros_like(zt_t)
-                    vf = ta.magic_operand(x, vs.bits, j).astype(jnp.float32) * sc_t + (zt_t - ta.MAGIC * sc_t)
-                    vf = jnp.where(valid[:, None], vf, 0.0)  # a stale page may hold NaN scales
+                    key = (cbi, ta.field_weight(vs.bits, j)) if shared else (cbi, j)
+                    if key not in once:
+                        once[key] = group_tiles(cbi, j)
+                    sc_t, off_t = once[key]
+                    vf = ta.magic_operand(x, vs.bits, j).astype(jnp.float32) * sc_t + off_t
                     vp = ta.split_parts(vf, parts)  # [TB, cb] each
                     d = None
                     for a in reversed(range(parts)):
