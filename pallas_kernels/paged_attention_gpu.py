@@ -428,7 +428,7 @@ def _kernel(
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s)
         if variant == "novalues":  # ablation: scores and softmax only
-            accs = [a + jnp.sum(p[:, :1]) for a in accs]
+            accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]  # keeps p live; Triton cannot slice it
             return m_new, l_new, accs, zaccs, *nxt
         accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
         return m_new, l_new, accs, zaccs, *nxt
