@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from _lowering import abstract_mesh
 
 from kvtuner_jax import cache as kc
 from kvtuner_jax import faithful, model, modes
@@ -250,7 +251,7 @@ def test_fp8_attention_kernels_lower():
     )
     args = (jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16), *k, *k)
     args += (jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32))
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100", "gpu")):
+    with jax.sharding.use_abstract_mesh(abstract_mesh("NVIDIA H100", "gpu")):
         assert "triton" in jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     for ps, v_spec in ((16, spec), (128, KVSpec(16))):
         kk = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 8, 32, ps, 128)[:2]]
@@ -259,13 +260,8 @@ def test_fp8_attention_kernels_lower():
             q, kc, ks, None, vc, vs, None, pt, nt, k_spec=spec, v_spec=v_spec, sm_scale=0.1
         )
         a = (args[0], *kk, *vv, args[-2], args[-1])
-        with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
+        with jax.sharding.use_abstract_mesh(abstract_mesh("TPU v5 lite", "tpu")):
             assert "tpu_custom_call" in jax.export.export(jax.jit(t), platforms=["tpu"])(*a).mlir_module()
-
-
-def _abstract_mesh(kind: str, platform: str):
-    dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
-    return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev)
 
 
 @pytest.mark.parametrize("page_size", [16, 128])
@@ -278,10 +274,10 @@ def test_fp8_write_kernels_lower_in_place(page_size):
     args = (*pool, jax.ShapeDtypeStruct((2, 3, page_size, 64), jnp.bfloat16), jax.ShapeDtypeStruct((3,), jnp.int32))
     spec = dataclasses.replace(FP8, group_size=64)
     tpu = lambda c, s, pg, d: fp8_kernels.quantize_write_tpu(c, s, None, pg, d, spec=spec)[:2]
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("TPU v5 lite", "tpu")):
+    with jax.sharding.use_abstract_mesh(abstract_mesh("TPU v5 lite", "tpu")):
         assert "tpu_custom_call" in jax.export.export(jax.jit(tpu), platforms=["tpu"])(*args).mlir_module()
     gpu = lambda c, s, pg, d: fp8_kernels.quantize_write_gpu(c, s, None, pg, d, spec=spec)[:2]
-    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA H100", "gpu")):
+    with jax.sharding.use_abstract_mesh(abstract_mesh("NVIDIA H100", "gpu")):
         lowered = jax.jit(gpu, donate_argnums=(0, 1)).trace(*args).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
     assert "triton" in text and "stablehlo.copy" not in text

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _lowering import abstract_mesh
 
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
@@ -306,8 +307,7 @@ def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     """The compiled kernel, and each ablation variant benchmarks/attention.py can time (`_variant`), lowers to Triton
     for an abstract H100 for per-token and KIVI-layout pools: a Triton lowering failure otherwise shows only on a GPU
     (the "novalues" variant sliced a register tile, which Triton cannot)."""
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=1, platform="gpu")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev)
+    mesh = abstract_mesh("NVIDIA H100", "gpu")
     for ks, vs in [(_spec(4, group=128), _spec(4, group=128)), (_spec(4, "channel", 32), _spec(2, group=32))]:
         pools = [layout.allocate(s, 8, 64, 64, 128) for s in (ks, vs)]
         pools = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for p in pools for a in p]

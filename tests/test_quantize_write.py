@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType
+from _lowering import abstract_mesh
 
 from kvtuner_jax import quant
 from kvtuner_jax.specs import KVSpec
@@ -164,12 +164,6 @@ def test_tpu_write_two_cores_no_races(rng):
             _assert_same_bytes(got, _reference(*pool, pages, dest, spec=spec))
 
 
-def _abstract_mesh(kind: str, platform: str):
-    """Lowering a kernel for a platform this host lacks needs the target device: an abstract mesh names it."""
-    dev = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1, platform=platform)
-    return jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
-
-
 @pytest.mark.parametrize(
     "backend,platform,kind", [("gpu", "cuda", "NVIDIA H100"), ("tpu", "tpu", "TPU v5 lite")], ids=["gpu", "tpu"]
 )
@@ -182,7 +176,7 @@ def test_write_in_place_under_jit_donation(backend, platform, kind):
     def step(codes, scale, zero, pages, dest):
         return quantize_write(codes, scale, zero, pages, dest, spec=spec, backend=backend)
 
-    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu" if platform == "cuda" else platform)):
+    with jax.sharding.use_abstract_mesh(abstract_mesh(kind, "gpu" if platform == "cuda" else platform)):
         text = (
             jax.jit(step, donate_argnums=(0, 1, 2))
             .trace(*pool, jax.ShapeDtypeStruct((2, 1, p, d), jnp.bfloat16), jax.ShapeDtypeStruct((1,), jnp.int32))
@@ -255,7 +249,7 @@ def test_gpu_write_lowers_to_triton():
     """The compiled GPU path (Triton lowering) lowers on CPU for an abstract H100."""
     from pallas_kernels import quantize_write_gpu
 
-    mesh = _abstract_mesh("NVIDIA H100", "gpu")
+    mesh = abstract_mesh("NVIDIA H100", "gpu")
     for spec, p, d in (CASES[1], CASES[3], CASES[-1]):
         pool = [
             None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for a in layout.allocate(spec, 2, 4, p, d)

@@ -14,7 +14,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AxisType
+from _lowering import abstract_mesh
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout, paged_attention_tpu, quantize_write_tpu
@@ -24,12 +24,6 @@ HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 64, 128)
 SDTS = ("float16", "bfloat16")
 CHIP = "TPU v5 lite"
-
-
-def _mesh(chip: str = CHIP):
-    """Lowering for TPU on a CPU host needs the target chip: an abstract device in an abstract mesh."""
-    dev = jax.sharding.AbstractDevice(device_kind=chip, num_cores=1, platform="tpu")
-    return jax.sharding.AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=dev)
 
 
 def _sds(a):
@@ -47,7 +41,7 @@ def _v_spec(bits, sym, d, sdt="float16"):
 
 
 def _export(f, *args, chip: str = CHIP):
-    with jax.sharding.use_abstract_mesh(_mesh(chip)):
+    with jax.sharding.use_abstract_mesh(abstract_mesh(chip, "tpu")):
         exp = jax.export.export(jax.jit(f), platforms=["tpu"])(*args)
     text = exp.mlir_module()
     assert "tpu_custom_call" in text
