@@ -19,7 +19,9 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
 - Token-axis packed codes are never interleaved back into channel order: field j of byte column i meets query
   channel per*i+j through a permuted query (`arrange_q_token`), and per-token scale/zero are folded into the
   scores (`s * (q.c) + z * sum q`) and into the probabilities (`(p * s) . c + sum(p * z)`), so the per-element
-  work is shift, mask, int->bf16 and the tensor-core dot.
+  work is shift, mask, int->bf16 and the tensor-core dot. Compiled, the unpacking is PTX inline assembly working on
+  four bytes at once (`magic_fields`: prmt + shift + lop3, two bf16 operands per instruction), measured 1.15-1.3x
+  faster per call than element-wise jnp ops on the H200 (BENCHMARKS.md); interpret mode runs the jnp form.
 - Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field); their
   per-channel scales are folded into the query one token group at a time (keys, default) or applied by dequantizing
   the block in the kernel (`channel_keys="dequant"`); channel-axis values have theirs applied to the output per
@@ -99,6 +101,45 @@ def _dot_parts(a, b_parts, trans_a: bool = False):
     return acc
 
 
+def _asm_field_ptx(bits: int, j: int) -> str:
+    """PTX for one instance of `magic_fields`' inline assembly: 4 code bytes in, field j's 4 operands out.
+
+    prmt spreads bytes (b0, b1) and (b2, b3) into the 16-bit lanes of two words, then a shift and one lop3
+    `(t & mask) | 0x4300` per word make two bf16 operands `128 + field` at once: ~1.5 instructions per operand (the
+    prmt is the same for every field), where the element-wise jnp form costs ~4 (widen, shift, mask, or) on one
+    16-bit value per 32-bit register.
+    """
+    fb = ta.field_bits(bits)
+    mask = (1 << fb) - 1
+    m = f"0x{mask:04X}{mask:04X}"
+    magic = f"0x{ta.MAGIC_BITS:04X}{ta.MAGIC_BITS:04X}"
+    lines = ["{", ".reg .b32 t0, t1, z;", "mov.b32 z, 0;", "prmt.b32 t0, $2, z, 0x4140;", "prmt.b32 t1, $2, z, 0x4342;"]
+    if j:
+        lines += [f"shr.b32 t0, t0, {j * fb};", f"shr.b32 t1, t1, {j * fb};"]
+    lines += [f"lop3.b32 $0, t0, {m}, {magic}, 0xEA;", f"lop3.b32 $1, t1, {m}, {magic}, 0xEA;", "}"]
+    return "\n".join(lines)
+
+
+def magic_fields(x, bits: int, asm: bool) -> list:
+    """Every field of a token-axis code tile x (uint8 [rows, cols]) as bf16 `128 + field` (tile_attention's
+    `magic_operand` for j = 0 .. num_fields - 1). `asm`: by PTX inline assembly, four bytes per instance (compiled
+    GPU kernels only; the interpreter runs the jnp form, which gives the same bits). One call per field: JAX 0.11's
+    Triton lowering of `elementwise_inline_asm` returns a single result."""
+    nf = ta.num_fields(bits)
+    if not asm:
+        return [ta.magic_operand(x, bits, j) for j in range(nf)]
+    return [
+        plgpu.elementwise_inline_asm(
+            _asm_field_ptx(bits, j),
+            args=[x],
+            constraints="=r,=r,r",
+            pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)],
+        )[0]
+        for j in range(nf)
+    ]
+
+
 def _kernel(
     *refs,
     ks: _Side,
@@ -115,6 +156,7 @@ def _kernel(
     prefetch: bool,
     kdeq: bool = False,
     vdeq: bool = False,
+    asm: bool = False,
     variant: str = "",
 ):
     it = iter(refs)
@@ -231,6 +273,8 @@ def _kernel(
         2/4-bit codes use the magic conversion (operand = 128 + code); 8-bit codes an int->float conversion.
         """
         t_in = tok % P
+        if side.bits <= 4 and variant in ("krows0", "kboth"):  # ablation: one field for every row (wrong values)
+            return magic_fields(x, side.bits, asm)[0], ta.MAGIC
         if side.bits <= 4:
             return ta.magic_operand_rows(x, side.bits, t_in % side.per), ta.MAGIC
         return ta.codes_to_operand(ta.unpack_field_rows(x, side.bits, t_in % side.per)), 0.0
@@ -250,7 +294,7 @@ def _kernel(
             gpb = ks.cb * ks.per // ks.group
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
-                cs = [ta.magic_operand(x, ks.bits, j) for j in range(ks.nf)]  # 128 + field, bf16
+                cs = magic_fields(x, ks.bits, asm)  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
@@ -284,15 +328,16 @@ def _kernel(
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = jnp.zeros((TB, R), jnp.float32)
-            for pp in range(ppb):
-                for tg in range(ks.ngroups):
+            one = variant in ("kgroup1", "kboth")  # ablation: one unmasked dot per block (wrong values)
+            for pp in range(1 if one else ppb):
+                for tg in range(1 if one else ks.ngroups):
                     sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
                     q_s = ta.split_parts(q_t * sc[:, None], parts)  # [D, R]: per-channel scale folded into q
                     zq = jnp.sum(q_t * zt[:, None], axis=0) - off * jnp.sum(ta.parts_value(q_s), axis=0)
                     d = _dot_parts(c, q_s) + zq[None, :]
                     lo = pp * P + tg * ks.group
                     rows = (tok >= lo) & (tok < lo + ks.group)
-                    s = s + jnp.where(rows[:, None], d, 0.0)
+                    s = s + (d if one else jnp.where(rows[:, None], d, 0.0))
         return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
 
     def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
@@ -339,13 +384,14 @@ def _kernel(
             shared = vs.group % vs.per == 0
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
+                cs = magic_fields(x, vs.bits, asm)
                 once = {}
                 for j in range(vs.nf):
                     key = (cbi, ta.field_weight(vs.bits, j)) if shared else (cbi, j)
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
                     sc_t, off_t = once[key]
-                    vf = ta.magic_operand(x, vs.bits, j).astype(jnp.float32) * sc_t + off_t
+                    vf = cs[j].astype(jnp.float32) * sc_t + off_t
                     vp = ta.split_parts(vf, parts)  # [TB, cb] each
                     d = None
                     for a in reversed(range(parts)):
@@ -363,7 +409,7 @@ def _kernel(
                     xt = x.T
                     cs = [ta.magic_operand(xt, vs.bits, j) for j in range(vs.nf)]
                 else:
-                    cs = [ta.magic_operand(x, vs.bits, j) for j in range(vs.nf)]  # 128 + field, bf16
+                    cs = magic_fields(x, vs.bits, asm)  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = prm[1][0][g]
                     zt = ta.zero_term(sc, prm[1][1][g] if prm[1][1] else None, vs.bits)
@@ -488,6 +534,17 @@ def check_index_range(**pools) -> None:
             )
 
 
+UNPACKS = ("auto", "asm", "jnp")
+
+
+def _use_asm(unpack: str, interpret: bool) -> bool:
+    if unpack not in UNPACKS:
+        raise ValueError(f"unpack={unpack!r}: expected one of {UNPACKS}")
+    if unpack == "asm" and interpret:
+        raise ValueError("unpack='asm' runs PTX and cannot run under interpret=True; use 'auto' or 'jnp'")
+    return unpack == "asm" or (unpack == "auto" and not interpret)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -527,6 +584,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int, fu
         "channel_keys",
         "small_value_groups",
         "precision",
+        "unpack",
         "_variant",
     ),
 )
@@ -555,6 +613,7 @@ def paged_attention(
     channel_keys: str = "fold",
     small_value_groups: str = "dequant",
     precision: str = "high",
+    unpack: str = "auto",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -567,7 +626,9 @@ def paged_attention(
     read as codes against a query re-scaled per token group (`channel_keys="fold"`) or dequantized in the kernel and
     split into `parts` bf16 terms (`"dequant"`); per-token values with several groups per head are dequantized
     (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
-    (BENCHMARKS.md, KIVI layout ablation).
+    (BENCHMARKS.md, KIVI layout ablation). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
+    inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
+    jnp under `interpret`, which cannot run PTX); both give the same bits.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -587,6 +648,7 @@ def paged_attention(
         prefetch=prefetch,
         channel_keys=channel_keys,
         small_value_groups=small_value_groups,
+        asm=_use_asm(unpack, interpret),
         variant=_variant,
     )
     if precision not in PRECISIONS:
@@ -628,6 +690,7 @@ def _paged_attention_rows(
     prefetch: bool,
     channel_keys: str,
     small_value_groups: str,
+    asm: bool,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -721,6 +784,7 @@ def _paged_attention_rows(
         prefetch=prefetch,
         kdeq=kdeq,
         vdeq=vdeq,
+        asm=asm,
     )
     res = pl.pallas_call(
         kernel,

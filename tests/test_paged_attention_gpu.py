@@ -302,7 +302,9 @@ def test_rejects_unsupported_shapes(rng):
         paged_attention(q[..., :48], *k, *v, pt, nt, k_spec=ks, v_spec=ks, sm_scale=1.0, interpret=True)
 
 
-@pytest.mark.parametrize("variant", ["", "loads", "nosoftmax", "novalues", "vtrans", "vrows"])
+@pytest.mark.parametrize(
+    "variant", ["", "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth"]
+)
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     """The compiled kernel, and each ablation variant benchmarks/attention.py can time (`_variant`), lowers to Triton
     for an abstract H100 for per-token and KIVI-layout pools: a Triton lowering failure otherwise shows only on a GPU

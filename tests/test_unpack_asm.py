@@ -1,0 +1,116 @@
+"""The GPU kernel's PTX unpacking (`paged_attention_gpu.magic_fields` with asm) against the jnp form it replaces.
+
+PTX cannot run on the CPU, so this file executes the generated assembly with a small emulator of exactly the
+instructions it uses (mov, prmt in its default mode, shr, lop3), written from the PTX ISA's definitions, on every
+byte value and on fresh random words, and compares each 16-bit lane with `tile_attention.magic_operand`. The compiled
+kernel itself is checked against the reference on a GPU (`KVTUNER_TEST_COMPILED=1 pytest
+tests/test_paged_attention_gpu.py`, where "auto" means asm; BENCHMARKS.md records those runs).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import layout
+from pallas_kernels import tile_attention as ta
+from pallas_kernels.paged_attention_gpu import _asm_field_ptx, _use_asm, paged_attention
+
+M32 = np.uint64(0xFFFFFFFF)
+
+
+def _prmt(a, b, sel):
+    """prmt.b32 default mode: byte k of d is byte (sel nibble k & 7) of {b, a}; nibble bit 3 replicates its sign."""
+    both = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+    d = np.zeros_like(both)
+    for k in range(4):
+        nib = (sel >> (4 * k)) & 0xF
+        byte = (both >> np.uint64(8 * (nib & 7))) & np.uint64(0xFF)
+        if nib & 8:
+            byte = np.where(byte & np.uint64(0x80), np.uint64(0xFF), np.uint64(0))
+        d |= byte << np.uint64(8 * k)
+    return d & M32
+
+
+def _lop3(a, b, c, lut):
+    """lop3.b32: each result bit is bit (4a + 2b + c) of the truth table, i.e. LUT(0xF0, 0xCC, 0xAA) bitwise."""
+    out = np.zeros_like(a)
+    for bit in range(8):
+        if lut >> bit & 1:
+            ta_, tb_, tc_ = bit >> 2 & 1, bit >> 1 & 1, bit & 1
+            term = (a if ta_ else ~a & M32) & (b if tb_ else ~b & M32) & (c if tc_ else ~c & M32)
+            out |= term
+    return out & M32
+
+
+def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    regs = dict(inputs)
+
+    def val(tok):
+        tok = tok.strip()
+        if tok in regs:
+            return regs[tok]
+        return np.full_like(next(iter(inputs.values())), np.uint64(int(tok, 0)))
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [x.strip() for x in rest.split(",")]
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1]) & M32
+        elif op == "prmt.b32":
+            regs[args[0]] = _prmt(val(args[1]), val(args[2]), int(args[3], 0))
+        elif op == "shr.b32":
+            regs[args[0]] = (val(args[1]) >> np.uint64(int(args[2], 0))) & M32
+        elif op == "lop3.b32":
+            regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 0))
+        else:
+            raise AssertionError(f"emulator does not know {op!r}")
+    return regs
+
+
+def _lanes(words: np.ndarray) -> np.ndarray:
+    """uint32 words -> their (low, high) 16-bit lanes, [n, 2]."""
+    return np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ptx_unpacking_equals_the_jnp_magic_operand(bits):
+    rng = np.random.default_rng()
+    every = np.arange(256, dtype=np.uint8)
+    # every byte value in every position, then fresh random words; [n, 4] bytes per 32-bit word, low byte first
+    data = np.stack([every, np.roll(every, 1), np.roll(every, 7), every[::-1]], axis=1)
+    data = np.concatenate([data, rng.integers(0, 256, (4096, 4), dtype=np.uint8)])
+    word = data.astype(np.uint64) @ (np.uint64(1) << np.arange(0, 32, 8, dtype=np.uint64))
+    for j in range(ta.num_fields(bits)):
+        asm = _asm_field_ptx(bits, j)
+        assert set(re.findall(r"\$\d", asm)) == {"$0", "$1", "$2"}, asm  # two 32-bit outputs, one input
+        regs = _run_ptx(asm, {"$2": word})
+        got = np.concatenate([_lanes(regs["$0"]), _lanes(regs["$1"])], axis=1)  # [n, 4] in byte order
+        want = np.asarray(jax.lax.bitcast_convert_type(ta.magic_operand(jnp.asarray(data), bits, j), jnp.uint16))
+        np.testing.assert_array_equal(got, want, err_msg=f"bits={bits} field {j}")
+
+
+def test_unpack_option():
+    assert _use_asm("auto", interpret=False) and not _use_asm("auto", interpret=True)
+    assert _use_asm("asm", interpret=False) and not _use_asm("jnp", interpret=False)
+    with pytest.raises(ValueError, match="interpret"):
+        _use_asm("asm", interpret=True)
+    with pytest.raises(ValueError, match="unpack='fast'"):
+        _use_asm("fast", interpret=False)
+
+
+def test_asm_under_interpret_is_a_clear_error():
+    q = jnp.ones((1, 2, 1, 64), jnp.float32)
+    spec = KVSpec(bits=4, axis="token", group_size=64, symmetric=False, scale_dtype="float16")
+    k = layout.allocate(spec, 1, 2, 16, 64)
+    pt, nt = jnp.zeros((1, 1), jnp.int32), jnp.full((1,), 16, jnp.int32)
+    with pytest.raises(ValueError, match="unpack='asm'"):
+        paged_attention(q, *k, *k, pt, nt, k_spec=spec, v_spec=spec, sm_scale=1.0, interpret=True, unpack="asm")
