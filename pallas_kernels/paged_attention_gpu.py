@@ -124,7 +124,9 @@ def magic_fields(x, bits: int, asm: bool) -> list:
     """Every field of a token-axis code tile x (uint8 [rows, cols]) as bf16 `128 + field` (tile_attention's
     `magic_operand` for j = 0 .. num_fields - 1). `asm`: by PTX inline assembly, four bytes per instance (compiled
     GPU kernels only; the interpreter runs the jnp form, which gives the same bits). One call per field: JAX 0.11's
-    Triton lowering of `elementwise_inline_asm` returns a single result."""
+    Triton lowering of `elementwise_inline_asm` returns a single result. Each output lane depends only on its own
+    byte, so however Triton groups a thread's elements into fours (and pads a short last group with undef values,
+    which it then drops), the results are the jnp form's."""
     nf = ta.num_fields(bits)
     if not asm:
         return [ta.magic_operand(x, bits, j) for j in range(nf)]
