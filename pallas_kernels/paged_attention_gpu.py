@@ -539,12 +539,22 @@ def check_index_range(**pools) -> None:
 UNPACKS = ("auto", "asm", "jnp")
 
 
+def _rocm_runtime() -> bool:
+    """True when this process's GPU backend is ROCm (AMD GPUs), where PTX inline assembly cannot run."""
+    try:
+        gpus = jax.devices("gpu")
+    except RuntimeError:  # no GPU backend (e.g. lowering for a GPU from a CPU host)
+        return False
+    return bool(gpus) and "rocm" in str(getattr(gpus[0].client, "platform_version", "")).lower()
+
+
 def _use_asm(unpack: str, interpret: bool) -> bool:
+    """Whether the kernel unpacks codes with PTX: "auto" means yes when compiled for an NVIDIA GPU."""
     if unpack not in UNPACKS:
         raise ValueError(f"unpack={unpack!r}: expected one of {UNPACKS}")
     if unpack == "asm" and interpret:
         raise ValueError("unpack='asm' runs PTX and cannot run under interpret=True; use 'auto' or 'jnp'")
-    return unpack == "asm" or (unpack == "auto" and not interpret)
+    return unpack == "asm" or (unpack == "auto" and not interpret and not _rocm_runtime())
 
 
 def _next_pow2(x: int) -> int:
@@ -630,7 +640,7 @@ def paged_attention(
     (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
     (BENCHMARKS.md, KIVI layout ablation). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
-    jnp under `interpret`, which cannot run PTX); both give the same bits.
+    jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of

@@ -19,6 +19,7 @@ from _lowering import abstract_mesh
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
+from pallas_kernels import paged_attention_gpu as gpu_kernel
 from pallas_kernels import tile_attention as ta
 from pallas_kernels.paged_attention_gpu import _asm_field_ptx, _use_asm, paged_attention
 
@@ -106,6 +107,12 @@ def test_unpack_option():
         _use_asm("asm", interpret=True)
     with pytest.raises(ValueError, match="unpack='fast'"):
         _use_asm("fast", interpret=False)
+
+
+def test_auto_leaves_ptx_out_on_a_rocm_runtime(monkeypatch):
+    monkeypatch.setattr(gpu_kernel, "_rocm_runtime", lambda: True)
+    assert not _use_asm("auto", interpret=False)
+    assert _use_asm("asm", interpret=False)  # asked for explicitly: the user's call
 
 
 def test_asm_under_interpret_is_a_clear_error():
