@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 
 def abstract_mesh(device_kind: str, platform: str) -> jax.sharding.AbstractMesh:
@@ -10,3 +11,21 @@ def abstract_mesh(device_kind: str, platform: str) -> jax.sharding.AbstractMesh:
     reads the target from it under `jax.sharding.use_abstract_mesh`."""
     dev = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=1, platform=platform)
     return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev)
+
+
+def gpu_attention_lowered(k_spec, v_spec, **kw) -> str:
+    """Text of `paged_attention_gpu.paged_attention` (with `kw`) lowered for an abstract H100 at the Llama-3.1-8B
+    attention shape (32 query / 8 KV heads, head_dim 128, page 64; batch 4 x 16 pages of a 64-page pool)."""
+    from pallas_kernels import layout
+    from pallas_kernels.paged_attention_gpu import paged_attention
+
+    pools = [layout.allocate(s, 8, 64, 64, 128) for s in (k_spec, v_spec)]
+    pools = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for p in pools for a in p]
+    q = jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16)
+    pt, nt = jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
+
+    def f(q, k0, k1, k2, v0, v1, v2, pt, nt):
+        return paged_attention(q, k0, k1, k2, v0, v1, v2, pt, nt, k_spec=k_spec, v_spec=v_spec, sm_scale=0.1, **kw)
+
+    with jax.sharding.use_abstract_mesh(abstract_mesh("NVIDIA H100", "gpu")):
+        return jax.jit(f).trace(q, *pools, pt, nt).lower(lowering_platforms=("cuda",)).as_text()

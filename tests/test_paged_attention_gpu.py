@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _lowering import abstract_mesh
+from _lowering import gpu_attention_lowered
 
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
@@ -309,18 +309,6 @@ def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     """The compiled kernel, and each ablation variant benchmarks/attention.py can time (`_variant`), lowers to Triton
     for an abstract H100 for per-token and KIVI-layout pools: a Triton lowering failure otherwise shows only on a GPU
     (the "novalues" variant sliced a register tile, which Triton cannot)."""
-    mesh = abstract_mesh("NVIDIA H100", "gpu")
     for ks, vs in [(_spec(4, group=128), _spec(4, group=128)), (_spec(4, "channel", 32), _spec(2, group=32))]:
-        pools = [layout.allocate(s, 8, 64, 64, 128) for s in (ks, vs)]
-        pools = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for p in pools for a in p]
-        q = jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16)
-        pt, nt = jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
-
-        def f(q, k0, k1, k2, v0, v1, v2, pt, nt, ks=ks, vs=vs):
-            return paged_attention(
-                q, k0, k1, k2, v0, v1, v2, pt, nt, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=variant
-            )
-
-        with jax.sharding.use_abstract_mesh(mesh):
-            text = jax.jit(f).trace(q, *pools, pt, nt).lower(lowering_platforms=("cuda",)).as_text()
+        text = gpu_attention_lowered(ks, vs, _variant=variant)
         assert "triton" in text, (variant, ks, vs)

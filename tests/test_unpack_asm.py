@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _lowering import abstract_mesh
+from _lowering import gpu_attention_lowered
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
@@ -128,14 +128,5 @@ def test_asm_under_interpret_is_a_clear_error():
 def test_compiled_lowering_uses_the_ptx_unpacking_by_default(unpack, has_ptx):
     """Lowered for an (abstract) H100, the default unpacking is the inline assembly, and "jnp" leaves it out."""
     spec = KVSpec(bits=4, axis="token", group_size=128, symmetric=False, scale_dtype="float16")
-    pools = [layout.allocate(spec, 8, 64, 64, 128) for _ in range(2)]
-    pools = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for p in pools for a in p]
-    q = jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16)
-    pt, nt = jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
-
-    def f(q, k0, k1, k2, v0, v1, v2, pt, nt):
-        return paged_attention(q, k0, k1, k2, v0, v1, v2, pt, nt, k_spec=spec, v_spec=spec, sm_scale=0.1, unpack=unpack)
-
-    with jax.sharding.use_abstract_mesh(abstract_mesh("NVIDIA H100", "gpu")):
-        text = jax.jit(f).trace(q, *pools, pt, nt).lower(lowering_platforms=("cuda",)).as_text()
+    text = gpu_attention_lowered(spec, spec, unpack=unpack)
     assert ("lop3.b32" in text and "prmt.b32" in text) == has_ptx
