@@ -142,6 +142,40 @@ def magic_fields(x, bits: int, asm: bool) -> list:
     ]
 
 
+CVT_BF16X2_PTX = "cvt.rn.bf16x2.f32 $0, $2, $1;"  # $0 = (high lane: bf16($2), low lane: bf16($1)); $1 is element 0
+EX2_PTX = "ex2.approx.ftz.f32 $0, $1;"
+
+
+def round_bf16_ptx(x):
+    """`tile_attention.round_bf16` by one `cvt.rn.bf16x2.f32` per two elements (compiled GPU kernels only). The
+    Triton lowering turns a float32 -> bf16 conversion into an integer emulation of round-to-nearest-even (shift,
+    sign-extend, add, permute: ~5 instructions per element); the hardware conversion rounds the same way."""
+    hi = plgpu.elementwise_inline_asm(
+        CVT_BF16X2_PTX,
+        args=[x],
+        constraints="=r,f,f",
+        pack=2,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)],
+    )[0]
+    return hi, hi.astype(jnp.float32)
+
+
+def exp2_ptx(x):
+    """2^x by one `ex2.approx.ftz.f32` (compiled GPU kernels only): jnp.exp2 lowers to the same instruction wrapped
+    in a subnormal-range fix-up (compare, 2 conditional multiplies), which only matters for results below 2^-126,
+    i.e. probabilities that are 0 to float32 accuracy anyway. Max relative error 2^-22.5 (PTX ISA)."""
+    return plgpu.elementwise_inline_asm(
+        EX2_PTX,
+        args=[x],
+        constraints="=f,f",
+        pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
+    )[0]
+
+
+SOFTMAXES = ("fixed", "running")
+
+
 def _kernel(
     *refs,
     ks: _Side,
@@ -159,6 +193,7 @@ def _kernel(
     kdeq: bool = False,
     vdeq: bool = False,
     asm: bool = False,
+    fixed: bool = False,
     variant: str = "",
 ):
     it = iter(refs)
@@ -175,6 +210,10 @@ def _kernel(
     m_ref, l_ref = next(it), next(it)  # [R], [R]
 
     TB = ppb * P
+    to_parts = functools.partial(
+        ta.split_parts, rnd=round_bf16_ptx if asm and "nocvt" not in variant else ta.round_bf16
+    )
+    exp2 = exp2_ptx if asm and "noex2" not in variant else jnp.exp2
     defer_z = vs.kind == "token" and vs.ngroups == 1
     split = pl.program_id(2)
     npages = nt_ref[0] // P
@@ -290,9 +329,9 @@ def _kernel(
             if ks.full_bf16:
                 s = _dot_parts(x, qk)
             else:
-                s = sum(_dot_parts(xp, qk) for xp in ta.split_parts(x.astype(jnp.float32), parts))
+                s = sum(_dot_parts(xp, qk) for xp in to_parts(x.astype(jnp.float32), parts))
         elif ks.kind == "token":
-            s = jnp.zeros((TB, R), jnp.float32)
+            s = None
             gpb = ks.cb * ks.per // ks.group
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
@@ -305,8 +344,9 @@ def _kernel(
                             d = dd if d is None else d + dd
                     sc = prm[0][0][g]
                     zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
-                    s = s + ta.fold_scores(d, sc, zt, qsum[g])
-                    s = s - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
+                    t = ta.fold_scores(d, sc, zt, qsum[g])
+                    t = t - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
+                    s = t if s is None else s + t
         elif kdeq:
             # Dequantize the block (one FMA per element against per-token rows of the group scales), split it into
             # bf16 parts and run one set of dots instead of re-scaling q per group (slower on the H100: BENCHMARKS.md).
@@ -320,7 +360,7 @@ def _kernel(
                     sc_rows = jnp.where(rows, sc[None, :], 0.0 if sc_rows is None else sc_rows)
                     zt_rows = jnp.where(rows, (zt - off * sc)[None, :], 0.0 if zt_rows is None else zt_rows)
             kf = c.astype(jnp.float32) * sc_rows + zt_rows  # [TB, D] keys as the reference dequantizes them
-            kp = ta.split_parts(kf, parts)
+            kp = to_parts(kf, parts)
             s = None
             for a in reversed(range(parts)):
                 for b_ in reversed(range(qparts)):
@@ -329,29 +369,32 @@ def _kernel(
                         s = d if s is None else s + d
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
-            s = jnp.zeros((TB, R), jnp.float32)
+            s = None
             one = variant in ("kgroup1", "kboth")  # ablation: one unmasked dot per block (wrong values)
             for pp in range(1 if one else ppb):
                 for tg in range(1 if one else ks.ngroups):
                     sc, zt = prm[0][pp * ks.ngroups + tg]  # [D] each
-                    q_s = ta.split_parts(q_t * sc[:, None], parts)  # [D, R]: per-channel scale folded into q
+                    q_s = to_parts(q_t * sc[:, None], parts)  # [D, R]: per-channel scale folded into q
                     zq = jnp.sum(q_t * zt[:, None], axis=0) - off * jnp.sum(ta.parts_value(q_s), axis=0)
                     d = _dot_parts(c, q_s) + zq[None, :]
                     lo = pp * P + tg * ks.group
                     rows = (tok >= lo) & (tok < lo + ks.group)
-                    s = s + (d if one else jnp.where(rows[:, None], d, 0.0))
+                    s = d if one else jnp.where(rows[:, None], d, 0.0 if s is None else s)  # groups tile the rows
         return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
 
     def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
-        accs = [a * alpha[None, :] for a in accs]
+        """Adds p-weighted values to the accumulators, first rescaled by alpha (None: a fixed reference, no
+        rescaling)."""
+        if alpha is not None:
+            accs = [a * alpha[None, :] for a in accs]
         if vs.kind == "full":
             x = tiles[1][0]
             x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
-            pp_ = ta.split_parts(p, parts)
+            pp_ = to_parts(p, parts)
             if vs.full_bf16:
                 accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)
             else:
-                for xp in ta.split_parts(x.astype(jnp.float32), parts):
+                for xp in to_parts(x.astype(jnp.float32), parts):
                     accs[0] = accs[0] + _dot_parts(xp, pp_, trans_a=True)
         elif vdeq:
             # Small value groups: dequantize each field tile (one FMA per element against the token's group scale)
@@ -361,7 +404,7 @@ def _kernel(
             # multiple of the codes per byte), and rows past the end get scale and zero-point 0 as [TB] vectors (a
             # stale page may hold NaN scales), so no per-element select remains for them.
             gpb = vs.cb * vs.per // vs.group
-            pv = ta.split_parts(jnp.where(valid[:, None], p, 0.0), parts)
+            pv = to_parts(jnp.where(valid[:, None], p, 0.0), parts)
             sc_rows = [jnp.where(valid, prm[1][0][g], 0.0) for g in range(vs.ngroups)]  # [TB] each
             zt_rows = [
                 jnp.where(valid, ta.zero_term(prm[1][0][g], prm[1][1][g] if prm[1][1] else None, vs.bits), 0.0)
@@ -394,7 +437,7 @@ def _kernel(
                         once[key] = group_tiles(cbi, j)
                     sc_t, off_t = once[key]
                     vf = cs[j].astype(jnp.float32) * sc_t + off_t
-                    vp = ta.split_parts(vf, parts)  # [TB, cb] each
+                    vp = to_parts(vf, parts)  # [TB, cb] each
                     d = None
                     for a in reversed(range(parts)):
                         for b_ in reversed(range(parts)):
@@ -404,7 +447,8 @@ def _kernel(
                     accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
+            if alpha is not None:
+                zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -416,7 +460,7 @@ def _kernel(
                     sc = prm[1][0][g]
                     zt = ta.zero_term(sc, prm[1][1][g] if prm[1][1] else None, vs.bits)
                     pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
-                    pparts = ta.split_parts(pg_, parts)
+                    pparts = to_parts(pg_, parts)
                     off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
                     for j in range(vs.nf):
                         if variant == "vrows":  # out [R, cb] = p'^T @ codes: codes as the right operand, natural
@@ -442,7 +486,7 @@ def _kernel(
                     lo = pp * P + tg * vs.group
                     rows = (tok >= lo) & (tok < lo + vs.group) & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
-                    pmp = ta.split_parts(pm, parts)
+                    pmp = to_parts(pm, parts)
                     d = _dot_parts(c, pmp, trans_a=True) - off * jnp.sum(ta.parts_value(pmp), axis=0)[None, :]
                     accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
         return accs, zaccs
@@ -459,7 +503,7 @@ def _kernel(
         # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
         # latency was otherwise exposed on every block).
-        m, l, accs, zaccs, pages, pages_next, prm, tiles = carry
+        m, l, smax, accs, zaccs, pages, pages_next, prm, tiles = carry
         prm_next = token_params(i + 1, pages_next)
         tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
@@ -469,30 +513,53 @@ def _kernel(
         tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
-            return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
+            return m, l, smax, loads_only(tiles, prm, list(accs)), zaccs, *nxt
         s = scores(base, pages, valid, prm, tiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
+        elif fixed:  # m is the fixed reference: no reduction over tokens, nothing to rescale
+            p, l_new, smax = ta.fixed_softmax_step(m, l, smax, s, exp2)
+            m_new, alpha = m, None
         else:
-            m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s)
+            m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s, exp2)
         if variant == "novalues":  # ablation: scores and softmax only
             accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]  # keeps p live; Triton cannot slice it
-            return m_new, l_new, accs, zaccs, *nxt
+            return m_new, l_new, smax, accs, zaccs, *nxt
         accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
-        return m_new, l_new, accs, zaccs, *nxt
+        return m_new, l_new, smax, accs, zaccs, *nxt
 
     if vs.kind == "token":
-        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        zaccs = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
+        accs0 = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
+        zaccs0 = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
-        accs = [jnp.zeros((D, R), jnp.float32)]
-        zaccs = []
-    m0 = jnp.full((R,), -jnp.inf, jnp.float32)
+        accs0 = [jnp.zeros((D, R), jnp.float32)]
+        zaccs0 = []
     l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
+    smax0 = jnp.full((TB, R) if fixed else (1,), -jnp.inf, jnp.float32)  # running elementwise max of the scores
     pages0 = load_pages(0)
     tiles0 = block_tiles(0, pages0, pref)
-    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
-    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
+
+    def run(m, nb):
+        carry = (m, l0, smax0, accs0, zaccs0, pages0, load_pages(1), token_params(0, pages0), tiles0)
+        m, l, smax, accs_, zaccs_, *_ = jax.lax.fori_loop(0, nb, body, carry)
+        return m, l, smax, accs_, zaccs_
+
+    if fixed:
+        # Reference: the maximum of block 0's scores (its K tiles read once more). If later scores rose more than
+        # REF_MARGIN above it, a second pass (0 iterations otherwise) redoes the split against the exact maximum,
+        # which cannot overflow. Two loops rather than a while loop around one: Triton's compiler crashed on that.
+        s0 = scores(first, pages0, block_of(0)[1], token_params(0, pages0), block_tiles(0, pages0, (True, False)))
+        m, l, smax, accs, zaccs = run(ta.reference_max(s0), nblk)
+        if "fixnofb" not in variant:  # ablation: no check, no second pass (wrong on overflow)
+            exact = ta.reference_max(smax)
+            bad = jnp.max(exact - m) > ta.REF_MARGIN  # NaN scores: not bad
+            _, l2, _, accs2, zaccs2 = run(exact, jnp.where(bad, nblk, 0))
+            m, l = jnp.where(bad, exact, m), jnp.where(bad, l2, l)
+            accs = [jnp.where(bad, a2, a) for a, a2 in zip(accs, accs2, strict=True)]
+            zaccs = [jnp.where(bad, z2, z) for z, z2 in zip(zaccs, zaccs2, strict=True)]
+        m = jnp.where(nblk > 0, m, -jnp.inf)  # a split without tokens must not pull the combine's maximum
+    else:
+        m, l, _, accs, zaccs = run(jnp.full((R,), -jnp.inf, jnp.float32), nblk)
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc
     for g, z in enumerate(zaccs):
@@ -597,6 +664,7 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int, fu
         "small_value_groups",
         "precision",
         "unpack",
+        "softmax",
         "_variant",
     ),
 )
@@ -626,6 +694,7 @@ def paged_attention(
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
+    softmax: str = "running",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -640,7 +709,13 @@ def paged_attention(
     (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
     (BENCHMARKS.md, KIVI layout ablation). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
-    jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits.
+    jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits. With asm the kernel
+    also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes exp2 (`exp2_ptx`) by single PTX
+    instructions. `softmax`: "running" (default) is the online softmax; "fixed" measures probabilities against a
+    fixed per-row reference, the maximum of the first block's scores, so no block needs the maximum over its tokens
+    (a reduction across warps) or a rescaling of the accumulators, and a split whose later scores exceed that
+    reference by more than 2^`tile_attention.REF_MARGIN` is redone against the exact maximum (slower on the H200:
+    BENCHMARKS.md).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -661,8 +736,11 @@ def paged_attention(
         channel_keys=channel_keys,
         small_value_groups=small_value_groups,
         asm=_use_asm(unpack, interpret),
+        fixed=softmax == "fixed" and _variant not in ("loads", "nosoftmax", "novalues"),
         variant=_variant,
     )
+    if softmax not in SOFTMAXES:
+        raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "bf16":
@@ -703,6 +781,7 @@ def _paged_attention_rows(
     channel_keys: str,
     small_value_groups: str,
     asm: bool,
+    fixed: bool,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -797,6 +876,7 @@ def _paged_attention_rows(
         kdeq=kdeq,
         vdeq=vdeq,
         asm=asm,
+        fixed=fixed,
     )
     res = pl.pallas_call(
         kernel,

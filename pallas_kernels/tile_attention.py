@@ -117,12 +117,14 @@ def round_bf16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return hi, jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-def split_parts(x: jnp.ndarray, parts: int) -> tuple[jnp.ndarray, ...]:
-    """float32 x -> `parts` bf16 terms whose float32 sum approximates x (hi first); exact for bf16 inputs at parts=1."""
+def split_parts(x: jnp.ndarray, parts: int, rnd=round_bf16) -> tuple[jnp.ndarray, ...]:
+    """float32 x -> `parts` bf16 terms whose float32 sum approximates x (hi first); exact for bf16 inputs at parts=1.
+
+    `rnd`: the rounding, `round_bf16` or a kernel's equivalent returning the same (bf16, float32) pair."""
     out = []
     r = x.astype(jnp.float32)
     for i in range(parts):
-        hi, hi_f32 = round_bf16(r)
+        hi, hi_f32 = rnd(r)
         out.append(hi)
         if i + 1 < parts:
             r = r - hi_f32
@@ -220,7 +222,7 @@ def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray):
     return m_new, alpha, p, l_new
 
 
-def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndarray):
+def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndarray, exp2=jnp.exp2):
     """`online_softmax_step` with the sum over tokens deferred: `l_acc [T, R]` accumulates p elementwise.
 
     Sums over the token axis cost a cross-warp reduction (shared memory and barriers) per block on a GPU when tokens
@@ -228,9 +230,30 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndar
     """
     m_new = jnp.maximum(m, jnp.max(s, axis=0))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[None, :])
+    alpha = exp2(m - m_safe)
+    p = exp2(s - m_safe[None, :])
     return m_new, alpha, p, l_acc * alpha[None, :] + p
+
+
+# Fixed-reference softmax: scores may exceed the reference by at most this (base 2) before a block must fall back to
+# the running maximum. p <= 2^64 per token keeps sums of 2^20 tokens times values up to 2^40 below float32's 2^128.
+REF_MARGIN = 64.0
+
+
+def reference_max(s: jnp.ndarray) -> jnp.ndarray:
+    """A fixed softmax reference per query row from one block of scores `s [T, R]`: its maximum (0 where the block
+    has no valid token). Any finite reference gives the same normalized result; it only has to keep exp2 in range."""
+    mx = jnp.max(s, axis=0)
+    return jnp.where(mx == -jnp.inf, 0.0, mx)
+
+
+def fixed_softmax_step(m_ref: jnp.ndarray, l_acc: jnp.ndarray, s_max: jnp.ndarray, s: jnp.ndarray, exp2=jnp.exp2):
+    """Softmax step against a fixed reference `m_ref [R]` (no running maximum, so no reduction over tokens and no
+    rescaling of accumulators): p = exp2(s - m_ref), `l_acc` and the elementwise running maximum `s_max [T, R]`
+    are updated. The caller checks `max(s_max) <= m_ref + REF_MARGIN` at the end and otherwise recomputes with
+    `online_softmax_step_deferred` (exp2 overflows past the margin)."""
+    p = exp2(s - m_ref[None, :])
+    return p, l_acc + p, jnp.maximum(s_max, s)
 
 
 def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):

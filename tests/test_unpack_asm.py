@@ -13,6 +13,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from _lowering import gpu_attention_lowered
@@ -21,7 +22,7 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
 from pallas_kernels import paged_attention_gpu as gpu_kernel
 from pallas_kernels import tile_attention as ta
-from pallas_kernels.paged_attention_gpu import _asm_field_ptx, _use_asm, paged_attention
+from pallas_kernels.paged_attention_gpu import CVT_BF16X2_PTX, _asm_field_ptx, _use_asm, paged_attention
 
 M32 = np.uint64(0xFFFFFFFF)
 
@@ -71,6 +72,10 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             regs[args[0]] = _prmt(val(args[1]), val(args[2]), int(args[3], 0))
         elif op == "shr.b32":
             regs[args[0]] = (val(args[1]) >> np.uint64(int(args[2], 0))) & M32
+        elif op == "cvt.rn.bf16x2.f32":  # d = (bf16(a) << 16) | bf16(b), round to nearest even (ml_dtypes)
+            a, b = (np.asarray(val(x), np.uint32).view(np.float32).astype(ml_dtypes.bfloat16) for x in args[1:])
+            hi, lo = (x.view(np.uint16).astype(np.uint64) for x in (a, b))
+            regs[args[0]] = (hi << np.uint64(16)) | lo
         elif op == "lop3.b32":
             regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 0))
         else:
@@ -100,6 +105,22 @@ def test_ptx_unpacking_equals_the_jnp_magic_operand(bits):
         np.testing.assert_array_equal(got, want, err_msg=f"bits={bits} field {j}")
 
 
+def test_ptx_bf16_rounding_equals_round_bf16():
+    """`round_bf16_ptx` (two float32 elements -> one bf16x2 word, element 0 in the low lane) rounds like the integer
+    form it replaces, on fresh random floats over many magnitudes and on halfway cases (ties to even)."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(8192) * np.exp2(rng.integers(-60, 60, 8192))).astype(np.float32)
+    ties = (rng.integers(0, 2**16, 1024, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly halfway
+    ties = ties[np.isfinite(ties)][:512]  # round_bf16 is for finite inputs (queries, probabilities)
+    x = np.concatenate([x, ties, -ties]).reshape(-1, 2)
+    bits = x.view(np.uint32).astype(np.uint64)
+    regs = _run_ptx(CVT_BF16X2_PTX, {"$1": bits[:, 0], "$2": bits[:, 1]})
+    got = _lanes(regs["$0"])  # [n, 2]: element 0, element 1
+    hi, _ = ta.round_bf16(jnp.asarray(x))
+    want = np.asarray(jax.lax.bitcast_convert_type(hi, jnp.uint16))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_unpack_option():
     assert _use_asm("auto", interpret=False) and not _use_asm("auto", interpret=True)
     assert _use_asm("asm", interpret=False) and not _use_asm("jnp", interpret=False)
@@ -126,7 +147,9 @@ def test_asm_under_interpret_is_a_clear_error():
 
 @pytest.mark.parametrize("unpack, has_ptx", [("auto", True), ("asm", True), ("jnp", False)])
 def test_compiled_lowering_uses_the_ptx_unpacking_by_default(unpack, has_ptx):
-    """Lowered for an (abstract) H100, the default unpacking is the inline assembly, and "jnp" leaves it out."""
+    """Lowered for an (abstract) H100, the default unpacking (and bf16 rounding, exp2) is the inline assembly, and
+    "jnp" leaves it out."""
     spec = KVSpec(bits=4, axis="token", group_size=128, symmetric=False, scale_dtype="float16")
     text = gpu_attention_lowered(spec, spec, unpack=unpack)
     assert ("lop3.b32" in text and "prmt.b32" in text) == has_ptx
+    assert ("cvt.rn.bf16x2.f32" in text and "ex2.approx.ftz.f32" in text) == has_ptx  # rounding and exp2 too
