@@ -544,28 +544,39 @@ def _kernel(
         m, l, smax, accs_, zaccs_, *_ = jax.lax.fori_loop(0, nb, body, carry)
         return m, l, smax, accs_, zaccs_
 
+    def write(m, l, accs, zaccs, when=None):
+        """Stores the results (`when`: a traced bool, stores only if true)."""
+
+        def put(ref, val):
+            if when is None:
+                ref[...] = val
+            else:
+                plgpu.store(ref, val, mask=jnp.full(val.shape, when))
+
+        for a, acc in enumerate(accs):
+            put(o_ref.at[pl.ds(a, 1)], acc[None])
+        for g, z in enumerate(zaccs):
+            put(za_ref.at[pl.ds(g, 1)], (jnp.sum(z, axis=0) if defer_z else z)[None])
+        put(m_ref, jnp.where(nblk > 0, m, -jnp.inf))  # a split without tokens: -inf for the combine
+        put(l_ref, jnp.sum(l, axis=0))
+
     if fixed:
         # Reference: the maximum of block 0's scores (its K tiles read once more). If later scores rose more than
         # REF_MARGIN above it, a second pass (0 iterations otherwise) redoes the split against the exact maximum,
-        # which cannot overflow. Two loops rather than a while loop around one: Triton's compiler crashed on that.
+        # which cannot overflow, and overwrites the stored results. The first pass's results are stored before the
+        # second loop so that they do not hold registers through it; two loops rather than a while loop around one
+        # because Triton's compiler crashed on that.
         s0 = scores(first, pages0, block_of(0)[1], token_params(0, pages0), block_tiles(0, pages0, (True, False)))
         m, l, smax, accs, zaccs = run(ta.reference_max(s0), nblk)
+        write(m, l, accs, zaccs)
         if "fixnofb" not in variant:  # ablation: no check, no second pass (wrong on overflow)
             exact = ta.reference_max(smax)
             bad = jnp.max(exact - m) > ta.REF_MARGIN  # NaN scores: not bad
-            _, l2, _, accs2, zaccs2 = run(exact, jnp.where(bad, nblk, 0))
-            m, l = jnp.where(bad, exact, m), jnp.where(bad, l2, l)
-            accs = [jnp.where(bad, a2, a) for a, a2 in zip(accs, accs2, strict=True)]
-            zaccs = [jnp.where(bad, z2, z) for z, z2 in zip(zaccs, zaccs2, strict=True)]
-        m = jnp.where(nblk > 0, m, -jnp.inf)  # a split without tokens must not pull the combine's maximum
+            _, l, _, accs, zaccs = run(exact, jnp.where(bad, nblk, 0))
+            write(exact, l, accs, zaccs, when=bad)
     else:
         m, l, _, accs, zaccs = run(jnp.full((R,), -jnp.inf, jnp.float32), nblk)
-    for a, acc in enumerate(accs):
-        o_ref[a, :, :] = acc
-    for g, z in enumerate(zaccs):
-        za_ref[g, :] = jnp.sum(z, axis=0) if defer_z else z
-    m_ref[...] = m
-    l_ref[...] = jnp.sum(l, axis=0)
+        write(m, l, accs, zaccs)
 
 
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
