@@ -21,7 +21,9 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   scores (`s * (q.c) + z * sum q`) and into the probabilities (`(p * s) . c + sum(p * z)`), so the per-element
   work is shift, mask, int->bf16 and the tensor-core dot. Compiled, the unpacking is PTX inline assembly working on
   four bytes at once (`magic_fields`: prmt + shift + lop3, two bf16 operands per instruction), measured 1.15-1.3x
-  faster per call than element-wise jnp ops on the H200 (BENCHMARKS.md); interpret mode runs the jnp form.
+  faster per call than element-wise jnp ops on the H200 (BENCHMARKS.md); interpret mode runs the jnp form. The
+  float32 -> bf16 rounding of operand parts and the softmax's exp2 are single PTX instructions too (`round_bf16_ptx`,
+  `exp2_ptx`), where the Triton lowering emits an integer rounding emulation and a subnormal fix-up.
 - Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field); their
   per-channel scales are folded into the query one token group at a time (keys, default) or applied by dequantizing
   the block in the kernel (`channel_keys="dequant"`); channel-axis values have theirs applied to the output per
@@ -173,9 +175,6 @@ def exp2_ptx(x):
     )[0]
 
 
-SOFTMAXES = ("fixed", "running")
-
-
 def _kernel(
     *refs,
     ks: _Side,
@@ -193,7 +192,6 @@ def _kernel(
     kdeq: bool = False,
     vdeq: bool = False,
     asm: bool = False,
-    fixed: bool = False,
     variant: str = "",
 ):
     it = iter(refs)
@@ -383,10 +381,7 @@ def _kernel(
         return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
 
     def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
-        """Adds p-weighted values to the accumulators, first rescaled by alpha (None: a fixed reference, no
-        rescaling)."""
-        if alpha is not None:
-            accs = [a * alpha[None, :] for a in accs]
+        accs = [a * alpha[None, :] for a in accs]
         if vs.kind == "full":
             x = tiles[1][0]
             x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
@@ -447,8 +442,7 @@ def _kernel(
                     accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            if alpha is not None:
-                zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
+            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -503,7 +497,7 @@ def _kernel(
         # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
         # latency was otherwise exposed on every block).
-        m, l, smax, accs, zaccs, pages, pages_next, prm, tiles = carry
+        m, l, accs, zaccs, pages, pages_next, prm, tiles = carry
         prm_next = token_params(i + 1, pages_next)
         tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
@@ -513,70 +507,36 @@ def _kernel(
         tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
-            return m, l, smax, loads_only(tiles, prm, list(accs)), zaccs, *nxt
+            return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
         s = scores(base, pages, valid, prm, tiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
-        elif fixed:  # m is the fixed reference: no reduction over tokens, nothing to rescale
-            p, l_new, smax = ta.fixed_softmax_step(m, l, smax, s, exp2)
-            m_new, alpha = m, None
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s, exp2)
         if variant == "novalues":  # ablation: scores and softmax only
             accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]  # keeps p live; Triton cannot slice it
-            return m_new, l_new, smax, accs, zaccs, *nxt
+            return m_new, l_new, accs, zaccs, *nxt
         accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
-        return m_new, l_new, smax, accs, zaccs, *nxt
+        return m_new, l_new, accs, zaccs, *nxt
 
     if vs.kind == "token":
-        accs0 = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        zaccs0 = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
+        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
+        zaccs = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
-        accs0 = [jnp.zeros((D, R), jnp.float32)]
-        zaccs0 = []
+        accs = [jnp.zeros((D, R), jnp.float32)]
+        zaccs = []
+    m0 = jnp.full((R,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
-    smax0 = jnp.full((TB, R) if fixed else (1,), -jnp.inf, jnp.float32)  # running elementwise max of the scores
     pages0 = load_pages(0)
     tiles0 = block_tiles(0, pages0, pref)
-
-    def run(m, nb):
-        carry = (m, l0, smax0, accs0, zaccs0, pages0, load_pages(1), token_params(0, pages0), tiles0)
-        m, l, smax, accs_, zaccs_, *_ = jax.lax.fori_loop(0, nb, body, carry)
-        return m, l, smax, accs_, zaccs_
-
-    def write(m, l, accs, zaccs, when=None):
-        """Stores the results (`when`: a traced bool, stores only if true)."""
-
-        def put(ref, val):
-            if when is None:
-                ref[...] = val
-            else:
-                plgpu.store(ref, val, mask=jnp.full(val.shape, when))
-
-        for a, acc in enumerate(accs):
-            put(o_ref.at[pl.ds(a, 1)], acc[None])
-        for g, z in enumerate(zaccs):
-            put(za_ref.at[pl.ds(g, 1)], (jnp.sum(z, axis=0) if defer_z else z)[None])
-        put(m_ref, jnp.where(nblk > 0, m, -jnp.inf))  # a split without tokens: -inf for the combine
-        put(l_ref, jnp.sum(l, axis=0))
-
-    if fixed:
-        # Reference: the maximum of block 0's scores (its K tiles read once more). If later scores rose more than
-        # REF_MARGIN above it, a second pass (0 iterations otherwise) redoes the split against the exact maximum,
-        # which cannot overflow, and overwrites the stored results. The first pass's results are stored before the
-        # second loop so that they do not hold registers through it; two loops rather than a while loop around one
-        # because Triton's compiler crashed on that.
-        s0 = scores(first, pages0, block_of(0)[1], token_params(0, pages0), block_tiles(0, pages0, (True, False)))
-        m, l, smax, accs, zaccs = run(ta.reference_max(s0), nblk)
-        write(m, l, accs, zaccs)
-        if "fixnofb" not in variant:  # ablation: no check, no second pass (wrong on overflow)
-            exact = ta.reference_max(smax)
-            bad = jnp.max(exact - m) > ta.REF_MARGIN  # NaN scores: not bad
-            _, l, _, accs, zaccs = run(exact, jnp.where(bad, nblk, 0))
-            write(exact, l, accs, zaccs, when=bad)
-    else:
-        m, l, _, accs, zaccs = run(jnp.full((R,), -jnp.inf, jnp.float32), nblk)
-        write(m, l, accs, zaccs)
+    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
+    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
+    for a, acc in enumerate(accs):
+        o_ref[a, :, :] = acc
+    for g, z in enumerate(zaccs):
+        za_ref[g, :] = jnp.sum(z, axis=0) if defer_z else z
+    m_ref[...] = m
+    l_ref[...] = jnp.sum(l, axis=0)
 
 
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
@@ -675,7 +635,6 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int, fu
         "small_value_groups",
         "precision",
         "unpack",
-        "softmax",
         "_variant",
     ),
 )
@@ -705,7 +664,6 @@ def paged_attention(
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
-    softmax: str = "running",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -722,11 +680,7 @@ def paged_attention(
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
     jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits. With asm the kernel
     also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes exp2 (`exp2_ptx`) by single PTX
-    instructions. `softmax`: "running" (default) is the online softmax; "fixed" measures probabilities against a
-    fixed per-row reference, the maximum of the first block's scores, so no block needs the maximum over its tokens
-    (a reduction across warps) or a rescaling of the accumulators, and a split whose later scores exceed that
-    reference by more than 2^`tile_attention.REF_MARGIN` is redone against the exact maximum (slower on the H200:
-    BENCHMARKS.md).
+    instructions.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -747,11 +701,8 @@ def paged_attention(
         channel_keys=channel_keys,
         small_value_groups=small_value_groups,
         asm=_use_asm(unpack, interpret),
-        fixed=softmax == "fixed" and _variant not in ("loads", "nosoftmax", "novalues"),
         variant=_variant,
     )
-    if softmax not in SOFTMAXES:
-        raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "bf16":
@@ -792,7 +743,6 @@ def _paged_attention_rows(
     channel_keys: str,
     small_value_groups: str,
     asm: bool,
-    fixed: bool,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -887,7 +837,6 @@ def _paged_attention_rows(
         kdeq=kdeq,
         vdeq=vdeq,
         asm=asm,
-        fixed=fixed,
     )
     res = pl.pallas_call(
         kernel,
