@@ -132,16 +132,16 @@ def magic_fields(x, bits: int, asm: bool) -> list:
     nf = ta.num_fields(bits)
     if not asm:
         return [ta.magic_operand(x, bits, j) for j in range(nf)]
-    return [
-        plgpu.elementwise_inline_asm(
-            _asm_field_ptx(bits, j),
-            args=[x],
-            constraints="=r,=r,r",
-            pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)],
-        )[0]
-        for j in range(nf)
-    ]
+    return [_ptx(_asm_field_ptx(bits, j), x, "=r,=r,r", 4, jnp.bfloat16) for j in range(nf)]
+
+
+def _ptx(asm: str, x, constraints: str, pack: int, dtype):
+    """One PTX inline-assembly instance per `pack` elements of x, one result of x's shape in `dtype` (JAX 0.11's
+    Triton lowering of `elementwise_inline_asm` supports a single result). Operands narrower than 32 bits are
+    packed into 32-bit registers, element 0 in the lowest bits."""
+    return plgpu.elementwise_inline_asm(
+        asm, args=[x], constraints=constraints, pack=pack, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)]
+    )[0]
 
 
 CVT_BF16X2_PTX = "cvt.rn.bf16x2.f32 $0, $2, $1;"  # $0 = (high lane: bf16($2), low lane: bf16($1)); $1 is element 0
@@ -152,13 +152,7 @@ def round_bf16_ptx(x):
     """`tile_attention.round_bf16` by one `cvt.rn.bf16x2.f32` per two elements (compiled GPU kernels only). The
     Triton lowering turns a float32 -> bf16 conversion into an integer emulation of round-to-nearest-even (shift,
     sign-extend, add, permute: ~5 instructions per element); the hardware conversion rounds the same way."""
-    hi = plgpu.elementwise_inline_asm(
-        CVT_BF16X2_PTX,
-        args=[x],
-        constraints="=r,f,f",
-        pack=2,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)],
-    )[0]
+    hi = _ptx(CVT_BF16X2_PTX, x, "=r,f,f", 2, jnp.bfloat16)
     return hi, hi.astype(jnp.float32)
 
 
@@ -166,13 +160,7 @@ def exp2_ptx(x):
     """2^x by one `ex2.approx.ftz.f32` (compiled GPU kernels only): jnp.exp2 lowers to the same instruction wrapped
     in a subnormal-range fix-up (compare, 2 conditional multiplies), which only matters for results below 2^-126,
     i.e. probabilities that are 0 to float32 accuracy anyway. Max relative error 2^-22.5 (PTX ISA)."""
-    return plgpu.elementwise_inline_asm(
-        EX2_PTX,
-        args=[x],
-        constraints="=f,f",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-    )[0]
+    return _ptx(EX2_PTX, x, "=f,f", 1, jnp.float32)
 
 
 SOFTMAXES = ("running", "fixed")
