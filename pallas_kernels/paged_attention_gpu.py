@@ -546,7 +546,10 @@ def _kernel(
             _, l, smax, accs, zaccs = run(m_ref, l, smax, accs, zaccs, jnp.where(go > 0, nblk, 0))
             exact = ta.reference_max(smax)
             bad = (go > 0) & (jnp.max(exact - m_ref) > ta.REF_MARGIN)  # NaN scores: not bad
-            keep = lambda x, init: jnp.where(bad, init, x)  # noqa: E731
+
+            def keep(x, init):  # a pass that overflowed hands the next one a fresh start
+                return jnp.where(bad, init, x)
+
             accs = [keep(a, 0.0) for a in accs]
             zaccs = [keep(z, 0.0) for z in zaccs]
             return keep(m_ref, exact), bad.astype(jnp.int32), keep(l, 0.0), accs, zaccs, keep(smax, -jnp.inf)

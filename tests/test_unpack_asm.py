@@ -107,7 +107,7 @@ def test_ptx_unpacking_equals_the_jnp_magic_operand(bits):
 
 def test_ptx_bf16_rounding_equals_round_bf16():
     """`round_bf16_ptx` (two float32 elements -> one bf16x2 word, element 0 in the low lane) rounds like the integer
-    form it replaces, on fresh random floats over many magnitudes and on halfway cases (ties to even)."""
+    form it replaces, on fresh random floats over many magnitudes and on finite halfway cases (ties to even)."""
     rng = np.random.default_rng()
     x = (rng.standard_normal(8192) * np.exp2(rng.integers(-60, 60, 8192))).astype(np.float32)
     ties = (rng.integers(0, 2**16, 1024, dtype=np.uint32) << 16 | 0x8000).view(np.float32)  # exactly halfway
