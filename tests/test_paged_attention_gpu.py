@@ -248,9 +248,9 @@ def _late_spike(rng, ks, vs, scale=100.0):
 
 
 def test_fixed_softmax_falls_back_when_later_scores_exceed_the_reference(rng, monkeypatch):
-    """The fixed reference is block 0's maximum; a key on a later page whose scores exceed it by ~2^200 forces the
-    second pass against the exact maximum. With the fallback switched off (an infinite margin) the same input
-    overflows, so this input really exercises it."""
+    """The fixed reference is block 0's maximum; a key on a later page whose scores exceed it by ~430 (base 2)
+    forces the second pass against the exact maximum. With the fallback switched off (an infinite margin) the same
+    input overflows, so this input really exercises it."""
     ks, vs = _spec(16), _spec(4, group=64)
     q, k, v, pt, nt = _late_spike(rng, ks, vs)
     for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2), dict()):
