@@ -11,12 +11,11 @@ import argparse
 import collections
 import csv
 import gzip
-import io
 
 
 def rows(path: str) -> tuple[list[str], list[list[str]]]:
-    raw = gzip.open(path, "rt") if path.endswith(".gz") else open(path)
-    data = list(csv.reader(io.StringIO(raw.read())))
+    with gzip.open(path, "rt") if path.endswith(".gz") else open(path) as f:
+        data = list(csv.reader(f))
     head = next(i for i, r in enumerate(data) if r and r[0] == "Address")
     return data[head], [r for r in data[head + 1 :] if r and r[0].startswith("0x")]
 
