@@ -1,8 +1,10 @@
-"""The GPU kernel's PTX unpacking (`paged_attention_gpu.magic_fields` with asm) against the jnp form it replaces.
+"""The GPU kernel's PTX (`paged_attention_gpu.magic_fields` and `round_bf16_ptx` with asm) against the jnp forms it
+replaces.
 
 PTX cannot run on the CPU, so this file executes the generated assembly with a small emulator of exactly the
-instructions it uses (mov, prmt in its default mode, shr, lop3), written from the PTX ISA's definitions, on every
-byte value and on fresh random words, and compares each 16-bit lane with `tile_attention.magic_operand`. The compiled
+instructions it uses (mov, prmt in its default mode, shr, lop3, cvt.rn.bf16x2.f32), written from the PTX ISA's
+definitions, on every byte value and on fresh random words (and random floats), and compares each 16-bit lane with
+`tile_attention.magic_operand` (and `round_bf16`). The compiled
 kernel itself is checked against the reference on a GPU (`KVTUNER_TEST_COMPILED=1 pytest
 tests/test_paged_attention_gpu.py`, where "auto" means asm; BENCHMARKS.md records those runs).
 """
