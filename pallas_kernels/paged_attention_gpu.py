@@ -163,9 +163,6 @@ def exp2_ptx(x):
     return _ptx(EX2_PTX, x, "=f,f", 1, jnp.float32)
 
 
-SOFTMAXES = ("running", "fixed")
-
-
 def _kernel(
     *refs,
     ks: _Side,
@@ -183,7 +180,6 @@ def _kernel(
     kdeq: bool = False,
     vdeq: bool = False,
     asm: bool = False,
-    fixed: bool = False,
     variant: str = "",
 ):
     it = iter(refs)
@@ -373,10 +369,7 @@ def _kernel(
         return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
 
     def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
-        """Adds p-weighted values to the accumulators, first rescaled by alpha (None: a fixed reference, no
-        rescaling)."""
-        if alpha is not None:
-            accs = [a * alpha[None, :] for a in accs]
+        accs = [a * alpha[None, :] for a in accs]
         if vs.kind == "full":
             x = tiles[1][0]
             x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
@@ -437,8 +430,7 @@ def _kernel(
                     accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            if alpha is not None:
-                zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
+            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
             for cbi in range(vs.ncb):
                 x = tiles[1][cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -493,7 +485,7 @@ def _kernel(
         # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
         # latency was otherwise exposed on every block).
-        m, l, smax, accs, zaccs, pages, pages_next, prm, tiles = carry
+        m, l, accs, zaccs, pages, pages_next, prm, tiles = carry
         prm_next = token_params(i + 1, pages_next)
         tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
@@ -503,20 +495,17 @@ def _kernel(
         tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
-            return m, l, smax, loads_only(tiles, prm, list(accs)), zaccs, *nxt
+            return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
         s = scores(base, pages, valid, prm, tiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
-        elif fixed:  # m is the fixed reference: no reduction over tokens, nothing to rescale
-            p, l_new, smax = ta.fixed_softmax_step(m, l, smax, s, exp2)
-            m_new, alpha = m, None
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s, exp2)
         if variant == "novalues":  # ablation: scores and softmax only
             accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]  # keeps p live; Triton cannot slice it
-            return m_new, l_new, smax, accs, zaccs, *nxt
+            return m_new, l_new, accs, zaccs, *nxt
         accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
-        return m_new, l_new, smax, accs, zaccs, *nxt
+        return m_new, l_new, accs, zaccs, *nxt
 
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
@@ -524,41 +513,12 @@ def _kernel(
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
         zaccs = []
+    m0 = jnp.full((R,), -jnp.inf, jnp.float32)
     l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
-    smax0 = jnp.full((TB, R) if fixed else (1,), -jnp.inf, jnp.float32)  # fixed: elementwise maximum of the scores
-
-    def run(m, l, smax, accs, zaccs, nb):
-        """The loop over this split's blocks (nb of them), its first block's pages and tiles loaded here."""
-        pages0 = load_pages(0)
-        carry = (m, l, smax, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), block_tiles(0, pages0, pref))
-        return jax.lax.fori_loop(0, nb, body, carry)[:5]
-
-    if fixed:
-        # Reference: the maximum of block 0's scores (its K tiles read once more). Two passes of one loop (one copy
-        # of its code: a second copy, or results held through a second loop, cost more than the reduction saves, and
-        # a while loop crashed Triton's compiler): the second runs 0 blocks unless scores rose more than REF_MARGIN
-        # above the reference, in which case it starts over against the exact maximum, which cannot overflow.
-        pages0 = load_pages(0)
-        s0 = scores(first, pages0, block_of(0)[1], token_params(0, pages0), block_tiles(0, pages0, (True, False)))
-
-        def one_pass(k, st):
-            m_ref, go, l, accs, zaccs, smax = st
-            _, l, smax, accs, zaccs = run(m_ref, l, smax, accs, zaccs, jnp.where(go > 0, nblk, 0))
-            exact = ta.reference_max(smax)
-            bad = (go > 0) & (jnp.max(exact - m_ref) > ta.REF_MARGIN)  # NaN scores: not bad
-
-            def keep(x, init):  # a pass that overflowed hands the next one a fresh start
-                return jnp.where(bad, init, x)
-
-            accs = [keep(a, 0.0) for a in accs]
-            zaccs = [keep(z, 0.0) for z in zaccs]
-            return keep(m_ref, exact), bad.astype(jnp.int32), keep(l, 0.0), accs, zaccs, keep(smax, -jnp.inf)
-
-        st = (ta.reference_max(s0), jnp.int32(1), l0, accs, zaccs, smax0)
-        m, _, l, accs, zaccs, _ = jax.lax.fori_loop(0, 1 if "fixnofb" in variant else 2, one_pass, st)
-        m = jnp.where(nblk > 0, m, -jnp.inf)  # a split without tokens must not pull the combine's maximum
-    else:
-        m, l, _, accs, zaccs = run(jnp.full((R,), -jnp.inf, jnp.float32), l0, smax0, accs, zaccs, nblk)
+    pages0 = load_pages(0)
+    tiles0 = block_tiles(0, pages0, pref)
+    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
+    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc
     for g, z in enumerate(zaccs):
@@ -663,7 +623,6 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int, fu
         "small_value_groups",
         "precision",
         "unpack",
-        "softmax",
         "_variant",
     ),
 )
@@ -693,7 +652,6 @@ def paged_attention(
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
-    softmax: str = "running",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -710,11 +668,7 @@ def paged_attention(
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
     jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits. With asm the kernel
     also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes exp2 (`exp2_ptx`) by single PTX
-    instructions. `softmax`: "running" (default) is the online softmax; "fixed" measures probabilities against a
-    fixed per-row reference, the maximum of the first block's scores, so no block needs the maximum over its tokens
-    (a reduction across warps) or a rescaling of the accumulators, and a split whose later scores exceed that
-    reference by more than 2^`tile_attention.REF_MARGIN` is redone against the exact maximum (an experiment: not
-    yet measured in this form; BENCHMARKS.md has the earlier forms).
+    instructions.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -735,11 +689,8 @@ def paged_attention(
         channel_keys=channel_keys,
         small_value_groups=small_value_groups,
         asm=_use_asm(unpack, interpret),
-        fixed=softmax == "fixed" and _variant not in ("loads", "nosoftmax", "novalues"),
         variant=_variant,
     )
-    if softmax not in SOFTMAXES:
-        raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "bf16":
@@ -780,7 +731,6 @@ def _paged_attention_rows(
     channel_keys: str,
     small_value_groups: str,
     asm: bool,
-    fixed: bool,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -875,7 +825,6 @@ def _paged_attention_rows(
         kdeq=kdeq,
         vdeq=vdeq,
         asm=asm,
-        fixed=fixed,
     )
     res = pl.pallas_call(
         kernel,

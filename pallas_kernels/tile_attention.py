@@ -235,27 +235,6 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndar
     return m_new, alpha, p, l_acc * alpha[None, :] + p
 
 
-# Fixed-reference softmax: scores may exceed the reference by at most this (base 2) before a block must fall back to
-# the running maximum. p <= 2^64 per token keeps sums of 2^20 tokens times values up to 2^40 below float32's 2^128.
-REF_MARGIN = 64.0
-
-
-def reference_max(s: jnp.ndarray) -> jnp.ndarray:
-    """A fixed softmax reference per query row from one block of scores `s [T, R]`: its maximum (0 where the block
-    has no valid token). Any finite reference gives the same normalized result; it only has to keep exp2 in range."""
-    mx = jnp.max(s, axis=0)
-    return jnp.where(mx == -jnp.inf, 0.0, mx)
-
-
-def fixed_softmax_step(m_ref: jnp.ndarray, l_acc: jnp.ndarray, s_max: jnp.ndarray, s: jnp.ndarray, exp2=jnp.exp2):
-    """Softmax step against a fixed reference `m_ref [R]` (no running maximum, so no reduction over tokens and no
-    rescaling of accumulators): p = exp2(s - m_ref), `l_acc` and the elementwise running maximum `s_max [T, R]`
-    are updated. The caller checks `max(s_max) <= m_ref + REF_MARGIN` at the end and otherwise recomputes against
-    the exact maximum (exp2 overflows past the margin)."""
-    p = exp2(s - m_ref[None, :])
-    return p, l_acc + p, jnp.maximum(s_max, s)
-
-
 def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):
     """Exact flash-decoding combine of unnormalized partial results over splits S.
 
