@@ -135,17 +135,19 @@ def magic_fields(x, bits: int, asm: bool) -> list:
     return [_ptx(_asm_field_ptx(bits, j), x, "=r,=r,r", 4, jnp.bfloat16) for j in range(nf)]
 
 
-def _ptx(asm: str, x, constraints: str, pack: int, dtype):
-    """One PTX inline-assembly instance per `pack` elements of x, one result of x's shape in `dtype` (JAX 0.11's
-    Triton lowering of `elementwise_inline_asm` supports a single result). Operands narrower than 32 bits are
-    packed into 32-bit registers, element 0 in the lowest bits."""
+def _ptx(asm: str, x, constraints: str, pack: int, dtype, *more):
+    """One PTX inline-assembly instance per `pack` elements of x (and of each of `more`, broadcast to x's shape), one
+    result of x's shape in `dtype` (JAX 0.11's Triton lowering of `elementwise_inline_asm` supports a single
+    result). Operands narrower than 32 bits are packed into 32-bit registers, element 0 in the lowest bits."""
+    args = [x, *(jnp.broadcast_to(y, x.shape) for y in more)]
     return plgpu.elementwise_inline_asm(
-        asm, args=[x], constraints=constraints, pack=pack, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)]
+        asm, args=args, constraints=constraints, pack=pack, result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, dtype)]
     )[0]
 
 
 CVT_BF16X2_PTX = "cvt.rn.bf16x2.f32 $0, $2, $1;"  # $0 = (high lane: bf16($2), low lane: bf16($1)); $1 is element 0
 EX2_PTX = "ex2.approx.ftz.f32 $0, $1;"
+FMA_PTX = "fma.rn.f32 $0, $1, $2, $3;"
 
 
 def round_bf16_ptx(x):
@@ -161,6 +163,17 @@ def exp2_ptx(x):
     in a subnormal-range fix-up (compare, 2 conditional multiplies), which only matters for results below 2^-126,
     i.e. probabilities that are 0 to float32 accuracy anyway. Max relative error 2^-22.5 (PTX ISA)."""
     return _ptx(EX2_PTX, x, "=f,f", 1, jnp.float32)
+
+
+def fma_ptx(a, b, c):
+    """a * b + c by one `fma.rn.f32` (compiled GPU kernels only; b and c broadcast to a's shape). The Triton lowering
+    keeps a multiply and an add separate (no contraction), two instructions per element of a dequantized tile; the
+    fused form rounds once, within an ulp of the two-step one."""
+    return _ptx(FMA_PTX, a, "=f,f,f,f", 1, jnp.float32, b, c)
+
+
+def fma_jnp(a, b, c):
+    return a * b + c
 
 
 def _kernel(
@@ -179,6 +192,8 @@ def _kernel(
     prefetch: bool,
     kdeq: bool = False,
     vdeq: bool = False,
+    kstack: int = 0,
+    qrows: int = 0,
     asm: bool = False,
     variant: str = "",
 ):
@@ -200,6 +215,7 @@ def _kernel(
         ta.split_parts, rnd=round_bf16_ptx if asm and "nocvt" not in variant else ta.round_bf16
     )
     exp2 = exp2_ptx if asm and "noex2" not in variant else jnp.exp2
+    fma = fma_ptx if asm and "nofma" not in variant else fma_jnp
     defer_z = vs.kind == "token" and vs.ngroups == 1
     split = pl.program_id(2)
     npages = nt_ref[0] // P
@@ -345,7 +361,7 @@ def _kernel(
                     rows = ((tok >= lo) & (tok < lo + ks.group))[:, None]
                     sc_rows = jnp.where(rows, sc[None, :], 0.0 if sc_rows is None else sc_rows)
                     zt_rows = jnp.where(rows, (zt - off * sc)[None, :], 0.0 if zt_rows is None else zt_rows)
-            kf = c.astype(jnp.float32) * sc_rows + zt_rows  # [TB, D] keys as the reference dequantizes them
+            kf = fma(c.astype(jnp.float32), sc_rows, zt_rows)  # [TB, D] keys as the reference dequantizes them
             kp = to_parts(kf, parts)
             s = None
             for a in reversed(range(parts)):
@@ -353,6 +369,23 @@ def _kernel(
                     if a + b_ < max(parts, qparts):  # lo x lo terms are below float32 rounding of the sum
                         d = _dot(kp[a], qk[b_])
                         s = d if s is None else s + d
+        elif kstack:
+            # The block's kstack token groups side by side in the query columns: column g * qrows + r is query row r
+            # re-scaled by group g's channel scales (the wrapper repeated q), so one dot scores every group, and
+            # token t keeps only its own group's columns. Each column then runs its own softmax over its group's
+            # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
+            c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
+            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # [1, R] token group of each column
+            sc_c = zt_c = None
+            for g in range(kstack):
+                sc, zt = prm[0][g]  # [D] each
+                sc_c = jnp.where(colg == g, sc[:, None], 0.0 if sc_c is None else sc_c)
+                zt_c = jnp.where(colg == g, zt[:, None], 0.0 if zt_c is None else zt_c)
+            q_s = to_parts(q_t * sc_c, parts)  # [D, R]
+            zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)
+            s = _dot_parts(c, q_s) + zq[None, :]
+            mine = (tok // ks.group)[:, None] == colg  # [TB, R]
+            return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = None
@@ -419,7 +452,7 @@ def _kernel(
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
                     sc_t, off_t = once[key]
-                    vf = cs[j].astype(jnp.float32) * sc_t + off_t
+                    vf = fma(cs[j].astype(jnp.float32), sc_t, off_t)
                     vp = to_parts(vf, parts)  # [TB, cb] each
                     d = None
                     for a in reversed(range(parts)):
@@ -583,6 +616,9 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
     return unpack == "asm" or (unpack == "auto" and not interpret and not _rocm_runtime())
 
 
+CHANNEL_KEYS = ("stack", "fold", "dequant")
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
@@ -648,7 +684,7 @@ def paged_attention(
     parts: int = 2,
     prefetch: bool = True,
     max_rows: int = 64,
-    channel_keys: str = "fold",
+    channel_keys: str = "stack",
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
@@ -661,8 +697,10 @@ def paged_attention(
     programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
     float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means
     parts=1 (the dispatcher's serving option). Per-channel (KIVI) keys are
-    read as codes against a query re-scaled per token group (`channel_keys="fold"`) or dequantized in the kernel and
-    split into `parts` bf16 terms (`"dequant"`); per-token values with several groups per head are dequantized
+    read as codes against a query re-scaled per token group: all of a block's groups in one dot, side by side in the
+    query rows' padding (`channel_keys="stack"`, where the block's groups x query rows fit in the padded rows; "fold"
+    otherwise), one dot per group (`"fold"`), or dequantized in the kernel and split into `parts` bf16 terms
+    (`"dequant"`); per-token values with several groups per head are dequantized
     (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
     (BENCHMARKS.md, KIVI layout ablation). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
@@ -695,9 +733,10 @@ def paged_attention(
         raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
     if precision == "bf16":
         kw["parts"] = 1
-    for name, val in (("channel_keys", channel_keys), ("small_value_groups", small_value_groups)):
-        if val not in ("dequant", "fold"):
-            raise ValueError(f"{name}={val!r}: expected 'dequant' or 'fold'")
+    if channel_keys not in CHANNEL_KEYS:
+        raise ValueError(f"channel_keys={channel_keys!r}: expected one of {CHANNEL_KEYS}")
+    if small_value_groups not in ("dequant", "fold"):
+        raise ValueError(f"small_value_groups={small_value_groups!r}: expected 'dequant' or 'fold'")
     pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     tq = q.shape[2]
     step = max(1, max_rows // (q.shape[1] // k_codes.shape[0]))
@@ -758,12 +797,18 @@ def _paged_attention_rows(
     pt = jnp.full((b, splits * pps + 2 * ppb), -1, jnp.int32).at[:, :mp].set(page_table.astype(jnp.int32))
     nt = num_tokens.astype(jnp.int32)
 
-    # Query rows: r = (head in group) * tq + token; transposed to [D, R] and padded.
+    kdeq = ks.kind == "channel" and channel_keys == "dequant"
+    # "stack": the block's token groups each get a copy of the query rows (see the kernel's scores).
+    kstack = ppb * ks.ngroups if ks.kind == "channel" and channel_keys == "stack" else 0
+    if kstack * rows > R:
+        kstack = 0  # does not fit in the padding: one dot per group ("fold")
+    # Query rows: r = (head in group) * tq + token (repeated kstack times); transposed to [D, R] and padded.
     qf = q.astype(jnp.float32).reshape(b, h, rows, d)
-    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - rows), (0, 0)))
+    if kstack:
+        qf = jnp.concatenate([qf] * kstack, axis=2)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - qf.shape[2]), (0, 0)))
     q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
     qparts = 1 if q.dtype == jnp.bfloat16 else parts
-    kdeq = ks.kind == "channel" and channel_keys == "dequant"
     vdeq = vs.kind == "token" and vs.ngroups > 1 and small_value_groups == "dequant"
     args = [nt, pt]
     specs = [
@@ -824,6 +869,8 @@ def _paged_attention_rows(
         prefetch=prefetch,
         kdeq=kdeq,
         vdeq=vdeq,
+        kstack=kstack,
+        qrows=rows,
         asm=asm,
     )
     res = pl.pallas_call(
@@ -844,6 +891,9 @@ def _paged_attention_rows(
     else:
         o, m, l = res
         o = jnp.swapaxes(o[:, :, :, 0], -1, -2)  # [B, H, S, R, D]
+    if kstack:  # a column per (token group, row): each group's columns are one more share for the combine to merge
+        o = o[:, :, :, : kstack * rows].reshape(b, h, splits * kstack, rows, d)
+        m, l = (x[..., : kstack * rows].reshape(b, h, splits * kstack, rows) for x in (m, l))
     out, lse = ta.combine_splits(o, m, l)  # [B, H, R, D], [B, H, R]
     out = out[:, :, :rows].reshape(b, hq, tq, d)
     lse = lse[:, :, :rows].reshape(b, hq, tq)

@@ -181,12 +181,17 @@ def test_llama_prefill_chunk_compiles_and_matches(kv, rng):
     _check(q.astype(jnp.bfloat16), k, v, pt, nt, ks, vs)
 
 
-@pytest.mark.parametrize("keys", ["fold", "dequant"])
-def test_channel_key_paths(keys, rng):
-    """Both per-channel key paths (query re-scaled per group / keys dequantized in the kernel), blocks of 2 pages."""
+@pytest.mark.parametrize("keys", ["stack", "fold", "dequant"])
+@pytest.mark.parametrize("hg,tq", [(2, 1), (4, 1), (2, 3), (8, 1)])
+def test_channel_key_paths(keys, hg, tq, rng):
+    """Every per-channel key path (a block's 4 token groups side by side in the query columns / query re-scaled per
+    group / keys dequantized in the kernel), blocks of 2 pages of 2 groups; with 8 or more query rows the 4 groups do
+    not fit in 16 padded rows and "stack" falls back to "fold"."""
     ks, vs = _spec(2, "channel", 8, sym=True), _spec(4, group=32)
-    q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=2, max_pages=5, lengths=[5 * 16, 3 * 16 - 16])
+    q, k, v, pt, nt = _case(rng, ks, vs, b=3, hg=hg, tq=tq, max_pages=5, lengths=[5 * 16, 3 * 16 - 16, 16])
     _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2)
+    if keys == "stack":
+        _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=1, num_splits=2)
 
 
 @pytest.mark.parametrize("values", ["fold", "dequant"])
@@ -318,7 +323,8 @@ def test_late_key_far_above_earlier_scores(rng):
 
 
 @pytest.mark.parametrize(
-    "variant", ["", "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2"]
+    "variant",
+    ["", "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma"],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     """The compiled kernel, and each ablation variant benchmarks/attention.py can time (`_variant`), lowers to Triton

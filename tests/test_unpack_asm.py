@@ -155,3 +155,7 @@ def test_compiled_lowering_uses_the_ptx_unpacking_by_default(unpack, has_ptx):
     text = gpu_attention_lowered(spec, spec, unpack=unpack)
     assert ("lop3.b32" in text and "prmt.b32" in text) == has_ptx
     assert ("cvt.rn.bf16x2.f32" in text and "ex2.approx.ftz.f32" in text) == has_ptx  # rounding and exp2 too
+    kivi = gpu_attention_lowered(
+        KVSpec(bits=4, axis="channel", group_size=32), KVSpec(bits=2, axis="token", group_size=32), unpack=unpack
+    )
+    assert ("fma.rn.f32" in kivi) == has_ptx  # small value groups are dequantized by fused multiply-adds
