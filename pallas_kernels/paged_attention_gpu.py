@@ -65,12 +65,12 @@ class _Side:
     full_bf16: bool = True  # full: stored as bf16 (else split into parts)
 
 
-def _side(spec: KVSpec, codes, page_size: int, head_dim: int) -> _Side:
+def _side(spec: KVSpec, codes, page_size: int, head_dim: int, min_cb: int = 16) -> _Side:
     if not spec.quantized:
         return _Side("full", 16, 0, False, full_bf16=codes.dtype == jnp.bfloat16)
     per = ta.codes_per_byte(spec.bits)
     if spec.axis == "token":
-        cb = ta.col_block(head_dim, spec.bits, spec.group_size)
+        cb = ta.col_block(head_dim, spec.bits, spec.group_size, min_cb)
         return _Side(
             "token",
             spec.bits,
@@ -781,7 +781,11 @@ def _paged_attention_rows(
         raise ValueError(reason)
     check_index_range(k_codes=k_codes, v_codes=v_codes)
     ks = _side(k_spec, k_codes, page_size, d)
-    vs = _side(v_spec, v_codes, page_size, d)
+    # Dequantized small value groups: column blocks of >= 32 bytes (several groups each, told apart by per-element
+    # scale tiles). A 16-byte block is a 16-row MMA operand, which Triton computes on all 4 warps at once (4x the
+    # tensor-core instructions of the work); 32 rows split over the warps (BENCHMARKS.md).
+    vdeq = v_spec.quantized and v_spec.axis == "token" and v_spec.group_size < d and small_value_groups == "dequant"
+    vs = _side(v_spec, v_codes, page_size, d, min_cb=32 if vdeq and "vcb16" not in variant else 16)
     hg = hq // h
     rows = hg * tq
     R = max(16, _next_pow2(rows))
@@ -809,7 +813,6 @@ def _paged_attention_rows(
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - qf.shape[2]), (0, 0)))
     q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
     qparts = 1 if q.dtype == jnp.bfloat16 else parts
-    vdeq = vs.kind == "token" and vs.ngroups > 1 and small_value_groups == "dequant"
     args = [nt, pt]
     specs = [
         pl.BlockSpec((1,), lambda i, j, s: (i,)),

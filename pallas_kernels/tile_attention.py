@@ -151,10 +151,11 @@ def zero_term(scale: jnp.ndarray, zero: jnp.ndarray | None, bits: int) -> jnp.nd
     return zero.astype(jnp.float32)
 
 
-def col_block(head_dim: int, bits: int, group_size: int) -> int:
-    """Byte columns per token-axis column block: one group's bytes, but at least 16 (tensor-core minimum K/M)."""
+def col_block(head_dim: int, bits: int, group_size: int, minimum: int = 16) -> int:
+    """Byte columns per token-axis column block: one group's bytes, but at least `minimum` (16: the tensor-core
+    minimum K/M) and at most a whole row."""
     per = codes_per_byte(bits)
-    return min(head_dim // per, max(group_size // per, 16))
+    return min(head_dim // per, max(group_size // per, minimum))
 
 
 def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:

@@ -196,10 +196,12 @@ def test_channel_key_paths(keys, hg, tq, rng):
 
 @pytest.mark.parametrize("values", ["fold", "dequant"])
 @pytest.mark.parametrize("vspec", [_spec(2, group=16), _spec(8, group=32, sym=True)], ids=["v2g16", "v8g32sym"])
-def test_small_value_group_paths(values, vspec, rng):
-    """Per-token values with several groups per head (2-bit: two groups share a 16-byte column block), both paths."""
+@pytest.mark.parametrize("d", [64, 128])
+def test_small_value_group_paths(values, vspec, d, rng):
+    """Per-token values with several groups per head, both paths. Dequantized, a column block holds >= 32 bytes
+    (at d=128: four 2-bit groups of 16 / two 8-bit groups of 32), folded >= 16 (2-bit: two groups of 16)."""
     ks = _spec(4, group=64)
-    q, k, v, pt, nt = _case(rng, ks, vspec, b=2, hg=4, max_pages=3, lengths=[3 * 16, 16])
+    q, k, v, pt, nt = _case(rng, ks, vspec, b=2, hg=4, d=d, max_pages=3, lengths=[3 * 16, 16])
     _check(q, k, v, pt, nt, ks, vspec, small_value_groups=values)
 
 
@@ -324,7 +326,21 @@ def test_late_key_far_above_earlier_scores(rng):
 
 @pytest.mark.parametrize(
     "variant",
-    ["", "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma"],
+    [
+        "",
+        "loads",
+        "nosoftmax",
+        "novalues",
+        "vtrans",
+        "vrows",
+        "krows0",
+        "kgroup1",
+        "kboth",
+        "nocvt",
+        "noex2",
+        "nofma",
+        "vcb16",
+    ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     """The compiled kernel, and each ablation variant benchmarks/attention.py can time (`_variant`), lowers to Triton
