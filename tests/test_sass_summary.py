@@ -18,7 +18,7 @@ sass_summary = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(sass_summary)
 
 
-@pytest.mark.parametrize("name", ["h200_4x4_bf16", "h200_kivi4x2_bf16"])
+@pytest.mark.parametrize("name", ["h200_4x4_bf16", "h200_kivi4x2_bf16", "h200_kivi4x2_bf16_stack"])
 def test_summary_totals_equal_nsight_metric(name, capsys):
     listing = ROOT / "notes" / "ncu" / f"{name}_sass.csv.gz"
     metric = (ROOT / "notes" / "ncu" / f"{name}_opcodes.txt").read_text()
