@@ -25,10 +25,13 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   float32 -> bf16 rounding of operand parts and the softmax's exp2 are single PTX instructions too (`round_bf16_ptx`,
   `exp2_ptx`), where the Triton lowering emits an integer rounding emulation and a subnormal fix-up.
 - Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field); their
-  per-channel scales are folded into the query one token group at a time (keys, default) or applied by dequantizing
-  the block in the kernel (`channel_keys="dequant"`); channel-axis values have theirs applied to the output per
-  token group. Per-token values with several groups per head are dequantized per field tile (default) or folded
-  into p group by group (`small_value_groups="fold"`).
+  per-channel scales are folded into the query, one copy of the query rows per token group of the block placed side
+  by side in the padding of the R columns, so that one dot scores every group (keys, default; each column keeps its
+  own group's tokens and runs its own softmax, and the split combine merges a row's columns), or one group per dot
+  (`channel_keys="fold"`), or applied by dequantizing the block in the kernel (`"dequant"`); channel-axis values
+  have theirs applied to the output per token group. Per-token values with several groups per head are dequantized
+  per field tile (default; column blocks of >= 32 bytes) or folded into p group by group
+  (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 """
@@ -696,13 +699,13 @@ def paged_attention(
     lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
     programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
     float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means
-    parts=1 (the dispatcher's serving option). Per-channel (KIVI) keys are
-    read as codes against a query re-scaled per token group: all of a block's groups in one dot, side by side in the
-    query rows' padding (`channel_keys="stack"`, where the block's groups x query rows fit in the padded rows; "fold"
-    otherwise), one dot per group (`"fold"`), or dequantized in the kernel and split into `parts` bf16 terms
-    (`"dequant"`); per-token values with several groups per head are dequantized
-    (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the faster of each pair on an H100
-    (BENCHMARKS.md, KIVI layout ablation). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
+    parts=1 (the dispatcher's serving option). Per-channel (KIVI) keys are read as codes against a query re-scaled
+    per token group: all of a block's groups in one dot, side by side in the query rows' padding
+    (`channel_keys="stack"`, where the block's groups x query rows fit in the padded rows; "fold" otherwise), one dot
+    per group (`"fold"`), or dequantized in the kernel and split into `parts` bf16 terms (`"dequant"`); per-token
+    values with several groups per head are dequantized (`small_value_groups="dequant"`) or folded into p
+    (`"fold"`). Defaults are the fastest measured (BENCHMARKS.md: the KIVI layout ablation on an H100, "stack"
+    against "fold" on an H200). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
     inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
     jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits. With asm the kernel
     also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes exp2 (`exp2_ptx`) by single PTX
