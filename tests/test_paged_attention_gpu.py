@@ -188,7 +188,7 @@ def test_channel_key_paths(keys, hg, tq, rng):
     group / keys dequantized in the kernel), blocks of 2 pages of 2 groups; with 8 or more query rows the 4 groups do
     not fit in 16 padded rows and "stack" falls back to "fold"."""
     ks, vs = _spec(2, "channel", 8, sym=True), _spec(4, group=32)
-    q, k, v, pt, nt = _case(rng, ks, vs, b=3, hg=hg, tq=tq, max_pages=5, lengths=[5 * 16, 3 * 16 - 16, 16])
+    q, k, v, pt, nt = _case(rng, ks, vs, b=4, hg=hg, tq=tq, max_pages=5, lengths=[5 * 16, 3 * 16 - 16, 16, 0])
     _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2)
     if keys == "stack":
         _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=1, num_splits=2)
@@ -212,7 +212,13 @@ def test_parts_one_is_bf16_precision(rng):
 
 
 @pytest.mark.parametrize(
-    "kv", [(_spec(4, group=64), _spec(16)), (_spec(16), _spec(2, "channel", 16))], ids=["K4t-V16", "K16-V2c"]
+    "kv",
+    [
+        (_spec(4, group=64), _spec(16)),
+        (_spec(16), _spec(2, "channel", 16)),
+        (_spec(4, "channel", 8), _spec(2, group=32)),
+    ],
+    ids=["K4t-V16", "K16-V2c", "K4c-V2t"],
 )
 def test_poisoned_pages_do_not_leak(kv, rng):
     """Stale pages past num_tokens and INVALID (-1) entries, pointing at pages full of NaN, change nothing."""
