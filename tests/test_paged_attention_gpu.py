@@ -194,6 +194,15 @@ def test_channel_key_paths(keys, hg, tq, rng):
         _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=1, num_splits=2)
 
 
+def test_unknown_kernel_options_are_clear_errors(rng):
+    ks, vs = _spec(4, "channel", 16), _spec(2, group=32)
+    q, k, v, pt, nt = _case(rng, ks, vs, lengths=[16, 32])
+    for opt, val, names in (("channel_keys", "stacked", "'stack', 'fold', 'dequant'"),
+                            ("small_value_groups", "stack", "'dequant' or 'fold'")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"{opt}='{val}': expected .*{names}"):
+            paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, **{opt: val})
+
+
 @pytest.mark.parametrize("values", ["fold", "dequant"])
 @pytest.mark.parametrize("vspec", [_spec(2, group=16), _spec(8, group=32, sym=True)], ids=["v2g16", "v8g32sym"])
 @pytest.mark.parametrize("d", [64, 128])
