@@ -158,13 +158,22 @@ class ModelRunner:
 
 
 def make_batch(
-    seqs: Sequence[SequencePages | None], num_new: Sequence[int], max_pages: int, as_numpy: bool = False
+    seqs: Sequence[SequencePages | None],
+    num_new: Sequence[int],
+    max_pages: int,
+    as_numpy: bool = False,
+    table: np.ndarray | None = None,
 ) -> kc.BatchInfo:
     """Batch info for rows of live sequences (None = padding row): device arrays, or host numpy with `as_numpy`
-    (what a sharded runner wants: it checks placement on the host and transfers each shard once)."""
+    (what a sharded runner wants: it checks placement on the host and transfers each shard once). `table`: the page
+    table rows if the caller keeps them (`table_rows(seqs, max_pages)` otherwise); it must not change afterwards."""
     conv = np.asarray if as_numpy else jnp.asarray
+    if table is None:
+        table = table_rows(list(seqs), max_pages)
+    elif table.shape != (len(seqs), max_pages):
+        raise CacheError(f"page table of shape {table.shape}, expected {(len(seqs), max_pages)}")
     return kc.BatchInfo(
-        page_table=conv(table_rows(list(seqs), max_pages)),
+        page_table=conv(table),
         lengths=conv(np.array([0 if s is None else s.length for s in seqs], np.int32)),
         num_new=conv(np.array(num_new, np.int32)),
         slots=conv(np.array([-1 if s is None else s.slot for s in seqs], np.int32)),

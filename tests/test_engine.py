@@ -23,6 +23,7 @@ from kvtuner_jax import faithful, model, planner
 from kvtuner_jax import manifest as mf
 from kvtuner_jax.engine import Engine, Request
 from kvtuner_jax.errors import CacheError
+from kvtuner_jax.page_table import table_rows
 from kvtuner_jax.sampling import SamplingParams
 from kvtuner_jax.specs import KVSpec, LayerSpec, ModelIdentity
 
@@ -79,6 +80,14 @@ def record_steps(engine):
     return seen
 
 
+def assert_table_kept(engine) -> None:
+    """The engine's kept page-table rows equal rows rebuilt from its running requests' page lists."""
+    by_slot = [None] * engine.max_seqs
+    for r in engine._running:
+        by_slot[r.seq.slot] = r.seq
+    np.testing.assert_array_equal(engine._table, table_rows(by_slot, engine.max_pages_per_seq))
+
+
 def idle(engine) -> bool:
     return (
         not engine.has_unfinished()
@@ -132,7 +141,9 @@ def test_random_workload(specs, chunk):
             expect_reject.append(len(p) + n > MAX_LEN)
             reqs.append(eng.add_request(p, SamplingParams(max_new_tokens=n)))
         eng.step()
+        assert_table_kept(eng)
     assert idle(eng)
+    assert (eng._table == -1).all()
     assert eng.num_preemptions > 0  # the pool was really too small for the offered load
     rejected = [r for r in reqs if r.finish_reason == "rejected"]
     assert [r.finish_reason == "rejected" for r in reqs] == expect_reject
@@ -281,6 +292,7 @@ def test_planner_budget_and_gain():
 def test_fill_random_runs_decode_steps(quant_engine):
     eng = quant_engine
     reqs = eng.fill_random(3, 40, seed=1, sampling=SamplingParams(max_new_tokens=5))
+    assert_table_kept(eng)
     seen = record_steps(eng)
     outs = list(eng.run())
     assert all(len(r.output) == 5 for r in reqs) and len(outs) == 15
