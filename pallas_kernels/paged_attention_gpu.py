@@ -235,6 +235,7 @@ def _kernel(
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
         q_t = q_ref[...]  # [D, R] f32
+        q_r = q_t.T if "qsT" in variant else None  # experiment: the stacked query built as [R, D]
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TB,), 0)
 
@@ -297,9 +298,15 @@ def _kernel(
     def channel_raw(c_ref, side: _Side, base):
         """Channel-axis page block in token order, raw bytes [TB, D]: each byte row gathered once per field."""
         t_in = tok % P
-        page_tok = pt_ref[base + tok // P]
-        ok = (base + tok // P < npages) & (page_tok >= 0)
-        page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
+        if "kpage" in variant:  # experiment: each token's page from the block's ppb page scalars, not a gather
+            page_tok = None
+            for pp in range(ppb):
+                pg = page_scalar(base, pp)[0]
+                page_tok = jnp.full_like(tok, pg) if page_tok is None else jnp.where(tok // P == pp, pg, page_tok)
+        else:
+            page_tok = pt_ref[base + tok // P]
+            ok = (base + tok // P < npages) & (page_tok >= 0)
+            page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
         return c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
 
     def channel_params(s_ref, z_ref, side: _Side, base):
@@ -378,6 +385,22 @@ def _kernel(
             # token t keeps only its own group's columns. Each column then runs its own softmax over its group's
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
+            if q_r is not None:  # experiment "qsT": the same in [R, D] orientation (scales broadcast along rows)
+                colg = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) // qrows  # [R, 1]
+                sc_c = zt_c = None
+                for g in range(kstack):
+                    sc, zt = prm[0][g]
+                    sc_c = jnp.where(colg == g, sc[None, :], 0.0 if sc_c is None else sc_c)
+                    zt_c = jnp.where(colg == g, zt[None, :], 0.0 if zt_c is None else zt_c)
+                q_s = to_parts(q_r * sc_c, parts)  # [R, D]
+                zq = jnp.sum(q_r * zt_c - off * ta.parts_value(q_s), axis=1)
+                s = None
+                for qp in reversed(q_s):
+                    d = jax.lax.dot_general(c, qp, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                    s = d if s is None else s + d
+                s = s + zq[None, :]
+                mine = (tok // ks.group)[:, None] == colg.T
+                return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
             colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # [1, R] token group of each column
             sc_c = zt_c = None
             for g in range(kstack):
