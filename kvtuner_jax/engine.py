@@ -330,6 +330,7 @@ class Engine:
         """Appends newly allocated pages to a running request (its page list and its page-table row)."""
         have = len(req.seq.pages)
         if have + len(pages) > self.max_pages_per_seq:
+            self.alloc.free(pages)
             raise CacheError(f"slot {req.seq.slot} would own {have + len(pages)} pages, a row holds "
                              f"{self.max_pages_per_seq}")  # fmt: skip
         self._table[req.seq.slot, have : have + len(pages)] = pages

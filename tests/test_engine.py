@@ -392,3 +392,18 @@ def test_token_span_equals_slicing_the_whole_history(rng):
         a = int(rng.integers(0, p + o + 1))
         b = int(rng.integers(a, p + o + 3))
         assert req.token_span(a, b) == req.tokens[a:b], (p, o, a, b)
+
+
+def test_a_row_overflow_is_a_clear_error_and_frees_the_pages(quant_engine):
+    """Granting pages past a page-table row (the engine never asks for that: longer requests are rejected first)
+    raises, names the slot, and gives the pages back."""
+    eng = quant_engine
+    (req,) = eng.fill_random(1, 40, seed=2, sampling=SamplingParams(max_new_tokens=2))
+    free = eng.alloc.num_free
+    extra = eng.max_pages_per_seq - len(req.seq.pages) + 1
+    with pytest.raises(CacheError, match=f"slot {req.seq.slot} would own"):
+        eng._grant(req, eng.alloc.allocate(extra))
+    assert eng.alloc.num_free == free
+    assert_table_kept(eng)
+    list(eng.run())
+    assert idle(eng)
