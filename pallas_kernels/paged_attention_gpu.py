@@ -92,16 +92,16 @@ def _pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _dot(a, b, trans_a: bool = False):
-    """a [M, K] @ b [K, N] (a given as [K, M] when trans_a) -> float32."""
-    dims = (((0,) if trans_a else (1,), (0,)), ((), ()))
+def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
+    """a [M, K] @ b [K, N] (a given as [K, M] when trans_a, b as [N, K] when trans_b) -> float32."""
+    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _dot_parts(a, b_parts, trans_a: bool = False):
+def _dot_parts(a, b_parts, trans_a: bool = False, trans_b: bool = False):
     acc = None
     for bp in reversed(b_parts):  # smallest terms first
-        d = _dot(a, bp, trans_a)
+        d = _dot(a, bp, trans_a, trans_b)
         acc = d if acc is None else acc + d
     return acc
 
@@ -385,32 +385,19 @@ def _kernel(
             # token t keeps only its own group's columns. Each column then runs its own softmax over its group's
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
-            if q_r is not None:  # experiment "qsT": the same in [R, D] orientation (scales broadcast along rows)
-                colg = jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0) // qrows  # [R, 1]
-                sc_c = zt_c = None
-                for g in range(kstack):
-                    sc, zt = prm[0][g]
-                    sc_c = jnp.where(colg == g, sc[None, :], 0.0 if sc_c is None else sc_c)
-                    zt_c = jnp.where(colg == g, zt[None, :], 0.0 if zt_c is None else zt_c)
-                q_s = to_parts(q_r * sc_c, parts)  # [R, D]
-                zq = jnp.sum(q_r * zt_c - off * ta.parts_value(q_s), axis=1)
-                s = None
-                for qp in reversed(q_s):
-                    d = jax.lax.dot_general(c, qp, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                    s = d if s is None else s + d
-                s = s + zq[None, :]
-                mine = (tok // ks.group)[:, None] == colg.T
-                return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
-            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # [1, R] token group of each column
+            # The query operand as [D, R] (default), or as [R, D] (experiment "qsT": scales broadcast along rows).
+            qq, dax = (q_t, 0) if q_r is None else (q_r, 1)
+            rax = 1 - dax  # the axis of the R columns
+            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R) if rax else (R, 1), rax) // qrows  # group per column
             sc_c = zt_c = None
             for g in range(kstack):
-                sc, zt = prm[0][g]  # [D] each
-                sc_c = jnp.where(colg == g, sc[:, None], 0.0 if sc_c is None else sc_c)
-                zt_c = jnp.where(colg == g, zt[:, None], 0.0 if zt_c is None else zt_c)
-            q_s = to_parts(q_t * sc_c, parts)  # [D, R]
-            zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)
-            s = _dot_parts(c, q_s) + zq[None, :]
-            mine = (tok // ks.group)[:, None] == colg  # [TB, R]
+                sc, zt = (jnp.expand_dims(x, rax) for x in prm[0][g])  # [D] each, broadcast along the columns
+                sc_c = jnp.where(colg == g, sc, 0.0 if sc_c is None else sc_c)
+                zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
+            q_s = to_parts(qq * sc_c, parts)
+            zq = jnp.sum(qq * zt_c - off * ta.parts_value(q_s), axis=dax)  # [R]
+            s = _dot_parts(c, q_s, trans_b=bool(dax)) + zq[None, :]
+            mine = (tok // ks.group)[:, None] == (colg if rax else colg.T)  # [TB, R]
             return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
