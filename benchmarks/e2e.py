@@ -88,24 +88,20 @@ def mem_line(tag: str) -> None:
               f"limit {gib['bytes_limit']:.2f}", flush=True)  # fmt: skip
 
 
+def decode_engine(cfg, params, manifest, batch: int, max_len: int, page_size: int, **kw) -> Engine:
+    """An engine of `batch` sequences of up to `max_len` tokens whose pool holds exactly the pages they need."""
+    min_r = min(s.residual_length for s in manifest.layer_specs())
+    pages = batch * max(1, (max_len - min_r) // page_size)
+    return Engine(cfg, params, manifest, max_seqs=batch, max_seq_len=max_len, page_size=page_size, num_pages=pages,
+                  eos_ids=(), **kw)  # fmt: skip
+
+
 def time_decode(cfg, params, manifest, batch, context, args) -> dict:
     """Engine at `batch` sequences of `context` cached tokens: seconds per decode step (median of --repeats)."""
     steps = args.warmup + args.steps * args.repeats
     max_len = context + steps + 2
-    specs = manifest.layer_specs()
-    min_r = min(s.residual_length for s in specs)
-    pages = batch * max(1, (max_len - min_r) // args.page_size)
-    eng = Engine(
-        cfg,
-        params,
-        manifest,
-        max_seqs=batch,
-        max_seq_len=max_len,
-        page_size=args.page_size,
-        num_pages=pages,
-        backend=args.backend,
-        precision=args.precision,
-        eos_ids=(),
+    eng = decode_engine(
+        cfg, params, manifest, batch, max_len, args.page_size, backend=args.backend, precision=args.precision
     )
     # one token more than the timed steps: the requests are still running when the stats are read
     mem_line(f"engine of {batch} x {context} allocated")

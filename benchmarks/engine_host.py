@@ -20,17 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e  # noqa: E402
 
 import kvtuner_jax.engine as engine_mod  # noqa: E402
-from kvtuner_jax.engine import Engine  # noqa: E402
 from kvtuner_jax.sampling import SamplingParams  # noqa: E402
 
 
 def host_ms_per_step(batch: int, context: int, manifest: str, steps: int, page_size: int = 32) -> dict:
     cfg = e2e.model_config("tiny")
     man = e2e.build_manifest(manifest, cfg, "kivi")
-    min_r = min(s.residual_length for s in man.layer_specs())
-    max_len = context + steps + 6
-    eng = Engine(cfg, None, man, max_seqs=batch, max_seq_len=max_len, page_size=page_size,
-                 num_pages=batch * max(1, (max_len - min_r) // page_size), eos_ids=())  # fmt: skip
+    eng = e2e.decode_engine(cfg, None, man, batch, context + steps + 6, page_size)
     eng.fill_random(batch, context, seed=0, sampling=SamplingParams(max_new_tokens=steps + 4))
     jax.block_until_ready(eng.cache)  # the pools' random fill runs on the CPU's threads: let it finish first
     logits = jnp.zeros((batch, cfg.vocab_size), jnp.float32)
