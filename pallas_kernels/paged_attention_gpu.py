@@ -92,16 +92,16 @@ def _pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _dot(a, b, trans_a: bool = False, trans_b: bool = False):
-    """a [M, K] @ b [K, N] (a given as [K, M] when trans_a, b as [N, K] when trans_b) -> float32."""
-    dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
+def _dot(a, b, trans_a: bool = False):
+    """a [M, K] @ b [K, N] (a given as [K, M] when trans_a) -> float32."""
+    dims = (((0,) if trans_a else (1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _dot_parts(a, b_parts, trans_a: bool = False, trans_b: bool = False):
+def _dot_parts(a, b_parts, trans_a: bool = False):
     acc = None
     for bp in reversed(b_parts):  # smallest terms first
-        d = _dot(a, bp, trans_a, trans_b)
+        d = _dot(a, bp, trans_a)
         acc = d if acc is None else acc + d
     return acc
 
@@ -235,7 +235,6 @@ def _kernel(
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
         q_t = q_ref[...]  # [D, R] f32
-        q_r = q_t.T if "qsT" in variant else None  # experiment: the stacked query built as [R, D]
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TB,), 0)
 
@@ -298,15 +297,9 @@ def _kernel(
     def channel_raw(c_ref, side: _Side, base):
         """Channel-axis page block in token order, raw bytes [TB, D]: each byte row gathered once per field."""
         t_in = tok % P
-        if "kpage" in variant:  # experiment: each token's page from the block's ppb page scalars, not a gather
-            page_tok = None
-            for pp in range(ppb):
-                pg = page_scalar(base, pp)[0]
-                page_tok = jnp.full_like(tok, pg) if page_tok is None else jnp.where(tok // P == pp, pg, page_tok)
-        else:
-            page_tok = pt_ref[base + tok // P]
-            ok = (base + tok // P < npages) & (page_tok >= 0)
-            page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
+        page_tok = pt_ref[base + tok // P]
+        ok = (base + tok // P < npages) & (page_tok >= 0)
+        page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
         return c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
 
     def channel_params(s_ref, z_ref, side: _Side, base):
@@ -385,19 +378,16 @@ def _kernel(
             # token t keeps only its own group's columns. Each column then runs its own softmax over its group's
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
-            # The query operand as [D, R] (default), or as [R, D] (experiment "qsT": scales broadcast along rows).
-            qq, dax = (q_t, 0) if q_r is None else (q_r, 1)
-            rax = 1 - dax  # the axis of the R columns
-            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R) if rax else (R, 1), rax) // qrows  # group per column
+            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
             sc_c = zt_c = None
             for g in range(kstack):
-                sc, zt = (jnp.expand_dims(x, rax) for x in prm[0][g])  # [D] each, broadcast along the columns
+                sc, zt = (x[:, None] for x in prm[0][g])  # [D, 1] each, broadcast along the columns
                 sc_c = jnp.where(colg == g, sc, 0.0 if sc_c is None else sc_c)
                 zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
-            q_s = to_parts(qq * sc_c, parts)
-            zq = jnp.sum(qq * zt_c - off * ta.parts_value(q_s), axis=dax)  # [R]
-            s = _dot_parts(c, q_s, trans_b=bool(dax)) + zq[None, :]
-            mine = (tok // ks.group)[:, None] == (colg if rax else colg.T)  # [TB, R]
+            q_s = to_parts(q_t * sc_c, parts)
+            zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
+            s = _dot_parts(c, q_s) + zq[None, :]
+            mine = (tok // ks.group)[:, None] == colg  # [TB, R]
             return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
