@@ -24,14 +24,16 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   faster per call than element-wise jnp ops on the H200 (BENCHMARKS.md); interpret mode runs the jnp form. The
   float32 -> bf16 rounding of operand parts and the softmax's exp2 are single PTX instructions too (`round_bf16_ptx`,
   `exp2_ptx`), where the Triton lowering emits an integer rounding emulation and a subnormal fix-up.
-- Channel-axis (KIVI keys) stores are read in token order (each byte row gathered once per field); their
-  per-channel scales are folded into the query, one copy of the query rows per token group of the block placed side
-  by side in the padding of the R columns, so that one dot scores every group (keys, default; each column keeps its
-  own group's tokens and runs its own softmax, and the split combine merges a row's columns), or one group per dot
-  (`channel_keys="fold"`), or applied by dequantizing the block in the kernel (`"dequant"`); channel-axis values
-  have theirs applied to the output per token group. Per-token values with several groups per head are dequantized
-  per field tile (default; column blocks of >= 32 bytes) or folded into p group by group
-  (`small_value_groups="fold"`).
+- Channel-axis (KIVI keys) stores pack several tokens of a channel into a byte. Stacked 2/4-bit keys are read in
+  storage order, field j of the bytes being token sub-block j (every 2nd / 4th token of each page, unpacked like
+  token-axis codes), with their values read at that row stride; otherwise they are read in token order (each byte
+  row gathered once per field). Their per-channel scales are folded into the query, one copy of the query rows per
+  token group of the block placed side by side in the padding of the R columns, so that one dot scores every group
+  (keys, default; each column keeps its own group's tokens and runs its own softmax, and the split combine merges a
+  row's columns), or one group per dot (`channel_keys="fold"`), or applied by dequantizing the block in the kernel
+  (`"dequant"`); channel-axis values have theirs applied to the output per token group. Per-token values with
+  several groups per head are dequantized per field tile (default; column blocks of >= 32 bytes) or folded into p
+  group by group (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 """
@@ -196,6 +198,7 @@ def _kernel(
     kdeq: bool = False,
     vdeq: bool = False,
     kstack: int = 0,
+    ksub: int = 1,
     qrows: int = 0,
     asm: bool = False,
     variant: str = "",
@@ -214,6 +217,10 @@ def _kernel(
     m_ref, l_ref = next(it), next(it)  # [R], [R]
 
     TB = ppb * P
+    # Token sub-blocks (ksub > 1, stacked channel-axis keys of < 8 bits): byte row r of a key page holds tokens
+    # r * ksub + j in field j, so the block's key bytes are read once, in storage order, and field j is sub-block j
+    # (every ksub-th token of each page, rows of TBs = TB / ksub); its values are read with row stride ksub.
+    TBs, Ps = TB // ksub, P // ksub
     to_parts = functools.partial(
         ta.split_parts, rnd=round_bf16_ptx if asm and "nocvt" not in variant else ta.round_bf16
     )
@@ -236,7 +243,7 @@ def _kernel(
     else:
         q_t = q_ref[...]  # [D, R] f32
 
-    tok = jax.lax.broadcasted_iota(jnp.int32, (TB,), 0)
+    tok = jax.lax.broadcasted_iota(jnp.int32, (TBs,), 0)  # row of a (sub-)block; a token when ksub == 1
 
     def load_pages(i):
         """Physical pages of block i [ppb] (clamped: invalid entries read page 0 and are masked by `valid`)."""
@@ -248,7 +255,7 @@ def _kernel(
 
     def block_of(i):
         base = first + i * ppb
-        return base, (base + tok // P) < npages
+        return base, (base + tok // Ps) < npages
 
     # Code tiles prefetched one block ahead in registers: the small ones (token-axis, <= 4 bits). 16-bit and 8-bit
     # tiles are 4-8x larger and would spill; they are loaded in the iteration that uses them.
@@ -256,36 +263,57 @@ def _kernel(
         prefetch and (side.kind == "channel" or (side.kind == "token" and side.bits <= 4)) for side in (ks, vs)
     )
 
+    def sub_rows(j):
+        """Rows of a page read for token sub-block j: all of them (ksub == 1), else every ksub-th from j."""
+        return slice(None) if ksub == 1 else pl.ds(j, Ps, ksub)
+
     def block_tiles(i, pages, which):
-        """Code tiles of a block: [TB, cols] each for 16-bit and token-axis stores; for a channel-axis store its raw
-        bytes in token order [TB, D]; () for a side not in `which`."""
-        out = []
-        for side, c_ref, w in ((ks, kc_ref, which[0]), (vs, vc_ref, which[1])):
-            if not w:
-                out.append(())
-            elif side.kind == "full":
-                out.append((c_ref[pages, :, :].reshape(TB, D),))
-            elif side.kind == "token":
-                out.append(
-                    tuple(c_ref[pages, :, pl.ds(i * side.cb, side.cb)].reshape(TB, side.cb) for i in range(side.ncb))
-                )
-            else:
-                out.append((channel_raw(c_ref, side, first + i * ppb),))
-        return tuple(out)
+        """Code tiles of a block, () for a side not in `which`. Keys: [TB, cols] for 16-bit and token-axis stores,
+        raw bytes [TB, D] in token order for a channel-axis store, or its bytes in storage order [TBs, D] with
+        sub-blocks; values: a tuple per sub-block of [TBs, cols] tiles."""
+        ktiles = ()
+        if not which[0]:
+            pass
+        elif ks.kind == "full":
+            ktiles = (kc_ref[pages, :, :].reshape(TB, D),)
+        elif ks.kind == "token":
+            ktiles = tuple(kc_ref[pages, :, pl.ds(c * ks.cb, ks.cb)].reshape(TB, ks.cb) for c in range(ks.ncb))
+        elif ksub > 1:
+            ktiles = (kc_ref[pages, :, :].reshape(TBs, D),)
+        else:
+            ktiles = (channel_raw(kc_ref, ks, first + i * ppb),)
+        vtiles = ()
+        if not which[1]:
+            pass
+        elif vs.kind == "full":
+            vtiles = tuple((vc_ref[pages, sub_rows(j), :].reshape(TBs, D),) for j in range(ksub))
+        elif vs.kind == "token":
+            vtiles = tuple(
+                tuple(vc_ref[pages, sub_rows(j), pl.ds(c * vs.cb, vs.cb)].reshape(TBs, vs.cb) for c in range(vs.ncb))
+                for j in range(ksub)
+            )
+        else:
+            vtiles = ((channel_raw(vc_ref, vs, first + i * ppb),),)
+        return ktiles, vtiles
 
     def token_params(i, pages):
-        """Per-token scales / zeros of a block's token-axis stores, [TB] f32 each (prefetched one block ahead)."""
+        """Scales / zeros of a block (prefetched one block ahead): per-token ones [TBs] f32 per group, per-channel
+        ones per (page, token group); values: a tuple per sub-block."""
         out = []
         for side, sc_ref, z_ref in ((ks, ksc_ref, kz_ref), (vs, vsc_ref, vz_ref)):
             if side.kind == "channel":
                 out.append(channel_params(sc_ref, z_ref, side, first + i * ppb))
-                continue
-            if side.kind != "token":
+            elif side.kind != "token":
                 out.append(((), ()))
-                continue
-            sc = tuple(scale_tokens(sc_ref, pages, g) for g in range(side.ngroups))
-            z = () if z_ref is None else tuple(scale_tokens(z_ref, pages, g) for g in range(side.ngroups))
-            out.append((sc, z))
+            else:
+                subs = []
+                for j in range(ksub if side is vs else 1):
+                    sc = tuple(scale_tokens(sc_ref, pages, g, j) for g in range(side.ngroups))
+                    z = () if z_ref is None else tuple(scale_tokens(z_ref, pages, g, j) for g in range(side.ngroups))
+                    subs.append((sc, z))
+                out.append(subs[0] if side is ks else tuple(subs))
+        if vs.kind != "token":
+            out[1] = (out[1],) * ksub
         return tuple(out)
 
     def page_scalar(base, pp):
@@ -325,10 +353,11 @@ def _kernel(
             return ta.magic_operand_rows(x, side.bits, t_in % side.per), ta.MAGIC
         return ta.codes_to_operand(ta.unpack_field_rows(x, side.bits, t_in % side.per)), 0.0
 
-    def scale_tokens(s_ref, pages, g):
-        return s_ref[pages, :, g].reshape(TB).astype(jnp.float32)  # [TB]
+    def scale_tokens(s_ref, pages, g, j=0):
+        return s_ref[pages, sub_rows(j), g].reshape(TBs).astype(jnp.float32)  # [TBs]
 
     def scores(base, pages, valid, prm, tiles):
+        """Scaled scores [TBs, R] of each token sub-block (a list of one unless ksub > 1)."""
         if ks.kind == "full":
             x = tiles[0][0]
             if ks.full_bf16:
@@ -377,7 +406,11 @@ def _kernel(
             # re-scaled by group g's channel scales (the wrapper repeated q), so one dot scores every group, and
             # token t keeps only its own group's columns. Each column then runs its own softmax over its group's
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
-            c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
+            if ksub > 1:  # field j of the bytes is sub-block j: PTX unpacking with a constant field, no gather
+                cs, off = magic_fields(tiles[0][0], ks.bits, asm), ta.MAGIC  # [TBs, D] each
+            else:
+                c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
+                cs = [c]
             colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
             sc_c = zt_c = None
             for g in range(kstack):
@@ -386,9 +419,9 @@ def _kernel(
                 zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
             q_s = to_parts(q_t * sc_c, parts)
             zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
-            s = _dot_parts(c, q_s) + zq[None, :]
-            mine = (tok // ks.group)[:, None] == colg  # [TB, R]
-            return jnp.where(valid[:, None] & mine, s * c_scale, -jnp.inf)
+            # Row r of every sub-block is in token group r // (group / ksub) of the block.
+            keep = valid[:, None] & ((tok // (ks.group // ksub))[:, None] == colg)  # [TBs, R]
+            return [jnp.where(keep, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = None
@@ -402,12 +435,13 @@ def _kernel(
                     lo = pp * P + tg * ks.group
                     rows = (tok >= lo) & (tok < lo + ks.group)
                     s = d if one else jnp.where(rows[:, None], d, 0.0 if s is None else s)  # groups tile the rows
-        return jnp.where(valid[:, None], s * c_scale, -jnp.inf)
+        return [jnp.where(valid[:, None], s * c_scale, -jnp.inf)]
 
-    def values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha):
-        accs = [a * alpha[None, :] for a in accs]
+    def values(valid, vprm, vt, p, accs, zaccs):
+        """Adds one (sub-)block's p-weighted values to the accumulators; vprm: its value scales (see token_params),
+        vt: its value tiles."""
         if vs.kind == "full":
-            x = tiles[1][0]
+            x = vt[0]
             x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
             pp_ = to_parts(p, parts)
             if vs.full_bf16:
@@ -424,9 +458,9 @@ def _kernel(
             # stale page may hold NaN scales), so no per-element select remains for them.
             gpb = vs.cb * vs.per // vs.group
             pv = to_parts(jnp.where(valid[:, None], p, 0.0), parts)
-            sc_rows = [jnp.where(valid, prm[1][0][g], 0.0) for g in range(vs.ngroups)]  # [TB] each
+            sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TB] each
             zt_rows = [
-                jnp.where(valid, ta.zero_term(prm[1][0][g], prm[1][1][g] if prm[1][1] else None, vs.bits), 0.0)
+                jnp.where(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
                 for g in range(vs.ngroups)
             ]
 
@@ -447,7 +481,7 @@ def _kernel(
 
             shared = vs.group % vs.per == 0
             for cbi in range(vs.ncb):
-                x = tiles[1][cbi]
+                x = vt[cbi]
                 cs = magic_fields(x, vs.bits, asm)
                 once = {}
                 for j in range(vs.nf):
@@ -466,17 +500,16 @@ def _kernel(
                     accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
             gpb = vs.cb * vs.per // vs.group
-            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
             for cbi in range(vs.ncb):
-                x = tiles[1][cbi]
+                x = vt[cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
                     xt = x.T
                     cs = [ta.magic_operand(xt, vs.bits, j) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm)  # 128 + field, bf16
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
-                    sc = prm[1][0][g]
-                    zt = ta.zero_term(sc, prm[1][1][g] if prm[1][1] else None, vs.bits)
+                    sc = vprm[0][g]
+                    zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
                     pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
                     pparts = to_parts(pg_, parts)
                     off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
@@ -497,10 +530,10 @@ def _kernel(
                     zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
                     zaccs[g] = zaccs[g] + (zterm if defer_z else jnp.sum(zterm, axis=0))
         else:
-            c, off = token_order_codes(tiles[1][0], vs)  # [TB, D]
+            c, off = token_order_codes(vt[0], vs)  # [TB, D]
             for pp in range(ppb):
                 for tg in range(vs.ngroups):
-                    sc, zt = prm[1][pp * vs.ngroups + tg]  # [D] each
+                    sc, zt = vprm[pp * vs.ngroups + tg]  # [D] each
                     lo = pp * P + tg * vs.group
                     rows = (tok >= lo) & (tok < lo + vs.group) & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
@@ -538,19 +571,23 @@ def _kernel(
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s, exp2)
         if variant == "novalues":  # ablation: scores and softmax only
-            accs = [a + jnp.sum(p, axis=0)[None, :] for a in accs]  # keeps p live; Triton cannot slice it
+            accs = [a + sum(jnp.sum(x, axis=0) for x in p)[None, :] for a in accs]  # keeps p live (no slicing)
             return m_new, l_new, accs, zaccs, *nxt
-        accs, zaccs = values(base, pages, valid, prm, tiles, p, accs, zaccs, alpha)
+        accs = [a * alpha[None, :] for a in accs]
+        if vs.kind == "token" and not vdeq:
+            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
+        for j in range(ksub):
+            accs, zaccs = values(valid, prm[1][j], tiles[1][j], p[j], accs, zaccs)
         return m_new, l_new, accs, zaccs, *nxt
 
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        zaccs = [jnp.zeros((TB, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
+        zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
         zaccs = []
     m0 = jnp.full((R,), -jnp.inf, jnp.float32)
-    l0 = jnp.zeros((TB, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
+    l0 = jnp.zeros((TBs, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
     pages0 = load_pages(0)
     tiles0 = block_tiles(0, pages0, pref)
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
@@ -642,6 +679,49 @@ def default_config(batch: int, kv_heads: int, max_pages: int, page_size: int, fu
     if full:
         splits = max(splits, min(17, -(-4224 // programs), nblocks // 4))
     return ppb, max(1, min(nblocks, splits))
+
+
+def stack_plan(
+    ks: _Side,
+    vs: _Side,
+    rows: int,
+    R: int,
+    page_size: int,
+    max_pages: int,
+    ppb: int,
+    pages_per_block: int | None,
+    channel_keys: str,
+    variant: str,
+    parts: int,
+) -> tuple[int, int, int]:
+    """(pages_per_block, kstack, ksub): `ppb` is the default block size, `pages_per_block` the caller's (or None).
+
+    kstack: the block's token groups stacked side by side in the query columns (`channel_keys="stack"`), or 0 where
+    groups x query rows do not fit the R padded rows (one dot per group). ksub > 1: 2/4-bit stacked keys read in
+    storage order as token sub-blocks (one per field of their bytes, see the kernel), with 16-bit or per-token values;
+    each sub-block is a dot of ppb * page_size / ksub rows, which must be at least 16 (an MMA tile). By default the
+    block is widened up to 64 rows per sub-block where the stacked groups still fit, and sub-blocks are used where
+    that gives at least 64 rows (32 at bf16 precision, `parts == 1`): measured on an H200 (BENCHMARKS.md), 32-row
+    sub-blocks were slower than token order at parts=2. `_variant="kgather"`: always token order (one byte row
+    gathered per token).
+    """
+    if pages_per_block:
+        ppb = pages_per_block
+    if ks.kind != "channel" or channel_keys != "stack":
+        return ppb, 0, 1
+    ksub = ks.per if ks.per > 1 and ks.group % ks.per == 0 and vs.kind != "channel" and "kgather" not in variant else 1
+    fit = R // (ks.ngroups * rows)  # pages whose groups x rows fit the padding
+    if ksub > 1 and fit and not pages_per_block:
+        want = max(1, min(64 * ksub // page_size, _next_pow2(max_pages)))
+        wide = max(ppb, min(want, 1 << (fit.bit_length() - 1)))
+        if wide * page_size >= (32 if parts == 1 else 64) * ksub:
+            ppb = wide
+        else:
+            ksub = 1
+    kstack = ppb * ks.ngroups if ppb * ks.ngroups * rows <= R else 0
+    if not kstack or ppb * page_size < 16 * ksub:
+        ksub = 1
+    return ppb, kstack, ksub
 
 
 @functools.partial(
@@ -794,7 +874,7 @@ def _paged_attention_rows(
     R = max(16, _next_pow2(rows))
     mp = page_table.shape[1]
     ppb0, splits0 = default_config(b, h, mp, page_size, full=ks.kind == vs.kind == "full")
-    ppb = pages_per_block or ppb0
+    ppb, kstack, ksub = stack_plan(ks, vs, rows, R, page_size, mp, ppb0, pages_per_block, channel_keys, variant, parts)
     nblocks = -(-mp // ppb)
     splits = min(num_splits or splits0, nblocks)
     bps = -(-nblocks // splits)
@@ -805,10 +885,6 @@ def _paged_attention_rows(
     nt = num_tokens.astype(jnp.int32)
 
     kdeq = ks.kind == "channel" and channel_keys == "dequant"
-    # "stack": the block's token groups each get a copy of the query rows (see the kernel's scores).
-    kstack = ppb * ks.ngroups if ks.kind == "channel" and channel_keys == "stack" else 0
-    if kstack * rows > R:
-        kstack = 0  # does not fit in the padding: one dot per group ("fold")
     # Query rows: r = (head in group) * tq + token (repeated kstack times); transposed to [D, R] and padded.
     qf = q.astype(jnp.float32).reshape(b, h, rows, d)
     if kstack:
@@ -876,6 +952,7 @@ def _paged_attention_rows(
         kdeq=kdeq,
         vdeq=vdeq,
         kstack=kstack,
+        ksub=ksub,
         qrows=rows,
         asm=asm,
     )

@@ -223,17 +223,23 @@ def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray):
     return m_new, alpha, p, l_new
 
 
-def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s: jnp.ndarray, exp2=jnp.exp2):
-    """`online_softmax_step` with the sum over tokens deferred: `l_acc [T, R]` accumulates p elementwise.
+def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, exp2=jnp.exp2):
+    """`online_softmax_step` over a block's score tiles `s_tiles` (a list of [T, R], e.g. token sub-blocks) with the
+    sum over tokens deferred: `l_acc [T, R]` accumulates their p elementwise. Returns (m, alpha, [p per tile], l_acc).
 
     Sums over the token axis cost a cross-warp reduction (shared memory and barriers) per block on a GPU when tokens
     are spread over warps; rescaling by alpha commutes with the sum, so the kernel sums `l_acc` once at the end.
     """
-    m_new = jnp.maximum(m, jnp.max(s, axis=0))
+    m_new = m
+    for s in s_tiles:
+        m_new = jnp.maximum(m_new, jnp.max(s, axis=0))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = exp2(m - m_safe)
-    p = exp2(s - m_safe[None, :])
-    return m_new, alpha, p, l_acc * alpha[None, :] + p
+    ps = [exp2(s - m_safe[None, :]) for s in s_tiles]
+    l_acc = l_acc * alpha[None, :]
+    for p in ps:
+        l_acc = l_acc + p
+    return m_new, alpha, ps, l_acc
 
 
 def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):

@@ -23,6 +23,7 @@ from _lowering import gpu_attention_lowered
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
+from pallas_kernels import paged_attention_gpu as gpu
 from pallas_kernels.paged_attention import paged_attention as dispatch
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_attention_gpu import paged_attention
@@ -192,6 +193,63 @@ def test_channel_key_paths(keys, hg, tq, rng):
     _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2)
     if keys == "stack":
         _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=1, num_splits=2)
+        _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2, _variant="kgather")
+
+
+@pytest.mark.parametrize("kbits", [4, 2])
+@pytest.mark.parametrize(
+    "vspec,tuning",
+    [
+        (_spec(16), {}),
+        (_spec(4, group=64), {}),  # one group per head: zero-point terms deferred per token
+        (_spec(2, group=32, sym=True), {}),  # small groups, dequantized
+        (_spec(2, group=32), dict(small_value_groups="fold")),
+    ],
+    ids=["V16", "V4t64", "V2t32dequant", "V2t32fold"],
+)
+def test_stacked_keys_in_token_sub_blocks(kbits, vspec, tuning, rng):
+    """Stacked 2/4-bit per-channel keys are read in storage order, one token sub-block per field of their bytes (every
+    2nd / 4th token of a page), each with its values read at that row stride: every kind of value side, the default
+    block of 32 rows and the smallest one (16) with splits, ragged lengths (empty, mid-block)."""
+    ks = _spec(kbits, "channel", 16)
+    per = 8 // kbits
+    q, k, v, pt, nt = _case(rng, ks, vspec, b=4, hg=2, max_pages=5, lengths=[5 * 16, 3 * 16, 0, 16])
+    for ppb, splits in ((2 * per, None), (per, 2)):  # sub-blocks of 32 and 16 rows
+        plan = gpu.stack_plan(_side(ks), _side(vspec), 2, 16, 16, 5, 4, ppb, "stack", "", 2)
+        assert plan[2] == per, plan  # sub-blocks in use
+        _check(q, k, v, pt, nt, ks, vspec, pages_per_block=ppb, num_splits=splits, **tuning)
+
+
+def _side(spec, d=64, p=16):
+    codes = layout.allocate(spec, 1, 1, p, d)[0]
+    return gpu._side(spec, codes, p, d, min_cb=32 if spec.quantized and spec.group_size < d else 16)
+
+
+def test_stack_plan():
+    """(pages per block, stacked groups, token sub-blocks) for per-channel keys: by default sub-blocks of 64 rows where
+    the stacked groups fit 16 padded rows (32 suffice at bf16 precision); with the caller's block size any of >= 16
+    rows; none with channel-axis values or with `kgather`."""
+    v2 = _spec(2, group=32)
+
+    def plan(kbits, page_size=64, rows=4, ppb=1, pages_per_block=None, group=32, values=v2, d=128, **kw):
+        ks, vs = _side(_spec(kbits, "channel", group), d, page_size), _side(values, d, page_size)
+        kw = dict(channel_keys="stack", variant="", parts=2) | kw
+        return gpu.stack_plan(ks, vs, rows, 16, page_size, 256, ppb, pages_per_block, **kw)
+
+    # Llama GQA 4 decode (4 rows), page 64 (2 groups a page): 2 pages (4 groups x 4 rows = 16 columns).
+    assert plan(4) == (2, 4, 2)
+    # 2-bit keys: 2 pages are sub-blocks of 32 rows: only at bf16 precision (token order otherwise, 1 page)
+    assert plan(2) == (1, 2, 1)
+    assert plan(2, parts=1) == (2, 4, 4)
+    # page 32: 4 pages of one group for 4-bit keys (64-row sub-blocks)
+    assert plan(4, page_size=32, ppb=2) == (4, 4, 2)
+    # the caller's block: 1 page of 64 is 2 sub-blocks of 32 rows; 1 page of 16 at 4 bits would be 8 rows: token order
+    assert plan(4, pages_per_block=1) == (1, 2, 2)
+    assert plan(4, page_size=16, ppb=4, pages_per_block=1, group=16, d=64)[2] == 1
+    assert plan(4, variant="kgather") == (1, 2, 1)
+    assert plan(4, values=_spec(4, "channel", 32)) == (1, 2, 1)
+    # GQA 8, groups of 16 (4 a page): 32 columns do not fit 16: one dot per group
+    assert plan(4, rows=8, group=16) == (1, 0, 1)
 
 
 def test_unknown_kernel_options_are_clear_errors(rng):
@@ -355,6 +413,7 @@ def test_late_key_far_above_earlier_scores(rng):
         "noex2",
         "nofma",
         "vcb16",
+        "kgather",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
