@@ -775,21 +775,21 @@ def paged_attention(
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
 
-    Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and
-    lse = -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2), `num_splits`
-    programs per (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for
-    float32 query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means
-    parts=1 (the dispatcher's serving option). Per-channel (KIVI) keys are read as codes against a query re-scaled
-    per token group: all of a block's groups in one dot, side by side in the query rows' padding
-    (`channel_keys="stack"`, where the block's groups x query rows fit in the padded rows; "fold" otherwise), one dot
-    per group (`"fold"`), or dequantized in the kernel and split into `parts` bf16 terms (`"dequant"`); per-token
-    values with several groups per head are dequantized (`small_value_groups="dequant"`) or folded into p
-    (`"fold"`). Defaults are the fastest measured (BENCHMARKS.md: the KIVI layout ablation on an H100, "stack"
-    against "fold" on an H200). `unpack`: how per-token codes become tensor-core operands, "asm" (PTX
-    inline assembly, four bytes per instruction sequence), "jnp" (element-wise jnp ops) or "auto" (asm when compiled,
-    jnp under `interpret` or on a ROCm GPU, which cannot run PTX); both give the same bits. With asm the kernel
-    also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes exp2 (`exp2_ptx`) by single PTX
-    instructions.
+    Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and lse =
+    -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2; default `default_config`'s
+    ~64 tokens, widened for per-channel keys read in token sub-blocks, see `stack_plan`), `num_splits` programs per
+    (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for float32
+    query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means parts=1 (the
+    dispatcher's serving option). Per-channel (KIVI) keys are read as codes against a query re-scaled per token group:
+    all of a block's groups in one dot, side by side in the query rows' padding (`channel_keys="stack"`, where the
+    block's groups x query rows fit in the padded rows; "fold" otherwise), one dot per group (`"fold"`), or dequantized
+    in the kernel and split into `parts` bf16 terms (`"dequant"`); per-token values with several groups per head are
+    dequantized (`small_value_groups="dequant"`) or folded into p (`"fold"`). Defaults are the fastest measured
+    (BENCHMARKS.md: the KIVI layout ablation on an H100, "stack" against "fold" on an H200). `unpack`: how per-token
+    codes become tensor-core operands, "asm" (PTX inline assembly, four bytes per instruction sequence), "jnp"
+    (element-wise jnp ops) or "auto" (asm when compiled, jnp under `interpret` or on a ROCm GPU, which cannot run PTX);
+    both give the same bits. With asm the kernel also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes
+    exp2 (`exp2_ptx`) by single PTX instructions.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
