@@ -297,24 +297,19 @@ def _kernel(
         return ktiles, vtiles
 
     def token_params(i, pages):
-        """Scales / zeros of a block (prefetched one block ahead): per-token ones [TBs] f32 per group, per-channel
-        ones per (page, token group); values: a tuple per sub-block."""
-        out = []
-        for side, sc_ref, z_ref in ((ks, ksc_ref, kz_ref), (vs, vsc_ref, vz_ref)):
+        """Scales / zeros of a block (prefetched one block ahead), (keys, values per sub-block): see side_params."""
+
+        def side_params(side, sc_ref, z_ref, j):
+            """Per-token (scales, zeros) [TBs] f32 per group of sub-block j, or per-channel ones per (page, token
+            group)."""
             if side.kind == "channel":
-                out.append(channel_params(sc_ref, z_ref, side, first + i * ppb))
-            elif side.kind != "token":
-                out.append(((), ()))
-            else:
-                subs = []
-                for j in range(ksub if side is vs else 1):
-                    sc = tuple(scale_tokens(sc_ref, pages, g, j) for g in range(side.ngroups))
-                    z = () if z_ref is None else tuple(scale_tokens(z_ref, pages, g, j) for g in range(side.ngroups))
-                    subs.append((sc, z))
-                out.append(subs[0] if side is ks else tuple(subs))
-        if vs.kind != "token":
-            out[1] = (out[1],) * ksub
-        return tuple(out)
+                return channel_params(sc_ref, z_ref, side, first + i * ppb)
+            if side.kind != "token":
+                return (), ()
+            sc = tuple(scale_tokens(sc_ref, pages, g, j) for g in range(side.ngroups))
+            return sc, () if z_ref is None else tuple(scale_tokens(z_ref, pages, g, j) for g in range(side.ngroups))
+
+        return side_params(ks, ksc_ref, kz_ref, 0), tuple(side_params(vs, vsc_ref, vz_ref, j) for j in range(ksub))
 
     def page_scalar(base, pp):
         """(physical page, is valid) of page pp of the block; invalid pages read page 0, weights zeroed."""
@@ -458,7 +453,7 @@ def _kernel(
             # stale page may hold NaN scales), so no per-element select remains for them.
             gpb = vs.cb * vs.per // vs.group
             pv = to_parts(jnp.where(valid[:, None], p, 0.0), parts)
-            sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TB] each
+            sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
             zt_rows = [
                 jnp.where(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
                 for g in range(vs.ngroups)
