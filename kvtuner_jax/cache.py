@@ -4,7 +4,8 @@ Layout (DESIGN.md "Cache layout"):
 - One page table for all layers: logical page i of a sequence is the same physical page in every layer's pool.
   The host-side allocator lives in `kvtuner_jax.page_table`; this module only sees the table as an int32 array.
 - Per layer a `LayerCache`: K and V pools in the layout of `pallas_kernels.layout` (packed codes + scales/zeros,
-  or plain values for 16-bit stores), and a full-precision tail per sequence slot `[H, S, C, D]`, C = R + P.
+  or plain values for 16-bit stores), and a full-precision tail per sequence slot `[H, S, C, D]`, C = R + P, kept
+  as a ring: absolute position a lives in row a % C, so a step writes only its new tokens' rows.
 - Residual window: a sequence of length L keeps its first Q(L) = max(0, floor((L - R) / P)) * P tokens in pages and
   the rest (< R + P tokens) in its tail. A step that appends n tokens attends with the state at its start (pages
   hold Q(L) tokens) plus the tail plus the step's own tokens (causal), then moves the pages that became complete
@@ -162,33 +163,44 @@ def init_cache(specs: tuple[LayerSpec, ...], cfg: CacheConfig) -> KVCache:
 # Attention over one layer's cache + the step's new tokens.
 
 
-def _tail_attention(q, k_tail, v_tail, k_new, v_new, tail_len, num_new, sm_scale):
+def _tail_attention(q, k_tail, v_tail, k_new, v_new, in_tail, num_new, sm_scale):
     """Attention of the step's queries over [tail tokens, new tokens] in float32.
 
-    q [B, Hq, T, D]; k_tail/v_tail [B, H, C, D]; k_new/v_new [B, H, T, D]; tail_len, num_new [B].
+    q [B, T, Hq, D]; k_tail/v_tail [H, B, C, D] (each row's ring, as stored); in_tail [B, C] which ring rows hold
+    this sequence's tail; k_new/v_new [B, T, H, D]; num_new [B]. The ring's row order does not matter (softmax is
+    order-free), and the two key sets are scored separately, so no [B, H, C + T, D] concatenation is materialized.
     Returns (out [B, Hq, T, D] normalized, lse [B, Hq, T]) with lse = -inf where nothing is visible.
     """
-    b, hq, t, d = q.shape
-    h, c = k_tail.shape[1], k_tail.shape[2]
-    k = jnp.concatenate([k_tail, k_new], axis=2).astype(jnp.float32)  # [B, H, C+T, D]
-    v = jnp.concatenate([v_tail, v_new], axis=2).astype(jnp.float32)
-    qg = q.astype(jnp.float32).reshape(b, h, hq // h, t, d)
-    s = jnp.einsum("BHGTD,BHSD->BHGTS", qg, k) * sm_scale
-    j = jnp.arange(c + t)
+    b, t, hq, d = q.shape
+    h, c = k_tail.shape[0], k_tail.shape[2]
+    f32 = jnp.float32
+    qg = q.astype(f32).reshape(b, t, h, hq // h, d)
+    s_tail = jnp.einsum("BTHGD,HBSD->BHGTS", qg, k_tail.astype(f32)) * sm_scale
+    s_new = jnp.einsum("BTHGD,BSHD->BHGTS", qg, k_new.astype(f32)) * sm_scale
     qi = jnp.arange(t)
-    in_tail = j[None, :] < tail_len[:, None]  # [B, S]
-    jn = j - c
-    in_new = (jn[None, None, :] <= qi[None, :, None]) & (jn[None, None, :] >= 0)  # causal inside the step [1, T, S]
-    in_new = in_new & (jn[None, None, :] < num_new[:, None, None])
-    visible = in_tail[:, None, :] | in_new  # [B, T, S]
+    jn = jnp.arange(t)
+    in_new = (jn[None, None, :] <= qi[None, :, None]) & (jn[None, None, :] < num_new[:, None, None])  # [B, T, T]
+    visible = jnp.concatenate([jnp.broadcast_to(in_tail[:, None, :], (b, t, c)), in_new], axis=-1)  # [B, T, C+T]
+    s = jnp.concatenate([s_tail, s_new], axis=-1)  # [B, H, G, T, C+T]: scores only, small
     s = jnp.where(visible[:, None, None], s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.exp(s - m_safe)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("BHGTS,BHSD->BHGTD", p, v) / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("BHGTS,HBSD->BHGTD", p[..., :c], v_tail.astype(f32))
+    out = out + jnp.einsum("BHGTS,BSHD->BHGTD", p[..., c:], v_new.astype(f32))
+    out = out / jnp.where(l > 0, l, 1.0)
     lse = jnp.where(l > 0, m_safe + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)[..., 0]
     return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
+
+
+def ring_rows_in_tail(nq: jnp.ndarray, tail_len: jnp.ndarray, capacity: int) -> jnp.ndarray:
+    """[B, C] bool: which rows of each sequence's tail ring hold its tail, positions [nq, nq + tail_len).
+
+    The tail is a ring: absolute position a lives in row a % C. A step writes only its new tokens' rows and reads
+    pages that leave the tail from their rows, so no step rewrites a whole tail (tail_len <= C - 1 between steps).
+    """
+    return (jnp.arange(capacity)[None, :] - nq[:, None]) % capacity < tail_len[:, None]
 
 
 def merge_attention(o1, lse1, o2, lse2):
@@ -244,18 +256,9 @@ def attend(
         precision=precision,
     )
     slots = jnp.clip(batch.slots, 0, layer.k_tail.shape[1] - 1)
-    k_tail = jnp.transpose(layer.k_tail[:, slots], (1, 0, 2, 3))  # [B, H, C, D]
-    v_tail = jnp.transpose(layer.v_tail[:, slots], (1, 0, 2, 3))
-    tail_len = batch.lengths - nq
+    in_tail = ring_rows_in_tail(nq, batch.lengths - nq, layer.k_tail.shape[2])
     o2, lse2 = _tail_attention(
-        qt,
-        k_tail,
-        v_tail,
-        jnp.transpose(k_new, (0, 2, 1, 3)),
-        jnp.transpose(v_new, (0, 2, 1, 3)),
-        tail_len,
-        batch.num_new,
-        sm_scale,
+        q, layer.k_tail[:, slots], layer.v_tail[:, slots], k_new, v_new, in_tail, batch.num_new, sm_scale
     )
     out = merge_attention(o1, lse1, o2, lse2)
     return jnp.transpose(out, (0, 2, 1, 3))
@@ -266,8 +269,12 @@ def attend(
 
 
 def max_flush_pages(spec: LayerSpec, page_size: int, step_len: int) -> int:
-    """Upper bound on pages one sequence can complete in a step of `step_len` tokens (static)."""
-    return (tail_capacity(spec.residual_length, page_size) - 1 + step_len) // page_size
+    """Most pages one sequence can complete in a step of `step_len` tokens (static): ceil(T / P).
+
+    Q(L) = max(0, (L - R) // P) * P, and floor((x + T) / P) - floor(x / P) <= ceil(T / P) (max(0, .) only lowers
+    the difference), so a decode step flushes at most one page whatever R is.
+    """
+    return -(-step_len // page_size)
 
 
 def append(
@@ -293,62 +300,53 @@ def append(
     lengths, n = batch.lengths, batch.num_new
     nq_old = num_quantized(lengths, res, p)
     nq_new = num_quantized(lengths + n, res, p)
-    tail_len = lengths - nq_old  # [B]
     active = n > 0
     slots = jnp.clip(batch.slots, 0, s_slots - 1)
+    rows = jnp.arange(b)
 
-    def combined(tail_arr, new):
-        # Tokens from absolute position nq_old on: [tail (tail_len), new (n)] -> [B, H, C + T, D]
-        tl = jnp.transpose(tail_arr[:, slots], (1, 0, 2, 3))  # [B, H, C, D]
-        nw = jnp.transpose(new, (0, 2, 1, 3)).astype(tail_arr.dtype)  # [B, H, T, D]
-        i = jnp.arange(c + t)
-        from_tail = i[None, :] < tail_len[:, None]  # [B, C+T]
-        src_new = jnp.clip(i[None, :] - tail_len[:, None], 0, t - 1)
-        src_tail = jnp.clip(i, 0, c - 1)
-        tv = tl[:, :, src_tail]  # [B, H, C+T, D]
-        nv = jnp.take_along_axis(nw, src_new[:, None, :, None], axis=2)
-        return jnp.where(from_tail[:, None, :, None], tv, nv)
-
-    kc = combined(layer.k_tail, k_new)
-    vc = combined(layer.v_tail, v_new)
-
-    # Pages leaving the tail this step: f = (nq_new - nq_old) / P per sequence, at most fmax (static).
+    # Pages leaving the tail this step: f = (nq_new - nq_old) / P per sequence, at most fmax (static). Their tokens,
+    # positions nq_old + f * P + i, are in the tail ring (positions < length) or among the step's new tokens.
     fmax = max_flush_pages(spec, p, t)
     flush = (nq_new - nq_old) // p  # [B]
     k_pool, v_pool = layer.k, layer.v
     if fmax > 0:
         fi = jnp.arange(fmax)
-        tok = fi[:, None] * p + jnp.arange(p)[None, :]  # [F, P] index into combined
-        tok = jnp.clip(tok, 0, c + t - 1)
+        pos = nq_old[:, None, None] + fi[None, :, None] * p + jnp.arange(p)[None, None, :]  # [B, F, P]
+        from_tail = (pos < lengths[:, None, None])[None, ..., None]
+        ring = pos % c
+        src_new = jnp.clip(pos - lengths[:, None, None], 0, t - 1)
 
-        def gather_pages(x):  # [B, H, C+T, D] -> [H, B*F, P, D]
-            g = x[:, :, tok.reshape(-1)]  # [B, H, F*P, D]
-            g = g.reshape(b, h, fmax, p, d)
-            return jnp.transpose(g, (1, 0, 2, 3, 4)).reshape(h, b * fmax, p, d)
+        def gather_pages(tail_arr, new):  # -> [H, B*F, P, D]
+            tv = tail_arr[:, slots[:, None, None], ring]  # [H, B, F, P, D]
+            nv = jnp.transpose(new[rows[:, None, None], src_new], (3, 0, 1, 2, 4)).astype(tail_arr.dtype)
+            return jnp.where(from_tail, tv, nv).reshape(h, b * fmax, p, d)
 
         logical = nq_old[:, None] // p + fi[None, :]  # [B, F]
         mp = batch.page_table.shape[1]
         phys = jnp.take_along_axis(batch.page_table, jnp.clip(logical, 0, mp - 1), axis=1)
         ok = (fi[None, :] < flush[:, None]) & active[:, None] & (logical < mp)
         dest = jnp.where(ok, phys, INVALID_PAGE).reshape(-1).astype(jnp.int32)
-        k_pool = _write(k_pool, gather_pages(kc), dest, backend, interpret)
-        v_pool = _write(v_pool, gather_pages(vc), dest, backend, interpret)
+        k_pool = _write(k_pool, gather_pages(layer.k_tail, k_new), dest, backend, interpret)
+        v_pool = _write(v_pool, gather_pages(layer.v_tail, v_new), dest, backend, interpret)
 
-    # New tail: combined[f*P : f*P + C], only for active rows.
-    start = nq_new - nq_old  # [B]
-    idx = jnp.clip(start[:, None] + jnp.arange(c)[None, :], 0, c + t - 1)  # [B, C]
+    # New tail: the step's tokens that stay in full precision (positions >= nq_new) go to their ring rows. Those
+    # rows held positions < nq_new (the window after the step is under C long), which are in pages now.
+    i = jnp.arange(t)
+    new_pos = lengths[:, None] + i[None, :]  # [B, T]
+    keep = (i[None, :] < n[:, None]) & (new_pos >= nq_new[:, None])
+    dst_slot = jnp.where(keep, slots[:, None], s_slots)  # not kept -> out of range -> dropped
+    dst_row = new_pos % c
 
-    def new_tail(tail_arr, comb):
-        nt = jnp.take_along_axis(comb, idx[:, None, :, None], axis=2)  # [B, H, C, D]
-        dst = jnp.where(active, slots, s_slots)  # inactive rows -> out of range -> dropped
-        return tail_arr.at[:, dst].set(jnp.transpose(nt, (1, 0, 2, 3)), mode="drop")
+    def new_tail(tail_arr, new):
+        vals = jnp.transpose(new, (2, 0, 1, 3)).astype(tail_arr.dtype)  # [H, B, T, D]
+        return tail_arr.at[:, dst_slot, dst_row].set(vals, mode="drop")
 
     return dataclasses.replace(
         layer,
         k=k_pool,
         v=v_pool,
-        k_tail=new_tail(layer.k_tail, kc),
-        v_tail=new_tail(layer.v_tail, vc),
+        k_tail=new_tail(layer.k_tail, k_new),
+        v_tail=new_tail(layer.v_tail, v_new),
     )
 
 
@@ -438,6 +436,7 @@ def read_sequence(layer: LayerCache, page_row: jnp.ndarray, length: int, slot: i
     out = []
     for pool, tail in ((layer.k, layer.k_tail), (layer.v, layer.v_tail)):
         pages = gather_pages(pool.codes, pool.scale, pool.zero, pool.spec, page_row[None], d)[0]  # [H, S, D]
-        seq = jnp.concatenate([pages[:, :nq], tail[:, slot, : length - nq].astype(jnp.float32)], axis=1)
+        ring = jnp.arange(nq, length) % tail.shape[2]  # the tail ring's rows, oldest position first
+        seq = jnp.concatenate([pages[:, :nq], tail[:, slot, ring].astype(jnp.float32)], axis=1)
         out.append(seq)
     return out[0], out[1]
