@@ -27,13 +27,14 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
 - Channel-axis (KIVI keys) stores pack several tokens of a channel into a byte. Stacked 2/4-bit keys are read in
   storage order, field j of the bytes being token sub-block j (every 2nd / 4th token of each page, unpacked like
   token-axis codes), with their values read at that row stride; otherwise they are read in token order (each byte
-  row gathered once per field). Their per-channel scales are folded into the query, one copy of the query rows per
-  token group of the block placed side by side in the padding of the R columns, so that one dot scores every group
-  (keys, default; each column keeps its own group's tokens and runs its own softmax, and the split combine merges a
-  row's columns), or one group per dot (`channel_keys="fold"`), or applied by dequantizing the block in the kernel
-  (`"dequant"`); channel-axis values have theirs applied to the output per token group. Per-token values with
-  several groups per head are dequantized per field tile (default; column blocks of >= 32 bytes) or folded into p
-  group by group (`small_value_groups="fold"`).
+  row gathered once per field; 8-bit codes, one token a byte, as whole pages). Their per-channel scales are folded
+  into the query, one copy of the query rows per token group of the block placed side by side in the padding of the
+  R columns, so that one dot scores every group (keys, default; each column keeps its own group's tokens and runs
+  its own softmax, and the split combine merges a row's columns; the block's scales are loaded as one [groups, D]
+  tile and broadcast to the columns, except with 2-bit keys' four sub-blocks), or one group per dot
+  (`channel_keys="fold"`), or applied by dequantizing the block in the kernel (`"dequant"`); channel-axis values have
+  theirs applied to the output per token group. Per-token values with several groups per head are dequantized per field
+  tile (default; column blocks of >= 32 bytes) or folded into p group by group (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 """
@@ -227,6 +228,9 @@ def _kernel(
     exp2 = exp2_ptx if asm and "noex2" not in variant else jnp.exp2
     fma = fma_ptx if asm and "nofma" not in variant else fma_jnp
     defer_z = vs.kind == "token" and vs.ngroups == 1
+    # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
+    # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
+    qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
     split = pl.program_id(2)
     npages = nt_ref[0] // P
     first = split * pps
@@ -242,6 +246,7 @@ def _kernel(
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
         q_t = q_ref[...]  # [D, R] f32
+        q_once = to_parts(q_t, parts) if variant == "qonce" else None
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TBs,), 0)  # row of a (sub-)block; a token when ksub == 1
 
@@ -278,7 +283,7 @@ def _kernel(
             ktiles = (kc_ref[pages, :, :].reshape(TB, D),)
         elif ks.kind == "token":
             ktiles = tuple(kc_ref[pages, :, pl.ds(c * ks.cb, ks.cb)].reshape(TB, ks.cb) for c in range(ks.ncb))
-        elif ksub > 1:
+        elif ksub > 1 or ks.per == 1:  # storage order (8-bit: that is token order): whole pages, no row gather
             ktiles = (kc_ref[pages, :, :].reshape(TBs, D),)
         else:
             ktiles = (channel_raw(kc_ref, ks, first + i * ppb),)
@@ -292,6 +297,8 @@ def _kernel(
                 tuple(vc_ref[pages, sub_rows(j), pl.ds(c * vs.cb, vs.cb)].reshape(TBs, vs.cb) for c in range(vs.ncb))
                 for j in range(ksub)
             )
+        elif vs.per == 1:
+            vtiles = ((vc_ref[pages, :, :].reshape(TB, D),),)
         else:
             vtiles = ((channel_raw(vc_ref, vs, first + i * ppb),),)
         return ktiles, vtiles
@@ -302,6 +309,8 @@ def _kernel(
         def side_params(side, sc_ref, z_ref, j):
             """Per-token (scales, zeros) [TBs] f32 per group of sub-block j, or per-channel ones per (page, token
             group)."""
+            if side.kind == "channel" and side is ks and qload:
+                return channel_block_params(sc_ref, z_ref, side, first + i * ppb, pages)
             if side.kind == "channel":
                 return channel_params(sc_ref, z_ref, side, first + i * ppb)
             if side.kind != "token":
@@ -318,7 +327,8 @@ def _kernel(
         return jnp.minimum(jnp.where(ok, pg, 0), N - 1), ok
 
     def channel_raw(c_ref, side: _Side, base):
-        """Channel-axis page block in token order, raw bytes [TB, D]: each byte row gathered once per field."""
+        """Channel-axis page block of 2/4-bit codes in token order, raw bytes [TB, D]: each byte row gathered once per
+        field."""
         t_in = tok % P
         page_tok = pt_ref[base + tok // P]
         ok = (base + tok // P < npages) & (page_tok >= 0)
@@ -335,6 +345,15 @@ def _kernel(
                 zt = ta.zero_term(sc, None if z_ref is None else z_ref[pg, tg, :], side.bits)
                 out.append((jnp.where(ok, sc, 0.0), jnp.where(ok, zt, 0.0)))  # a stale page may hold NaN scales
         return tuple(out)
+
+    def channel_block_params(s_ref, z_ref, side: _Side, base, pages):
+        """(scale, zero term) [kstack, D] f32 of the block's token groups (page-major), each one load; zeros for
+        invalid pages."""
+        ok = ((base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)) < npages) & (pt_ref[pl.ds(base, ppb)] >= 0)
+        ok = ok[:, None, None]
+        sc = s_ref[pages, :, :].astype(jnp.float32)  # [ppb, ngroups, D]
+        zt = ta.zero_term(sc, None if z_ref is None else z_ref[pages, :, :], side.bits)
+        return jnp.where(ok, sc, 0.0).reshape(kstack, D), jnp.where(ok, zt, 0.0).reshape(kstack, D)
 
     def token_order_codes(x, side: _Side):
         """Channel-axis raw block [TB, D] -> (bf16 operand [TB, D], offset carried per code).
@@ -407,15 +426,22 @@ def _kernel(
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
             colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
-            sc_c = zt_c = None
-            for g in range(kstack):
-                sc, zt = (x[:, None] for x in prm[0][g])  # [D, 1] each, broadcast along the columns
-                sc_c = jnp.where(colg == g, sc, 0.0 if sc_c is None else sc_c)
-                zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
-            q_s = to_parts(q_t * sc_c, parts)
-            zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
             # Row r of every sub-block is in token group r // (group / ksub) of the block.
             keep = valid[:, None] & ((tok // (ks.group // ksub))[:, None] == colg)  # [TBs, R]
+            if variant == "qonce":  # ablation: the query as loaded, not re-scaled per block (wrong values)
+                return [jnp.where(keep, _dot_parts(c, q_once) * c_scale, -jnp.inf) for c in cs]
+            if qload:  # columns g * qrows + r: a broadcast of the [kstack, D] block loads
+                sc_c, zt_c = (
+                    jnp.broadcast_to(x.T[:, :, None], (D, kstack, qrows)).reshape(D, kstack * qrows) for x in prm[0]
+                )
+            else:
+                sc_c = zt_c = None
+                for g in range(kstack):
+                    sc, zt = (x[:, None] for x in prm[0][g])  # [D, 1] each, broadcast along the columns
+                    sc_c = jnp.where(colg == g, sc, 0.0 if sc_c is None else sc_c)
+                    zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
+            q_s = to_parts(q_t * sc_c, parts)
+            zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
             return [jnp.where(keep, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
@@ -541,7 +567,10 @@ def _kernel(
         """Ablation: read what the kernel reads (code tiles, scales), reduce it trivially."""
         tot = jnp.zeros((), jnp.float32)
         for x in jax.tree.leaves((tiles, prm)):
-            tot = tot + jnp.sum(x.astype(jnp.float32))
+            x = x.astype(jnp.float32)
+            while x.ndim:  # one axis at a time (a 2-D block-loaded scale tile reduced at once did not lower)
+                x = jnp.sum(x, axis=-1)
+            tot = tot + x
         accs[0] = accs[0] + tot
         return accs
 

@@ -278,20 +278,30 @@ def test_parts_one_is_bf16_precision(rng):
     _check(q, k, v, pt, nt, ks, vs, rtol=2e-2, parts=1)
 
 
+# Stacked per-channel keys at GQA 4 in blocks of 4 one-group pages: the scales of a block's groups are block loads
+# broadcast to the columns (8-bit keys read as whole pages, 4-bit keys in 2 sub-blocks, 2-bit keys in token order
+# beside 8-bit channel-axis values, also read as whole pages), or picked by a select chain (`qselect`): a NaN-scaled
+# stale page must not leak through either.
+STACKED = dict(pages_per_block=4, num_splits=1)
+
+
 @pytest.mark.parametrize(
-    "kv",
+    "kv,hg,tunings",
     [
-        (_spec(4, group=64), _spec(16)),
-        (_spec(16), _spec(2, "channel", 16)),
-        (_spec(4, "channel", 8), _spec(2, group=32)),
+        ((_spec(4, group=64), _spec(16)), 2, ()),
+        ((_spec(16), _spec(2, "channel", 16)), 2, ()),
+        ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
+        ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
+        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"))),
+        ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
     ],
-    ids=["K4t-V16", "K16-V2c", "K4c-V2t"],
+    ids=["K4t-V16", "K16-V2c", "K4c-V2t", "K8c-V4t-stacked", "K4c-V2t-stacked", "K2c-V8c-stacked"],
 )
-def test_poisoned_pages_do_not_leak(kv, rng):
+def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
     """Stale pages past num_tokens and INVALID (-1) entries, pointing at pages full of NaN, change nothing."""
     ks, vs = kv
     n, p = 10, 16
-    q, k, v, _, _ = _case(rng, ks, vs, b=2, hg=2, n=n, p=p)
+    q, k, v, _, _ = _case(rng, ks, vs, b=2, hg=hg, n=n, p=p)
     nt = jnp.asarray([2 * p, p], jnp.int32)
     pt = np.asarray([[3, 5, -1, -1], [7, -1, -1, -1]], np.int32)
     _check(q, k, v, jnp.asarray(pt), nt, ks, vs)
@@ -306,7 +316,10 @@ def test_poisoned_pages_do_not_leak(kv, rng):
     k2, v2 = tuple(map(poison, k)), tuple(map(poison, v))
     pt2 = jnp.asarray([[3, 5, 1, 2], [7, 4, -1, 6]], jnp.int32)
     sm = 1.0 / np.sqrt(q.shape[-1])
-    for tuning in (dict(), dict(pages_per_block=1, num_splits=4)):
+    for tuning in (dict(), dict(pages_per_block=1, num_splits=4), *tunings):
+        if tuning.get("pages_per_block") == 4:
+            plan = gpu.stack_plan(_side(ks, p=p), _side(vs, p=p), hg, 16, p, 4, 4, 4, "stack", "", 2)
+            assert plan[1] == 4, plan  # 4 stacked groups: 16 columns
         clean = _kernel(q, *k, *v, jnp.asarray(pt), nt, k_spec=ks, v_spec=vs, sm_scale=sm, **tuning)
         dirty = _kernel(q, *k2, *v2, pt2, nt, k_spec=ks, v_spec=vs, sm_scale=sm, **tuning)
         for a, b in zip(clean, dirty, strict=True):
@@ -414,6 +427,8 @@ def test_late_key_far_above_earlier_scores(rng):
         "nofma",
         "vcb16",
         "kgather",
+        "qonce",
+        "qselect",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
