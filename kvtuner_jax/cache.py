@@ -308,7 +308,7 @@ def append(
     # positions nq_old + f * P + i, are in the tail ring (positions < length) or among the step's new tokens.
     fmax = max_flush_pages(spec, p, t)
     flush = (nq_new - nq_old) // p  # [B]
-    k_pool, v_pool = layer.k, layer.v
+    k_pool, v_pool, k_tail, v_tail = layer.k, layer.v, layer.k_tail, layer.v_tail
     if fmax > 0:
         fi = jnp.arange(fmax)
         pos = nq_old[:, None, None] + fi[None, :, None] * p + jnp.arange(p)[None, None, :]  # [B, F, P]
@@ -326,8 +326,11 @@ def append(
         phys = jnp.take_along_axis(batch.page_table, jnp.clip(logical, 0, mp - 1), axis=1)
         ok = (fi[None, :] < flush[:, None]) & active[:, None] & (logical < mp)
         dest = jnp.where(ok, phys, INVALID_PAGE).reshape(-1).astype(jnp.int32)
-        k_pool = _write(k_pool, gather_pages(layer.k_tail, k_new), dest, backend, interpret)
-        v_pool = _write(v_pool, gather_pages(layer.v_tail, v_new), dest, backend, interpret)
+        kp, vp = gather_pages(k_tail, k_new), gather_pages(v_tail, v_new)
+        # The rings are updated in place below; without this, XLA copies each whole ring to keep the reads valid.
+        kp, vp, k_tail, v_tail = jax.lax.optimization_barrier((kp, vp, k_tail, v_tail))
+        k_pool = _write(k_pool, kp, dest, backend, interpret)
+        v_pool = _write(v_pool, vp, dest, backend, interpret)
 
     # New tail: the step's tokens that stay in full precision (positions >= nq_new) go to their ring rows. Those
     # rows held positions < nq_new (the window after the step is under C long), which are in pages now.
@@ -345,8 +348,8 @@ def append(
         layer,
         k=k_pool,
         v=v_pool,
-        k_tail=new_tail(layer.k_tail, k_new),
-        v_tail=new_tail(layer.v_tail, v_new),
+        k_tail=new_tail(k_tail, k_new),
+        v_tail=new_tail(v_tail, v_new),
     )
 
 
