@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvtuner_jax import cache as kc
 from kvtuner_jax import quant
@@ -164,3 +166,22 @@ def test_budget_to_pages_counts_every_byte():
     k_bytes = P * D // 2 + (P // 16) * D * 2 * 2
     v_bytes = P * D // 4 + P * (D // 16) * 2 * 2
     assert kc.layer_bytes_per_page(SPECS[0], cfg) == H * (k_bytes + v_bytes)
+
+
+@given(
+    length=st.integers(0, 5000),
+    step=st.integers(1, 600),
+    residual=st.integers(0, 256),
+    page_size=st.sampled_from([16, 32, 64, 128]),
+)
+def test_flush_bound_covers_every_step(length, step, residual, page_size):
+    """A step must never complete more pages than `append` gathers (they would never be written): counted against
+    Q(L) computed in plain integers, and the ring must hold what stays in the tail (at most C - 1 tokens)."""
+
+    def q(n):
+        return max(0, (n - residual) // page_size) * page_size
+
+    spec = LayerSpec(KVSpec(bits=16), KVSpec(bits=16), residual_length=residual)
+    completed = (q(length + step) - q(length)) // page_size
+    assert completed <= kc.max_flush_pages(spec, page_size, step)
+    assert length + step - q(length + step) <= kc.tail_capacity(residual, page_size) - 1
