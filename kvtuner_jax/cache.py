@@ -177,9 +177,8 @@ def _tail_attention(q, k_tail, v_tail, k_new, v_new, in_tail, num_new, sm_scale)
     qg = q.astype(f32).reshape(b, t, h, hq // h, d)
     s_tail = jnp.einsum("BTHGD,HBSD->BHGTS", qg, k_tail.astype(f32)) * sm_scale
     s_new = jnp.einsum("BTHGD,BSHD->BHGTS", qg, k_new.astype(f32)) * sm_scale
-    qi = jnp.arange(t)
-    jn = jnp.arange(t)
-    in_new = (jn[None, None, :] <= qi[None, :, None]) & (jn[None, None, :] < num_new[:, None, None])  # [B, T, T]
+    i = jnp.arange(t)  # query i sees new key j <= i of the num_new valid ones (causal inside the step)
+    in_new = (i[None, None, :] <= i[None, :, None]) & (i[None, None, :] < num_new[:, None, None])  # [B, T, T]
     visible = jnp.concatenate([jnp.broadcast_to(in_tail[:, None, :], (b, t, c)), in_new], axis=-1)  # [B, T, C+T]
     s = jnp.concatenate([s_tail, s_new], axis=-1)  # [B, H, G, T, C+T]: scores only, small
     s = jnp.where(visible[:, None, None], s, -jnp.inf)
@@ -302,7 +301,6 @@ def append(
     nq_new = num_quantized(lengths + n, res, p)
     active = n > 0
     slots = jnp.clip(batch.slots, 0, s_slots - 1)
-    rows = jnp.arange(b)
 
     # Pages leaving the tail this step: f = (nq_new - nq_old) / P per sequence, at most fmax (static). Their tokens,
     # positions nq_old + f * P + i, are in the tail ring (positions < length) or among the step's new tokens.
@@ -318,7 +316,7 @@ def append(
 
         def gather_pages(tail_arr, new):  # -> [H, B*F, P, D]
             tv = tail_arr[:, slots[:, None, None], ring]  # [H, B, F, P, D]
-            nv = jnp.transpose(new[rows[:, None, None], src_new], (3, 0, 1, 2, 4)).astype(tail_arr.dtype)
+            nv = jnp.transpose(new[jnp.arange(b)[:, None, None], src_new], (3, 0, 1, 2, 4)).astype(tail_arr.dtype)
             return jnp.where(from_tail, tv, nv).reshape(h, b * fmax, p, d)
 
         logical = nq_old[:, None] // p + fi[None, :]  # [B, F]

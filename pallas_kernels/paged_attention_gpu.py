@@ -250,13 +250,16 @@ def _kernel(
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TBs,), 0)  # row of a (sub-)block; a token when ksub == 1
 
-    def load_pages(i):
-        """Physical pages of block i [ppb] (clamped: invalid entries read page 0 and are masked by `valid`)."""
+    def block_pages(i):
+        """(physical pages of block i [ppb], which are valid): invalid entries read page 0 and are masked."""
         base = first + i * ppb
         idx = base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)
         pages = pt_ref[pl.ds(base, ppb)]
         ok = (idx < npages) & (pages >= 0)
-        return jnp.minimum(jnp.where(ok, pages, 0), N - 1)
+        return jnp.minimum(jnp.where(ok, pages, 0), N - 1), ok
+
+    def load_pages(i):
+        return block_pages(i)[0]
 
     def block_of(i):
         base = first + i * ppb
@@ -309,8 +312,8 @@ def _kernel(
         def side_params(side, sc_ref, z_ref, j):
             """Per-token (scales, zeros) [TBs] f32 per group of sub-block j, or per-channel ones per (page, token
             group)."""
-            if side.kind == "channel" and side is ks and qload:
-                return channel_block_params(sc_ref, z_ref, side, first + i * ppb, pages)
+            if side is ks and qload:  # qload: stacked channel-axis keys
+                return channel_block_params(sc_ref, z_ref, side, i, pages)
             if side.kind == "channel":
                 return channel_params(sc_ref, z_ref, side, first + i * ppb)
             if side.kind != "token":
@@ -346,11 +349,10 @@ def _kernel(
                 out.append((jnp.where(ok, sc, 0.0), jnp.where(ok, zt, 0.0)))  # a stale page may hold NaN scales
         return tuple(out)
 
-    def channel_block_params(s_ref, z_ref, side: _Side, base, pages):
-        """(scale, zero term) [kstack, D] f32 of the block's token groups (page-major), each one load; zeros for
+    def channel_block_params(s_ref, z_ref, side: _Side, i, pages):
+        """(scale, zero term) [kstack, D] f32 of block i's token groups (page-major), each one load; zeros for
         invalid pages."""
-        ok = ((base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)) < npages) & (pt_ref[pl.ds(base, ppb)] >= 0)
-        ok = ok[:, None, None]
+        ok = block_pages(i)[1][:, None, None]
         sc = s_ref[pages, :, :].astype(jnp.float32)  # [ppb, ngroups, D]
         zt = ta.zero_term(sc, None if z_ref is None else z_ref[pages, :, :], side.bits)
         return jnp.where(ok, sc, 0.0).reshape(kstack, D), jnp.where(ok, zt, 0.0).reshape(kstack, D)
