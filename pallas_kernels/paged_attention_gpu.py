@@ -37,6 +37,13 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   tile (default; column blocks of >= 32 bytes) or folded into p group by group (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
+- 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
+  fields (two dots, weights 1 and 16). `eight_bit="f16"` makes each byte one f16 operand `1024 + code` (a `prmt`
+  against 0x64 bytes: one instruction per two operands, one dot): the query side of those dots is then split into
+  f16 parts after scaling each query row by a power of two to a largest element in [2^13, 2^14) (undone on its
+  scores), and the probability side after scaling p * value scale by a power of two taken from the split's largest
+  value scale (a pass over the split's scales before the main loop; undone on the output). f16 parts carry 11
+  significant bits each. Opt-in until it is measured on a GPU.
 """
 
 from __future__ import annotations
@@ -69,24 +76,27 @@ class _Side:
     ncb: int = 0  # token: number of column blocks
     ngroups: int = 0  # token: groups along head_dim; channel: groups along the page
     full_bf16: bool = True  # full: stored as bf16 (else split into parts)
+    f16: bool = False  # token, 8 bits: one whole-byte field as f16 1024 + code (else two 4-bit nibbles in bf16)
 
 
-def _side(spec: KVSpec, codes, page_size: int, head_dim: int, min_cb: int = 16) -> _Side:
+def _side(spec: KVSpec, codes, page_size: int, head_dim: int, min_cb: int = 16, eight_bit: str = "nibbles") -> _Side:
     if not spec.quantized:
         return _Side("full", 16, 0, False, full_bf16=codes.dtype == jnp.bfloat16)
     per = ta.codes_per_byte(spec.bits)
     if spec.axis == "token":
         cb = ta.col_block(head_dim, spec.bits, spec.group_size, min_cb)
+        f16 = spec.bits == 8 and eight_bit == "f16"
         return _Side(
             "token",
             spec.bits,
             spec.group_size,
             spec.symmetric,
             per=per,
-            nf=ta.num_fields(spec.bits),
+            nf=ta.num_fields(spec.bits, f16),
             cb=cb,
             ncb=head_dim // (cb * per),
             ngroups=head_dim // spec.group_size,
+            f16=f16,
         )
     return _Side("channel", spec.bits, spec.group_size, spec.symmetric, per=per, ngroups=page_size // spec.group_size)
 
@@ -109,14 +119,20 @@ def _dot_parts(a, b_parts, trans_a: bool = False):
     return acc
 
 
-def _asm_field_ptx(bits: int, j: int) -> str:
+def _asm_field_ptx(bits: int, j: int, f16: bool = False) -> str:
     """PTX for one instance of `magic_fields`' inline assembly: 4 code bytes in, field j's 4 operands out.
 
     prmt spreads bytes (b0, b1) and (b2, b3) into the 16-bit lanes of two words, then a shift and one lop3
     `(t & mask) | 0x4300` per word make two bf16 operands `128 + field` at once: ~1.5 instructions per operand (the
     prmt is the same for every field), where the element-wise jnp form costs ~4 (widen, shift, mask, or) on one
-    16-bit value per 32-bit register.
+    16-bit value per 32-bit register. Whole 8-bit codes as f16 (`f16`): the prmt itself pairs each byte with the
+    byte 0x64, making two f16 operands `1024 + code` per instruction.
     """
+    if f16:
+        lines = ["{", ".reg .b32 m;", f"mov.b32 m, 0x{ta.MAGIC16_BITS >> 8:02X}{ta.MAGIC16_BITS >> 8:02X}"
+                 f"{ta.MAGIC16_BITS >> 8:02X}{ta.MAGIC16_BITS >> 8:02X};",
+                 "prmt.b32 $0, $2, m, 0x4140;", "prmt.b32 $1, $2, m, 0x4342;", "}"]  # fmt: skip
+        return "\n".join(lines)
     fb = ta.field_bits(bits)
     mask = (1 << fb) - 1
     m = f"0x{mask:04X}{mask:04X}"
@@ -128,17 +144,19 @@ def _asm_field_ptx(bits: int, j: int) -> str:
     return "\n".join(lines)
 
 
-def magic_fields(x, bits: int, asm: bool) -> list:
-    """Every field of a token-axis code tile x (uint8 [rows, cols]) as bf16 `128 + field` (tile_attention's
-    `magic_operand` for j = 0 .. num_fields - 1). `asm`: by PTX inline assembly, four bytes per instance (compiled
+def magic_fields(x, bits: int, asm: bool, f16: bool = False) -> list:
+    """Every field of a token-axis code tile x (uint8 [rows, cols]) as bf16 `128 + field`, or with `f16` each whole
+    8-bit code as f16 `1024 + code` (tile_attention's `magic_operand` for j = 0 .. num_fields - 1). `asm`: by PTX
+    inline assembly, four bytes per instance (compiled
     GPU kernels only; the interpreter runs the jnp form, which gives the same bits). One call per field: JAX 0.11's
     Triton lowering of `elementwise_inline_asm` returns a single result. Each output lane depends only on its own
     byte, so however Triton groups a thread's elements into fours (and pads a short last group with undef values,
     which it then drops), the results are the jnp form's."""
-    nf = ta.num_fields(bits)
+    nf = ta.num_fields(bits, f16)
     if not asm:
-        return [ta.magic_operand(x, bits, j) for j in range(nf)]
-    return [_ptx(_asm_field_ptx(bits, j), x, "=r,=r,r", 4, jnp.bfloat16) for j in range(nf)]
+        return [ta.magic_operand(x, bits, j, f16) for j in range(nf)]
+    dtype = jnp.float16 if f16 else jnp.bfloat16
+    return [_ptx(_asm_field_ptx(bits, j, f16), x, "=r,=r,r", 4, dtype) for j in range(nf)]
 
 
 def _ptx(asm: str, x, constraints: str, pack: int, dtype, *more):
@@ -152,6 +170,7 @@ def _ptx(asm: str, x, constraints: str, pack: int, dtype, *more):
 
 
 CVT_BF16X2_PTX = "cvt.rn.bf16x2.f32 $0, $2, $1;"  # $0 = (high lane: bf16($2), low lane: bf16($1)); $1 is element 0
+CVT_F16X2_PTX = "cvt.rn.f16x2.f32 $0, $2, $1;"  # the same lanes, f16
 EX2_PTX = "ex2.approx.ftz.f32 $0, $1;"
 FMA_PTX = "fma.rn.f32 $0, $1, $2, $3;"
 
@@ -161,6 +180,14 @@ def round_bf16_ptx(x):
     Triton lowering turns a float32 -> bf16 conversion into an integer emulation of round-to-nearest-even (shift,
     sign-extend, add, permute: ~5 instructions per element); the hardware conversion rounds the same way."""
     hi = _ptx(CVT_BF16X2_PTX, x, "=r,f,f", 2, jnp.bfloat16)
+    return hi, hi.astype(jnp.float32)
+
+
+def round_f16_ptx(x):
+    """`tile_attention.round_f16` by one `cvt.rn.f16x2.f32` per two elements (compiled GPU kernels only). Unlike the
+    integer form it keeps f16 subnormals (below 2^-14 of tiles scaled to ~2^14: 2^-28 relative); either way the f32
+    value returned is exactly the f16 operand's, which is all the split needs."""
+    hi = _ptx(CVT_F16X2_PTX, x, "=r,f,f", 2, jnp.float16)
     return hi, hi.astype(jnp.float32)
 
 
@@ -206,7 +233,8 @@ def _kernel(
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
-    qsum_ref = next(it) if ks.kind == "token" else None  # [ng, R]
+    qsum_ref = next(it) if ks.kind == "token" else None  # [2, ng, R]
+    qinv_ref = next(it) if ks.f16 else None  # [R]: powers of 2 undoing the query's scaling into f16's range
     kc_ref = next(it)  # [N, rows, cols] (this KV head)
     ksc_ref = next(it) if ks.kind != "full" else None
     kz_ref = next(it) if ks.kind != "full" and not ks.symmetric else None
@@ -225,6 +253,7 @@ def _kernel(
     to_parts = functools.partial(
         ta.split_parts, rnd=round_bf16_ptx if asm and "nocvt" not in variant else ta.round_bf16
     )
+    to_parts16 = functools.partial(ta.split_parts, rnd=round_f16_ptx if asm else ta.round_f16)
     exp2 = exp2_ptx if asm and "noex2" not in variant else jnp.exp2
     fma = fma_ptx if asm and "nofma" not in variant else fma_jnp
     defer_z = vs.kind == "token" and vs.ngroups == 1
@@ -241,6 +270,7 @@ def _kernel(
     if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
+        # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
         qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
         qsum = [qsum_ref[0, g, :] for g in range(ks.ngroups)]  # [R] f32, exact query sums (zero-points)
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
@@ -385,7 +415,7 @@ def _kernel(
             gpb = ks.cb * ks.per // ks.group
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
-                cs = magic_fields(x, ks.bits, asm)  # 128 + field, bf16
+                cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
@@ -395,8 +425,10 @@ def _kernel(
                     sc = prm[0][0][g]
                     zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
                     t = ta.fold_scores(d, sc, zt, qsum[g])
-                    t = t - (ta.MAGIC * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128
+                    t = t - (ta.magic(ks.f16) * sc)[:, None] * qsum_op[g][None, :]  # the operands' +128 (+1024)
                     s = t if s is None else s + t
+            if ks.f16:
+                s = s * qinv_ref[...][None, :]
         elif kdeq:
             # Dequantize the block (one FMA per element against per-token rows of the group scales), split it into
             # bf16 parts and run one set of dots instead of re-scaling q per group (slower on the H100: BENCHMARKS.md).
@@ -498,17 +530,17 @@ def _kernel(
                         sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
                         zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
                     sc_t, zt_t = sc, zt
-                if ta.field_weight(vs.bits, j) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
+                if ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
                     return sc_t, -ta.MAGIC * sc_t
-                return sc_t, zt_t - ta.MAGIC * sc_t
+                return sc_t, zt_t - ta.magic(vs.f16) * sc_t
 
             shared = vs.group % vs.per == 0
             for cbi in range(vs.ncb):
                 x = vt[cbi]
-                cs = magic_fields(x, vs.bits, asm)
+                cs = magic_fields(x, vs.bits, asm, vs.f16)
                 once = {}
                 for j in range(vs.nf):
-                    key = (cbi, ta.field_weight(vs.bits, j)) if shared else (cbi, j)
+                    key = (cbi, ta.field_weight(vs.bits, j, vs.f16)) if shared else (cbi, j)
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
                     sc_t, off_t = once[key]
@@ -527,15 +559,20 @@ def _kernel(
                 x = vt[cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
                     xt = x.T
-                    cs = [ta.magic_operand(xt, vs.bits, j) for j in range(vs.nf)]
+                    cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
-                    cs = magic_fields(x, vs.bits, asm)  # 128 + field, bf16
+                    cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
-                    pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
-                    pparts = to_parts(pg_, parts)
-                    off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
+                    if vs.f16:  # p * scale * vkv < 2^14 (see value_scaling): f16 operands, accumulators scaled by vkv
+                        pg_ = jnp.where(valid[:, None], p * (sc * vkv[0])[:, None], 0.0)
+                        pparts = to_parts16(pg_, parts)
+                        off = ta.magic_offset(vs.bits, True) * ta.parts_value(pparts) * vkv[1]
+                    else:
+                        pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
+                        pparts = to_parts(pg_, parts)
+                        off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
                     for j in range(vs.nf):
                         if variant == "vrows":  # out [R, cb] = p'^T @ codes: codes as the right operand, natural
                             d = None
@@ -606,6 +643,26 @@ def _kernel(
             accs, zaccs = values(valid, prm[1][j], tiles[1][j], p[j], accs, zaccs)
         return m_new, l_new, accs, zaccs, *nxt
 
+    def value_scaling():
+        """(vkv, 1 / vkv): the power of two 2^(13 - e) for the largest value scale of this split's valid tokens in
+        [2^e, 2^(e + 1)), so that p * scale * vkv < 2^14 (p <= 1) fits f16 with room to spare and is never below
+        2^-11 of that bound's scale. One pass over the split's scales (~1.5% of its code bytes at 8 bits) before the
+        main loop; stale pages are masked, as there."""
+
+        def body(i, acc):
+            pages = load_pages(i)
+            _, valid = block_of(i)
+            for j in range(ksub):
+                for g in range(vs.ngroups):
+                    acc = jnp.maximum(acc, jnp.where(valid, jnp.abs(scale_tokens(vsc_ref, pages, g, j)), 0.0))
+            return acc
+
+        vmax = jnp.max(jax.lax.fori_loop(0, nblk, body, jnp.zeros((TBs,), jnp.float32)))
+        e = ((jax.lax.bitcast_convert_type(vmax, jnp.int32) >> 23) & 0xFF) - 127  # -127 for 0 (and subnormals)
+        e = jnp.clip(e, -113, 113)  # both powers below stay normal float32 numbers
+        return tuple(jax.lax.bitcast_convert_type((127 + x) << 23, jnp.float32) for x in (13 - e, e - 13))
+
+    vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
         accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
         zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
@@ -619,7 +676,7 @@ def _kernel(
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
     m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
     for a, acc in enumerate(accs):
-        o_ref[a, :, :] = acc
+        o_ref[a, :, :] = acc if vkv is None else acc * vkv[1]
     for g, z in enumerate(zaccs):
         za_ref[g, :] = jnp.sum(z, axis=0) if defer_z else z
     m_ref[...] = m
@@ -683,6 +740,7 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 
 
 CHANNEL_KEYS = ("stack", "fold", "dequant")
+EIGHT_BITS = ("nibbles", "f16")
 
 
 def _next_pow2(x: int) -> int:
@@ -768,6 +826,7 @@ def stack_plan(
         "small_value_groups",
         "precision",
         "unpack",
+        "eight_bit",
         "_variant",
     ),
 )
@@ -797,6 +856,7 @@ def paged_attention(
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
+    eight_bit: str = "nibbles",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -815,7 +875,10 @@ def paged_attention(
     codes become tensor-core operands, "asm" (PTX inline assembly, four bytes per instruction sequence), "jnp"
     (element-wise jnp ops) or "auto" (asm when compiled, jnp under `interpret` or on a ROCm GPU, which cannot run PTX);
     both give the same bits. With asm the kernel also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes
-    exp2 (`exp2_ptx`) by single PTX instructions.
+    exp2 (`exp2_ptx`) by single PTX instructions. `eight_bit`: how 8-bit per-token codes meet the tensor cores,
+    "nibbles" (two 4-bit fields as bf16 operands, two dots per code) or "f16" (each byte one f16 operand `1024 +
+    code`, one dot, against f16 query / probability tiles scaled by powers of two into f16's range: the query per row
+    by its largest element, the probabilities by the largest value scale of the split).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -836,6 +899,7 @@ def paged_attention(
         channel_keys=channel_keys,
         small_value_groups=small_value_groups,
         asm=_use_asm(unpack, interpret),
+        eight_bit=eight_bit,
         variant=_variant,
     )
     if precision not in PRECISIONS:
@@ -846,6 +910,8 @@ def paged_attention(
         raise ValueError(f"channel_keys={channel_keys!r}: expected one of {CHANNEL_KEYS}")
     if small_value_groups not in ("dequant", "fold"):
         raise ValueError(f"small_value_groups={small_value_groups!r}: expected 'dequant' or 'fold'")
+    if eight_bit not in EIGHT_BITS:
+        raise ValueError(f"eight_bit={eight_bit!r}: expected one of {EIGHT_BITS}")
     pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     tq = q.shape[2]
     step = max(1, max_rows // (q.shape[1] // k_codes.shape[0]))
@@ -879,6 +945,7 @@ def _paged_attention_rows(
     channel_keys: str,
     small_value_groups: str,
     asm: bool,
+    eight_bit: str,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -889,12 +956,12 @@ def _paged_attention_rows(
     if reason:
         raise ValueError(reason)
     check_index_range(k_codes=k_codes, v_codes=v_codes)
-    ks = _side(k_spec, k_codes, page_size, d)
+    ks = _side(k_spec, k_codes, page_size, d, eight_bit=eight_bit)
     # Dequantized small value groups: column blocks of >= 32 bytes (several groups each, told apart by per-element
     # scale tiles). A 16-byte block is a 16-row MMA operand, which Triton computes on all 4 warps at once (4x the
     # tensor-core instructions of the work); 32 rows split over the warps (BENCHMARKS.md).
     vdeq = v_spec.quantized and v_spec.axis == "token" and v_spec.group_size < d and small_value_groups == "dequant"
-    vs = _side(v_spec, v_codes, page_size, d, min_cb=32 if vdeq and "vcb16" not in variant else 16)
+    vs = _side(v_spec, v_codes, page_size, d, min_cb=32 if vdeq and "vcb16" not in variant else 16, eight_bit=eight_bit)
     hg = hq // h
     rows = hg * tq
     R = max(16, _next_pow2(rows))
@@ -928,8 +995,11 @@ def _paged_attention_rows(
         args.append(qk)
         specs.append(pl.BlockSpec((None, None, qparts, d, R), lambda i, j, s: (i, j, 0, 0, 0)))
     elif ks.kind == "token":
-        qk, qsum = ta.arrange_q_token(q_t, ks.bits, ks.group)  # [B, H, ng, F, cb, R], [B, H, ng, R]
-        qk_parts = ta.split_parts(qk, qparts)
+        if ks.f16:  # each row scaled by a power of two to a largest element in [2^13, 2^14): f16's range
+            e = jnp.clip(jnp.frexp(jnp.max(jnp.abs(q_t), axis=-2))[1], -110, 128)  # max |q| in [2^(e-1), 2^e)
+            q_t = q_t * jnp.ldexp(jnp.float32(1.0), 14 - e)[..., None, :]
+        qk, qsum = ta.arrange_q_token(q_t, ks.bits, ks.group, ks.f16)  # [B, H, ng, F, cb, R], [B, H, ng, R]
+        qk_parts = ta.split_parts(qk, qparts, rnd=ta.round_f16 if ks.f16 else ta.round_bf16)
         # Each field's operand is 128 + field, so its dot carries 128 * sum of the (weighted, bf16-split) query block.
         qsum_op = jnp.sum(ta.parts_value(qk_parts), axis=(-3, -2))  # [B, H, ng, R]
         qsum = jnp.stack([qsum, qsum_op], axis=2)  # [B, H, 2, ng, R]
@@ -939,6 +1009,9 @@ def _paged_attention_rows(
             pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)),
             pl.BlockSpec((None, None, 2, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0, 0)),
         ]
+        if ks.f16:
+            args.append(jnp.ldexp(jnp.float32(1.0), e - 14))  # [B, H, R]: the kernel's qinv
+            specs.append(pl.BlockSpec((None, None, R), lambda i, j, s: (i, j, 0)))
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
@@ -994,7 +1067,7 @@ def _paged_attention_rows(
     )(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R), vs.bits, vs.group, d)
+        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R), vs.bits, vs.group, d, vs.f16)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za
     else:

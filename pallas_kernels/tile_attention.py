@@ -59,21 +59,27 @@ def codes_to_operand(c: jnp.ndarray) -> jnp.ndarray:
 # offset on the score / output side (`magic_offset`), where it costs one multiply-add per token, not per element.
 MAGIC_BITS = 0x4300
 MAGIC = 128.0
+# An 8-bit code does not fit bf16's 7 mantissa bits, so by default it is read as two 4-bit fields (two dots). With
+# `f16=True` it is one field: a byte OR-ed into f16 1024.0 (bits 0x6400, 10 mantissa bits) is the f16 number
+# 1024 + byte, exactly, and the other operand of its dots (query or probabilities) is an f16 tile too.
+MAGIC16_BITS = 0x6400
+MAGIC16 = 1024.0
 
 
-def field_bits(bits: int) -> int:
-    """Width of one unpacked field: the code itself for 2/4 bits; 8-bit codes are read as two 4-bit nibbles."""
-    return 4 if bits == 8 else bits
+def field_bits(bits: int, f16: bool = False) -> int:
+    """Width of one unpacked field: the code itself for 2/4 bits (and 8 bits with `f16`); otherwise 8-bit codes are
+    read as two 4-bit nibbles."""
+    return 4 if bits == 8 and not f16 else bits
 
 
-def num_fields(bits: int) -> int:
+def num_fields(bits: int, f16: bool = False) -> int:
     """Fields per byte of a token-axis row (see `field_bits`)."""
-    return 8 // field_bits(bits)
+    return 8 // field_bits(bits, f16)
 
 
-def field_weight(bits: int, j: int) -> float:
-    """Weight of field j in its channel's code: 8-bit code = lo + 16 * hi; 2/4-bit fields are whole codes."""
-    return float(16**j) if bits == 8 else 1.0
+def field_weight(bits: int, j: int, f16: bool = False) -> float:
+    """Weight of field j in its channel's code: 8-bit code = lo + 16 * hi as nibbles; other fields are whole codes."""
+    return float(16**j) if bits == 8 and not f16 else 1.0
 
 
 def field_channel(bits: int, byte_col, j: int):
@@ -81,16 +87,25 @@ def field_channel(bits: int, byte_col, j: int):
     return codes_per_byte(bits) * byte_col + (j if bits < 8 else 0)
 
 
-def magic_offset(bits: int) -> float:
-    """Sum over fields of (weight * MAGIC) for one channel: what the magic operand adds to each channel's code."""
-    return MAGIC * sum(field_weight(bits, j) for j in range(num_fields(bits)) if field_channel(bits, 0, j) == 0)
+def magic(f16: bool = False) -> float:
+    """The offset a magic operand adds to its field: 128 (bf16) or 1024 (f16, whole 8-bit codes)."""
+    return MAGIC16 if f16 else MAGIC
 
 
-def magic_operand(words: jnp.ndarray, bits: int, j: int) -> jnp.ndarray:
-    """Field j of bytes `words` (uint8 / int tile) as bf16 `128 + field`, exact, via bit operations only."""
-    fb = field_bits(bits)
+def magic_offset(bits: int, f16: bool = False) -> float:
+    """Sum over fields of (weight * magic) for one channel: what the magic operand adds to each channel's code."""
+    fields = range(num_fields(bits, f16))
+    return magic(f16) * sum(field_weight(bits, j, f16) for j in fields if field_channel(bits, 0, j) == 0)
+
+
+def magic_operand(words: jnp.ndarray, bits: int, j: int, f16: bool = False) -> jnp.ndarray:
+    """Field j of bytes `words` (uint8 / int tile) as bf16 `128 + field` (f16 `1024 + byte` with `f16`, 8-bit codes
+    only), exact, via bit operations only."""
+    fb = field_bits(bits, f16)
     w = words.astype(jnp.int16)
-    f = (w >> (j * fb)) & ((1 << fb) - 1) if j or fb < 8 else w
+    f = (w >> (j * fb)) & ((1 << fb) - 1) if j or fb < 8 else w & 0xFF
+    if f16:
+        return jax.lax.bitcast_convert_type(f | MAGIC16_BITS, jnp.float16)
     return jax.lax.bitcast_convert_type(f | MAGIC_BITS, jnp.bfloat16)
 
 
@@ -117,10 +132,31 @@ def round_bf16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     return hi, jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
+F16_MIN_NORMAL_BITS = 0x38800000  # float32 bits of 2^-14, f16's smallest normal number
+
+
+def round_f16(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """float32 -> (f16 round-to-nearest-even, the same value as float32), by integer ops on the bits, for the same
+    reason as `round_bf16`. Results below f16's normal range (2^-14) are flushed to +-0, and |x| must stay below
+    65520 (f16's largest finite value rounds from there): callers scale their tiles by powers of two to ~2^14 first,
+    so a flushed element is < 2^-28 of the tile's largest.
+    """
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    sign = b & jnp.uint32(0x80000000)
+    mag = b & jnp.uint32(0x7FFFFFFF)
+    mag = (mag + 0xFFF + ((mag >> 13) & 1)) & jnp.uint32(0xFFFFE000)  # 23 -> 10 mantissa bits, ties to even
+    keep = mag >= F16_MIN_NORMAL_BITS
+    mag = jnp.where(keep, mag, jnp.uint32(0))
+    h = jnp.where(keep, (mag >> 13) - jnp.uint32(112 << 10), jnp.uint32(0)) | (sign >> 16)  # exponent bias 127 -> 15
+    hi = jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16)
+    return hi, jax.lax.bitcast_convert_type(sign | mag, jnp.float32)
+
+
 def split_parts(x: jnp.ndarray, parts: int, rnd=round_bf16) -> tuple[jnp.ndarray, ...]:
     """float32 x -> `parts` bf16 terms whose float32 sum approximates x (hi first); exact for bf16 inputs at parts=1.
 
-    `rnd`: the rounding, `round_bf16` or a kernel's equivalent returning the same (bf16, float32) pair."""
+    `rnd`: the rounding, `round_bf16` or a kernel's equivalent returning the same (bf16, float32) pair, or
+    `round_f16` (f16 terms: ~11 significant bits each)."""
     out = []
     r = x.astype(jnp.float32)
     for i in range(parts):
@@ -158,18 +194,18 @@ def col_block(head_dim: int, bits: int, group_size: int, minimum: int = 16) -> i
     return min(head_dim // per, max(group_size // per, minimum))
 
 
-def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int, f16: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Query, transposed `q_t [..., D, R]` -> per-(group, field) blocks for token-axis packed keys.
 
-    Returns `(qk [..., ngroups, F, cb, R], qsum [..., ngroups, R])` with F = `num_fields(bits)`: `qk[g, j, i, r] =
-    field_weight(j) * q[r, d]` where `d = field_channel(bits, cbi * cb + i, j)` and `cbi = g // groups_per_block`,
+    Returns `(qk [..., ngroups, F, cb, R], qsum [..., ngroups, R])` with F = `num_fields(bits, f16)`: `qk[g, j, i, r]
+    = field_weight(j) * q[r, d]` where `d = field_channel(bits, cbi * cb + i, j)` and `cbi = g // groups_per_block`,
     when channel d belongs to group g, else 0; `qsum[g]` = sum of q over group g. A column block holds
     `cb = col_block(...)` bytes; when one group's bytes are fewer than 16 the block spans several groups and the
     zeros select one group per dot.
     """
     *lead, d, r = q_t.shape
     per = codes_per_byte(bits)
-    nf = num_fields(bits)
+    nf = num_fields(bits, f16)
     cb = col_block(d, bits, group_size)
     ng = d // group_size
     gpb = cb * per // group_size  # groups per column block
@@ -179,7 +215,7 @@ def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int) -> tuple[jnp.n
         cbi = g // gpb
         fields = []
         for j in range(nf):
-            xb = x[..., cbi, :, j if bits < 8 else 0, :] * field_weight(bits, j)  # [.., cb, R]
+            xb = x[..., cbi, :, j if bits < 8 else 0, :] * field_weight(bits, j, f16)  # [.., cb, R]
             keep = (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g  # [cb]
             fields.append(jnp.where(keep[:, None], xb, 0.0))
         blocks.append(jnp.stack(fields, axis=-3))  # [.., F, cb, R]
@@ -193,10 +229,10 @@ def group_mask_of_block(cb: int, cbi: int, bits: int, group_size: int, j: int, g
     return (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g
 
 
-def unarrange_out_token(o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int) -> jnp.ndarray:
-    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit: lo + 16 * hi)."""
+def unarrange_out_token(o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int, f16: bool = False) -> jnp.ndarray:
+    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit nibbles: lo + 16 * hi)."""
     del group_size
-    if bits == 8:
+    if bits == 8 and not f16:
         o_t = o_t[..., :, :1, :, :] + field_weight(8, 1) * o_t[..., :, 1:, :, :]
     *lead, ncb, per, cb, r = o_t.shape
     x = jnp.moveaxis(o_t, -1, -4)  # [.., R, ncb, per, cb]

@@ -256,7 +256,8 @@ def test_unknown_kernel_options_are_clear_errors(rng):
     ks, vs = _spec(4, "channel", 16), _spec(2, group=32)
     q, k, v, pt, nt = _case(rng, ks, vs, lengths=[16, 32])
     for opt, val, names in (("channel_keys", "stacked", "'stack', 'fold', 'dequant'"),
-                            ("small_value_groups", "stack", "'dequant' or 'fold'")):  # fmt: skip
+                            ("small_value_groups", "stack", "'dequant' or 'fold'"),
+                            ("eight_bit", "fp16", "'nibbles', 'f16'")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{opt}='{val}': expected .*{names}"):
             paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, **{opt: val})
 
@@ -283,6 +284,8 @@ def test_parts_one_is_bf16_precision(rng):
 # beside 8-bit channel-axis values, also read as whole pages), or picked by a select chain (`qselect`): a NaN-scaled
 # stale page must not leak through either.
 STACKED = dict(pages_per_block=4, num_splits=1)
+F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands: their value scales set a split-wide
+# power of two in a pass of their own, which must skip stale pages' NaN scales too
 
 
 @pytest.mark.parametrize(
@@ -294,8 +297,19 @@ STACKED = dict(pages_per_block=4, num_splits=1)
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
         ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"))),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
+        ((_spec(8, group=64), _spec(8, group=64, sym=True)), 2, (F16, F16 | dict(pages_per_block=1, num_splits=4))),
+        ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (F16 | STACKED,)),
     ],
-    ids=["K4t-V16", "K16-V2c", "K4c-V2t", "K8c-V4t-stacked", "K4c-V2t-stacked", "K2c-V8c-stacked"],
+    ids=[
+        "K4t-V16",
+        "K16-V2c",
+        "K4c-V2t",
+        "K8c-V4t-stacked",
+        "K4c-V2t-stacked",
+        "K2c-V8c-stacked",
+        "K8t-V8t-f16",
+        "K4c-V8t-f16-stacked",
+    ],  # fmt: skip
 )
 def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
     """Stale pages past num_tokens and INVALID (-1) entries, pointing at pages full of NaN, change nothing."""
@@ -410,6 +424,68 @@ def test_late_key_far_above_earlier_scores(rng):
         _check(q, k, v, pt, nt, ks, vs, **tuning)
 
 
+# 8-bit per-token codes as one whole-byte f16 operand (`eight_bit="f16"`) instead of two bf16 nibbles: keys,
+# values (folded into p, and dequantized in small groups), with the other side at every kind, stacked per-channel
+# keys in token sub-blocks beside them, GQA 1-8, and bf16-level precision (parts=1). f16 operand parts carry 11
+# significant bits each (bf16: 8), so the same tolerances hold with room.
+F16_CASES = [
+    (_spec(8, group=128), _spec(8, group=128), 128, 16, 4, {}),
+    (_spec(8, group=64, sym=True), _spec(8, group=32), 64, 16, 1, {}),
+    (_spec(8, group=32), _spec(16), 64, 64, 8, {}),
+    (_spec(16), _spec(8, group=64, sym=True, sdt="bfloat16"), 64, 16, 2, {}),
+    (_spec(8, group=64), _spec(2, "channel", 16), 64, 16, 2, {}),
+    (_spec(4, "channel", 16), _spec(8, group=64), 64, 16, 4, STACKED),
+    (_spec(8, group=64), _spec(8, group=64), 64, 16, 4, dict(parts=1)),
+    (_spec(8, group=64), _spec(8, group=32, sym=True), 64, 16, 2, dict(small_value_groups="fold")),
+]
+
+
+@pytest.mark.parametrize("case", F16_CASES, ids=lambda c: _id(c[:5]) + "".join(f"-{k}{v}" for k, v in c[5].items()))
+def test_eight_bit_f16_matches_reference(case, rng):
+    k_spec, v_spec, d, p, hg, tuning = case
+    q, k, v, pt, nt = _case(rng, k_spec, v_spec, d=d, p=p, hg=hg, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    rtol = 2e-2 if tuning.get("parts") == 1 else RTOL
+    _check(q, k, v, pt, nt, k_spec, v_spec, rtol=rtol, eight_bit="f16", **tuning)
+
+
+def test_eight_bit_f16_range(rng):
+    """f16 tops out at 65504 and loses precision below 2^-14: the kernel scales the query per row and the
+    probabilities per split by powers of two. Queries of ~1e5 or ~1e-6 (with the inverse softmax scale, so the
+    attention is the usual one and every bit of the query counts) and value scales of ~2000 or ~1e-5 (one sequence
+    each) meet the reference as closely as ordinary ones, sequence by sequence. Unscaled, the large ones overflow to
+    inf and the small ones round to f16 subnormals (checked: each scaling removed fails this test)."""
+    ks, vs = _spec(8, group=64), _spec(8, group=64, sym=True)
+    q, k, v, pt, nt = _case(rng, ks, vs, b=3, hg=2, max_pages=4, lengths=[4 * 16, 3 * 16, 4 * 16])
+    vc, vsc, vz = v
+    pages = np.asarray(pt)
+    mult = np.ones(vsc.shape, np.float32)
+    mult[:, pages[1][pages[1] >= 0]] = 8000.0
+    mult[:, pages[2][pages[2] >= 0]] = 1e-4
+    v = (vc, (vsc.astype(jnp.float32) * mult).astype(vsc.dtype), vz)
+    args = (*k, *v, pt, nt)
+    for qmul in (3e4, 1e-6):
+        sm = 1.0 / (8.0 * qmul)
+        ref, ref_lse = map(np.asarray, _reference(q * qmul, *args, k_spec=ks, v_spec=vs, sm_scale=sm))
+        for tuning in (dict(num_splits=1), dict(pages_per_block=1, num_splits=3)):
+            out, lse = map(np.asarray, _kernel(q * qmul, *args, k_spec=ks, v_spec=vs, sm_scale=sm, eight_bit="f16",
+                                               **tuning))  # fmt: skip
+            for i in range(3):  # per sequence: the small ones are not hidden by the large in one norm
+                err = np.linalg.norm(out[i] - ref[i]) / np.linalg.norm(ref[i])
+                assert err < RTOL, (qmul, tuning, i, err)
+            np.testing.assert_allclose(lse, ref_lse, rtol=RTOL, atol=RTOL * 10)
+
+
+def test_eight_bit_f16_leaves_other_widths_alone(rng):
+    """Only 8-bit per-token sides change: a 4-bit / 2-bit per-channel pair gives the same bits either way."""
+    ks, vs = _spec(4, group=64), _spec(2, "channel", 16)
+    q, k, v, pt, nt = _case(rng, ks, vs, lengths=[3 * 16, 16])
+    args = (q, *k, *v, pt, nt)
+    a = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.125)
+    b = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.125, eight_bit="f16")
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize(
     "variant",
     [
@@ -438,3 +514,16 @@ def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
     for ks, vs in [(_spec(4, group=128), _spec(4, group=128)), (_spec(4, "channel", 32), _spec(2, group=32))]:
         text = gpu_attention_lowered(ks, vs, _variant=variant)
         assert "triton" in text, (variant, ks, vs)
+
+
+@pytest.mark.parametrize("precision", ["high", "bf16"])
+@pytest.mark.parametrize(
+    "kv",
+    [(_spec(8, group=128), _spec(8, group=128, sym=True)), (_spec(8, group=128), _spec(8, group=32)),
+     (_spec(4, "channel", 32), _spec(8, group=128))],
+    ids=["K8t-V8t", "K8t-V8tG32", "K4c-V8t"],
+)  # fmt: skip
+def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
+    """`eight_bit="f16"` (whole-byte f16 operands, the value-scale pass and its float32 exponent arithmetic on
+    scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours."""
+    assert "triton" in gpu_attention_lowered(*kv, eight_bit="f16", precision=precision)

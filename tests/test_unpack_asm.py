@@ -78,6 +78,10 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             a, b = (np.asarray(val(x), np.uint32).view(np.float32).astype(ml_dtypes.bfloat16) for x in args[1:])
             hi, lo = (x.view(np.uint16).astype(np.uint64) for x in (a, b))
             regs[args[0]] = (hi << np.uint64(16)) | lo
+        elif op == "cvt.rn.f16x2.f32":  # the same lanes in f16, round to nearest even, subnormals kept (numpy)
+            a, b = (np.asarray(val(x), np.uint32).view(np.float32).astype(np.float16) for x in args[1:])
+            hi, lo = (x.view(np.uint16).astype(np.uint64) for x in (a, b))
+            regs[args[0]] = (hi << np.uint64(16)) | lo
         elif op == "lop3.b32":
             regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 0))
         else:
@@ -90,21 +94,23 @@ def _lanes(words: np.ndarray) -> np.ndarray:
     return np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1).astype(np.uint16)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_ptx_unpacking_equals_the_jnp_magic_operand(bits):
+@pytest.mark.parametrize("bits,f16", [(2, False), (4, False), (8, False), (8, True)])
+def test_ptx_unpacking_equals_the_jnp_magic_operand(bits, f16):
     rng = np.random.default_rng()
     every = np.arange(256, dtype=np.uint8)
     # every byte value in every position, then fresh random words; [n, 4] bytes per 32-bit word, low byte first
     data = np.stack([every, np.roll(every, 1), np.roll(every, 7), every[::-1]], axis=1)
     data = np.concatenate([data, rng.integers(0, 256, (4096, 4), dtype=np.uint8)])
     word = data.astype(np.uint64) @ (np.uint64(1) << np.arange(0, 32, 8, dtype=np.uint64))
-    for j in range(ta.num_fields(bits)):
-        asm = _asm_field_ptx(bits, j)
+    for j in range(ta.num_fields(bits, f16)):
+        asm = _asm_field_ptx(bits, j, f16)
         assert set(re.findall(r"\$\d", asm)) == {"$0", "$1", "$2"}, asm  # two 32-bit outputs, one input
         regs = _run_ptx(asm, {"$2": word})
         got = np.concatenate([_lanes(regs["$0"]), _lanes(regs["$1"])], axis=1)  # [n, 4] in byte order
-        want = np.asarray(jax.lax.bitcast_convert_type(ta.magic_operand(jnp.asarray(data), bits, j), jnp.uint16))
+        want = np.asarray(jax.lax.bitcast_convert_type(ta.magic_operand(jnp.asarray(data), bits, j, f16), jnp.uint16))
         np.testing.assert_array_equal(got, want, err_msg=f"bits={bits} field {j}")
+        if f16:  # and each lane is the f16 number 1024 + its byte
+            np.testing.assert_array_equal(got.view(np.float16).astype(np.float32), 1024.0 + data)
 
 
 def test_ptx_bf16_rounding_equals_round_bf16():
@@ -121,6 +127,44 @@ def test_ptx_bf16_rounding_equals_round_bf16():
     hi, _ = ta.round_bf16(jnp.asarray(x))
     want = np.asarray(jax.lax.bitcast_convert_type(hi, jnp.uint16))
     np.testing.assert_array_equal(got, want)
+
+
+def _halfway_f16(rng, n):
+    """Finite float32 numbers exactly halfway between two neighbouring normal f16 numbers (ties to even)."""
+    exp = rng.integers(113, 142, n, dtype=np.uint32)  # f16's normal exponents, biased as float32's
+    mant = rng.integers(0, 2**10, n, dtype=np.uint32) << 13 | 0x1000  # 10 kept bits, then exactly one half
+    return (exp << 23 | mant).view(np.float32)
+
+
+def test_ptx_f16_rounding_is_round_to_nearest_even():
+    """`round_f16_ptx` (`cvt.rn.f16x2.f32`, element 0 in the low lane) against numpy's float32 -> float16 (round to
+    nearest even, subnormals kept), on fresh random floats over f16's range and on halfway cases."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(8192) * np.exp2(rng.integers(-30, 14, 8192))).astype(np.float32)
+    ties = _halfway_f16(rng, 512)
+    x = np.concatenate([x, ties, -ties]).reshape(-1, 2)
+    bits = x.view(np.uint32).astype(np.uint64)
+    regs = _run_ptx(gpu_kernel.CVT_F16X2_PTX, {"$1": bits[:, 0], "$2": bits[:, 1]})
+    np.testing.assert_array_equal(_lanes(regs["$0"]), x.astype(np.float16).view(np.uint16))
+
+
+def test_round_f16_is_round_to_nearest_even_with_flush():
+    """`tile_attention.round_f16` (integer ops) equals numpy's float16 rounding for inputs in f16's normal range,
+    halfway cases included, flushes smaller ones to a signed zero, and returns its operand's exact float32 value."""
+    rng = np.random.default_rng()
+    x = (rng.standard_normal(1 << 16) * np.exp2(rng.integers(-40, 14, 1 << 16))).astype(np.float32)
+    ties = _halfway_f16(rng, 4096)
+    x = np.concatenate([x, ties, -ties, np.float32([0.0, -0.0, 2**-14, 65504.0, 65519.0])])
+    hi, hi32 = ta.round_f16(jnp.asarray(x))
+    hi, hi32 = np.asarray(hi), np.asarray(hi32)
+    np.testing.assert_array_equal(hi.astype(np.float32), hi32)
+    normal = np.abs(x) >= 2**-14
+    np.testing.assert_array_equal(hi[normal].view(np.uint16), x[normal].astype(np.float16).view(np.uint16))
+    small, h = np.abs(x[~normal]), np.abs(hi[~normal]).astype(np.float32)
+    # flushed to zero, or (within half a 10-bit step of 2^-14, the step at exponent -15 being 2^-25) rounded up to it
+    assert np.all((h == 0) | ((h == 2**-14) & (small >= 2**-14 - 2**-26))), small[(h != 0) & (small < 2**-14 - 2**-26)]
+    assert np.array_equal(np.signbit(hi[~normal]), np.signbit(x[~normal]))
+    assert (~normal).sum() > 1000 and np.isin(ties, x[normal]).all()
 
 
 def test_unpack_option():
