@@ -1,0 +1,69 @@
+"""Op counts of our GPU attention kernel's Triton IR, lowered on this machine (no GPU needed) for an abstract H100 at
+the Llama-3.1-8B attention shape (tests/_lowering.py): a compiler-side view of what a change removes (tensor-core
+dots, inline-assembly unpackings, loads) before it can be timed. Counts are of the whole kernel module (the main
+loop's body appears once; a split-wide pre-pass counts too), not of executed instructions: time it on a GPU
+(benchmarks/attention.py) or read the SASS (benchmarks/ncu_sass.sh) for those.
+
+    PYTHONPATH=. python3 benchmarks/triton_ir_ops.py --configs 8/8,4/4 \\
+        --tunings '[{"precision":"bf16"},{"precision":"bf16","eight_bit":"f16"}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import importlib.util
+import io
+import json
+import pathlib
+import re
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+SHOWN = ("tt.dot", "tt.elementwise_inline_asm", "tt.load", "arith.mulf", "arith.addf", "arith.select", "math.exp2")
+
+
+def _lowering():
+    spec = importlib.util.spec_from_file_location("_lowering", ROOT / "tests" / "_lowering.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def triton_ops(k_spec, v_spec, **tuning) -> collections.Counter:
+    """Op name -> count in the Triton module of `paged_attention_gpu.paged_attention(**tuning)` for these specs."""
+    from jax.experimental import pallas as pl
+
+    buf = io.StringIO()
+    plain = pl.pallas_call
+    pl.pallas_call = functools.partial(plain, debug=True)  # prints the jaxpr, then the Triton module
+    try:
+        with contextlib.redirect_stdout(buf):
+            _lowering().gpu_attention_lowered(k_spec, v_spec, **tuning)
+    finally:
+        pl.pallas_call = plain
+    text = buf.getvalue()
+    module = text[text.index("The Triton module for pallas_call") :]
+    return collections.Counter(re.findall(r'= "?([a-z_]+\.[a-z_.0-9]+)', module))
+
+
+def main(argv=None) -> None:
+    import attention  # benchmarks/attention.py: the config names
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="16/16,8/8,4/4,4/2,2/2,kivi4/2")
+    ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
+    args = ap.parse_args(argv)
+    print("config | tuning | " + " | ".join(s.split(".")[-1] for s in SHOWN) + " | all ops")
+    for c in args.configs.split(","):
+        for t in json.loads(args.tunings):
+            ops = triton_ops(*attention.spec_pair(c), **t)
+            cells = " | ".join(str(ops.get(s, 0)) for s in SHOWN)
+            print(f"{c} | {json.dumps(t, separators=(',', ':'))} | {cells} | {sum(ops.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/triton_ir_ops.py: op counts of the GPU kernel's Triton IR, lowered on the CPU for an abstract H100.
+
+The counts must follow what the kernel builds: per-token 8-bit codes as bf16 nibbles take two tensor-core dots per
+side and block (one per 4-bit field), as whole-byte f16 operands one; the f16 option leaves 4-bit pools alone; the
+16/16 kernel has one dot per side (bf16 precision, bf16 query) and no unpacking.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+from kvtuner_jax.specs import KVSpec
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("triton_ir_ops", ROOT / "benchmarks" / "triton_ir_ops.py")
+triton_ir_ops = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(triton_ir_ops)
+
+
+def _tok(bits: int) -> KVSpec:
+    return KVSpec(bits=bits, axis="token", group_size=128)
+
+
+def test_dot_counts_follow_the_kernel():
+    ops = triton_ir_ops.triton_ops
+    assert ops(_tok(8), _tok(8), precision="bf16")["tt.dot"] == 4
+    assert ops(_tok(8), _tok(8), precision="bf16", eight_bit="f16")["tt.dot"] == 2
+    assert ops(_tok(4), _tok(4), precision="bf16") == ops(_tok(4), _tok(4), precision="bf16", eight_bit="f16")
+    full = ops(KVSpec(bits=16), KVSpec(bits=16), precision="bf16")
+    assert full["tt.dot"] == 2 and full["tt.elementwise_inline_asm"] == 3  # exp2 of alpha and of p, p rounded to bf16
