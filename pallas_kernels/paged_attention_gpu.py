@@ -280,13 +280,17 @@ def _kernel(
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TBs,), 0)  # row of a (sub-)block; a token when ksub == 1
 
-    def block_pages(i):
-        """(physical pages of block i [ppb], which are valid): invalid entries read page 0 and are masked."""
-        base = first + i * ppb
-        idx = base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0)
-        pages = pt_ref[pl.ds(base, ppb)]
+    def physical(idx, pages):
+        """(pages clamped to the pool, which are valid) for page-table entries `pages` at positions `idx`: entries
+        past the sequence's full pages or INVALID read page 0 and are masked by the caller. Callers pass keywords in
+        the order each computed them before this helper existed, which kept the lowered Triton IR identical."""
         ok = (idx < npages) & (pages >= 0)
         return jnp.minimum(jnp.where(ok, pages, 0), N - 1), ok
+
+    def block_pages(i):
+        """(physical pages of block i [ppb], which are valid)."""
+        base = first + i * ppb
+        return physical(idx=base + jax.lax.broadcasted_iota(jnp.int32, (ppb,), 0), pages=pt_ref[pl.ds(base, ppb)])
 
     def load_pages(i):
         return block_pages(i)[0]
@@ -354,18 +358,14 @@ def _kernel(
         return side_params(ks, ksc_ref, kz_ref, 0), tuple(side_params(vs, vsc_ref, vz_ref, j) for j in range(ksub))
 
     def page_scalar(base, pp):
-        """(physical page, is valid) of page pp of the block; invalid pages read page 0, weights zeroed."""
-        pg = pt_ref[base + pp]
-        ok = (base + pp < npages) & (pg >= 0)
-        return jnp.minimum(jnp.where(ok, pg, 0), N - 1), ok
+        """(physical page, is valid) of page pp of the block; invalid pages' weights are zeroed by the caller."""
+        return physical(pages=pt_ref[base + pp], idx=base + pp)
 
     def channel_raw(c_ref, side: _Side, base):
         """Channel-axis page block of 2/4-bit codes in token order, raw bytes [TB, D]: each byte row gathered once per
         field."""
         t_in = tok % P
-        page_tok = pt_ref[base + tok // P]
-        ok = (base + tok // P < npages) & (page_tok >= 0)
-        page_tok = jnp.minimum(jnp.where(ok, page_tok, 0), N - 1)
+        page_tok, _ = physical(pages=pt_ref[base + tok // P], idx=base + tok // P)  # invalid rows: masked later
         return c_ref[page_tok, t_in // side.per, :]  # [TB, D] uint8
 
     def channel_params(s_ref, z_ref, side: _Side, base):
