@@ -2,7 +2,8 @@
 the Llama-3.1-8B attention shape (tests/_lowering.py): a compiler-side view of what a change removes (tensor-core
 dots, inline-assembly unpackings, loads) before it can be timed. Counts are of the whole kernel module (the main
 loop's body appears once; a split-wide pre-pass counts too), not of executed instructions: time it on a GPU
-(benchmarks/attention.py) or read the SASS (benchmarks/ncu_sass.sh) for those.
+(benchmarks/attention.py) or read the SASS (benchmarks/ncu_sass.sh) for those. `--fingerprint` prints a hash of
+each module's text without its location info instead: equal before and after a refactor means the same kernel.
 
     PYTHONPATH=. python3 benchmarks/triton_ir_ops.py --configs 8/8,4/4 \\
         --tunings '[{"precision":"bf16"},{"precision":"bf16","eight_bit":"f16"}]'
@@ -14,6 +15,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,8 +35,9 @@ def _lowering():
     return mod
 
 
-def triton_ops(k_spec, v_spec, **tuning) -> collections.Counter:
-    """Op name -> count in the Triton module of `paged_attention_gpu.paged_attention(**tuning)` for these specs."""
+def triton_module(k_spec, v_spec, **tuning) -> str:
+    """Text of the Triton module of `paged_attention_gpu.paged_attention(**tuning)` for these specs, without the
+    location info (source lines and call sites, which move whenever the file is edited)."""
     from jax.experimental import pallas as pl
 
     buf = io.StringIO()
@@ -46,8 +49,19 @@ def triton_ops(k_spec, v_spec, **tuning) -> collections.Counter:
     finally:
         pl.pallas_call = plain
     text = buf.getvalue()
-    module = text[text.index("The Triton module for pallas_call") :]
-    return collections.Counter(re.findall(r'= "?([a-z_]+\.[a-z_.0-9]+)', module))
+    text = text[text.index("The Triton module for pallas_call") :].split("\n", 1)[1]  # its header names a line
+    text = re.sub(r"^#loc.*|^\s*at\b.*", "", text, flags=re.M)  # location definitions, call-site lines
+    text = re.sub(r" loc\(.*", "", re.sub(r"#loc\d+", "#loc", text))  # references to them
+    return "\n".join(line for line in text.splitlines() if line.strip())
+
+
+def triton_ops(k_spec, v_spec, **tuning) -> collections.Counter:
+    """Op name -> count in the Triton module of `paged_attention_gpu.paged_attention(**tuning)` for these specs."""
+    return collections.Counter(re.findall(r'= "?([a-z_]+\.[a-z_.0-9]+)', triton_module(k_spec, v_spec, **tuning)))
+
+
+def fingerprint(k_spec, v_spec, **tuning) -> str:
+    return hashlib.sha256(triton_module(k_spec, v_spec, **tuning).encode()).hexdigest()[:16]
 
 
 def main(argv=None) -> None:
@@ -56,7 +70,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="16/16,8/8,4/4,4/2,2/2,kivi4/2")
     ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
+    ap.add_argument("--fingerprint", action="store_true", help="print a hash of each module instead of op counts")
     args = ap.parse_args(argv)
+    if args.fingerprint:
+        for c in args.configs.split(","):
+            for t in json.loads(args.tunings):
+                print(f"{c} | {json.dumps(t, separators=(',', ':'))} | {fingerprint(*attention.spec_pair(c), **t)}")
+        return
     print("config | tuning | " + " | ".join(s.split(".")[-1] for s in SHOWN) + " | all ops")
     for c in args.configs.split(","):
         for t in json.loads(args.tunings):

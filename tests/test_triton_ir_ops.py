@@ -29,3 +29,14 @@ def test_dot_counts_follow_the_kernel():
     assert ops(_tok(4), _tok(4), precision="bf16") == ops(_tok(4), _tok(4), precision="bf16", eight_bit="f16")
     full = ops(KVSpec(bits=16), KVSpec(bits=16), precision="bf16")
     assert full["tt.dot"] == 2 and full["tt.elementwise_inline_asm"] == 3  # exp2 of alpha and of p, p rounded to bf16
+
+
+def test_fingerprint_tells_kernels_apart_and_ignores_locations():
+    """Equal for the same kernel built twice and for a 4-bit pool whatever `eight_bit` says (the option only reaches
+    8-bit sides), different where the kernel differs; no source line or location reference is left in the text."""
+    fp = triton_ir_ops.fingerprint
+    assert fp(_tok(4), _tok(4)) == fp(_tok(4), _tok(4), eight_bit="f16") == fp(_tok(4), _tok(4))
+    assert fp(_tok(8), _tok(8)) != fp(_tok(8), _tok(8), eight_bit="f16")
+    assert fp(_tok(4), _tok(4)) != fp(_tok(4), _tok(4), precision="bf16")
+    text = triton_ir_ops.triton_module(_tok(4), _tok(4))
+    assert "tt.dot" in text and "paged_attention_gpu.py" not in text and "#loc1" not in text
