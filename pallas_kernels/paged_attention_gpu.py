@@ -34,7 +34,10 @@ Design (the tile math is in `tile_attention`, shared with the TPU kernel):
   tile and broadcast to the columns, except with 2-bit keys' four sub-blocks), or one group per dot
   (`channel_keys="fold"`), or applied by dequantizing the block in the kernel (`"dequant"`); channel-axis values have
   theirs applied to the output per token group. Per-token values with several groups per head are dequantized per field
-  tile (default; column blocks of >= 32 bytes) or folded into p group by group (`small_value_groups="fold"`).
+  tile (default; column blocks of >= 32 bytes; the per-element scale tiles of a block's several groups come from a
+  select chain over the groups, or with `_variant="vload"`, opt-in until timed, from [rows, groups] block loads
+  broadcast along each group's bytes, bit for bit the same) or folded into p group by group
+  (`small_value_groups="fold"`).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
@@ -260,6 +263,9 @@ def _kernel(
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
+    # Dequantized small value groups' per-element scale tiles from [rows, groups] block loads of each column block,
+    # broadcast along the group's bytes, instead of a select chain over its groups (opt-in until timed on a GPU).
+    vload = vdeq and vs.group % vs.per == 0 and vs.cb * vs.per > vs.group and "vload" in variant
     split = pl.program_id(2)
     npages = nt_ref[0] // P
     first = split * pps
@@ -348,6 +354,14 @@ def _kernel(
             group)."""
             if side is ks and qload:  # qload: stacked channel-axis keys
                 return channel_block_params(sc_ref, z_ref, side, i, pages)
+            if side is vs and vload:  # per column block: [TBs, groups in the block] f32
+                gpb = side.cb * side.per // side.group
+
+                def cols(ref, c):
+                    return ref[pages, sub_rows(j), pl.ds(c * gpb, gpb)].reshape(TBs, gpb).astype(jnp.float32)
+
+                sc = tuple(cols(sc_ref, c) for c in range(side.ncb))
+                return sc, () if z_ref is None else tuple(cols(z_ref, c) for c in range(side.ncb))
             if side.kind == "channel":
                 return channel_params(sc_ref, z_ref, side, first + i * ppb)
             if side.kind != "token":
@@ -513,15 +527,30 @@ def _kernel(
             # stale page may hold NaN scales), so no per-element select remains for them.
             gpb = vs.cb * vs.per // vs.group
             pv = to_parts(jnp.where(valid[:, None], p, 0.0), parts)
-            sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
-            zt_rows = [
-                jnp.where(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
-                for g in range(vs.ngroups)
-            ]
+            if not vload:
+                sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
+                zt_rows = [
+                    jnp.where(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
+                    for g in range(vs.ngroups)
+                ]
+
+            def group_tiles_loaded(cbi, j):
+                """`group_tiles` from column block cbi's [TBs, groups] loads, each group's value repeated over its
+                group // per bytes."""
+                sc = jnp.where(valid[:, None], vprm[0][cbi], 0.0)
+                if ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
+                    off = -ta.MAGIC * sc
+                else:
+                    zt = ta.zero_term(vprm[0][cbi], vprm[1][cbi] if vprm[1] else None, vs.bits)
+                    off = jnp.where(valid[:, None], zt, 0.0) - ta.magic(vs.f16) * sc
+                bpg = vs.group // vs.per
+                return tuple(jnp.broadcast_to(x[:, :, None], (TBs, gpb, bpg)).reshape(TBs, vs.cb) for x in (sc, off))
 
             def group_tiles(cbi, j):
                 """(scale, offset of the magic operand) per element of field j of column block cbi: [TB, cb] or
                 [TB, 1]."""
+                if vload:
+                    return group_tiles_loaded(cbi, j)
                 sc_t = zt_t = None
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc, zt = sc_rows[g][:, None], zt_rows[g][:, None]

@@ -284,6 +284,7 @@ def test_parts_one_is_bf16_precision(rng):
 # beside 8-bit channel-axis values, also read as whole pages), or picked by a select chain (`qselect`): a NaN-scaled
 # stale page must not leak through either.
 STACKED = dict(pages_per_block=4, num_splits=1)
+VLOAD = STACKED | dict(_variant="vload")  # small value groups' scales as block loads (see test_vload_...)
 F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands: their value scales set a split-wide
 # power of two in a pass of their own, which must skip stale pages' NaN scales too
 
@@ -295,7 +296,7 @@ F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands:
         ((_spec(16), _spec(2, "channel", 16)), 2, ()),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
-        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"))),
+        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"), VLOAD)),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
         ((_spec(8, group=64), _spec(8, group=64, sym=True)), 2, (F16, F16 | dict(pages_per_block=1, num_splits=4))),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (F16 | STACKED,)),
@@ -424,6 +425,32 @@ def test_late_key_far_above_earlier_scores(rng):
         _check(q, k, v, pt, nt, ks, vs, **tuning)
 
 
+@pytest.mark.parametrize(
+    "kv,d,hg,tuning",
+    [
+        ((_spec(4, "channel", 16), _spec(2, group=32)), 128, 4, STACKED),
+        ((_spec(2, "channel", 16), _spec(2, group=32)), 128, 4, dict(pages_per_block=2)),
+        ((_spec(4, group=64), _spec(4, group=16, sym=True)), 128, 2, dict(parts=1)),
+        ((_spec(8, group=64), _spec(8, group=16)), 128, 1, dict(eight_bit="f16")),
+        ((_spec(16), _spec(8, group=16, sym=True)), 64, 2, dict(pages_per_block=1, num_splits=3)),
+    ],
+    ids=["K4c-V2tG32-stacked", "K2c-V2tG32", "K4t-V4tG16s-bf16", "K8t-V8tG16-f16", "K16-V8tG16s-splits"],
+)
+def test_vload_values_equal_the_select_chain(kv, d, hg, tuning, rng):
+    """`_variant="vload"` builds small value groups' per-element scale tiles from [rows, groups] block loads
+    broadcast along each group's bytes instead of a select chain over the groups: the same float32 operations on the
+    same values, so the outputs are equal bit for bit (and to the reference within the usual tolerance)."""
+    ks, vs = kv
+    q, k, v, pt, nt = _case(rng, ks, vs, d=d, hg=hg, b=3, max_pages=4, lengths=[0, 4 * 16, 3 * 16])
+    args = (q, *k, *v, pt, nt)
+    sm = 1.0 / np.sqrt(d)
+    chain = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=sm, **tuning)
+    loaded = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=sm, _variant="vload", **tuning)
+    for a, b in zip(chain, loaded, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant="vload", **tuning)
+
+
 # 8-bit per-token codes as one whole-byte f16 operand (`eight_bit="f16"`) instead of two bf16 nibbles: keys,
 # values (folded into p, and dequantized in small groups), with the other side at every kind, stacked per-channel
 # keys in token sub-blocks beside them, GQA 1-8, and bf16-level precision (parts=1). f16 operand parts carry 11
@@ -505,6 +532,7 @@ def test_eight_bit_f16_leaves_other_widths_alone(rng):
         "kgather",
         "qonce",
         "qselect",
+        "vload",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
