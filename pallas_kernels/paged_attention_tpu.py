@@ -13,9 +13,11 @@ the length mask drops; on later steps the unchanged block index means no new DMA
 clamped into range and never used.
 
 Tile math: `tile_quant.dequantize_tile` (mask/matmul style: unpack by a 0/1 spread matmul, shifts on int32, scale
-expansion by a 0/1 matmul at full f32 precision), because Mosaic cannot split the lane axis in a reshape. The GPU
-helpers in `tile_attention.py` are written for Triton's transposed, bf16-split scheme; the small online-softmax step
-here is kept in `[rows, tokens]` orientation with 2-D `[rows, 1]` state, which is what Mosaic lays out well.
+expansion by a 0/1 matmul at full f32 precision; shared with the write kernels and the reference), because Mosaic
+cannot split the lane axis in a reshape; the GPU kernel instead folds scales around bf16 magic operands
+(`tile_attention.py`), which Triton's tensor-core dots want. The online-softmax step is the shared
+`tile_attention.online_softmax_step` (base 2), here in `[rows, tokens]` orientation with 2-D `[rows, 1]` state, which
+is what Mosaic lays out well.
 
 Numerics: float32 throughout (dequantized values are bit-identical to the reference's), so the kernel differs from
 `paged_attention_reference` only by float32 reassociation in the dot products and the online softmax.
@@ -33,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout, tile_quant
+from pallas_kernels import tile_attention as ta
 
 
 def _store_refs(spec: KVSpec) -> int:
@@ -77,7 +80,7 @@ def _kernel(
     # q_ref: [R, D] (R = G * Tq rows of KV head h).
     # Then, for each of the ppb pages of this block, the K refs and then the V refs: codes [rows, cols]
     # (+ scale, zero [srows, scols]) of one physical page of head h, in the pool layout.
-    # out_ref: [R, D] f32; lse_ref: [R, 1] f32. Scratch: m, l [R, 1] f32 (running max / sum), acc [R, D] f32,
+    # out_ref: [R, D] f32; lse_ref: [R, 1] f32. Scratch: m, l [R, 1] f32 (running base-2 max / sum), acc [R, D] f32,
     # and when ppb > 1 the block's dequantized K and V, [ppb * P, D] f32 each.
     nk = _store_refs(k_spec)
     nv = _store_refs(v_spec)
@@ -110,14 +113,12 @@ def _kernel(
                 v_buf[rows, :] = _load_page(page[nk:], v_spec)
             k = k_buf[...]  # [ppb * P, D]
             v = v_buf[...]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * sm_scale  # [R, T]
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [R, T]
+        s = s * (sm_scale * ta.LOG2E)  # base 2, as the shared softmax step runs
         tok = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(tok < nt, s, -jnp.inf)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # finite: this block has a valid token
-        alpha = jnp.exp(m_prev - m_new)
-        p = jnp.exp(s - m_new)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        m_new, alpha, p, l_new = ta.online_softmax_step(m_ref[...], l_ref[...], s, axis=1)  # state [R, 1]
+        l_ref[...] = l_new
         acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, preferred_element_type=jnp.float32)
         m_ref[...] = m_new
 
@@ -127,7 +128,7 @@ def _kernel(
         ok = l > 0
         l_safe = jnp.where(ok, l, 1.0)
         out_ref[...] = jnp.where(ok, acc_ref[...] / l_safe, 0.0)
-        lse_ref[...] = jnp.where(ok, m_ref[...] + jnp.log(l_safe), -jnp.inf)
+        lse_ref[...] = jnp.where(ok, (m_ref[...] + jnp.log2(l_safe)) * ta.LN2, -jnp.inf)  # back to base e
 
 
 def _store_arrays(spec: KVSpec, codes, scale, zero):

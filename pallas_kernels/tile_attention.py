@@ -1,4 +1,6 @@
-"""Tile math of dequant-fused paged attention, shared by the GPU (Triton) and TPU (Mosaic) kernels.
+"""Tile math of dequant-fused paged attention: the online-softmax step both kernels run (the TPU kernel in
+`[rows, tokens]` orientation), and the GPU (Triton) kernel's operand scheme. The TPU (Mosaic) kernel dequantizes
+with `tile_quant`, shared with the write kernels and the reference.
 
 Plain functions of jnp arrays (blocks already loaded from refs); nothing here touches a ref or a backend primitive,
 so a kernel body calls them on its tiles and the pure-jnp side of a wrapper calls them on whole arrays.
@@ -14,7 +16,8 @@ Conventions (the GPU kernel's; a TPU kernel may use the same or transpose freely
   column i" meets "query channel per * i + j" in the dot. Scale and zero are folded into the score side:
   `q . (c * s + z) = s * (q . c) + z * sum(q)` for a group of channels sharing one (s, z).
 - Tensor-core operands are bf16. Codes (integers < 256) are exact in bf16; float32 query / probability tiles are
-  split into `parts` bf16 terms (`split_parts`), so 2 parts carry ~16 significant bits and 3 parts ~24.
+  split into `parts` bf16 terms (`split_parts`), so 2 parts carry ~16 significant bits and 3 parts ~24. Whole 8-bit
+  codes can instead be f16 operands `1024 + code` against f16 parts (`f16=True`, `round_f16`).
 """
 
 from __future__ import annotations
@@ -245,17 +248,33 @@ def fold_scores(dots: jnp.ndarray, scale: jnp.ndarray, zterm: jnp.ndarray, qsum:
     return dots * scale[:, None] + zterm[:, None] * qsum[None, :]
 
 
-def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray):
-    """One block of base-2 scores `s [T, R]` (masked entries -inf) against running `m, l [R]`.
+def _running_max(m: jnp.ndarray, s_tiles, axis: int):
+    """(running max after these tiles, the same with -inf, i.e. nothing seen yet, as 0): m has the tiles' shape without
+    the token axis `axis`, or with it kept as 1."""
+    keep = m.ndim == s_tiles[0].ndim
+    m_new = m
+    for s in s_tiles:
+        m_new = jnp.maximum(m_new, jnp.max(s, axis=axis, keepdims=keep))
+    return m_new, jnp.where(m_new == -jnp.inf, 0.0, m_new)
 
-    Returns `(m_new, alpha, p [T, R], l_new)`; accumulators are multiplied by `alpha` before adding `p`-weighted
-    values. A block with no valid token leaves the state unchanged (alpha = 1, p = 0).
+
+def _shift(s: jnp.ndarray, m_safe: jnp.ndarray, axis: int) -> jnp.ndarray:
+    """s - m_safe, broadcast along the token axis."""
+    return s - (m_safe if m_safe.ndim == s.ndim else jnp.expand_dims(m_safe, axis))
+
+
+def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray, *, axis: int = 0, exp2=jnp.exp2):
+    """One block of base-2 scores `s` (masked entries -inf) against the running max `m` and sum `l`. Tokens run along
+    `axis`: `s [T, R]` with `m, l [R]` (the GPU kernel's transposed tiles), or `s [R, T]` with `m, l [R, 1]` (the TPU
+    kernel's, whose 2-D state Mosaic lays out well); `exp2`: a kernel's own 2^x, if it has one.
+
+    Returns `(m_new, alpha, p, l_new)`; accumulators are multiplied by `alpha` before adding `p`-weighted values. A
+    block with no valid token leaves the state unchanged (alpha = 1, p = 0).
     """
-    m_new = jnp.maximum(m, jnp.max(s, axis=0))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2(m - m_safe)
-    p = jnp.exp2(s - m_safe[None, :])
-    l_new = l * alpha + jnp.sum(p, axis=0)
+    m_new, m_safe = _running_max(m, [s], axis)
+    alpha = exp2(m - m_safe)
+    p = exp2(_shift(s, m_safe, axis))
+    l_new = l * alpha + jnp.sum(p, axis=axis, keepdims=m.ndim == s.ndim)
     return m_new, alpha, p, l_new
 
 
@@ -266,12 +285,9 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, ex
     Sums over the token axis cost a cross-warp reduction (shared memory and barriers) per block on a GPU when tokens
     are spread over warps; rescaling by alpha commutes with the sum, so the kernel sums `l_acc` once at the end.
     """
-    m_new = m
-    for s in s_tiles:
-        m_new = jnp.maximum(m_new, jnp.max(s, axis=0))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    m_new, m_safe = _running_max(m, s_tiles, 0)
     alpha = exp2(m - m_safe)
-    ps = [exp2(s - m_safe[None, :]) for s in s_tiles]
+    ps = [exp2(_shift(s, m_safe, 0)) for s in s_tiles]
     l_acc = l_acc * alpha[None, :]
     for p in ps:
         l_acc = l_acc + p
