@@ -285,6 +285,7 @@ def test_parts_one_is_bf16_precision(rng):
 # stale page must not leak through either.
 STACKED = dict(pages_per_block=4, num_splits=1)
 VLOAD = STACKED | dict(_variant="vload")  # small value groups' scales as block loads (see test_vload_...)
+VHALF = STACKED | dict(_variant="vhalf,vload", parts=1)  # ... dequantized in f16 (see test_vhalf_...)
 F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands: their value scales set a split-wide
 # power of two in a pass of their own, which must skip stale pages' NaN scales too
 
@@ -296,7 +297,7 @@ F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands:
         ((_spec(16), _spec(2, "channel", 16)), 2, ()),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
-        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"), VLOAD)),
+        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"), VLOAD, VHALF)),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
         ((_spec(8, group=64), _spec(8, group=64, sym=True)), 2, (F16, F16 | dict(pages_per_block=1, num_splits=4))),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (F16 | STACKED,)),
@@ -451,6 +452,41 @@ def test_vload_values_equal_the_select_chain(kv, d, hg, tuning, rng):
     _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant="vload", **tuning)
 
 
+@pytest.mark.parametrize("variant", ["vhalf", "vhalf,vload"])
+@pytest.mark.parametrize(
+    "vspec,d",
+    [(_spec(2, group=32), 128), (_spec(4, group=16, sym=True), 128), (_spec(8, group=32), 128),
+     (_spec(2, group=16), 64)],
+    ids=["V2tG32", "V4tG16s", "V8tG32", "V2tG16-D64"],
+)  # fmt: skip
+def test_vhalf_dequantizes_small_value_groups_in_f16(vspec, d, variant, rng):
+    """`_variant="vhalf"` at bf16 precision (parts=1): small value groups dequantized in f16 arithmetic (code * scale
+    + zero rounded once to f16, 2^-12 relative) against p * 2^14 in f16, where the default rounds both to bf16
+    (2^-9). With exact scores (16-bit keys, a bf16 query) the value side's error is then below 5e-4 (2^-11: twice
+    f16's worst rounding of one element), which the bf16 default is not, so the f16 path is the one that ran."""
+    ks = _spec(16)
+    q, k, v, pt, nt = _case(rng, ks, vspec, d=d, hg=4, b=3, max_pages=4, lengths=[0, 4 * 16, 3 * 16])
+    q = q.astype(jnp.bfloat16)
+    errs = {}
+    for var in ("", variant):
+        out, _ = _check(q, k, v, pt, nt, ks, vspec, rtol=2e-2, parts=1, _variant=var)
+        ref, _ = _reference(q, *k, *v, pt, nt, k_spec=ks, v_spec=vspec, sm_scale=1.0 / np.sqrt(d))
+        errs[var] = np.linalg.norm(out - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert errs[variant] < 5e-4 < errs[""], errs
+
+
+def test_vhalf_needs_f16_scales_and_bf16_precision(rng):
+    """Scales stored as bf16 (whose range f16 lacks) or "high" precision: vhalf steps aside, bit for bit."""
+    for vspec, tuning in ((_spec(2, group=32, sdt="bfloat16"), dict(parts=1)), (_spec(2, group=32), dict())):
+        ks = _spec(4, group=64)
+        q, k, v, pt, nt = _case(rng, ks, vspec, d=128, hg=2, lengths=[3 * 16, 16])
+        args = (q, *k, *v, pt, nt)
+        a = _kernel(*args, k_spec=ks, v_spec=vspec, sm_scale=0.1, **tuning)
+        b = _kernel(*args, k_spec=ks, v_spec=vspec, sm_scale=0.1, _variant="vhalf", **tuning)
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # 8-bit per-token codes as one whole-byte f16 operand (`eight_bit="f16"`) instead of two bf16 nibbles: keys,
 # values (folded into p, and dequantized in small groups), with the other side at every kind, stacked per-channel
 # keys in token sub-blocks beside them, GQA 1-8, and bf16-level precision (parts=1). f16 operand parts carry 11
@@ -553,5 +589,8 @@ def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
 )  # fmt: skip
 def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
     """`eight_bit="f16"` (whole-byte f16 operands, the value-scale pass and its float32 exponent arithmetic on
-    scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours."""
+    scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours;
+    so do small value groups dequantized in f16 (`_variant="vhalf"`, bf16 precision only), with either scale tiles."""
     assert "triton" in gpu_attention_lowered(*kv, eight_bit="f16", precision=precision)
+    for variant in ("vhalf", "vhalf,vload"):
+        assert "triton" in gpu_attention_lowered(*kv, precision=precision, _variant=variant)

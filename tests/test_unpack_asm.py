@@ -82,6 +82,11 @@ def _run_ptx(asm: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             a, b = (np.asarray(val(x), np.uint32).view(np.float32).astype(np.float16) for x in args[1:])
             hi, lo = (x.view(np.uint16).astype(np.uint64) for x in (a, b))
             regs[args[0]] = (hi << np.uint64(16)) | lo
+        elif op in ("sub.f16x2", "fma.rn.f16x2"):  # per 16-bit lane, exact in float64, rounded once to f16
+            xs = [_lanes(val(x)).view(np.float16).astype(np.float64) for x in args[1:]]
+            r = xs[0] - xs[1] if op == "sub.f16x2" else xs[0] * xs[1] + xs[2]
+            h = r.astype(np.float16).view(np.uint16).astype(np.uint64)
+            regs[args[0]] = h[:, 0] | (h[:, 1] << np.uint64(16))
         elif op == "lop3.b32":
             regs[args[0]] = _lop3(val(args[1]), val(args[2]), val(args[3]), int(args[4], 0))
         else:
@@ -94,7 +99,7 @@ def _lanes(words: np.ndarray) -> np.ndarray:
     return np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1).astype(np.uint16)
 
 
-@pytest.mark.parametrize("bits,f16", [(2, False), (4, False), (8, False), (8, True)])
+@pytest.mark.parametrize("bits,f16", [(2, False), (4, False), (8, False), (2, True), (4, True), (8, True)])
 def test_ptx_unpacking_equals_the_jnp_magic_operand(bits, f16):
     rng = np.random.default_rng()
     every = np.arange(256, dtype=np.uint8)
@@ -109,8 +114,11 @@ def test_ptx_unpacking_equals_the_jnp_magic_operand(bits, f16):
         got = np.concatenate([_lanes(regs["$0"]), _lanes(regs["$1"])], axis=1)  # [n, 4] in byte order
         want = np.asarray(jax.lax.bitcast_convert_type(ta.magic_operand(jnp.asarray(data), bits, j, f16), jnp.uint16))
         np.testing.assert_array_equal(got, want, err_msg=f"bits={bits} field {j}")
-        if f16:  # and each lane is the f16 number 1024 + its byte
+        if f16 and bits == 8:  # and each lane is the f16 number 1024 + its byte
             np.testing.assert_array_equal(got.view(np.float16).astype(np.float32), 1024.0 + data)
+        elif f16:  # 1024 + its field
+            field = (data >> (j * bits)) & ((1 << bits) - 1)
+            np.testing.assert_array_equal(got.view(np.float16).astype(np.float32), 1024.0 + field)
 
 
 def test_ptx_bf16_rounding_equals_round_bf16():
@@ -165,6 +173,35 @@ def test_round_f16_is_round_to_nearest_even_with_flush():
     assert np.all((h == 0) | ((h == 2**-14) & (small >= 2**-14 - 2**-26))), small[(h != 0) & (small < 2**-14 - 2**-26)]
     assert np.array_equal(np.signbit(hi[~normal]), np.signbit(x[~normal]))
     assert (~normal).sum() > 1000 and np.isin(ties, x[normal]).all()
+
+
+def _f16_words(*xs):
+    """f16 arrays -> {"$1": words, "$2": ...}, two lanes per 32-bit word, element 0 in the low lane."""
+    ws = [x.view(np.uint16).reshape(-1, 2).astype(np.uint64) for x in xs]
+    return {f"${i + 1}": w[:, 0] | (w[:, 1] << np.uint64(16)) for i, w in enumerate(ws)}
+
+
+def test_ptx_f16_dequantization_rounds_once():
+    """`dequant_f16_ptx` ((operand - 1024) * scale + zero on two f16 lanes: sub.f16x2, then fma.rn.f16x2) against the
+    exact value rounded once to f16, for every 8-bit code with fresh random f16 scales and zeros over a wide range.
+    The jnp form interpret mode runs (float32 arithmetic, then one f16 rounding) gives the same bits where the sum is
+    exact in float32: scales in [0.25, 2) and zeros on multiples of 2^-8 below 2^8 (every term a multiple of 2^-12
+    below 2^10, 22 bits)."""
+    rng = np.random.default_rng()
+    n = 4096
+    codes = np.concatenate([np.arange(256), rng.integers(0, 256, n - 256)])
+    ops = (1024 + codes).astype(np.float16)
+    for scale, zero, exact32 in (
+        (rng.uniform(1e-3, 2.0, n), rng.normal(0, 50, n), False),
+        (rng.uniform(0.25, 2.0, n), np.round(rng.normal(0, 50, n) * 256) / 256, True),
+    ):
+        scale, zero = scale.astype(np.float16), zero.astype(np.float16)
+        want = (codes * scale.astype(np.float64) + zero.astype(np.float64)).astype(np.float16).view(np.uint16)
+        regs = _run_ptx(gpu_kernel.DEQ_F16X2_PTX, _f16_words(ops, scale, zero))
+        np.testing.assert_array_equal(_lanes(regs["$0"]).reshape(-1), want)
+        if exact32:
+            got = gpu_kernel.dequant_f16_jnp(jnp.asarray(ops), jnp.asarray(scale), jnp.asarray(zero))
+            np.testing.assert_array_equal(np.asarray(got).view(np.uint16), want)
 
 
 def test_unpack_option():
