@@ -511,6 +511,17 @@ def test_eight_bit_f16_matches_reference(case, rng):
     _check(q, k, v, pt, nt, k_spec, v_spec, rtol=rtol, eight_bit="f16", **tuning)
 
 
+@pytest.mark.parametrize("tq,hg,tuning", [(5, 4, {}), (20, 4, dict(max_rows=16))], ids=["chunk5", "chunk20-cut"])
+def test_eight_bit_f16_prefill_chunk(tq, hg, tuning, rng):
+    """Several query tokens per row tile (each row its own power-of-two scaling), and a chunk cut into row tiles of
+    separate kernel calls; a bf16 query in the first (its f16 split is one exact part)."""
+    ks, vs = _spec(8, group=64), _spec(8, group=64, sym=True)
+    q, k, v, pt, nt = _case(rng, ks, vs, tq=tq, hg=hg, b=2, max_pages=4, lengths=[4 * 16, 2 * 16])
+    if tq == 5:
+        q = q.astype(jnp.bfloat16)
+    _check(q, k, v, pt, nt, ks, vs, eight_bit="f16", **tuning)
+
+
 def test_eight_bit_f16_range(rng):
     """f16 tops out at 65504 and loses precision below 2^-14: the kernel scales the query per row and the
     probabilities per split by powers of two. Queries of ~1e5 or ~1e-6 (with the inverse softmax scale, so the
