@@ -21,14 +21,18 @@ weights (XLA's buffer assignment: 29 MiB of temporaries for the 8B step on the H
 Manifests: 16/16 (bf16 cache), 8/8, the upstream KVTuner 3.25-bit schedule (configs/llama31_8b_kvtuner_3.25bit.json),
 4/4, 2/2; uniform ones use the schedule's KIVI layout (K per channel, V per token, groups of 32, residual 32) unless
 --uniform_layout=pertoken. Targets (reported, not asserted): at 16K the 3.25-bit schedule holds >= 3x the concurrent
-tokens of 16/16 and decodes >= 1.5x its tokens/s.
+tokens of 16/16 and decodes >= 1.5x its tokens/s. `--kernel_options` (JSON) hands keyword options to every GPU
+attention kernel call of the run, to time options that are not defaults yet (one set per run; each run measures its
+own 16/16 baseline).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
+import inspect
 import json
 import sys
 import time
@@ -133,6 +137,38 @@ def time_decode(cfg, params, manifest, batch, context, args) -> dict:
     }
 
 
+SET_BY_DISPATCHER = ("k_spec", "v_spec", "sm_scale", "interpret", "precision")  # precision: --precision
+
+
+def use_kernel_options(options: dict):
+    """Every GPU paged-attention call of this process gets `options` (keywords of
+    `pallas_kernels.paged_attention_gpu.paged_attention`; the dispatcher looks the kernel up at call time, so this
+    must run before the first step is traced). Returns a function that undoes it."""
+    from pallas_kernels import paged_attention_gpu as gpu
+
+    if not isinstance(options, dict):
+        raise TypeError(f"expected a JSON object of kernel keywords, got {options!r}")
+    plain = gpu.paged_attention
+    params = inspect.signature(plain).parameters
+    settable = sorted(k for k, v in params.items() if v.kind == v.KEYWORD_ONLY and k not in SET_BY_DISPATCHER)
+    unknown = sorted(set(options) - set(settable))
+    if unknown:
+        raise ValueError(f"unknown GPU kernel option(s) {unknown}; settable: {settable}")
+    if not options:
+        return lambda: None
+
+    @functools.wraps(plain)
+    def with_options(*args, **kw):
+        return plain(*args, **{**options, **kw})
+
+    gpu.paged_attention = with_options
+
+    def restore():
+        gpu.paged_attention = plain
+
+    return restore
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", default="llama31_8b", help="llama31_8b, or tiny for CPU smoke runs")
@@ -151,8 +187,19 @@ def main(argv=None) -> int:
     p.add_argument("--max_batch_cap", type=int, default=512)
     p.add_argument("--backend", default="auto")
     p.add_argument("--precision", default="high", choices=["high", "bf16"], help="paged-attention operand precision")
+    p.add_argument(
+        "--kernel_options",
+        default="{}",
+        help="JSON keyword options for the GPU attention kernel in this run, e.g. "
+        '\'{"eight_bit":"f16","_variant":"vhalf,vload"}\' (options opt-in until timed; see BENCHMARKS.md)',
+    )
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args(argv)
+    try:
+        use_kernel_options(json.loads(args.kernel_options))
+    except (ValueError, TypeError) as e:
+        print(f"error: --kernel_options: {e}", file=sys.stderr)
+        return 2
 
     cfg = model_config(args.shape)
     contexts = [int(x) for x in args.contexts.split(",")]

@@ -29,3 +29,42 @@ def test_ratios_at_the_benchmark_batch_and_at_each_largest_batch():
     assert sched["tokens_per_s_at_max_batch_vs_16"] == pytest.approx(want)
     assert 1.1 < want < 1.5  # what BENCHMARKS.md reports for this run (1.18x)
     assert full["tokens_per_s_at_max_batch_vs_16"] == 1.0
+
+
+def test_kernel_options_reach_the_gpu_kernel_through_the_dispatcher(rng):
+    """`--kernel_options` wraps the GPU kernel the dispatcher looks up at call time: a call through the dispatcher
+    then equals the kernel called with those options, bit for bit (8/8 with eight_bit="f16", which changes the
+    numbers), and `restore` undoes it; unknown or dispatcher-owned keywords are refused by name."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kvtuner_jax.specs import KVSpec
+    from pallas_kernels import layout
+    from pallas_kernels import paged_attention_gpu as gpu
+    from pallas_kernels.paged_attention import paged_attention as dispatch
+
+    spec = KVSpec(bits=8, axis="token", group_size=64)
+    pools = []
+    for _ in range(2):
+        codes, scale, zero = layout.allocate(spec, 1, 4, 16, 64)
+        pools += [jnp.asarray(rng.integers(0, 256, codes.shape, dtype=np.uint8)),
+                  jnp.asarray(rng.uniform(0.02, 0.3, scale.shape), scale.dtype),
+                  jnp.asarray(rng.normal(0, 1, zero.shape), zero.dtype)]  # fmt: skip
+    q = jnp.asarray(rng.standard_normal((1, 2, 1, 64)), jnp.float32)
+    pt, nt = jnp.asarray([[2, 0, 3, -1]], jnp.int32), jnp.asarray([48], jnp.int32)
+    kw = dict(k_spec=spec, v_spec=spec, sm_scale=0.125, interpret=True)
+    want = gpu.paged_attention(q, *pools, pt, nt, eight_bit="f16", **kw)
+    plain = gpu.paged_attention(q, *pools, pt, nt, **kw)
+    restore = e2e.use_kernel_options({"eight_bit": "f16"})
+    try:
+        got = dispatch(q, *pools, pt, nt, backend="gpu", **kw)
+    finally:
+        restore()
+    assert gpu.paged_attention is not None and e2e.use_kernel_options({})() is None
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    assert not np.array_equal(np.asarray(want[0]), np.asarray(plain[0]))
+    again = dispatch(q, *pools, pt, nt, backend="gpu", **kw)  # restored: the default again
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(plain[0]))
+    for bad in ({"eigth_bit": "f16"}, {"sm_scale": 1.0}):
+        with pytest.raises(ValueError, match=f"unknown GPU kernel option.*{next(iter(bad))}"):
+            e2e.use_kernel_options(bad)
