@@ -10,7 +10,7 @@ with no hand-written warpgroup choreography, and (c) runs on Ampere as well as H
 need explicit TMA/wgmma staging per page (pages are scattered, one gather per page), M >= 64 wgmma tiles, and has
 no CPU interpreter to test it in CI. BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
-Design (the tile math is in `tile_attention`, shared with the TPU kernel):
+Design (the tile math is in `tile_attention`, whose online-softmax step the TPU kernel runs too):
 - Grid (batch, kv_heads, splits). One program serves all query heads of one KV head (GQA group x query tokens,
   padded to R >= 16 rows), so every page is read once per KV head; splits over pages (flash-decoding) keep enough
   programs in flight when batch x kv_heads is small, and a tiny jnp combine merges them exactly.
@@ -712,9 +712,9 @@ def _kernel(
 
     def value_scaling():
         """(vkv, 1 / vkv): the power of two 2^(13 - e) for the largest value scale of this split's valid tokens in
-        [2^e, 2^(e + 1)), so that p * scale * vkv < 2^14 (p <= 1) fits f16 with room to spare and is never below
-        2^-11 of that bound's scale. One pass over the split's scales (~1.5% of its code bytes at 8 bits) before the
-        main loop; stale pages are masked, as there."""
+        [2^e, 2^(e + 1)), so that p * scale * vkv < 2^14 (p <= 1) fits f16 with room to spare while the largest terms
+        sit near 2^13, 2^37 above where f16's subnormals begin. One pass over the split's scales (~1.5% of its code
+        bytes at 8 bits) before the main loop; stale pages are masked, as there."""
 
         def body(i, acc):
             pages = load_pages(i)
