@@ -16,8 +16,9 @@ Conventions (the GPU kernel's; a TPU kernel may use the same or transpose freely
   column i" meets "query channel per * i + j" in the dot. Scale and zero are folded into the score side:
   `q . (c * s + z) = s * (q . c) + z * sum(q)` for a group of channels sharing one (s, z).
 - Tensor-core operands are bf16. Codes (integers < 256) are exact in bf16; float32 query / probability tiles are
-  split into `parts` bf16 terms (`split_parts`), so 2 parts carry ~16 significant bits and 3 parts ~24. Whole 8-bit
-  codes can instead be f16 operands `1024 + code` against f16 parts (`f16=True`, `round_f16`).
+  split into `parts` bf16 terms (`split_parts`), so 2 parts carry ~16 significant bits and 3 parts ~24. Codes can
+  instead be f16 operands `1024 + field` (`f16=True`; an 8-bit code is then one whole-byte field), against f16
+  parts (`round_f16`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ MAGIC_BITS = 0x4300
 MAGIC = 128.0
 # An 8-bit code does not fit bf16's 7 mantissa bits, so by default it is read as two 4-bit fields (two dots). With
 # `f16=True` it is one field: a byte OR-ed into f16 1024.0 (bits 0x6400, 10 mantissa bits) is the f16 number
-# 1024 + byte, exactly, and the other operand of its dots (query or probabilities) is an f16 tile too.
+# 1024 + byte, exactly, and the other operand of its dots (query or probabilities) is an f16 tile too. 2/4-bit fields
+# become f16 operands the same way where a kernel computes in f16 (small value groups dequantized in f16).
 MAGIC16_BITS = 0x6400
 MAGIC16 = 1024.0
 
@@ -91,7 +93,7 @@ def field_channel(bits: int, byte_col, j: int):
 
 
 def magic(f16: bool = False) -> float:
-    """The offset a magic operand adds to its field: 128 (bf16) or 1024 (f16, whole 8-bit codes)."""
+    """The offset a magic operand adds to its field: 128 (bf16) or 1024 (f16)."""
     return MAGIC16 if f16 else MAGIC
 
 
@@ -102,8 +104,8 @@ def magic_offset(bits: int, f16: bool = False) -> float:
 
 
 def magic_operand(words: jnp.ndarray, bits: int, j: int, f16: bool = False) -> jnp.ndarray:
-    """Field j of bytes `words` (uint8 / int tile) as bf16 `128 + field` (f16 `1024 + byte` with `f16`, 8-bit codes
-    only), exact, via bit operations only."""
+    """Field j of bytes `words` (uint8 / int tile) as bf16 `128 + field`, or with `f16` as f16 `1024 + field` (8-bit
+    codes then being one whole-byte field), exact, via bit operations only."""
     fb = field_bits(bits, f16)
     w = words.astype(jnp.int16)
     f = (w >> (j * fb)) & ((1 << fb) - 1) if j or fb < 8 else w & 0xFF
