@@ -1,0 +1,56 @@
+"""benchmarks/attention.py's bookkeeping around a GPU run (the timing itself needs a GPU): a tuning whose check
+raises or misses its tolerance is recorded and skipped, not allowed to end a run whose other tunings are fine (device
+time is scarce), the schedule is skipped when any of its layer pairs failed, and the A/B summary puts each tuning's
+time beside the first tuning's."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+BF16, F16 = {"precision": "bf16"}, {"precision": "bf16", "eight_bit": "f16"}
+
+
+def test_failed_checks_are_recorded_and_skipped():
+    def check(c, t):
+        if c == "8/8" and t == F16:
+            raise RuntimeError("triton: does not compile")
+        if c == "sched2/2" and t == F16:
+            return 0.5  # far above bf16's 1e-2
+        return 3e-3
+
+    errors, failed = bench.run_checks(["8/8", "4/4", "sched4/2", "sched2/2"], [BF16, F16], check)
+    assert set(failed) == {
+        '8/8@{"precision":"bf16","eight_bit":"f16"}',
+        'sched2/2@{"precision":"bf16","eight_bit":"f16"}',
+    }
+    assert "does not compile" in failed['8/8@{"precision":"bf16","eight_bit":"f16"}']
+    assert errors['4/4@{"precision":"bf16"}'] == 3e-3 and len(errors) == 7
+    distinct = [(4, 2), (2, 2)]
+    assert bench.failed_check("8/8", F16, 2, distinct, failed).startswith("failed its check (8/8)")
+    assert bench.failed_check("schedule", F16, 2, distinct, failed) == "failed its check (sched2/2)"
+    assert bench.failed_check("schedule", BF16, 2, distinct, failed) is None
+    assert bench.failed_check("4/4", F16, 2, distinct, failed) is None
+    assert bench.check_tolerance({}) == 1e-3 and bench.check_tolerance(BF16) == 1e-2
+
+
+def test_ab_summary_puts_each_tuning_beside_the_first():
+    rows = [
+        dict(batch=32, context=16384, config="jax_bf16", time_s=8.5e-4),
+        dict(batch=32, context=16384, config="8/8@a", base="8/8", tuning=BF16, time_s=1.0e-3),
+        dict(batch=32, context=16384, config="8/8@b", base="8/8", tuning=F16, time_s=6.0e-4),
+        dict(batch=32, context=16384, config="4/4@a", base="4/4", tuning=BF16, time_s=4.0e-4),
+        dict(batch=32, context=16384, config="4/4@b", base="4/4", tuning=F16, skipped="failed its check (4/4)"),
+    ]
+    lines = bench.ab_summary(rows, [BF16, F16])
+    assert lines == [
+        'B=32 ctx=16384 8/8: {"precision":"bf16"}: 1.000 (x1.000); {"precision":"bf16","eight_bit":"f16"}: 0.600 '
+        "(x0.600)",
+        'B=32 ctx=16384 4/4: {"precision":"bf16"}: 0.400 (x1.000); {"precision":"bf16","eight_bit":"f16"}: failed its '
+        "check (4/4)",
+    ]
