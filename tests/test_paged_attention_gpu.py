@@ -8,6 +8,8 @@ zero-points are folded in float32, and the softmax is the same float32 online so
 ordering. Errors of ~2^-17 per product, summed over up to a few hundred terms and passed through exp, land near
 1e-5 relative; we assert ||out - ref|| / ||ref|| < 1e-4 and |lse - lse_ref| < 1e-4, which a wrong page, group,
 field, scale or mask (errors of order 1) cannot pass. `parts=1` (plain bf16) is checked at the bf16 level, 2e-2.
+The f16-operand options (`eight_bit="f16"`, `_variant="vhalf"`) carry 11 significant bits per part instead of 8, so
+the same tolerances hold with room; their range handling gets tests of its own.
 """
 
 from __future__ import annotations
