@@ -2,8 +2,9 @@
 the Llama-3.1-8B attention shape (tests/_lowering.py): a compiler-side view of what a change removes (tensor-core
 dots, inline-assembly unpackings, loads) before it can be timed. Counts are of the whole kernel module (the main
 loop's body appears once; a split-wide pre-pass counts too), not of executed instructions: time it on a GPU
-(benchmarks/attention.py) or read the SASS (benchmarks/ncu_sass.sh) for those. `--fingerprint` prints a hash of
-each module's text without its location info instead: equal before and after a refactor means the same kernel.
+(benchmarks/attention.py), or compile it to SASS (benchmarks/triton_sass.py, offline; benchmarks/ncu_sass.sh on a
+GPU). `--fingerprint` prints a hash of each module's text instead: equal before and after a refactor means the same
+kernel.
 
     PYTHONPATH=. python3 benchmarks/triton_ir_ops.py --configs 8/8,4/4 \\
         --tunings '[{"precision":"bf16"},{"precision":"bf16","eight_bit":"f16"}]'
@@ -13,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import functools
 import hashlib
 import importlib.util
-import io
 import json
 import pathlib
 import re
@@ -35,24 +33,29 @@ def _lowering():
     return mod
 
 
-def triton_module(k_spec, v_spec, **tuning) -> str:
-    """Text of the Triton module of `paged_attention_gpu.paged_attention(**tuning)` for these specs, without the
-    location info (source lines and call sites, which move whenever the file is edited)."""
-    from jax.experimental import pallas as pl
+BENCH_SHAPE = dict(batch=32, pages_per_seq=256, pool_pages=8192)  # benchmarks/attention.py's batch 32 x 16K
 
-    buf = io.StringIO()
-    plain = pl.pallas_call
-    pl.pallas_call = functools.partial(plain, debug=True)  # prints the jaxpr, then the Triton module
+
+def triton_module(k_spec, v_spec, shape: dict | None = None, **tuning) -> str:
+    """Text of the Triton module (TTIR, without location info) of `paged_attention_gpu.paged_attention(**tuning)`
+    for these specs, as the Pallas lowering hands it to Triton. `shape`: tests/_lowering.py's keyword arguments
+    (default: its small shape, where each program has one block; BENCH_SHAPE for the benchmark's loop)."""
+    import jax._src.pallas.triton.pallas_call_registration as registration
+
+    modules = []
+    plain = registration.lowering.lower_jaxpr_to_triton_module
+
+    def keep(*args, **kw):
+        result = plain(*args, **kw)
+        modules.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    registration.lowering.lower_jaxpr_to_triton_module = keep
     try:
-        with contextlib.redirect_stdout(buf):
-            _lowering().gpu_attention_lowered(k_spec, v_spec, **tuning)
+        _lowering().gpu_attention_lowered(k_spec, v_spec, **(shape or {}), **tuning)
     finally:
-        pl.pallas_call = plain
-    text = buf.getvalue()
-    text = text[text.index("The Triton module for pallas_call") :].split("\n", 1)[1]  # its header names a line
-    text = re.sub(r"^#loc.*|^\s*at\b.*", "", text, flags=re.M)  # location definitions, call-site lines
-    text = re.sub(r" loc\(.*", "", re.sub(r"#loc\d+", "#loc", text))  # references to them
-    return "\n".join(line for line in text.splitlines() if line.strip())
+        registration.lowering.lower_jaxpr_to_triton_module = plain
+    return modules[-1]
 
 
 def triton_ops(k_spec, v_spec, **tuning) -> collections.Counter:

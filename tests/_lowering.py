@@ -13,16 +13,21 @@ def abstract_mesh(device_kind: str, platform: str) -> jax.sharding.AbstractMesh:
     return jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=dev)
 
 
-def gpu_attention_lowered(k_spec, v_spec, **kw) -> str:
+def gpu_attention_lowered(k_spec, v_spec, *, batch=4, pages_per_seq=16, pool_pages=64, page=64, **kw) -> str:
     """Text of `paged_attention_gpu.paged_attention` (with `kw`) lowered for an abstract H100 at the Llama-3.1-8B
-    attention shape (32 query / 8 KV heads, head_dim 128, page 64; batch 4 x 16 pages of a 64-page pool)."""
+    attention shape (32 query / 8 KV heads, head_dim 128, one query token): by default batch 4 x 16 pages of 64 in a
+    64-page pool; `batch=32, pages_per_seq=256, pool_pages=8192` is the benchmark's batch 32 x 16K."""
     from pallas_kernels import layout
     from pallas_kernels.paged_attention_gpu import paged_attention
 
-    pools = [layout.allocate(s, 8, 64, 64, 128) for s in (k_spec, v_spec)]
-    pools = [None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype) for p in pools for a in p]
-    q = jax.ShapeDtypeStruct((4, 32, 1, 128), jnp.bfloat16)
-    pt, nt = jax.ShapeDtypeStruct((4, 16), jnp.int32), jax.ShapeDtypeStruct((4,), jnp.int32)
+    arrays = [layout.arrays(s, 8, pool_pages, page, 128) for s in (k_spec, v_spec)]
+    pools = [
+        None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
+        for a in arrays
+        for x in (a.codes, a.scale, a.zero)
+    ]
+    q = jax.ShapeDtypeStruct((batch, 32, 1, 128), jnp.bfloat16)
+    pt, nt = jax.ShapeDtypeStruct((batch, pages_per_seq), jnp.int32), jax.ShapeDtypeStruct((batch,), jnp.int32)
 
     def f(q, k0, k1, k2, v0, v1, v2, pt, nt):
         return paged_attention(q, k0, k1, k2, v0, v1, v2, pt, nt, k_spec=k_spec, v_spec=v_spec, sm_scale=0.1, **kw)

@@ -1,0 +1,102 @@
+"""Our GPU attention kernel compiled to SASS on a machine without a GPU: registers, spills and the main loop's
+instruction mix per config and tuning, at the benchmark's shape (batch 32 x 16K, page 64, Llama-3.1-8B attention).
+
+The Pallas lowering's Triton IR (benchmarks/triton_ir_ops.py) is compiled for sm_90 by *standalone* Triton 3.8 in
+.venv-triton (`bash scripts/setup_triton_offline.sh`; Python 3.11), whose bundled ptxas and cuobjdump give the SASS.
+That is not the compiler JAX runs: XLA compiles the same IR with its own Triton pipeline (on the H200, Nsight
+counted 167 registers and no FFMA for 4/4 on 2026-12-01, where this gives 204 and 56 FFMA). So the numbers compare
+variants of one kernel with each other, as evidence before a GPU can time them, not absolute costs.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/triton_sass.py --configs kivi4/2 \\
+        --tunings '[{"precision":"bf16"},{"precision":"bf16","_variant":"vhalf,vload"}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+TRITON_PY = ROOT / ".venv-triton" / "bin" / "python"
+SHOWN = ("HGMMA", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU", "FMNMX",
+         "SHFL", "STS", "LDS", "LDSM", "LDG", "BAR", "IMAD")  # fmt: skip
+_RUN = dict(check=True, capture_output=True, text=True)
+_INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+
+
+def instructions(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode with modifiers, operands) of each instruction in a `cuobjdump --dump-sass` listing."""
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_INSTR.match, sass.splitlines()) if m]
+
+
+def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The instructions of the longest loop: from the target of a backward branch to that branch."""
+    index = {a: i for i, (a, _, _) in enumerate(ins)}
+    best = []
+    for i, (a, op, rest) in enumerate(ins):
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < a and int(target.group(1), 16) in index:
+            body = ins[index[int(target.group(1), 16)] : i + 1]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def opcode_counts(ins) -> collections.Counter:
+    return collections.Counter(op.split(".")[0] for _, op, _ in ins)
+
+
+def resources(text: str) -> dict:
+    """REG / STACK / SHARED / LOCAL of the (one) kernel in a `cuobjdump --dump-resource-usage` listing."""
+    return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
+
+
+def compile_sass(ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: int) -> tuple[str, dict]:
+    """(SASS listing, resource usage) of TTIR text compiled by standalone Triton in .venv-triton."""
+    if not TRITON_PY.exists():
+        raise SystemExit("benchmarks/triton_sass.py needs .venv-triton: run `bash scripts/setup_triton_offline.sh`")
+    src = workdir / "kernel.ttir"
+    src.write_text(ttir)
+    helper = ROOT / "benchmarks" / "_triton_compile.py"
+    out = subprocess.run([str(TRITON_PY), str(helper), str(src), str(num_warps), str(num_stages)], **_RUN).stdout
+    cubin = str(workdir / "kernel.cubin")
+    cuobjdump = str(pathlib.Path(json.loads(out.splitlines()[-1])["bin"]) / "cuobjdump")
+    sass = subprocess.run([cuobjdump, "--dump-sass", cubin], **_RUN).stdout
+    return sass, resources(subprocess.run([cuobjdump, "--dump-resource-usage", cubin], **_RUN).stdout)
+
+
+def main(argv=None) -> None:
+    import attention  # benchmarks/attention.py: the config names
+    import triton_ir_ops
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--configs", default="4/4,8/8,kivi4/2")
+    ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
+    ap.add_argument("--keep", default=None, help="directory to keep each TTIR and SASS listing in")
+    args = ap.parse_args(argv)
+    print("config | tuning | registers | stack | loop instructions | " + " | ".join(SHOWN))
+    for c in args.configs.split(","):
+        for t in json.loads(args.tunings):
+            ttir = triton_ir_ops.triton_module(*attention.spec_pair(c), shape=triton_ir_ops.BENCH_SHAPE, **t)
+            with tempfile.TemporaryDirectory() as tmp:
+                sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+            if args.keep:
+                stem = pathlib.Path(args.keep) / re.sub(r"[^A-Za-z0-9]+", "_", f"{c}_{json.dumps(t)}").strip("_")
+                stem.parent.mkdir(parents=True, exist_ok=True)
+                stem.with_suffix(".ttir").write_text(ttir)
+                stem.with_suffix(".sass").write_text(sass)
+            loop = main_loop(instructions(sass))
+            ops = opcode_counts(loop)
+            cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN)
+            print(f"{c} | {json.dumps(t, separators=(',', ':'))} | {usage.get('REG')} | {usage.get('STACK')} | "
+                  f"{len(loop)} | {cells}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
