@@ -85,7 +85,12 @@ def main(argv=None) -> None:
         for t in json.loads(args.tunings):
             ttir = triton_ir_ops.triton_module(*attention.spec_pair(c), shape=triton_ir_ops.BENCH_SHAPE, **t)
             with tempfile.TemporaryDirectory() as tmp:
-                sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+                try:
+                    sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+                except subprocess.CalledProcessError as e:  # a variant Triton cannot compile: say why, go on
+                    why = (e.stderr or "").strip().splitlines()[-3:]
+                    print(f"{c} | {json.dumps(t, separators=(',', ':'))} | compile failed: {' / '.join(why)}")
+                    continue
             if args.keep:
                 stem = pathlib.Path(args.keep) / re.sub(r"[^A-Za-z0-9]+", "_", f"{c}_{json.dumps(t)}").strip("_")
                 stem.parent.mkdir(parents=True, exist_ok=True)
