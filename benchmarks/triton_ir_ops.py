@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import importlib.util
 import json
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 SHOWN = ("tt.dot", "tt.elementwise_inline_asm", "tt.load", "arith.mulf", "arith.addf", "arith.select", "math.exp2")
 
 
+@functools.cache
 def _lowering():
     spec = importlib.util.spec_from_file_location("_lowering", ROOT / "tests" / "_lowering.py")
     mod = importlib.util.module_from_spec(spec)

@@ -85,6 +85,11 @@ class _Side:
     full_bf16: bool = True  # full: stored as bf16 (else split into parts)
     f16: bool = False  # token, 8 bits: one whole-byte field as f16 1024 + code (else two 4-bit nibbles in bf16)
 
+    @property
+    def gpb(self) -> int:
+        """token: groups per column block (several where one group's bytes are fewer than a block's)."""
+        return self.cb * self.per // self.group
+
 
 def _side(spec: KVSpec, codes, page_size: int, head_dim: int, min_cb: int = 16, eight_bit: str = "nibbles") -> _Side:
     if not spec.quantized:
@@ -288,7 +293,7 @@ def _kernel(
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
     # Dequantized small value groups' per-element scale tiles from [rows, groups] block loads of each column block,
     # broadcast along the group's bytes, instead of a select chain over its groups (opt-in until timed on a GPU).
-    vload = vdeq and vs.group % vs.per == 0 and vs.cb * vs.per > vs.group and "vload" in variant
+    vload = vdeq and vs.group % vs.per == 0 and vs.gpb > 1 and "vload" in variant
     split = pl.program_id(2)
     npages = nt_ref[0] // P
     first = split * pps
@@ -378,10 +383,13 @@ def _kernel(
             if side is ks and qload:  # qload: stacked channel-axis keys
                 return channel_block_params(sc_ref, z_ref, side, i, pages)
             if side is vs and vload:  # per column block: [TBs, groups in the block] f32
-                gpb = side.cb * side.per // side.group
 
                 def cols(ref, c):
-                    return ref[pages, sub_rows(j), pl.ds(c * gpb, gpb)].reshape(TBs, gpb).astype(jnp.float32)
+                    return (
+                        ref[pages, sub_rows(j), pl.ds(c * side.gpb, side.gpb)]
+                        .reshape(TBs, side.gpb)
+                        .astype(jnp.float32)
+                    )
 
                 sc = tuple(cols(sc_ref, c) for c in range(side.ncb))
                 return sc, () if z_ref is None else tuple(cols(z_ref, c) for c in range(side.ncb))
@@ -449,7 +457,7 @@ def _kernel(
                 s = sum(_dot_parts(xp, qk) for xp in to_parts(x.astype(jnp.float32), parts))
         elif ks.kind == "token":
             s = None
-            gpb = ks.cb * ks.per // ks.group
+            gpb = ks.gpb
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
                 cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
@@ -551,7 +559,7 @@ def _kernel(
             # vhalf (bf16 precision, f16-stored scales): each field tile is dequantized in f16 arithmetic against f16
             # scale / zero tiles (no magic offset term: the operand's 1024 is subtracted exactly first), and p * 2^14
             # is the f16 right operand (2^14 keeps small probabilities above f16's subnormals; undone on the output).
-            gpb = vs.cb * vs.per // vs.group
+            gpb = vs.gpb
             vmask = jnp.where(valid[:, None], p, 0.0)
             pv = to_parts16(vmask * P16_SCALE, 1) if vhalf else to_parts(vmask, parts)
             if not vload:
@@ -621,7 +629,7 @@ def _kernel(
                                 d = dd if d is None else d + dd
                     accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
         elif vs.kind == "token":
-            gpb = vs.cb * vs.per // vs.group
+            gpb = vs.gpb
             for cbi in range(vs.ncb):
                 x = vt[cbi]
                 if variant == "vtrans":  # transpose the raw bytes, then unpack: A operand [cb, TB] as loaded
@@ -632,14 +640,13 @@ def _kernel(
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
-                    if vs.f16:  # p * scale * vkv < 2^14 (see value_scaling): f16 operands, accumulators scaled by vkv
-                        pg_ = jnp.where(valid[:, None], p * (sc * vkv[0])[:, None], 0.0)
-                        pparts = to_parts16(pg_, parts)
-                        off = ta.magic_offset(vs.bits, True) * ta.parts_value(pparts) * vkv[1]
-                    else:
-                        pg_ = jnp.where(valid[:, None], p * sc[:, None], 0.0)  # scale folded into the probabilities
-                        pparts = to_parts(pg_, parts)
-                        off = ta.magic_offset(vs.bits) * ta.parts_value(pparts)  # operand offset, per token
+                    # Scale folded into the probabilities; with f16 operands also vkv (see value_scaling), so that
+                    # p * scale * vkv < 2^14, the accumulators are scaled by vkv and the offset term by 1 / vkv.
+                    pg_ = jnp.where(valid[:, None], p * (sc * vkv[0] if vs.f16 else sc)[:, None], 0.0)
+                    pparts = (to_parts16 if vs.f16 else to_parts)(pg_, parts)
+                    off = ta.magic_offset(vs.bits, vs.f16) * ta.parts_value(pparts)  # operand offset, per token
+                    if vs.f16:
+                        off = off * vkv[1]
                     for j in range(vs.nf):
                         if variant == "vrows":  # out [R, cb] = p'^T @ codes: codes as the right operand, natural
                             d = None
