@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -260,6 +261,8 @@ def _kernel(
     qrows: int = 0,
     asm: bool = False,
     variant: str = "",
+    kco: int = 0,
+    vco: int = 0,
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -304,8 +307,10 @@ def _kernel(
     if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
-        # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
-        qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
+        if kco:  # [cb * nf, R] each, against a column block's fields in channel order
+            qk = [[q_ref[p, g, :, :] for g in range(ks.ngroups)] for p in range(qparts)]
+        else:  # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
+            qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
         qsum = [qsum_ref[0, g, :] for g in range(ks.ngroups)]  # [R] f32, exact query sums (zero-points)
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
@@ -461,11 +466,13 @@ def _kernel(
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
                 cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
+                if kco:  # one dot of K = cb * nf per group and part instead of nf of K = cb
+                    cs = ta.interleave_fields(cs, kco)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
-                        for j in range(ks.nf):
-                            dd = _dot(cs[j], qk[p][g][j])
+                        for j in range(1 if kco else ks.nf):
+                            dd = _dot(cs, qk[p][g]) if kco else _dot(cs[j], qk[p][g][j])
                             d = dd if d is None else d + dd
                     sc = prm[0][0][g]
                     zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
@@ -573,61 +580,85 @@ def _kernel(
 
             def group_tiles_loaded(cbi, j):
                 """`group_tiles` from column block cbi's [TBs, groups] loads, each group's value repeated over its
-                group // per bytes."""
+                group // per bytes (j None: over its group // per * nf operands in field order)."""
                 sc = jnp.where(valid[:, None], vprm[0][cbi], 0.0)
                 zt = jnp.where(
                     valid[:, None], ta.zero_term(vprm[0][cbi], vprm[1][cbi] if vprm[1] else None, vs.bits), 0.0
                 )
                 if vhalf:
                     sc, off = sc.astype(jnp.float16), zt.astype(jnp.float16)
-                elif ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
-                    off = -ta.MAGIC * sc
+                elif j is not None and ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the
+                    off = -ta.MAGIC * sc  # zero-point is on the low one
                 else:
                     off = zt - ta.magic(vs.f16) * sc
-                bpg = vs.group // vs.per
-                return tuple(jnp.broadcast_to(x[:, :, None], (TBs, gpb, bpg)).reshape(TBs, vs.cb) for x in (sc, off))
+                reps = vs.group // vs.per * (vs.nf if j is None else 1)
+                return tuple(
+                    jnp.broadcast_to(x[:, :, None], (TBs, gpb, reps)).reshape(TBs, gpb * reps) for x in (sc, off)
+                )
+
+            def in_fields(ts):
+                """Per-field scale or offset tiles [TBs, cb] or [TBs, 1] -> one for `interleave_fields`' operand."""
+                if all(t is ts[0] for t in ts) and ts[0].shape[-1] == 1:
+                    return ts[0]
+                return ta.interleave_fields([jnp.broadcast_to(t, (TBs, vs.cb)) for t in ts], vco)
 
             def group_tiles(cbi, j):
                 """(scale, offset of the magic operand) per element of field j of column block cbi: [TB, cb] or
-                [TB, 1]."""
+                [TB, 1]; j None: of all fields at once in `interleave_fields(.., vco)` order, [TB, cb * nf] (fields
+                of weight 1 whose runs do not cross a group: see `in_field_order`)."""
                 if vload:
                     return group_tiles_loaded(cbi, j)
                 sc_t = zt_t = None
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc, zt = sc_rows[g][:, None], zt_rows[g][:, None]
                     if gpb > 1:
-                        keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
+                        if j is None:
+                            keep = ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)[None, :]
+                        else:
+                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
                         sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
                         zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
                     sc_t, zt_t = sc, zt
                 if vhalf:
                     return sc_t, zt_t
-                if ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point is on the low one
-                    return sc_t, -ta.MAGIC * sc_t
+                if j is not None and ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point
+                    return sc_t, -ta.MAGIC * sc_t  # is on the low one
                 return sc_t, zt_t - ta.magic(vs.f16) * sc_t
 
             shared = vs.group % vs.per == 0
-            for cbi in range(vs.ncb):
-                x = vt[cbi]
-                cs = magic_fields(x, vs.bits, asm, vs.f16 or vhalf)
+            # Channel order with every field of weight 1 and whole runs per group: the tiles are built in field order
+            # directly (no interleaving of per-field tiles).
+            in_field_order = vco and shared and not (vs.bits == 8 and not vs.f16) and (vs.group // vs.per) % vco == 0
+
+            def dot_items(cbi, cs):
+                """(operand, scale tile, offset tile, accumulator) of each dot of column block cbi's fields cs."""
+                if in_field_order:  # the fields in channel order (runs of vco): one dot per part pair
+                    return [(ta.interleave_fields(cs, vco), *group_tiles(cbi, None), cbi)]
                 once = {}
                 for j in range(vs.nf):
                     key = (cbi, ta.field_weight(vs.bits, j, vs.f16)) if shared else (cbi, j)
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
-                    sc_t, off_t = once[key]
+                gt = [once[(cbi, ta.field_weight(vs.bits, j, vs.f16)) if shared else (cbi, j)] for j in range(vs.nf)]
+                if vco:  # per-field scale / offset tiles interleaved like the fields
+                    return [(ta.interleave_fields(cs, vco), *(in_fields([t[k] for t in gt]) for k in (0, 1)), cbi)]
+                return [(cs[j], *gt[j], cbi * vs.nf + j) for j in range(vs.nf)]
+
+            for cbi in range(vs.ncb):
+                items = dot_items(cbi, magic_fields(vt[cbi], vs.bits, asm, vs.f16 or vhalf))
+                for c, sc_t, off_t, a in items:
                     if vhalf:
-                        accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + _dot(deq16(cs[j], sc_t, off_t), pv[0], True)
+                        accs[a] = accs[a] + _dot(deq16(c, sc_t, off_t), pv[0], True)
                         continue
-                    vf = fma(cs[j].astype(jnp.float32), sc_t, off_t)
+                    vf = fma(c.astype(jnp.float32), sc_t, off_t)
                     vp = to_parts(vf, parts)  # [TB, cb] each
                     d = None
-                    for a in reversed(range(parts)):
+                    for a_ in reversed(range(parts)):
                         for b_ in reversed(range(parts)):
-                            if a + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
-                                dd = _dot(vp[a], pv[b_], trans_a=True)  # [cb, R]
+                            if a_ + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
+                                dd = _dot(vp[a_], pv[b_], trans_a=True)  # [cb, R] ([cb * nf, R] with vco)
                                 d = dd if d is None else d + dd
-                    accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
+                    accs[a] = accs[a] + d
         elif vs.kind == "token":
             gpb = vs.gpb
             for cbi in range(vs.ncb):
@@ -637,6 +668,8 @@ def _kernel(
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
+                if vco:  # one operand [TB, cb * nf]: the column block's channels in order, one dot per part
+                    cs = [ta.interleave_fields(cs, vco)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
@@ -647,7 +680,7 @@ def _kernel(
                     off = ta.magic_offset(vs.bits, vs.f16) * ta.parts_value(pparts)  # operand offset, per token
                     if vs.f16:
                         off = off * vkv[1]
-                    for j in range(vs.nf):
+                    for j in range(len(cs)):
                         if variant == "vrows":  # out [R, cb] = p'^T @ codes: codes as the right operand, natural
                             d = None
                             for pp_ in reversed(pparts):
@@ -656,9 +689,13 @@ def _kernel(
                         else:
                             d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
-                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
+                            if vco:
+                                keep = ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)
+                            else:
+                                keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
                             d = jnp.where(keep[:, None], d, 0.0)
-                        accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
+                        a = cbi if vco else cbi * vs.nf + j
+                        accs[a] = accs[a] + d
                     # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
                     # (one group), or summed per block (several groups: per-token accumulators would spill).
                     zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
@@ -738,7 +775,11 @@ def _kernel(
 
     vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
-        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
+        accs = (
+            [jnp.zeros((vs.cb * vs.nf, R), jnp.float32) for _ in range(vs.ncb)]
+            if vco
+            else [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
+        )
         zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
@@ -817,6 +858,24 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 CHANNEL_KEYS = ("stack", "fold", "dequant")
 P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 and up stay normal-range f16
 EIGHT_BITS = ("nibbles", "f16")
+
+
+def field_runs(variant: str, ks: _Side, vs: _Side) -> tuple[int, int]:
+    """(keys, values): the `run` of `ta.interleave_fields` each token-axis side's fields are read in (one dot per
+    column block), or 0 (one dot per field). `_variant` items: "corder" (both sides), "kcorder" / "vcorder" (one
+    side), each optionally followed by the run, e.g. "corder2"; a bare name means run 1 (channel order)."""
+    runs = [0, 0]
+    for item in variant.split(","):
+        m = re.fullmatch(r"([kv]?)corder(\d*)", item)
+        if m:
+            for i in (0, 1) if not m.group(1) else ("kv".index(m.group(1)),):
+                runs[i] = int(m.group(2) or 1)
+    for i, side in enumerate((ks, vs)):
+        if side.kind != "token" or side.nf == 1:
+            runs[i] = 0
+        elif runs[i] and (runs[i] not in (1, 2, 4, 8) or side.cb % runs[i]):
+            raise ValueError(f"_variant={variant!r}: a field run of {runs[i]} does not divide {side.cb} byte columns")
+    return runs[0], runs[1]
 
 
 def _next_pow2(x: int) -> int:
@@ -1056,6 +1115,11 @@ def _paged_attention_rows(
         min_cb=32 if vdeq and "vcb16" not in variant else 16,
         eight_bit="f16" if vhalf else eight_bit,
     )
+    # Channel order (opt-in until timed): a column block's unpacked fields interleaved back into channel order, so each
+    # side is one tensor-core dot per column block (and part) instead of one per field (`ta.interleave_fields`).
+    kco, vco = field_runs(variant, ks, vs)
+    if vco and {"vrows", "vtrans"} & set(variant.split(",")):
+        raise ValueError(f"_variant={variant!r}: channel order does not combine with vrows / vtrans")
     hg = hq // h
     rows = hg * tq
     R = max(16, _next_pow2(rows))
@@ -1098,11 +1162,15 @@ def _paged_attention_rows(
         qsum_op = jnp.sum(ta.parts_value(qk_parts), axis=(-3, -2))  # [B, H, ng, R]
         qsum = jnp.stack([qsum, qsum_op], axis=2)  # [B, H, 2, ng, R]
         qk = jnp.stack(qk_parts, axis=2)
+        if kco:  # [B, H, parts, ng, cb * F, R]
+            qk = ta.field_order_q(qk, kco)
+            qspec = pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf * ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0))
+        else:
+            qspec = pl.BlockSpec(
+                (None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)
+            )
         args += [qk, qsum]
-        specs += [
-            pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)),
-            pl.BlockSpec((None, None, 2, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0, 0)),
-        ]
+        specs += [qspec, pl.BlockSpec((None, None, 2, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0, 0))]
         if ks.f16:
             args.append(jnp.ldexp(jnp.float32(1.0), e - 14))  # [B, H, R]: the kernel's qinv
             specs.append(pl.BlockSpec((None, None, R), lambda i, j, s: (i, j, 0)))
@@ -1115,7 +1183,7 @@ def _paged_attention_rows(
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
     if vs.kind == "token":
-        nacc, arows = vs.ncb * vs.nf, vs.cb
+        nacc, arows = (vs.ncb, vs.cb * vs.nf) if vco else (vs.ncb * vs.nf, vs.cb)
     else:
         nacc, arows = 1, d
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
@@ -1149,6 +1217,8 @@ def _paged_attention_rows(
         ksub=ksub,
         qrows=rows,
         asm=asm,
+        kco=kco,
+        vco=vco,
     )
     res = pl.pallas_call(
         kernel,
@@ -1162,7 +1232,12 @@ def _paged_attention_rows(
     )(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        o = ta.unarrange_out_token(o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R), vs.bits, vs.group, d, vs.f16)
+        o = (
+            o.reshape(b, h, splits, vs.ncb, vs.cb * vs.nf, R)
+            if vco
+            else o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
+        )
+        o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16, run=vco)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za
     else:

@@ -229,14 +229,59 @@ def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int, f16: bool = Fa
     return qk, qsum
 
 
+def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
+    """Field tiles `[.., n]` of a column block (1, 2 or 4 of them) -> one operand `[.., n * F]` of runs of `run` byte
+    columns, each field's run in turn: element `(i // run) * run * F + j * run + i % run` is `fields[j][.., i]`.
+    `run=1` is channel order (2/4-bit field j of byte i is channel `per * i + j`); `run=2` keeps the pair of operands
+    an unpacking register holds together. Written as nested two-way stacks on the last axis (`tt.join` in the Triton
+    lowering, which keeps the new axis in each thread's registers) and a transpose."""
+    nf = len(fields)
+    if nf == 1:
+        return fields[0]
+    if nf not in (2, 4):
+        raise ValueError(f"interleave_fields: {nf} fields, expected 1, 2 or 4")
+    lead, n = fields[0].shape[:-1], fields[0].shape[-1]
+    xs = list(fields) if run == 1 else [f.reshape(*lead, n // run, run) for f in fields]
+    if nf == 4:  # last axis j // 2, then (below) j % 2: j = 2 * (j // 2) + j % 2
+        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
+    x = jnp.stack(xs, axis=-1)
+    if run > 1:  # [.., n / run, run, (F axes)] -> [.., n / run, (F axes), run]
+        k, nfa = x.ndim, 2 if nf == 4 else 1
+        x = jnp.transpose(x, (*range(k - nfa - 1), *range(k - nfa, k), k - nfa - 1))
+    return x.reshape(*lead, n * nf)
+
+
+def field_order_q(qk: jnp.ndarray, run: int = 1) -> jnp.ndarray:
+    """`arrange_q_token`'s `qk [.., ng, F, cb, R]` -> `[.., ng, cb * F, R]` in `interleave_fields`' order: the query
+    side of one dot against a column block's fields."""
+    *lead, ng, f, cb, r = qk.shape
+    x = jnp.moveaxis(qk.reshape(*lead, ng, f, cb // run, run, r), -4, -3)  # [.., ng, cb / run, F, run, R]
+    return x.reshape(*lead, ng, cb * f, r)
+
+
 def group_mask_of_block(cb: int, cbi: int, bits: int, group_size: int, j: int, g: int) -> jnp.ndarray:
     """bool [cb]: which byte columns of column block cbi hold, in field j, a channel of group g (output masks)."""
     return (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g
 
 
-def unarrange_out_token(o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int, f16: bool = False) -> jnp.ndarray:
-    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit nibbles: lo + 16 * hi)."""
+def group_mask_of_rows(cb: int, cbi: int, bits: int, group_size: int, nf: int, g: int, run: int = 1) -> jnp.ndarray:
+    """bool [cb * nf]: `group_mask_of_block` for the rows of a dot against `interleave_fields(.., run)`."""
+    r = jnp.arange(cb * nf)
+    i, j = (r // (run * nf)) * run + r % run, (r // run) % nf
+    return (codes_per_byte(bits) * (cbi * cb + i) + (j if bits < 8 else 0)) // group_size == g
+
+
+def unarrange_out_token(
+    o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int, f16: bool = False, run: int = 0
+) -> jnp.ndarray:
+    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit nibbles: lo + 16 * hi).
+    `run` > 0: outputs of dots against `interleave_fields(.., run)`, `o_t [..., ncb, cb * F, R]`."""
     del group_size
+    if run:
+        *lead, ncb, rows, r = o_t.shape
+        nf = num_fields(bits, f16)
+        x = jnp.moveaxis(o_t.reshape(*lead, ncb, rows // (nf * run), nf, run, r), -3, -4)
+        o_t = x.reshape(*lead, ncb, nf, rows // nf, r)
     if bits == 8 and not f16:
         o_t = o_t[..., :, :1, :, :] + field_weight(8, 1) * o_t[..., :, 1:, :, :]
     *lead, ncb, per, cb, r = o_t.shape

@@ -563,6 +563,60 @@ def test_eight_bit_f16_leaves_other_widths_alone(rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# Field order (`_variant="corder"`, "corder2", ..., or one side: "kcorder2", "vcorder"): a column block's unpacked
+# per-token fields read as one operand, one dot per block instead of one per field (opt-in until timed). Every
+# per-token path: keys with one and several groups per column block, values folded into p (several groups: masked
+# rows) and dequantized in small groups (select chain, block loads, f16; runs within a group's bytes), a run of 8
+# across 2-bit groups of 4 bytes (both value paths), 8-bit nibbles on both sides, "high" and bf16, a prefill chunk.
+CORDER_CASES = [
+    (_spec(4, group=128), _spec(4, group=128), 128, 16, 4, "corder2", {}),
+    (_spec(2, group=128), _spec(2, group=128, sym=True), 128, 16, 8, "corder", dict(parts=1)),
+    (_spec(8, group=128), _spec(8, group=128, sym=True), 128, 16, 2, "corder2", {}),
+    (_spec(4, group=16), _spec(2, group=32), 128, 64, 4, "corder4", {}),
+    (_spec(4, group=16, sym=True), _spec(4, group=16, sym=True), 64, 16, 2, "corder", dict(small_value_groups="fold")),
+    (_spec(2, group=32), _spec(8, group=32), 128, 16, 2, "corder2", {}),
+    (_spec(4, "channel", 32), _spec(2, group=32), 128, 64, 4, "vcorder2,vhalf,vload", dict(parts=1)),
+    (_spec(16), _spec(4, group=32), 128, 64, 1, "vcorder,vhalf", dict(parts=1)),
+    (_spec(2, group=64), _spec(16), 64, 16, 4, "kcorder4", {}),
+    (_spec(16), _spec(2, group=16), 64, 16, 2, "corder8", {}),
+    (_spec(16), _spec(2, group=16), 64, 16, 2, "vcorder8", dict(small_value_groups="fold")),
+    (_spec(4, group=64), _spec(4, group=32), 64, 16, 4, "corder2,vload", dict(tq=3)),
+]
+
+
+def _corder_id(c):
+    return _id(c[:5]) + f"-{c[5]}" + "".join(f"-{k}{v}" for k, v in c[6].items())
+
+
+@pytest.mark.parametrize("case", CORDER_CASES, ids=_corder_id)
+def test_field_order_matches_reference(case, rng):
+    k_spec, v_spec, d, p, hg, variant, tuning = case
+    tuning = dict(tuning)
+    tq = tuning.pop("tq", 1)
+    q, k, v, pt, nt = _case(rng, k_spec, v_spec, d=d, p=p, hg=hg, tq=tq, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    rtol = 2e-2 if tuning.get("parts") == 1 else RTOL
+    _check(q, k, v, pt, nt, k_spec, v_spec, rtol=rtol, _variant=variant, **tuning)
+
+
+def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
+    """Which sides read their fields in order: both, one, or none where a side has a single field (16 bits,
+    per-channel, 8-bit codes as f16); a run that does not divide a column block, or one combined with the value
+    ablations that transpose the operand, is a clear error."""
+    t4, t2 = gpu._side(_spec(4, group=128), None, 16, 128), gpu._side(_spec(2, group=32), None, 16, 128, min_cb=32)
+    f16 = gpu._side(_spec(8, group=128), None, 16, 128, eight_bit="f16")
+    assert gpu.field_runs("corder", t4, t2) == (1, 1)
+    assert gpu.field_runs("vload,kcorder4", t4, t2) == (4, 0)
+    assert gpu.field_runs("vcorder2,vhalf", t4, t2) == (0, 2)
+    assert gpu.field_runs("corder2", f16, gpu._side(_spec(16), jnp.zeros((1,), jnp.bfloat16), 16, 128)) == (0, 0)
+    assert gpu.field_runs("vload", t4, t2) == (0, 0)
+    with pytest.raises(ValueError, match="field run of 3 does not divide 64 byte columns"):
+        gpu.field_runs("kcorder3", t4, t2)
+    ks = vs = _spec(4, group=64)
+    q, k, v, pt, nt = _case(rng, ks, vs, lengths=[16, 32])
+    with pytest.raises(ValueError, match="channel order does not combine with vrows / vtrans"):
+        paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, _variant="corder,vrows")
+
+
 @pytest.mark.parametrize(
     "variant",
     [
@@ -583,6 +637,9 @@ def test_eight_bit_f16_leaves_other_widths_alone(rng):
         "qonce",
         "qselect",
         "vload",
+        "corder",
+        "corder2",
+        "kcorder4,vcorder2,vload",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
@@ -606,5 +663,5 @@ def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
     scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours;
     so do small value groups dequantized in f16 (`_variant="vhalf"`, bf16 precision only), with either scale tiles."""
     assert "triton" in gpu_attention_lowered(*kv, eight_bit="f16", precision=precision)
-    for variant in ("vhalf", "vhalf,vload"):
+    for variant in ("vhalf", "vhalf,vload", "vhalf,vload,corder2"):
         assert "triton" in gpu_attention_lowered(*kv, precision=precision, _variant=variant)
