@@ -25,7 +25,7 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 TRITON_PY = ROOT / ".venv-triton" / "bin" / "python"
-SHOWN = ("HGMMA", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU", "FMNMX",
+SHOWN = ("HGMMA", "WAIT", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU", "FMNMX",
          "SHFL", "STS", "LDS", "LDSM", "LDG", "BAR", "IMAD")  # fmt: skip
 _RUN = dict(check=True, capture_output=True, text=True)
 _INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
@@ -49,7 +49,10 @@ def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
 
 
 def opcode_counts(ins) -> collections.Counter:
-    return collections.Counter(op.split(".")[0] for _, op, _ in ins)
+    """Opcodes without modifiers, plus "WAIT": the warpgroup MMA waits (`WARPGROUP.DEPBAR`) among them."""
+    counts = collections.Counter(op.split(".")[0] for _, op, _ in ins)
+    counts["WAIT"] = sum(op.startswith("WARPGROUP.DEPBAR") for _, op, _ in ins)
+    return counts
 
 
 def resources(text: str) -> dict:
@@ -58,7 +61,8 @@ def resources(text: str) -> dict:
 
 
 def compile_sass(ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: int) -> tuple[str, dict]:
-    """(SASS listing, resource usage) of TTIR text compiled by standalone Triton in .venv-triton."""
+    """(SASS listing, resource usage) of TTIR text compiled by standalone Triton in .venv-triton (its TritonGPU IR is
+    left in workdir as kernel.ttgir)."""
     if not TRITON_PY.exists():
         raise SystemExit("benchmarks/triton_sass.py needs .venv-triton: run `bash scripts/setup_triton_offline.sh`")
     src = workdir / "kernel.ttir"
@@ -78,7 +82,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="4/4,8/8,kivi4/2")
     ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
-    ap.add_argument("--keep", default=None, help="directory to keep each TTIR and SASS listing in")
+    ap.add_argument("--keep", default=None, help="directory to keep each TTIR, TritonGPU IR and SASS listing in")
     args = ap.parse_args(argv)
     print("config | tuning | registers | stack | loop instructions | " + " | ".join(SHOWN))
     for c in args.configs.split(","):
@@ -87,6 +91,7 @@ def main(argv=None) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
                     sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+                    ttgir = (pathlib.Path(tmp) / "kernel.ttgir").read_text()
                 except subprocess.CalledProcessError as e:  # a variant Triton cannot compile: say why, go on
                     why = (e.stderr or "").strip().splitlines()[-3:]
                     print(f"{c} | {json.dumps(t, separators=(',', ':'))} | compile failed: {' / '.join(why)}")
@@ -96,6 +101,7 @@ def main(argv=None) -> None:
                 stem.parent.mkdir(parents=True, exist_ok=True)
                 stem.with_suffix(".ttir").write_text(ttir)
                 stem.with_suffix(".sass").write_text(sass)
+                stem.with_suffix(".ttgir").write_text(ttgir)
             loop = main_loop(instructions(sass))
             ops = opcode_counts(loop)
             cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN)
