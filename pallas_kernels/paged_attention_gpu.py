@@ -263,6 +263,8 @@ def _kernel(
     variant: str = "",
     kco: int = 0,
     vco: int = 0,
+    kw32: bool = False,
+    vw32: bool = False,
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -351,16 +353,20 @@ def _kernel(
     def block_tiles(i, pages, which):
         """Code tiles of a block, () for a side not in `which`. Keys: [TB, cols] for 16-bit and token-axis stores,
         raw bytes [TB, D] in token order for a channel-axis store, or its bytes in storage order [TBs, D] with
-        sub-blocks; values: a tuple per sub-block of [TBs, cols] tiles."""
+        sub-blocks; values: a tuple per sub-block of [TBs, cols] tiles. Codes read as words (`kw32` / `vw32`) have a
+        quarter of the columns (see `as_bytes`)."""
         ktiles = ()
+        kw, vw = (4 if x else 1 for x in (kw32, vw32))  # bytes per element of each pool as the kernel reads it
         if not which[0]:
             pass
         elif ks.kind == "full":
             ktiles = (kc_ref[pages, :, :].reshape(TB, D),)
         elif ks.kind == "token":
-            ktiles = tuple(kc_ref[pages, :, pl.ds(c * ks.cb, ks.cb)].reshape(TB, ks.cb) for c in range(ks.ncb))
+            ktiles = tuple(
+                kc_ref[pages, :, pl.ds(c * ks.cb // kw, ks.cb // kw)].reshape(TB, ks.cb // kw) for c in range(ks.ncb)
+            )
         elif ksub > 1 or ks.per == 1:  # storage order (8-bit: that is token order): whole pages, no row gather
-            ktiles = (kc_ref[pages, :, :].reshape(TBs, D),)
+            ktiles = (kc_ref[pages, :, :].reshape(TBs, D // kw),)
         else:
             ktiles = (channel_raw(kc_ref, ks, first + i * ppb),)
         vtiles = ()
@@ -370,11 +376,14 @@ def _kernel(
             vtiles = tuple((vc_ref[pages, sub_rows(j), :].reshape(TBs, D),) for j in range(ksub))
         elif vs.kind == "token":
             vtiles = tuple(
-                tuple(vc_ref[pages, sub_rows(j), pl.ds(c * vs.cb, vs.cb)].reshape(TBs, vs.cb) for c in range(vs.ncb))
+                tuple(
+                    vc_ref[pages, sub_rows(j), pl.ds(c * vs.cb // vw, vs.cb // vw)].reshape(TBs, vs.cb // vw)
+                    for c in range(vs.ncb)
+                )
                 for j in range(ksub)
             )
         elif vs.per == 1:
-            vtiles = ((vc_ref[pages, :, :].reshape(TB, D),),)
+            vtiles = ((vc_ref[pages, :, :].reshape(TB, D // vw),),)
         else:
             vtiles = ((channel_raw(vc_ref, vs, first + i * ppb),),)
         return ktiles, vtiles
@@ -724,6 +733,17 @@ def _kernel(
         accs[0] = accs[0] + tot
         return accs
 
+    def as_bytes(tiles):
+        """`block_tiles`' tiles with codes read as words (`kw32` / `vw32`) turned back into bytes where they are used:
+        a prefetched tile then crosses the loop in whole registers, four bytes each, instead of one register per byte
+        that the unpacking's inline assembly (four bytes per instance) had to pack again."""
+        kt, vt = tiles
+        if kw32:
+            kt = tuple(ta.bytes_of_words(x) for x in kt)
+        if vw32:
+            vt = tuple(tuple(ta.bytes_of_words(x) for x in sub) for sub in vt)
+        return kt, vt
+
     def body(i, carry):
         # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
@@ -739,7 +759,7 @@ def _kernel(
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
             return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
-        s = scores(base, pages, valid, prm, tiles)
+        s = scores(base, pages, valid, prm, as_bytes(tiles))
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
         else:
@@ -751,7 +771,7 @@ def _kernel(
         if vs.kind == "token" and not vdeq:
             zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
         for j in range(ksub):
-            accs, zaccs = values(valid, prm[1][j], tiles[1][j], p[j], accs, zaccs)
+            accs, zaccs = values(valid, prm[1][j], as_bytes(tiles)[1][j], p[j], accs, zaccs)
         return m_new, l_new, accs, zaccs, *nxt
 
     def value_scaling():
@@ -1177,7 +1197,11 @@ def _paged_attention_rows(
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
-    for arr in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero):
+    # Quantized codes read as 32-bit words (opt-in until timed; see the kernel's `as_bytes`).
+    kw32, vw32 = (side.kind != "full" and "w32" in variant.split(",") for side in (ks, vs))
+    for arr, as_words in ((k_codes, kw32), (k_scale, 0), (k_zero, 0), (v_codes, vw32), (v_scale, 0), (v_zero, 0)):
+        if as_words:  # uint8 [.., cols] -> uint32 [.., cols / 4]
+            arr = jax.lax.bitcast_convert_type(arr.reshape(*arr.shape[:-1], arr.shape[-1] // 4, 4), jnp.uint32)
         if arr is not None:
             args.append(arr)
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
@@ -1219,6 +1243,8 @@ def _paged_attention_rows(
         asm=asm,
         kco=kco,
         vco=vco,
+        kw32=kw32,
+        vw32=vw32,
     )
     res = pl.pallas_call(
         kernel,

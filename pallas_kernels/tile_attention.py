@@ -251,6 +251,12 @@ def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
     return x.reshape(*lead, n * nf)
 
 
+def bytes_of_words(w: jnp.ndarray) -> jnp.ndarray:
+    """uint32 words `[.., n]` -> their bytes `[.., 4 * n]` uint8, least significant first (the byte order of the
+    pool the words were read from)."""
+    return interleave_fields([(w >> (8 * k)).astype(jnp.uint8) for k in range(4)])
+
+
 def field_order_q(qk: jnp.ndarray, run: int = 1) -> jnp.ndarray:
     """`arrange_q_token`'s `qk [.., ng, F, cb, R]` -> `[.., ng, cb * F, R]` in `interleave_fields`' order: the query
     side of one dot against a column block's fields."""

@@ -618,6 +618,39 @@ def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
 
 
 @pytest.mark.parametrize(
+    "kv,d,p,tuning",
+    [
+        ((_spec(4, group=128), _spec(4, group=128)), 128, 16, {}),
+        ((_spec(2, group=32), _spec(8, group=32, sym=True)), 128, 16, dict(parts=1)),
+        ((_spec(8, group=64), _spec(2, group=16)), 64, 16, dict(eight_bit="f16")),
+        ((_spec(4, "channel", 32), _spec(2, group=32)), 128, 64, dict(parts=1, _variant="vhalf,vload")),
+        ((_spec(2, "channel", 16), _spec(4, "channel", 16)), 64, 16, dict(_variant="kgather")),
+        ((_spec(4, "channel", 16), _spec(8, "channel", 16)), 64, 16, dict(channel_keys="dequant")),
+        ((_spec(8, "channel", 32), _spec(4, group=64)), 64, 64, dict(channel_keys="fold", _variant="corder2")),
+        ((_spec(16), _spec(2, "channel", 16, sym=True)), 64, 16, dict(pages_per_block=1, num_splits=3)),
+    ],
+    ids=["K4t-V4t", "K2tG32-V8tG32s-bf16", "K8t-V2tG16-f16", "K4c-V2tG32-vhalf", "K2c-V4c-gather", "K4c-V8c-dequant",
+         "K8c-V4t-fold-corder2", "K16-V2c-splits"],
+)  # fmt: skip
+def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
+    """`_variant="w32"`: every quantized pool read as 32-bit words and turned back into its bytes where they are
+    used (token-axis column blocks, channel-axis pages in storage or token order, 8-bit pages), prefetched or not:
+    the same bytes meet the same operations, so the outputs equal the byte reads' bit for bit."""
+    ks, vs = kv
+    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=2, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    args = (q, *k, *v, pt, nt)
+    tuning = dict(tuning)
+    variant = tuning.pop("_variant", "")
+    base = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=variant, **tuning)
+    words = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, "w32") if x),
+                    **tuning)  # fmt: skip
+    for a, b in zip(base, words, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + ",w32",
+           **tuning)  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "variant",
     [
         "",
@@ -640,6 +673,8 @@ def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
         "corder",
         "corder2",
         "kcorder4,vcorder2,vload",
+        "w32",
+        "w32,corder2,vload",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
@@ -663,5 +698,5 @@ def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
     scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours;
     so do small value groups dequantized in f16 (`_variant="vhalf"`, bf16 precision only), with either scale tiles."""
     assert "triton" in gpu_attention_lowered(*kv, eight_bit="f16", precision=precision)
-    for variant in ("vhalf", "vhalf,vload", "vhalf,vload,corder2"):
+    for variant in ("vhalf", "vhalf,vload", "vhalf,vload,corder2", "vhalf,vload,w32"):
         assert "triton" in gpu_attention_lowered(*kv, precision=precision, _variant=variant)

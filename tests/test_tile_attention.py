@@ -139,3 +139,9 @@ def test_field_order_query_and_outputs_match_the_operand(bits, group, run, rng):
 def test_interleave_fields_rejects_three_fields(rng):
     with pytest.raises(ValueError, match="3 fields, expected 1, 2 or 4"):
         ta.interleave_fields([jnp.asarray(f) for f in _fields(rng, 3)])
+
+
+def test_bytes_of_words_are_the_pool_s_bytes(rng):
+    raw = rng.integers(0, 256, (3, 5, 32), dtype=np.uint8)
+    words = raw.view("<u4")  # what the kernel reads: little-endian 32-bit words
+    np.testing.assert_array_equal(np.asarray(ta.bytes_of_words(jnp.asarray(words))), raw)
