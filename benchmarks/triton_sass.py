@@ -25,8 +25,8 @@ import tempfile
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 TRITON_PY = ROOT / ".venv-triton" / "bin" / "python"
-SHOWN = ("HGMMA", "WAIT", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU", "FMNMX",
-         "SHFL", "STS", "LDS", "LDSM", "LDG", "BAR", "IMAD")  # fmt: skip
+SHOWN = ("HGMMA", "WAIT", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU",
+         "FMNMX", "SHFL", "STS", "LDS", "LDSM", "LDG", "BAR", "IMAD")  # fmt: skip
 _RUN = dict(check=True, capture_output=True, text=True)
 _INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 

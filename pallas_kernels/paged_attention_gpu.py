@@ -42,6 +42,12 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   `fma.rn.f16x2` (~1 instruction per element instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against
   p * 2^14 as an f16 operand: every dequantized value lies between f16-stored extremes, so nothing needs scaling,
   and f16 keeps 3 more bits than the bf16 it replaces.
+- Opt-in until timed on a GPU (`_variant` items): "corder2" reads a column block's per-token fields as one operand
+  (`ta.interleave_fields`, runs of 2 byte columns per field, so each unpacking register's pair of operands stays
+  together; "corder" is channel order, "kcorder2" / "vcorder2" one side), one tensor-core dot and one wait per block
+  instead of one per field, against a query arranged the same way (`ta.field_order_q`); "w32" reads every quantized
+  pool as 32-bit words and turns them back into bytes where they are used (`as_bytes`), so prefetched tiles cross
+  the loop packed, four bytes a register, instead of one register per byte that the inline assembly packed again.
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
