@@ -47,7 +47,8 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   together; "corder" is channel order, "kcorder2" / "vcorder2" one side), one tensor-core dot and one wait per block
   instead of one per field, against a query arranged the same way (`ta.field_order_q`); "w32" reads every quantized
   pool as 32-bit words and turns them back into bytes where they are used (`as_bytes`), so prefetched tiles cross
-  the loop packed, four bytes a register, instead of one register per byte that the inline assembly packed again.
+  the loop packed, four bytes a register, instead of one register per byte that the inline assembly packed again;
+  "vzero" reads 16-bit value pages with a masked load (pages past the end as zeros) instead of a select per element.
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
@@ -302,6 +303,9 @@ def _kernel(
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
+    # 16-bit values of pages past the end zeroed by the load's mask instead of a select per element (opt-in until
+    # timed: the select and the re-pairing of its bf16 results were a third of 16/16's loop in the offline SASS).
+    vzero = vs.kind == "full" and "vzero" in variant.split(",")
     # Dequantized small value groups' per-element scale tiles from [rows, groups] block loads of each column block,
     # broadcast along the group's bytes, instead of a select chain over its groups (opt-in until timed on a GPU).
     vload = vdeq and vs.group % vs.per == 0 and vs.gpb > 1 and "vload" in variant
@@ -378,6 +382,13 @@ def _kernel(
         vtiles = ()
         if not which[1]:
             pass
+        elif vs.kind == "full" and vzero:  # pages past the end read as zeros (masked load): no select per element
+            ok = block_pages(i)[1][:, None, None]
+            cols = jax.lax.broadcasted_iota(jnp.int32, (1, 1, D), 2)
+            rows = [j + ksub * jax.lax.broadcasted_iota(jnp.int32, (1, Ps, 1), 1) for j in range(ksub)]  # sub_rows
+            vtiles = tuple(  # array indices only: the interpreter's masked load takes no slices
+                (plgpu.load(vc_ref.at[pages[:, None, None], r, cols], mask=ok, other=0).reshape(TBs, D),) for r in rows
+            )
         elif vs.kind == "full":
             vtiles = tuple((vc_ref[pages, sub_rows(j), :].reshape(TBs, D),) for j in range(ksub))
         elif vs.kind == "token":
@@ -564,7 +575,8 @@ def _kernel(
         vt: its value tiles."""
         if vs.kind == "full":
             x = vt[0]
-            x = jnp.where(valid[:, None], x, jnp.zeros_like(x))  # pages past the end may hold anything (NaN)
+            if not vzero:  # pages past the end may hold anything (NaN)
+                x = jnp.where(valid[:, None], x, jnp.zeros_like(x))
             pp_ = to_parts(p, parts)
             if vs.full_bf16:
                 accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)

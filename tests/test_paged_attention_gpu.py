@@ -290,22 +290,34 @@ VLOAD = STACKED | dict(_variant="vload")  # small value groups' scales as block 
 VHALF = STACKED | dict(_variant="vhalf,vload", parts=1)  # ... dequantized in f16 (see test_vhalf_...)
 F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands: their value scales set a split-wide
 # power of two in a pass of their own, which must skip stale pages' NaN scales too
+VZERO = dict(_variant="vzero")  # 16-bit values of stale pages zeroed by the load's mask instead of a select
+W32 = dict(_variant="w32")  # codes read as words (and fields as one operand): stale codes must stay masked
 
 
 @pytest.mark.parametrize(
     "kv,hg,tunings",
     [
-        ((_spec(4, group=64), _spec(16)), 2, ()),
-        ((_spec(16), _spec(2, "channel", 16)), 2, ()),
+        ((_spec(4, group=64), _spec(16)), 2, (VZERO, VZERO | dict(pages_per_block=1, num_splits=4))),
+        ((_spec(16), _spec(16)), 4, (VZERO, VZERO | dict(pages_per_block=2, parts=1))),
+        ((_spec(16), _spec(2, "channel", 16)), 2, (W32,)),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
-        ((_spec(4, "channel", 16), _spec(2, group=32)), 4, (STACKED, STACKED | dict(_variant="qselect"), VLOAD, VHALF)),
+        (
+            (_spec(4, "channel", 16), _spec(2, group=32)),
+            4,
+            (STACKED, STACKED | dict(_variant="qselect"), VLOAD, VHALF, VHALF | dict(_variant="vhalf,vload,w32")),
+        ),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
-        ((_spec(8, group=64), _spec(8, group=64, sym=True)), 2, (F16, F16 | dict(pages_per_block=1, num_splits=4))),
+        (
+            (_spec(8, group=64), _spec(8, group=64, sym=True)),
+            2,
+            (F16, F16 | dict(pages_per_block=1, num_splits=4), W32 | dict(_variant="w32,corder2")),
+        ),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (F16 | STACKED,)),
     ],
     ids=[
         "K4t-V16",
+        "K16-V16",
         "K16-V2c",
         "K4c-V2t",
         "K8c-V4t-stacked",
@@ -618,6 +630,23 @@ def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
 
 
 @pytest.mark.parametrize(
+    "kv,d,p,hg,tq,tuning",
+    [
+        ((_spec(16), _spec(16)), 128, 16, 4, 1, {}),
+        ((_spec(4, group=32), _spec(16)), 64, 16, 2, 3, dict(parts=1)),
+        ((_spec(4, "channel", 16), _spec(16)), 64, 16, 4, 1, STACKED),
+    ],
+    ids=["K16-V16", "K4tG32-V16-chunk-bf16", "K4c-V16-stacked"],
+)
+def test_vzero_matches_reference(kv, d, p, hg, tq, tuning, rng):
+    """`_variant="vzero"`: 16-bit value pages read by a masked load (pages past the end as zeros), token sub-blocks
+    with stacked per-channel keys included; stale pages full of NaN are `test_poisoned_pages_do_not_leak`'s."""
+    ks, vs = kv
+    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=hg, tq=tq, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant="vzero", **tuning)
+
+
+@pytest.mark.parametrize(
     "kv,d,p,tuning",
     [
         ((_spec(4, group=128), _spec(4, group=128)), 128, 16, {}),
@@ -675,6 +704,7 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
         "kcorder4,vcorder2,vload",
         "w32",
         "w32,corder2,vload",
+        "vzero",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
