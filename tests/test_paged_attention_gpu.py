@@ -298,7 +298,11 @@ W32 = dict(_variant="w32")  # codes read as words (and fields as one operand): s
     "kv,hg,tunings",
     [
         ((_spec(4, group=64), _spec(16)), 2, (VZERO, VZERO | dict(pages_per_block=1, num_splits=4))),
-        ((_spec(16), _spec(16)), 4, (VZERO, VZERO | dict(pages_per_block=2, parts=1))),
+        (
+            (_spec(16), _spec(16)),
+            4,
+            (VZERO, VZERO | dict(pages_per_block=2, parts=1), VZERO | dict(pages_per_block=1, parts=1)),
+        ),
         ((_spec(16), _spec(2, "channel", 16)), 2, (W32,)),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
@@ -633,14 +637,16 @@ def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
     "kv,d,p,hg,tq,tuning",
     [
         ((_spec(16), _spec(16)), 128, 16, 4, 1, {}),
+        ((_spec(16), _spec(16)), 128, 64, 4, 1, dict(parts=1)),
         ((_spec(4, group=32), _spec(16)), 64, 16, 2, 3, dict(parts=1)),
         ((_spec(4, "channel", 16), _spec(16)), 64, 16, 4, 1, STACKED),
     ],
-    ids=["K16-V16", "K4tG32-V16-chunk-bf16", "K4c-V16-stacked"],
+    ids=["K16-V16", "K16-V16-P64-bf16", "K4tG32-V16-chunk-bf16", "K4c-V16-stacked"],
 )
 def test_vzero_matches_reference(kv, d, p, hg, tq, tuning, rng):
-    """`_variant="vzero"`: 16-bit value pages read by a masked load (pages past the end as zeros), token sub-blocks
-    with stacked per-channel keys included; stale pages full of NaN are `test_poisoned_pages_do_not_leak`'s."""
+    """`_variant="vzero"`: 16-bit value pages read by a masked load (pages past the end as zeros), as [pages, rows,
+    D] or, one page a block at bf16 precision, by a scalar page; token sub-blocks with stacked per-channel keys
+    included; stale pages full of NaN are `test_poisoned_pages_do_not_leak`'s."""
     ks, vs = kv
     q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=hg, tq=tq, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
     _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant="vzero", **tuning)
