@@ -76,37 +76,59 @@ def compile_sass(ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: i
 
 
 def main(argv=None) -> None:
-    import attention  # benchmarks/attention.py: the config names
-    import triton_ir_ops
+    import attention  # benchmarks/attention.py: the config names and the schedule
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", default="4/4,8/8,kivi4/2")
+    ap.add_argument("--configs", default="4/4,8/8,kivi4/2", help="attention.py's config names, or schedule")
     ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
     ap.add_argument("--keep", default=None, help="directory to keep each TTIR, TritonGPU IR and SASS listing in")
     args = ap.parse_args(argv)
     print("config | tuning | registers | stack | loop instructions | " + " | ".join(SHOWN))
     for c in args.configs.split(","):
         for t in json.loads(args.tunings):
-            ttir = triton_ir_ops.triton_module(*attention.spec_pair(c), shape=triton_ir_ops.BENCH_SHAPE, **t)
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
-                    ttgir = (pathlib.Path(tmp) / "kernel.ttgir").read_text()
-                except subprocess.CalledProcessError as e:  # a variant Triton cannot compile: say why, go on
-                    why = (e.stderr or "").strip().splitlines()[-3:]
-                    print(f"{c} | {json.dumps(t, separators=(',', ':'))} | compile failed: {' / '.join(why)}")
-                    continue
-            if args.keep:
-                stem = pathlib.Path(args.keep) / re.sub(r"[^A-Za-z0-9]+", "_", f"{c}_{json.dumps(t)}").strip("_")
-                stem.parent.mkdir(parents=True, exist_ok=True)
-                stem.with_suffix(".ttir").write_text(ttir)
-                stem.with_suffix(".sass").write_text(sass)
-                stem.with_suffix(".ttgir").write_text(ttgir)
-            loop = main_loop(instructions(sass))
-            ops = opcode_counts(loop)
-            cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN)
-            print(f"{c} | {json.dumps(t, separators=(',', ':'))} | {usage.get('REG')} | {usage.get('STACK')} | "
-                  f"{len(loop)} | {cells}", flush=True)  # fmt: skip
+            tag = json.dumps(t, separators=(",", ":"))
+            if c != "schedule":
+                measure(c, *attention.spec_pair(c), t, tag, args.keep)
+                continue
+            # The 3.25-bit schedule: each distinct layer kind once, then the loop length weighted by its layers.
+            pairs, defaults, _ = attention.schedule_pairs()
+            total = 0
+            for (kb, vb), n in sorted(collections.Counter(pairs).items()):
+                loop = measure(
+                    f"schedule k{kb}/v{vb} x{n}", *attention.schedule_spec(kb, vb, defaults), t, tag, args.keep
+                )
+                if loop is None:
+                    break
+                total += n * loop
+            else:
+                print(f"schedule | {tag} | | | {total / len(pairs):.0f} (weighted by layers)", flush=True)
+
+
+def measure(name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None) -> int | None:
+    """Prints one row (registers, spill stack, main-loop instructions and mix) and returns the loop's length, or None
+    where Triton cannot compile the variant (the row says why)."""
+    import triton_ir_ops
+
+    ttir = triton_ir_ops.triton_module(k_spec, v_spec, shape=triton_ir_ops.BENCH_SHAPE, **t)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+            ttgir = (pathlib.Path(tmp) / "kernel.ttgir").read_text()
+        except subprocess.CalledProcessError as e:  # a variant Triton cannot compile: say why, go on
+            why = (e.stderr or "").strip().splitlines()[-3:]
+            print(f"{name} | {tag} | compile failed: {' / '.join(why)}")
+            return None
+    if keep:
+        stem = pathlib.Path(keep) / re.sub(r"[^A-Za-z0-9]+", "_", f"{name}_{json.dumps(t)}").strip("_")
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        stem.with_suffix(".ttir").write_text(ttir)
+        stem.with_suffix(".sass").write_text(sass)
+        stem.with_suffix(".ttgir").write_text(ttgir)
+    loop = main_loop(instructions(sass))
+    ops = opcode_counts(loop)
+    cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN)
+    print(f"{name} | {tag} | {usage.get('REG')} | {usage.get('STACK')} | {len(loop)} | {cells}", flush=True)
+    return len(loop)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,23 @@ def test_offline_compile_counts_the_f16_option_s_dots(tmp_path):
         counts.append(triton_sass.opcode_counts(triton_sass.main_loop(triton_sass.instructions(sass)))["HGMMA"])
         assert usage["LOCAL"] == 0
     assert counts == [32, 16]
+
+
+def test_schedule_rows_are_weighted_by_layers(monkeypatch, capsys):
+    """`--configs schedule`: each distinct layer kind of the 3.25-bit schedule measured once, then the loop length
+    weighted by how many layers have it (measure stubbed: lengths 1000 + 10 * K bits + V bits)."""
+    import attention  # on sys.path through triton_sass
+
+    pairs, defaults, _ = attention.schedule_pairs()
+    seen = []
+
+    def fake(name, k_spec, v_spec, t, tag, keep):
+        seen.append((name, k_spec.bits, v_spec.bits, k_spec.axis, v_spec.axis))
+        return 1000 + 10 * k_spec.bits + v_spec.bits
+
+    monkeypatch.setattr(triton_sass, "measure", fake)
+    triton_sass.main(["--configs", "schedule", "--tunings", '[{"precision":"bf16"}]'])
+    want = sum(1000 + 10 * kb + vb for kb, vb in pairs) / len(pairs)
+    assert f'schedule | {{"precision":"bf16"}} | | | {want:.0f} (weighted by layers)' in capsys.readouterr().out
+    assert sorted((kb, vb) for _, kb, vb, _, _ in seen) == sorted(set(pairs))  # each kind once
+    assert {(ka, va) for *_, ka, va in seen} == {(defaults["k_axis"], defaults["v_axis"])}
