@@ -319,7 +319,7 @@ def _kernel(
     if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
-        if kco:  # [cb * nf, R] each, against a column block's fields in channel order
+        if kco:  # [cb * nf, R] each, against a column block's fields in field order (`ta.field_order_q`)
             qk = [[q_ref[p, g, :, :] for g in range(ks.ngroups)] for p in range(qparts)]
         else:  # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
             qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
@@ -500,7 +500,7 @@ def _kernel(
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
                 cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
-                if kco:  # one dot of K = cb * nf per group and part instead of nf of K = cb
+                if kco:  # one dot of K = cb * nf per group and part instead of nf of K = cb (field order)
                     cs = ta.interleave_fields(cs, kco)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
@@ -703,7 +703,7 @@ def _kernel(
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
-                if vco:  # one operand [TB, cb * nf]: the column block's channels in order, one dot per part
+                if vco:  # one operand [TB, cb * nf]: the column block's fields in runs of vco, one dot per part
                     cs = [ta.interleave_fields(cs, vco)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
@@ -920,7 +920,10 @@ def field_runs(variant: str, ks: _Side, vs: _Side) -> tuple[int, int]:
         if side.kind != "token" or side.nf == 1:
             runs[i] = 0
         elif runs[i] and (runs[i] not in (1, 2, 4, 8) or side.cb % runs[i]):
-            raise ValueError(f"_variant={variant!r}: a field run of {runs[i]} does not divide {side.cb} byte columns")
+            raise ValueError(
+                f"_variant={variant!r}: a field run must be 1, 2, 4 or 8 and divide the {side.cb} byte columns of a "
+                f"column block; got {runs[i]}"
+            )
     return runs[0], runs[1]
 
 
@@ -1161,8 +1164,9 @@ def _paged_attention_rows(
         min_cb=32 if vdeq and "vcb16" not in variant else 16,
         eight_bit="f16" if vhalf else eight_bit,
     )
-    # Channel order (opt-in until timed): a column block's unpacked fields interleaved back into channel order, so each
-    # side is one tensor-core dot per column block (and part) instead of one per field (`ta.interleave_fields`).
+    # Field order (opt-in until timed): a column block's unpacked fields joined into one operand (runs of `kco` / `vco`
+    # byte columns per field), so each side is one tensor-core dot per column block (and part) instead of one per field
+    # (`ta.interleave_fields`).
     kco, vco = field_runs(variant, ks, vs)
     if vco and {"vrows", "vtrans"} & set(variant.split(",")):
         raise ValueError(f"_variant={variant!r}: channel order does not combine with vrows / vtrans")

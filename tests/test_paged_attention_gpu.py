@@ -625,8 +625,10 @@ def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
     assert gpu.field_runs("vcorder2,vhalf", t4, t2) == (0, 2)
     assert gpu.field_runs("corder2", f16, gpu._side(_spec(16), jnp.zeros((1,), jnp.bfloat16), 16, 128)) == (0, 0)
     assert gpu.field_runs("vload", t4, t2) == (0, 0)
-    with pytest.raises(ValueError, match="field run of 3 does not divide 64 byte columns"):
+    with pytest.raises(ValueError, match="field run must be 1, 2, 4 or 8 and divide the 64 byte columns .*got 3"):
         gpu.field_runs("kcorder3", t4, t2)
+    with pytest.raises(ValueError, match="field run must be .*got 16"):
+        gpu.field_runs("corder16", t4, t2)
     ks = vs = _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, vs, lengths=[16, 32])
     with pytest.raises(ValueError, match="channel order does not combine with vrows / vtrans"):
