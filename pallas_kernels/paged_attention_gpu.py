@@ -48,7 +48,9 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   instead of one per field, against a query arranged the same way (`ta.field_order_q`); "w32" reads every quantized
   pool as 32-bit words and turns them back into bytes where they are used (`as_bytes`), so prefetched tiles cross
   the loop packed, four bytes a register, instead of one register per byte that the inline assembly packed again;
-  "vzero" reads 16-bit value pages with a masked load (pages past the end as zeros) instead of a select per element.
+  "vzero" reads 16-bit value pages with a masked load (pages past the end as zeros) instead of a select per element;
+  "kjoin" joins stacked per-channel keys' fields back into token order (`ta.interleave_rows`), one key dot per block
+  instead of one per token sub-block, with values and softmax in token order.
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
@@ -272,6 +274,7 @@ def _kernel(
     vco: int = 0,
     kw32: bool = False,
     vw32: bool = False,
+    kjoin: int = 0,
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -375,8 +378,8 @@ def _kernel(
             ktiles = tuple(
                 kc_ref[pages, :, pl.ds(c * ks.cb // kw, ks.cb // kw)].reshape(TB, ks.cb // kw) for c in range(ks.ncb)
             )
-        elif ksub > 1 or ks.per == 1:  # storage order (8-bit: that is token order): whole pages, no row gather
-            ktiles = (kc_ref[pages, :, :].reshape(TBs, D // kw),)
+        elif ksub > 1 or ks.per == 1 or kjoin:  # storage order (8-bit: token order): whole pages, no row gather
+            ktiles = (kc_ref[pages, :, :].reshape(TBs // (kjoin or 1), D // kw),)
         else:
             ktiles = (channel_raw(kc_ref, ks, first + i * ppb),)
         vtiles = ()
@@ -542,6 +545,8 @@ def _kernel(
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             if ksub > 1:  # field j of the bytes is sub-block j: PTX unpacking with a constant field, no gather
                 cs, off = magic_fields(tiles[0][0], ks.bits, asm), ta.MAGIC  # [TBs, D] each
+            elif kjoin:  # the same fields joined back into token order: one dot for the block
+                cs, off = [ta.interleave_rows(magic_fields(tiles[0][0], ks.bits, asm))], ta.MAGIC  # [TB, D]
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
@@ -1176,6 +1181,10 @@ def _paged_attention_rows(
     mp = page_table.shape[1]
     ppb0, splits0 = default_config(b, h, mp, page_size, full=ks.kind == vs.kind == "full")
     ppb, kstack, ksub = stack_plan(ks, vs, rows, R, page_size, mp, ppb0, pages_per_block, channel_keys, variant, parts)
+    # Stacked keys' fields joined back into token order (opt-in until timed): one key dot per block instead of one
+    # per sub-block, and the values and softmax in token order (the kernel's ksub is then 1).
+    kjoin = ksub if ksub > 1 and "kjoin" in variant.split(",") else 0
+    ksub = 1 if kjoin else ksub
     nblocks = -(-mp // ppb)
     splits = min(num_splits or splits0, nblocks)
     bps = -(-nblocks // splits)
@@ -1275,6 +1284,7 @@ def _paged_attention_rows(
         vco=vco,
         kw32=kw32,
         vw32=vw32,
+        kjoin=kjoin,
     )
     res = pl.pallas_call(
         kernel,

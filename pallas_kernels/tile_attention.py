@@ -251,6 +251,24 @@ def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
     return x.reshape(*lead, n * nf)
 
 
+def interleave_rows(fields) -> jnp.ndarray:
+    """Field tiles `[n, C]` (1, 2 or 4 of them) -> `[n * F, C]` with row `i * F + j` = `fields[j][i]`: stacked
+    per-channel codes, whose byte row i holds token `i * F + j` in field j, back in token order. Two-way stacks on the
+    last axis and a transpose, like `interleave_fields`."""
+    nf = len(fields)
+    if nf == 1:
+        return fields[0]
+    if nf not in (2, 4):
+        raise ValueError(f"interleave_rows: {nf} fields, expected 1, 2 or 4")
+    n, c = fields[0].shape
+    xs = list(fields)
+    if nf == 4:  # last axis j // 2, then j % 2
+        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
+    x = jnp.stack(xs, axis=-1)  # [n, C, (F axes)]
+    x = jnp.transpose(x, (0, *range(2, x.ndim), 1))  # [n, (F axes), C]
+    return x.reshape(n * nf, c)
+
+
 def bytes_of_words(w: jnp.ndarray) -> jnp.ndarray:
     """uint32 words `[.., n]` -> their bytes `[.., 4 * n]` uint8, least significant first (the byte order of the
     pool the words were read from)."""

@@ -198,6 +198,7 @@ def test_channel_key_paths(keys, hg, tq, rng):
         _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2, _variant="kgather")
 
 
+@pytest.mark.parametrize("variant", ["", "kjoin,w32"])
 @pytest.mark.parametrize("kbits", [4, 2])
 @pytest.mark.parametrize(
     "vspec,tuning",
@@ -209,17 +210,18 @@ def test_channel_key_paths(keys, hg, tq, rng):
     ],
     ids=["V16", "V4t64", "V2t32dequant", "V2t32fold"],
 )
-def test_stacked_keys_in_token_sub_blocks(kbits, vspec, tuning, rng):
+def test_stacked_keys_in_token_sub_blocks(kbits, vspec, tuning, variant, rng):
     """Stacked 2/4-bit per-channel keys are read in storage order, one token sub-block per field of their bytes (every
     2nd / 4th token of a page), each with its values read at that row stride: every kind of value side, the default
-    block of 32 rows and the smallest one (16) with splits, ragged lengths (empty, mid-block)."""
+    block of 32 rows and the smallest one (16) with splits, ragged lengths (empty, mid-block). With "kjoin" (opt-in)
+    the fields are joined back into token order (`ta.interleave_rows`): one key dot, values read in token order."""
     ks = _spec(kbits, "channel", 16)
     per = 8 // kbits
     q, k, v, pt, nt = _case(rng, ks, vspec, b=4, hg=2, max_pages=5, lengths=[5 * 16, 3 * 16, 0, 16])
     for ppb, splits in ((2 * per, None), (per, 2)):  # sub-blocks of 32 and 16 rows
         plan = gpu.stack_plan(_side(ks), _side(vspec), 2, 16, 16, 5, 4, ppb, "stack", "", 2)
         assert plan[2] == per, plan  # sub-blocks in use
-        _check(q, k, v, pt, nt, ks, vspec, pages_per_block=ppb, num_splits=splits, **tuning)
+        _check(q, k, v, pt, nt, ks, vspec, pages_per_block=ppb, num_splits=splits, _variant=variant, **tuning)
 
 
 def _side(spec, d=64, p=16):
@@ -309,7 +311,14 @@ W32 = dict(_variant="w32")  # codes read as words (and fields as one operand): s
         (
             (_spec(4, "channel", 16), _spec(2, group=32)),
             4,
-            (STACKED, STACKED | dict(_variant="qselect"), VLOAD, VHALF, VHALF | dict(_variant="vhalf,vload,w32")),
+            (
+                STACKED,
+                STACKED | dict(_variant="qselect"),
+                VLOAD,
+                VHALF,
+                VHALF | dict(_variant="vhalf,vload,w32"),
+                STACKED | dict(_variant="kjoin"),
+            ),
         ),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
         (
@@ -713,6 +722,7 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
         "w32",
         "w32,corder2,vload",
         "vzero",
+        "kjoin",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):

@@ -145,3 +145,14 @@ def test_bytes_of_words_are_the_pool_s_bytes(rng):
     raw = rng.integers(0, 256, (3, 5, 32), dtype=np.uint8)
     words = raw.view("<u4")  # what the kernel reads: little-endian 32-bit words
     np.testing.assert_array_equal(np.asarray(ta.bytes_of_words(jnp.asarray(words))), raw)
+
+
+@pytest.mark.parametrize("nf", [2, 4])
+def test_interleave_rows_puts_token_order_back(nf, rng):
+    """Stacked per-channel codes: byte row i holds token i * F + j in field j; joined rows are tokens in order."""
+    fields = [rng.integers(0, 16, (8, 5)).astype(np.float32) for _ in range(nf)]
+    got = np.asarray(ta.interleave_rows([jnp.asarray(f) for f in fields]))
+    want = np.empty((8 * nf, 5), np.float32)
+    for j in range(nf):
+        want[j::nf] = fields[j]
+    np.testing.assert_array_equal(got, want)
