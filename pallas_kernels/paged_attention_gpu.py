@@ -322,8 +322,8 @@ def _kernel(
     if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
-        if kco:  # [cb * nf, R] each, against a column block's fields in field order (`ta.field_order_q`)
-            qk = [[q_ref[p, g, :, :] for g in range(ks.ngroups)] for p in range(qparts)]
+        if kco:  # one [cb * nf, R] tile per group, against a column block's fields in field order (`ta.field_order_q`)
+            qk = [[[q_ref[p, g, :, :]] for g in range(ks.ngroups)] for p in range(qparts)]
         else:  # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
             qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
         qsum = [qsum_ref[0, g, :] for g in range(ks.ngroups)]  # [R] f32, exact query sums (zero-points)
@@ -504,12 +504,12 @@ def _kernel(
                 x = tiles[0][cbi]
                 cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
                 if kco:  # one dot of K = cb * nf per group and part instead of nf of K = cb (field order)
-                    cs = ta.interleave_fields(cs, kco)
+                    cs = [ta.interleave_fields(cs, kco)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
-                        for j in range(1 if kco else ks.nf):
-                            dd = _dot(cs, qk[p][g]) if kco else _dot(cs[j], qk[p][g][j])
+                        for j in range(len(cs)):
+                            dd = _dot(cs[j], qk[p][g][j])
                             d = dd if d is None else d + dd
                     sc = prm[0][0][g]
                     zt = ta.zero_term(sc, prm[0][1][g] if prm[0][1] else None, ks.bits)
@@ -583,6 +583,13 @@ def _kernel(
                     s = d if one else jnp.where(rows[:, None], d, 0.0 if s is None else s)  # groups tile the rows
         return [jnp.where(valid[:, None], s * c_scale, -jnp.inf)]
 
+    def value_group_mask(cbi, j, g):
+        """bool: which value rows of column block cbi's field j hold a channel of group g ([cb]), or (j None) which
+        rows of the block's fields joined in `interleave_fields(.., vco)` order ([cb * nf])."""
+        if j is None:
+            return ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)
+        return ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
+
     def values(valid, vprm, vt, p, accs, zaccs):
         """Adds one (sub-)block's p-weighted values to the accumulators; vprm: its value scales (see token_params),
         vt: its value tiles."""
@@ -652,10 +659,7 @@ def _kernel(
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc, zt = sc_rows[g][:, None], zt_rows[g][:, None]
                     if gpb > 1:
-                        if j is None:
-                            keep = ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)[None, :]
-                        else:
-                            keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)[None, :]
+                        keep = value_group_mask(cbi, j, g)[None, :]
                         sc = jnp.where(keep, sc, 0.0 if sc_t is None else sc_t)
                         zt = jnp.where(keep, zt, 0.0 if zt_t is None else zt_t)
                     sc_t, zt_t = sc, zt
@@ -666,20 +670,20 @@ def _kernel(
                 return sc_t, zt_t - ta.magic(vs.f16) * sc_t
 
             shared = vs.group % vs.per == 0
-            # Channel order with every field of weight 1 and whole runs per group: the tiles are built in field order
+            # Field order with every field of weight 1 and whole runs per group: the tiles are built in field order
             # directly (no interleaving of per-field tiles).
             in_field_order = vco and shared and not (vs.bits == 8 and not vs.f16) and (vs.group // vs.per) % vco == 0
 
             def dot_items(cbi, cs):
                 """(operand, scale tile, offset tile, accumulator) of each dot of column block cbi's fields cs."""
-                if in_field_order:  # the fields in channel order (runs of vco): one dot per part pair
+                if in_field_order:  # the fields in field order (runs of vco): one dot per part pair
                     return [(ta.interleave_fields(cs, vco), *group_tiles(cbi, None), cbi)]
-                once = {}
+                once, gt = {}, []  # fields of one weight share their tiles where the group spans whole bytes
                 for j in range(vs.nf):
-                    key = (cbi, ta.field_weight(vs.bits, j, vs.f16)) if shared else (cbi, j)
+                    key = ta.field_weight(vs.bits, j, vs.f16) if shared else j
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
-                gt = [once[(cbi, ta.field_weight(vs.bits, j, vs.f16)) if shared else (cbi, j)] for j in range(vs.nf)]
+                    gt.append(once[key])
                 if vco:  # per-field scale / offset tiles interleaved like the fields
                     return [(ta.interleave_fields(cs, vco), *(in_fields([t[k] for t in gt]) for k in (0, 1)), cbi)]
                 return [(cs[j], *gt[j], cbi * vs.nf + j) for j in range(vs.nf)]
@@ -729,11 +733,7 @@ def _kernel(
                         else:
                             d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
-                            if vco:
-                                keep = ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)
-                            else:
-                                keep = ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
-                            d = jnp.where(keep[:, None], d, 0.0)
+                            d = jnp.where(value_group_mask(cbi, None if vco else j, g)[:, None], d, 0.0)
                         a = cbi if vco else cbi * vs.nf + j
                         accs[a] = accs[a] + d
                     # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
@@ -790,7 +790,8 @@ def _kernel(
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
             return m, l, loads_only(tiles, prm, list(accs)), zaccs, *nxt
-        s = scores(base, pages, valid, prm, as_bytes(tiles))
+        btiles = as_bytes(tiles)
+        s = scores(base, pages, valid, prm, btiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
         else:
@@ -802,7 +803,7 @@ def _kernel(
         if vs.kind == "token" and not vdeq:
             zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
         for j in range(ksub):
-            accs, zaccs = values(valid, prm[1][j], as_bytes(tiles)[1][j], p[j], accs, zaccs)
+            accs, zaccs = values(valid, prm[1][j], btiles[1][j], p[j], accs, zaccs)
         return m_new, l_new, accs, zaccs, *nxt
 
     def value_scaling():
@@ -1298,11 +1299,8 @@ def _paged_attention_rows(
     )(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        o = (
-            o.reshape(b, h, splits, vs.ncb, vs.cb * vs.nf, R)
-            if vco
-            else o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
-        )
+        if not vco:  # [.., ncb, nf, cb, R] (with vco, out_shape is already [.., ncb, cb * nf, R])
+            o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
         o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16, run=vco)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za

@@ -229,6 +229,16 @@ def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int, f16: bool = Fa
     return qk, qsum
 
 
+def _stack_fields(xs, who: str) -> jnp.ndarray:
+    """2 or 4 equal tiles stacked on new last axes, by two-way stacks only (`tt.join` in the Triton lowering): one
+    axis of 2 for two, axes (j // 2, j % 2) for four, so that flattening them gives field j at position j."""
+    if len(xs) not in (2, 4):
+        raise ValueError(f"{who}: {len(xs)} fields, expected 1, 2 or 4")
+    if len(xs) == 4:
+        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
+    return jnp.stack(xs, axis=-1)
+
+
 def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
     """Field tiles `[.., n]` of a column block (1, 2 or 4 of them) -> one operand `[.., n * F]` of runs of `run` byte
     columns, each field's run in turn: element `(i // run) * run * F + j * run + i % run` is `fields[j][.., i]`.
@@ -238,13 +248,8 @@ def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
     nf = len(fields)
     if nf == 1:
         return fields[0]
-    if nf not in (2, 4):
-        raise ValueError(f"interleave_fields: {nf} fields, expected 1, 2 or 4")
     lead, n = fields[0].shape[:-1], fields[0].shape[-1]
-    xs = list(fields) if run == 1 else [f.reshape(*lead, n // run, run) for f in fields]
-    if nf == 4:  # last axis j // 2, then (below) j % 2: j = 2 * (j // 2) + j % 2
-        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
-    x = jnp.stack(xs, axis=-1)
+    x = _stack_fields([f if run == 1 else f.reshape(*lead, n // run, run) for f in fields], "interleave_fields")
     if run > 1:  # [.., n / run, run, (F axes)] -> [.., n / run, (F axes), run]
         k, nfa = x.ndim, 2 if nf == 4 else 1
         x = jnp.transpose(x, (*range(k - nfa - 1), *range(k - nfa, k), k - nfa - 1))
@@ -258,13 +263,8 @@ def interleave_rows(fields) -> jnp.ndarray:
     nf = len(fields)
     if nf == 1:
         return fields[0]
-    if nf not in (2, 4):
-        raise ValueError(f"interleave_rows: {nf} fields, expected 1, 2 or 4")
     n, c = fields[0].shape
-    xs = list(fields)
-    if nf == 4:  # last axis j // 2, then j % 2
-        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
-    x = jnp.stack(xs, axis=-1)  # [n, C, (F axes)]
+    x = _stack_fields(fields, "interleave_rows")  # [n, C, (F axes)]
     x = jnp.transpose(x, (0, *range(2, x.ndim), 1))  # [n, (F axes), C]
     return x.reshape(n * nf, c)
 
