@@ -42,15 +42,10 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   `fma.rn.f16x2` (~1 instruction per element instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against
   p * 2^14 as an f16 operand: every dequantized value lies between f16-stored extremes, so nothing needs scaling,
   and f16 keeps 3 more bits than the bf16 it replaces.
-- Opt-in until timed on a GPU (`_variant` items): "corder2" reads a column block's per-token fields as one operand
-  (`ta.interleave_fields`, runs of 2 byte columns per field, so each unpacking register's pair of operands stays
-  together; "corder" is channel order, "kcorder2" / "vcorder2" one side), one tensor-core dot and one wait per block
-  instead of one per field, against a query arranged the same way (`ta.field_order_q`); "w32" reads every quantized
-  pool as 32-bit words and turns them back into bytes where they are used (`as_bytes`), so prefetched tiles cross
-  the loop packed, four bytes a register, instead of one register per byte that the inline assembly packed again;
-  "vzero" reads 16-bit value pages with a masked load (pages past the end as zeros) instead of a select per element;
-  "kjoin" joins stacked per-channel keys' fields back into token order (`ta.interleave_rows`), one key dot per block
-  instead of one per token sub-block, with values and softmax in token order.
+- Opt-in until timed on a GPU (`_variant` items): "w32" reads every quantized pool as 32-bit words and turns them
+  back into bytes where they are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register,
+  instead of one register per byte that the inline assembly packed again; "vzero" reads 16-bit value pages with a
+  masked load (pages past the end as zeros) instead of a select per element.
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
@@ -66,7 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -270,11 +264,8 @@ def _kernel(
     qrows: int = 0,
     asm: bool = False,
     variant: str = "",
-    kco: int = 0,
-    vco: int = 0,
     kw32: bool = False,
     vw32: bool = False,
-    kjoin: int = 0,
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -322,10 +313,8 @@ def _kernel(
     if ks.kind == "full" or kdeq:
         qk = [q_ref[p, :, :] for p in range(qparts)]  # [D, R] bf16 each
     elif ks.kind == "token":
-        if kco:  # one [cb * nf, R] tile per group, against a column block's fields in field order (`ta.field_order_q`)
-            qk = [[[q_ref[p, g, :, :]] for g in range(ks.ngroups)] for p in range(qparts)]
-        else:  # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
-            qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
+        # [cb, R] bf16 each (f16 with whole 8-bit key codes, scaled by 1 / qinv per column)
+        qk = [[[q_ref[p, g, j, :, :] for j in range(ks.nf)] for g in range(ks.ngroups)] for p in range(qparts)]
         qsum = [qsum_ref[0, g, :] for g in range(ks.ngroups)]  # [R] f32, exact query sums (zero-points)
         qsum_op = [qsum_ref[1, g, :] for g in range(ks.ngroups)]  # [R] sums of what the dots see (magic offset)
     else:
@@ -378,8 +367,8 @@ def _kernel(
             ktiles = tuple(
                 kc_ref[pages, :, pl.ds(c * ks.cb // kw, ks.cb // kw)].reshape(TB, ks.cb // kw) for c in range(ks.ncb)
             )
-        elif ksub > 1 or ks.per == 1 or kjoin:  # storage order (8-bit: token order): whole pages, no row gather
-            ktiles = (kc_ref[pages, :, :].reshape(TBs // (kjoin or 1), D // kw),)
+        elif ksub > 1 or ks.per == 1:  # storage order (8-bit: token order): whole pages, no row gather
+            ktiles = (kc_ref[pages, :, :].reshape(TBs, D // kw),)
         else:
             ktiles = (channel_raw(kc_ref, ks, first + i * ppb),)
         vtiles = ()
@@ -503,8 +492,6 @@ def _kernel(
             for cbi in range(ks.ncb):
                 x = tiles[0][cbi]
                 cs = magic_fields(x, ks.bits, asm, ks.f16)  # 128 + field, bf16 (1024 + code, f16)
-                if kco:  # one dot of K = cb * nf per group and part instead of nf of K = cb (field order)
-                    cs = [ta.interleave_fields(cs, kco)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     d = None
                     for p in reversed(range(qparts)):
@@ -545,8 +532,6 @@ def _kernel(
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             if ksub > 1:  # field j of the bytes is sub-block j: PTX unpacking with a constant field, no gather
                 cs, off = magic_fields(tiles[0][0], ks.bits, asm), ta.MAGIC  # [TBs, D] each
-            elif kjoin:  # the same fields joined back into token order: one dot for the block
-                cs, off = [ta.interleave_rows(magic_fields(tiles[0][0], ks.bits, asm))], ta.MAGIC  # [TB, D]
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
@@ -584,10 +569,7 @@ def _kernel(
         return [jnp.where(valid[:, None], s * c_scale, -jnp.inf)]
 
     def value_group_mask(cbi, j, g):
-        """bool: which value rows of column block cbi's field j hold a channel of group g ([cb]), or (j None) which
-        rows of the block's fields joined in `interleave_fields(.., vco)` order ([cb * nf])."""
-        if j is None:
-            return ta.group_mask_of_rows(vs.cb, cbi, vs.bits, vs.group, vs.nf, g, vco)
+        """bool [cb]: which value rows of column block cbi's field j hold a channel of group g."""
         return ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
 
     def values(valid, vprm, vt, p, accs, zaccs):
@@ -627,32 +609,25 @@ def _kernel(
 
             def group_tiles_loaded(cbi, j):
                 """`group_tiles` from column block cbi's [TBs, groups] loads, each group's value repeated over its
-                group // per bytes (j None: over its group // per * nf operands in field order)."""
+                group // per bytes."""
                 sc = jnp.where(valid[:, None], vprm[0][cbi], 0.0)
                 zt = jnp.where(
                     valid[:, None], ta.zero_term(vprm[0][cbi], vprm[1][cbi] if vprm[1] else None, vs.bits), 0.0
                 )
                 if vhalf:
                     sc, off = sc.astype(jnp.float16), zt.astype(jnp.float16)
-                elif j is not None and ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the
+                elif ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the
                     off = -ta.MAGIC * sc  # zero-point is on the low one
                 else:
                     off = zt - ta.magic(vs.f16) * sc
-                reps = vs.group // vs.per * (vs.nf if j is None else 1)
+                reps = vs.group // vs.per
                 return tuple(
                     jnp.broadcast_to(x[:, :, None], (TBs, gpb, reps)).reshape(TBs, gpb * reps) for x in (sc, off)
                 )
 
-            def in_fields(ts):
-                """Per-field scale or offset tiles [TBs, cb] or [TBs, 1] -> one for `interleave_fields`' operand."""
-                if all(t is ts[0] for t in ts) and ts[0].shape[-1] == 1:
-                    return ts[0]
-                return ta.interleave_fields([jnp.broadcast_to(t, (TBs, vs.cb)) for t in ts], vco)
-
             def group_tiles(cbi, j):
                 """(scale, offset of the magic operand) per element of field j of column block cbi: [TB, cb] or
-                [TB, 1]; j None: of all fields at once in `interleave_fields(.., vco)` order, [TB, cb * nf] (fields
-                of weight 1 whose runs do not cross a group: see `in_field_order`)."""
+                [TB, 1]."""
                 if vload:
                     return group_tiles_loaded(cbi, j)
                 sc_t = zt_t = None
@@ -665,27 +640,20 @@ def _kernel(
                     sc_t, zt_t = sc, zt
                 if vhalf:
                     return sc_t, zt_t
-                if j is not None and ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point
+                if ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the zero-point
                     return sc_t, -ta.MAGIC * sc_t  # is on the low one
                 return sc_t, zt_t - ta.magic(vs.f16) * sc_t
 
             shared = vs.group % vs.per == 0
-            # Field order with every field of weight 1 and whole runs per group: the tiles are built in field order
-            # directly (no interleaving of per-field tiles).
-            in_field_order = vco and shared and not (vs.bits == 8 and not vs.f16) and (vs.group // vs.per) % vco == 0
 
             def dot_items(cbi, cs):
                 """(operand, scale tile, offset tile, accumulator) of each dot of column block cbi's fields cs."""
-                if in_field_order:  # the fields in field order (runs of vco): one dot per part pair
-                    return [(ta.interleave_fields(cs, vco), *group_tiles(cbi, None), cbi)]
                 once, gt = {}, []  # fields of one weight share their tiles where the group spans whole bytes
                 for j in range(vs.nf):
                     key = ta.field_weight(vs.bits, j, vs.f16) if shared else j
                     if key not in once:
                         once[key] = group_tiles(cbi, j)
                     gt.append(once[key])
-                if vco:  # per-field scale / offset tiles interleaved like the fields
-                    return [(ta.interleave_fields(cs, vco), *(in_fields([t[k] for t in gt]) for k in (0, 1)), cbi)]
                 return [(cs[j], *gt[j], cbi * vs.nf + j) for j in range(vs.nf)]
 
             for cbi in range(vs.ncb):
@@ -700,7 +668,7 @@ def _kernel(
                     for a_ in reversed(range(parts)):
                         for b_ in reversed(range(parts)):
                             if a_ + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
-                                dd = _dot(vp[a_], pv[b_], trans_a=True)  # [cb, R] ([cb * nf, R] with vco)
+                                dd = _dot(vp[a_], pv[b_], trans_a=True)  # [cb, R]
                                 d = dd if d is None else d + dd
                     accs[a] = accs[a] + d
         elif vs.kind == "token":
@@ -712,8 +680,6 @@ def _kernel(
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
-                if vco:  # one operand [TB, cb * nf]: the column block's fields in runs of vco, one dot per part
-                    cs = [ta.interleave_fields(cs, vco)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
@@ -733,9 +699,8 @@ def _kernel(
                         else:
                             d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
-                            d = jnp.where(value_group_mask(cbi, None if vco else j, g)[:, None], d, 0.0)
-                        a = cbi if vco else cbi * vs.nf + j
-                        accs[a] = accs[a] + d
+                            d = jnp.where(value_group_mask(cbi, j, g)[:, None], d, 0.0)
+                        accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
                     # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
                     # (one group), or summed per block (several groups: per-token accumulators would spill).
                     zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
@@ -827,11 +792,7 @@ def _kernel(
 
     vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
-        accs = (
-            [jnp.zeros((vs.cb * vs.nf, R), jnp.float32) for _ in range(vs.ncb)]
-            if vco
-            else [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
-        )
+        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
         zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
@@ -910,27 +871,6 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 CHANNEL_KEYS = ("stack", "fold", "dequant")
 P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 and up stay normal-range f16
 EIGHT_BITS = ("nibbles", "f16")
-
-
-def field_runs(variant: str, ks: _Side, vs: _Side) -> tuple[int, int]:
-    """(keys, values): the `run` of `ta.interleave_fields` each token-axis side's fields are read in (one dot per
-    column block), or 0 (one dot per field). `_variant` items: "corder" (both sides), "kcorder" / "vcorder" (one
-    side), each optionally followed by the run, e.g. "corder2"; a bare name means run 1 (channel order)."""
-    runs = [0, 0]
-    for item in variant.split(","):
-        m = re.fullmatch(r"([kv]?)corder(\d*)", item)
-        if m:
-            for i in (0, 1) if not m.group(1) else ("kv".index(m.group(1)),):
-                runs[i] = int(m.group(2) or 1)
-    for i, side in enumerate((ks, vs)):
-        if side.kind != "token" or side.nf == 1:
-            runs[i] = 0
-        elif runs[i] and (runs[i] not in (1, 2, 4, 8) or side.cb % runs[i]):
-            raise ValueError(
-                f"_variant={variant!r}: a field run must be 1, 2, 4 or 8 and divide the {side.cb} byte columns of a "
-                f"column block; got {runs[i]}"
-            )
-    return runs[0], runs[1]
 
 
 def _next_pow2(x: int) -> int:
@@ -1170,22 +1110,12 @@ def _paged_attention_rows(
         min_cb=32 if vdeq and "vcb16" not in variant else 16,
         eight_bit="f16" if vhalf else eight_bit,
     )
-    # Field order (opt-in until timed): a column block's unpacked fields joined into one operand (runs of `kco` / `vco`
-    # byte columns per field), so each side is one tensor-core dot per column block (and part) instead of one per field
-    # (`ta.interleave_fields`).
-    kco, vco = field_runs(variant, ks, vs)
-    if vco and {"vrows", "vtrans"} & set(variant.split(",")):
-        raise ValueError(f"_variant={variant!r}: channel order does not combine with vrows / vtrans")
     hg = hq // h
     rows = hg * tq
     R = max(16, _next_pow2(rows))
     mp = page_table.shape[1]
     ppb0, splits0 = default_config(b, h, mp, page_size, full=ks.kind == vs.kind == "full")
     ppb, kstack, ksub = stack_plan(ks, vs, rows, R, page_size, mp, ppb0, pages_per_block, channel_keys, variant, parts)
-    # Stacked keys' fields joined back into token order (opt-in until timed): one key dot per block instead of one
-    # per sub-block, and the values and softmax in token order (the kernel's ksub is then 1).
-    kjoin = ksub if ksub > 1 and "kjoin" in variant.split(",") else 0
-    ksub = 1 if kjoin else ksub
     nblocks = -(-mp // ppb)
     splits = min(num_splits or splits0, nblocks)
     bps = -(-nblocks // splits)
@@ -1222,13 +1152,7 @@ def _paged_attention_rows(
         qsum_op = jnp.sum(ta.parts_value(qk_parts), axis=(-3, -2))  # [B, H, ng, R]
         qsum = jnp.stack([qsum, qsum_op], axis=2)  # [B, H, 2, ng, R]
         qk = jnp.stack(qk_parts, axis=2)
-        if kco:  # [B, H, parts, ng, cb * F, R]
-            qk = ta.field_order_q(qk, kco)
-            qspec = pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf * ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0))
-        else:
-            qspec = pl.BlockSpec(
-                (None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0)
-            )
+        qspec = pl.BlockSpec((None, None, qparts, ks.ngroups, ks.nf, ks.cb, R), lambda i, j, s: (i, j, 0, 0, 0, 0, 0))
         args += [qk, qsum]
         specs += [qspec, pl.BlockSpec((None, None, 2, ks.ngroups, R), lambda i, j, s: (i, j, 0, 0, 0))]
         if ks.f16:
@@ -1247,7 +1171,7 @@ def _paged_attention_rows(
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
     if vs.kind == "token":
-        nacc, arows = (vs.ncb, vs.cb * vs.nf) if vco else (vs.ncb * vs.nf, vs.cb)
+        nacc, arows = vs.ncb * vs.nf, vs.cb
     else:
         nacc, arows = 1, d
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
@@ -1281,11 +1205,8 @@ def _paged_attention_rows(
         ksub=ksub,
         qrows=rows,
         asm=asm,
-        kco=kco,
-        vco=vco,
         kw32=kw32,
         vw32=vw32,
-        kjoin=kjoin,
     )
     res = pl.pallas_call(
         kernel,
@@ -1299,9 +1220,8 @@ def _paged_attention_rows(
     )(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        if not vco:  # [.., ncb, nf, cb, R] (with vco, out_shape is already [.., ncb, cb * nf, R])
-            o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
-        o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16, run=vco)
+        o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
+        o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za
     else:

@@ -239,34 +239,15 @@ def _stack_fields(xs, who: str) -> jnp.ndarray:
     return jnp.stack(xs, axis=-1)
 
 
-def interleave_fields(fields, run: int = 1) -> jnp.ndarray:
-    """Field tiles `[.., n]` of a column block (1, 2 or 4 of them) -> one operand `[.., n * F]` of runs of `run` byte
-    columns, each field's run in turn: element `(i // run) * run * F + j * run + i % run` is `fields[j][.., i]`.
-    `run=1` is channel order (2/4-bit field j of byte i is channel `per * i + j`); `run=2` keeps the pair of operands
-    an unpacking register holds together. Written as nested two-way stacks on the last axis (`tt.join` in the Triton
-    lowering, which keeps the new axis in each thread's registers) and a transpose."""
+def interleave_fields(fields) -> jnp.ndarray:
+    """Tiles `[.., n]` (1, 2 or 4 of them) -> one `[.., n * F]` whose element `i * F + j` is `fields[j][.., i]`.
+    Written as nested two-way stacks on the last axis (`tt.join` in the Triton lowering, which keeps the new axis in
+    each thread's registers)."""
     nf = len(fields)
     if nf == 1:
         return fields[0]
     lead, n = fields[0].shape[:-1], fields[0].shape[-1]
-    x = _stack_fields([f if run == 1 else f.reshape(*lead, n // run, run) for f in fields], "interleave_fields")
-    if run > 1:  # [.., n / run, run, (F axes)] -> [.., n / run, (F axes), run]
-        k, nfa = x.ndim, 2 if nf == 4 else 1
-        x = jnp.transpose(x, (*range(k - nfa - 1), *range(k - nfa, k), k - nfa - 1))
-    return x.reshape(*lead, n * nf)
-
-
-def interleave_rows(fields) -> jnp.ndarray:
-    """Field tiles `[n, C]` (1, 2 or 4 of them) -> `[n * F, C]` with row `i * F + j` = `fields[j][i]`: stacked
-    per-channel codes, whose byte row i holds token `i * F + j` in field j, back in token order. Two-way stacks on the
-    last axis and a transpose, like `interleave_fields`."""
-    nf = len(fields)
-    if nf == 1:
-        return fields[0]
-    n, c = fields[0].shape
-    x = _stack_fields(fields, "interleave_rows")  # [n, C, (F axes)]
-    x = jnp.transpose(x, (0, *range(2, x.ndim), 1))  # [n, (F axes), C]
-    return x.reshape(n * nf, c)
+    return _stack_fields(fields, "interleave_fields").reshape(*lead, n * nf)
 
 
 def bytes_of_words(w: jnp.ndarray) -> jnp.ndarray:
@@ -275,37 +256,14 @@ def bytes_of_words(w: jnp.ndarray) -> jnp.ndarray:
     return interleave_fields([(w >> (8 * k)).astype(jnp.uint8) for k in range(4)])
 
 
-def field_order_q(qk: jnp.ndarray, run: int = 1) -> jnp.ndarray:
-    """`arrange_q_token`'s `qk [.., ng, F, cb, R]` -> `[.., ng, cb * F, R]` in `interleave_fields`' order: the query
-    side of one dot against a column block's fields."""
-    *lead, ng, f, cb, r = qk.shape
-    x = jnp.moveaxis(qk.reshape(*lead, ng, f, cb // run, run, r), -4, -3)  # [.., ng, cb / run, F, run, R]
-    return x.reshape(*lead, ng, cb * f, r)
-
-
 def group_mask_of_block(cb: int, cbi: int, bits: int, group_size: int, j: int, g: int) -> jnp.ndarray:
     """bool [cb]: which byte columns of column block cbi hold, in field j, a channel of group g (output masks)."""
     return (field_channel(bits, cbi * cb + jnp.arange(cb), j) // group_size) == g
 
 
-def group_mask_of_rows(cb: int, cbi: int, bits: int, group_size: int, nf: int, g: int, run: int = 1) -> jnp.ndarray:
-    """bool [cb * nf]: `group_mask_of_block` for the rows of a dot against `interleave_fields(.., run)`."""
-    r = jnp.arange(cb * nf)
-    i, j = (r // (run * nf)) * run + r % run, (r // run) % nf
-    return (codes_per_byte(bits) * (cbi * cb + i) + (j if bits < 8 else 0)) // group_size == g
-
-
-def unarrange_out_token(
-    o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int, f16: bool = False, run: int = 0
-) -> jnp.ndarray:
-    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit nibbles: lo + 16 * hi).
-    `run` > 0: outputs of dots against `interleave_fields(.., run)`, `o_t [..., ncb, cb * F, R]`."""
+def unarrange_out_token(o_t: jnp.ndarray, bits: int, group_size: int, head_dim: int, f16: bool = False) -> jnp.ndarray:
+    """Per-field outputs `o_t [..., ncb, F, cb, R]` -> `[..., R, D]` in channel order (8-bit nibbles: lo + 16 * hi)."""
     del group_size
-    if run:
-        *lead, ncb, rows, r = o_t.shape
-        nf = num_fields(bits, f16)
-        x = jnp.moveaxis(o_t.reshape(*lead, ncb, rows // (nf * run), nf, run, r), -3, -4)
-        o_t = x.reshape(*lead, ncb, nf, rows // nf, r)
     if bits == 8 and not f16:
         o_t = o_t[..., :, :1, :, :] + field_weight(8, 1) * o_t[..., :, 1:, :, :]
     *lead, ncb, per, cb, r = o_t.shape

@@ -198,7 +198,7 @@ def test_channel_key_paths(keys, hg, tq, rng):
         _check(q, k, v, pt, nt, ks, vs, channel_keys=keys, pages_per_block=2, _variant="kgather")
 
 
-@pytest.mark.parametrize("variant", ["", "kjoin,w32"])
+@pytest.mark.parametrize("variant", ["", "w32"])
 @pytest.mark.parametrize("kbits", [4, 2])
 @pytest.mark.parametrize(
     "vspec,tuning",
@@ -213,8 +213,8 @@ def test_channel_key_paths(keys, hg, tq, rng):
 def test_stacked_keys_in_token_sub_blocks(kbits, vspec, tuning, variant, rng):
     """Stacked 2/4-bit per-channel keys are read in storage order, one token sub-block per field of their bytes (every
     2nd / 4th token of a page), each with its values read at that row stride: every kind of value side, the default
-    block of 32 rows and the smallest one (16) with splits, ragged lengths (empty, mid-block). With "kjoin" (opt-in)
-    the fields are joined back into token order (`ta.interleave_rows`): one key dot, values read in token order."""
+    block of 32 rows and the smallest one (16) with splits, ragged lengths (empty, mid-block); codes read as bytes
+    and as words."""
     ks = _spec(kbits, "channel", 16)
     per = 8 // kbits
     q, k, v, pt, nt = _case(rng, ks, vspec, b=4, hg=2, max_pages=5, lengths=[5 * 16, 3 * 16, 0, 16])
@@ -293,7 +293,7 @@ VHALF = STACKED | dict(_variant="vhalf,vload", parts=1)  # ... dequantized in f1
 F16 = dict(eight_bit="f16")  # 8-bit per-token codes as whole-byte f16 operands: their value scales set a split-wide
 # power of two in a pass of their own, which must skip stale pages' NaN scales too
 VZERO = dict(_variant="vzero")  # 16-bit values of stale pages zeroed by the load's mask instead of a select
-W32 = dict(_variant="w32")  # codes read as words (and fields as one operand): stale codes must stay masked
+W32 = dict(_variant="w32")  # codes read as words: stale codes must stay masked
 
 
 @pytest.mark.parametrize(
@@ -317,14 +317,13 @@ W32 = dict(_variant="w32")  # codes read as words (and fields as one operand): s
                 VLOAD,
                 VHALF,
                 VHALF | dict(_variant="vhalf,vload,w32"),
-                STACKED | dict(_variant="kjoin"),
             ),
         ),
         ((_spec(2, "channel", 16, sym=True), _spec(8, "channel", 16)), 4, (STACKED,)),
         (
             (_spec(8, group=64), _spec(8, group=64, sym=True)),
             2,
-            (F16, F16 | dict(pages_per_block=1, num_splits=4), W32 | dict(_variant="w32,corder2")),
+            (F16, F16 | dict(pages_per_block=1, num_splits=4), W32),
         ),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (F16 | STACKED,)),
     ],
@@ -588,62 +587,6 @@ def test_eight_bit_f16_leaves_other_widths_alone(rng):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-# Field order (`_variant="corder"`, "corder2", ..., or one side: "kcorder2", "vcorder"): a column block's unpacked
-# per-token fields read as one operand, one dot per block instead of one per field (opt-in until timed). Every
-# per-token path: keys with one and several groups per column block, values folded into p (several groups: masked
-# rows) and dequantized in small groups (select chain, block loads, f16; runs within a group's bytes), a run of 8
-# across 2-bit groups of 4 bytes (both value paths), 8-bit nibbles on both sides, "high" and bf16, a prefill chunk.
-CORDER_CASES = [
-    (_spec(4, group=128), _spec(4, group=128), 128, 16, 4, "corder2", {}),
-    (_spec(2, group=128), _spec(2, group=128, sym=True), 128, 16, 8, "corder", dict(parts=1)),
-    (_spec(8, group=128), _spec(8, group=128, sym=True), 128, 16, 2, "corder2", {}),
-    (_spec(4, group=16), _spec(2, group=32), 128, 64, 4, "corder4", {}),
-    (_spec(4, group=16, sym=True), _spec(4, group=16, sym=True), 64, 16, 2, "corder", dict(small_value_groups="fold")),
-    (_spec(2, group=32), _spec(8, group=32), 128, 16, 2, "corder2", {}),
-    (_spec(4, "channel", 32), _spec(2, group=32), 128, 64, 4, "vcorder2,vhalf,vload", dict(parts=1)),
-    (_spec(16), _spec(4, group=32), 128, 64, 1, "vcorder,vhalf", dict(parts=1)),
-    (_spec(2, group=64), _spec(16), 64, 16, 4, "kcorder4", {}),
-    (_spec(16), _spec(2, group=16), 64, 16, 2, "corder8", {}),
-    (_spec(16), _spec(2, group=16), 64, 16, 2, "vcorder8", dict(small_value_groups="fold")),
-    (_spec(4, group=64), _spec(4, group=32), 64, 16, 4, "corder2,vload", dict(tq=3)),
-]
-
-
-def _corder_id(c):
-    return _id(c[:5]) + f"-{c[5]}" + "".join(f"-{k}{v}" for k, v in c[6].items())
-
-
-@pytest.mark.parametrize("case", CORDER_CASES, ids=_corder_id)
-def test_field_order_matches_reference(case, rng):
-    k_spec, v_spec, d, p, hg, variant, tuning = case
-    tuning = dict(tuning)
-    tq = tuning.pop("tq", 1)
-    q, k, v, pt, nt = _case(rng, k_spec, v_spec, d=d, p=p, hg=hg, tq=tq, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
-    rtol = 2e-2 if tuning.get("parts") == 1 else RTOL
-    _check(q, k, v, pt, nt, k_spec, v_spec, rtol=rtol, _variant=variant, **tuning)
-
-
-def test_field_runs_pick_the_sides_and_reject_bad_runs(rng):
-    """Which sides read their fields in order: both, one, or none where a side has a single field (16 bits,
-    per-channel, 8-bit codes as f16); a run that does not divide a column block, or one combined with the value
-    ablations that transpose the operand, is a clear error."""
-    t4, t2 = gpu._side(_spec(4, group=128), None, 16, 128), gpu._side(_spec(2, group=32), None, 16, 128, min_cb=32)
-    f16 = gpu._side(_spec(8, group=128), None, 16, 128, eight_bit="f16")
-    assert gpu.field_runs("corder", t4, t2) == (1, 1)
-    assert gpu.field_runs("vload,kcorder4", t4, t2) == (4, 0)
-    assert gpu.field_runs("vcorder2,vhalf", t4, t2) == (0, 2)
-    assert gpu.field_runs("corder2", f16, gpu._side(_spec(16), jnp.zeros((1,), jnp.bfloat16), 16, 128)) == (0, 0)
-    assert gpu.field_runs("vload", t4, t2) == (0, 0)
-    with pytest.raises(ValueError, match="field run must be 1, 2, 4 or 8 and divide the 64 byte columns .*got 3"):
-        gpu.field_runs("kcorder3", t4, t2)
-    with pytest.raises(ValueError, match="field run must be .*got 16"):
-        gpu.field_runs("corder16", t4, t2)
-    ks = vs = _spec(4, group=64)
-    q, k, v, pt, nt = _case(rng, ks, vs, lengths=[16, 32])
-    with pytest.raises(ValueError, match="channel order does not combine with vrows / vtrans"):
-        paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, _variant="corder,vrows")
-
-
 @pytest.mark.parametrize(
     "kv,d,p,hg,tq,tuning",
     [
@@ -672,11 +615,11 @@ def test_vzero_matches_reference(kv, d, p, hg, tq, tuning, rng):
         ((_spec(4, "channel", 32), _spec(2, group=32)), 128, 64, dict(parts=1, _variant="vhalf,vload")),
         ((_spec(2, "channel", 16), _spec(4, "channel", 16)), 64, 16, dict(_variant="kgather")),
         ((_spec(4, "channel", 16), _spec(8, "channel", 16)), 64, 16, dict(channel_keys="dequant")),
-        ((_spec(8, "channel", 32), _spec(4, group=64)), 64, 64, dict(channel_keys="fold", _variant="corder2")),
+        ((_spec(8, "channel", 32), _spec(4, group=64)), 64, 64, dict(channel_keys="fold")),
         ((_spec(16), _spec(2, "channel", 16, sym=True)), 64, 16, dict(pages_per_block=1, num_splits=3)),
     ],
     ids=["K4t-V4t", "K2tG32-V8tG32s-bf16", "K8t-V2tG16-f16", "K4c-V2tG32-vhalf", "K2c-V4c-gather", "K4c-V8c-dequant",
-         "K8c-V4t-fold-corder2", "K16-V2c-splits"],
+         "K8c-V4t-fold", "K16-V2c-splits"],
 )  # fmt: skip
 def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
     """`_variant="w32"`: every quantized pool read as 32-bit words and turned back into its bytes where they are
@@ -716,13 +659,9 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
         "qonce",
         "qselect",
         "vload",
-        "corder",
-        "corder2",
-        "kcorder4,vcorder2,vload",
         "w32",
-        "w32,corder2,vload",
+        "w32,vload",
         "vzero",
-        "kjoin",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
@@ -746,5 +685,5 @@ def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
     scalars) lowers to Triton for an abstract H100, with per-token, small-group and stacked per-channel neighbours;
     so do small value groups dequantized in f16 (`_variant="vhalf"`, bf16 precision only), with either scale tiles."""
     assert "triton" in gpu_attention_lowered(*kv, eight_bit="f16", precision=precision)
-    for variant in ("vhalf", "vhalf,vload", "vhalf,vload,corder2", "vhalf,vload,w32"):
+    for variant in ("vhalf", "vhalf,vload", "vhalf,vload,w32"):
         assert "triton" in gpu_attention_lowered(*kv, precision=precision, _variant=variant)

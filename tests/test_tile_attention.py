@@ -79,9 +79,7 @@ def test_deferred_step_and_split_combine_equal_a_whole_softmax(rng):
     np.testing.assert_allclose(np.asarray(lse), want_lse * np.log(2.0), rtol=2e-6)
 
 
-# Field order (`interleave_fields`): a column block's unpacked fields as one tensor-core operand, one dot per block
-# instead of one per field. Checked against index arithmetic written out in numpy, and for the three places that
-# must agree on the order: the codes' operand, the query arranged for it, and the value outputs put back.
+# `interleave_fields` (used to turn 32-bit words back into bytes): checked against index arithmetic in numpy.
 
 
 def _fields(rng, nf, rows=3, cb=16):
@@ -89,51 +87,15 @@ def _fields(rng, nf, rows=3, cb=16):
 
 
 @pytest.mark.parametrize("nf", [2, 4])
-@pytest.mark.parametrize("run", [1, 2, 4, 8])
-def test_interleave_fields_puts_runs_of_each_field_in_turn(nf, run, rng):
+def test_interleave_fields_puts_each_field_in_turn(nf, rng):
     fields = _fields(rng, nf)
-    got = np.asarray(ta.interleave_fields([jnp.asarray(f) for f in fields], run))
+    got = np.asarray(ta.interleave_fields([jnp.asarray(f) for f in fields]))
     cb = fields[0].shape[1]
     want = np.empty((fields[0].shape[0], cb * nf), np.float32)
     for j in range(nf):
         for i in range(cb):
-            want[:, (i // run) * run * nf + j * run + i % run] = fields[j][:, i]
+            want[:, i * nf + j] = fields[j][:, i]
     np.testing.assert_array_equal(got, want)
-    if run == 1:  # channel order: 2/4-bit field j of byte i is channel per * i + j
-        np.testing.assert_array_equal(got, np.stack(fields, axis=-1).reshape(got.shape))
-
-
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 16), (2, 32), (8, 64)])
-@pytest.mark.parametrize("run", [1, 2, 4])
-def test_field_order_query_and_outputs_match_the_operand(bits, group, run, rng):
-    """One dot of `interleave_fields(codes)` against `field_order_q(qk)` equals the per-field dots it replaces; the
-    value side's field-order outputs come back in channel order like per-field ones; its group masks are the
-    per-field masks interleaved. Small-integer operands: every sum is exact in float32."""
-    d, r = 128, 5
-    nf, per = ta.num_fields(bits), ta.codes_per_byte(bits)
-    cb = ta.col_block(d, bits, group)
-    q_t = jnp.asarray(rng.integers(-8, 8, (d, r)).astype(np.float32))
-    qk, _ = ta.arrange_q_token(q_t, bits, group)  # [ng, F, cb, R]
-    qf = ta.field_order_q(qk, run)  # [ng, cb * F, R]
-    fields = [jnp.asarray(f) for f in _fields(rng, nf, rows=7, cb=cb)]
-    op = ta.interleave_fields(fields, run)
-    gpb = cb * per // group
-    for g in range(d // group):
-        per_field = sum(np.asarray(fields[j]) @ np.asarray(qk[g, j]) for j in range(nf))
-        np.testing.assert_array_equal(np.asarray(op @ qf[g]), per_field)
-        cbi = g // gpb
-        masks = [jnp.asarray(ta.group_mask_of_block(cb, cbi, bits, group, j, g))[None, :] for j in range(nf)]
-        np.testing.assert_array_equal(
-            np.asarray(ta.group_mask_of_rows(cb, cbi, bits, group, nf, g, run)),
-            np.asarray(ta.interleave_fields(masks, run))[0],
-        )
-    ncb = d // (cb * per)
-    o = jnp.asarray(rng.normal(0, 1, (2, ncb, nf, cb, r)).astype(np.float32))  # per-field outputs [.., F, cb, R]
-    o_fo = jnp.swapaxes(ta.interleave_fields([jnp.swapaxes(o[:, :, j], -1, -2) for j in range(nf)], run), -1, -2)
-    np.testing.assert_array_equal(
-        np.asarray(ta.unarrange_out_token(o_fo, bits, group, d, run=run)),
-        np.asarray(ta.unarrange_out_token(o, bits, group, d)),
-    )
 
 
 def test_interleave_fields_rejects_three_fields(rng):
@@ -145,14 +107,3 @@ def test_bytes_of_words_are_the_pool_s_bytes(rng):
     raw = rng.integers(0, 256, (3, 5, 32), dtype=np.uint8)
     words = raw.view("<u4")  # what the kernel reads: little-endian 32-bit words
     np.testing.assert_array_equal(np.asarray(ta.bytes_of_words(jnp.asarray(words))), raw)
-
-
-@pytest.mark.parametrize("nf", [2, 4])
-def test_interleave_rows_puts_token_order_back(nf, rng):
-    """Stacked per-channel codes: byte row i holds token i * F + j in field j; joined rows are tokens in order."""
-    fields = [rng.integers(0, 16, (8, 5)).astype(np.float32) for _ in range(nf)]
-    got = np.asarray(ta.interleave_rows([jnp.asarray(f) for f in fields]))
-    want = np.empty((8 * nf, 5), np.float32)
-    for j in range(nf):
-        want[j::nf] = fields[j]
-    np.testing.assert_array_equal(got, want)
