@@ -191,7 +191,7 @@ def main(argv=None) -> int:
         "--kernel_options",
         default="{}",
         help="JSON keyword options for the GPU attention kernel in this run, e.g. "
-        '\'{"eight_bit":"f16","_variant":"vhalf,vload"}\' (options opt-in until timed; see BENCHMARKS.md)',
+        '\'{"eight_bit":"nibbles","_variant":"w32"}\' (A/B against the defaults; see BENCHMARKS.md)',
     )
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args(argv)

@@ -8,7 +8,7 @@ counted 167 registers and no FFMA for 4/4 on 2026-12-01, where this gives 204 an
 variants of one kernel with each other, as evidence before a GPU can time them, not absolute costs.
 
     PYTHONPATH=. .venv/bin/python benchmarks/triton_sass.py --configs kivi4/2 \\
-        --tunings '[{"precision":"bf16"},{"precision":"bf16","_variant":"vhalf,vload"}]'
+        --tunings '[{"precision":"bf16"},{"precision":"bf16","_variant":"novhalf,vselect"}]'
 """
 
 from __future__ import annotations

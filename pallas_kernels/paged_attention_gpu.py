@@ -34,27 +34,29 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   tile and broadcast to the columns, except with 2-bit keys' four sub-blocks), or one group per dot
   (`channel_keys="fold"`), or applied by dequantizing the block in the kernel (`"dequant"`); channel-axis values have
   theirs applied to the output per token group. Per-token values with several groups per head are dequantized per field
-  tile (default; column blocks of >= 32 bytes; the per-element scale tiles of a block's several groups come from a
-  select chain over the groups, or with `_variant="vload"`, opt-in until timed, from [rows, groups] block loads
-  broadcast along each group's bytes, bit for bit the same) or folded into p group by group
-  (`small_value_groups="fold"`). With `_variant="vhalf"` (opt-in until timed; bf16 precision, f16-stored scales and
-  zeros) the dequantization runs in f16 arithmetic, `(1024 + code - 1024) * scale + zero` by `sub.f16x2` and
-  `fma.rn.f16x2` (~1 instruction per element instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against
-  p * 2^14 as an f16 operand: every dequantized value lies between f16-stored extremes, so nothing needs scaling,
-  and f16 keeps 3 more bits than the bf16 it replaces.
-- Opt-in until timed on a GPU (`_variant` items): "w32" reads every quantized pool as 32-bit words and turns them
-  back into bytes where they are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register,
-  instead of one register per byte that the inline assembly packed again; "vzero" reads 16-bit value pages with a
-  masked load (pages past the end as zeros) instead of a select per element.
+  tile (default; column blocks of >= 32 bytes; the per-element scale tiles of a block's several groups come from
+  [rows, groups] block loads broadcast along each group's bytes, or with `_variant="vselect"` from a select chain over
+  the groups, bit for bit the same) or folded into p group by group (`small_value_groups="fold"`). At bf16 precision
+  with f16-stored scales and zeros (default; `_variant="novhalf"` turns it off) the dequantization runs in f16
+  arithmetic, `(1024 + code - 1024) * scale + zero` by `sub.f16x2` and `fma.rn.f16x2` (~1 instruction per element
+  instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against p * 2^14 as an f16 operand: every dequantized
+  value lies between f16-stored extremes, so nothing needs scaling, and f16 keeps 3 more bits than the bf16 it
+  replaces. Measured on the H200 (2026-12-05): the 3.25-bit schedule's mean layer 0.585 -> 0.559 ms.
+- 8-bit pools are read as 32-bit words and turned back into bytes where they are used (`as_bytes`), so prefetched
+  tiles cross the loop packed, four bytes a register, instead of one register per byte that the inline assembly
+  packed again (`_variant="w32"`: every quantized pool; "nw32": none). 16-bit values of one-page blocks at bf16
+  precision are read by a scalar page index with a masked load (pages past the end as zeros; "novzero": a select
+  per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
-- 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so by default each byte is two 4-bit
-  fields (two dots, weights 1 and 16). `eight_bit="f16"` makes each byte one f16 operand `1024 + code` (a `prmt`
-  against 0x64 bytes: one instruction per two operands, one dot): the query side of those dots is then split into
-  f16 parts after scaling each query row by a power of two to a largest element in [2^13, 2^14) (undone on its
-  scores), and the probability side after scaling p * value scale by a power of two taken from the split's largest
-  value scale (a pass over the split's scales before the main loop; undone on the output). f16 parts carry 11
-  significant bits each. Opt-in until it is measured on a GPU.
+- 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so each byte is one f16 operand
+  `1024 + code` (default, `eight_bit="f16"`; a `prmt` against 0x64 bytes: one instruction per two operands, one
+  dot): the query side of those dots is then split into f16 parts after scaling each query row by a power of two to
+  a largest element in [2^13, 2^14) (undone on its scores), and the probability side after scaling p * value scale
+  by a power of two taken from the split's largest value scale (a pass over the split's scales before the main loop;
+  undone on the output). f16 parts carry 11 significant bits each. `eight_bit="nibbles"` reads each byte as two
+  4-bit fields instead (two bf16 dots, weights 1 and 16): 8/8 at batch 32 x 16K on the H200, 1.387 -> 0.710 ms at
+  "high" and 1.037 -> 0.593 at bf16 with the word reads (2026-12-05).
 """
 
 from __future__ import annotations
@@ -297,12 +299,17 @@ def _kernel(
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
-    # 16-bit values of pages past the end zeroed by the load's mask instead of a select per element (opt-in until
-    # timed: the select and the re-pairing of its bf16 results were a third of 16/16's loop in the offline SASS).
-    vzero = vs.kind == "full" and "vzero" in variant.split(",")
+    # 16-bit values of one-page blocks at bf16 precision: the page indexed by a scalar and masked by the load (pages
+    # past the end read as zeros), so the value dot reads the tile transposed straight from the shared memory its
+    # asynchronous copy filled, and no select per element remains (16/16 at batch 32 x 16K on the H200: 0.726 ->
+    # 0.614 ms). Blocks of several pages, or two parts per operand ("high"), keep the select: the same masked load
+    # there, of [pages, rows, D], was slower (0.765 -> 1.046 ms at "high"; the engine at page 32 too). Ablation:
+    # `_variant="novzero"`.
+    vzero = vs.kind == "full" and ppb == 1 and parts == 1 and "novzero" not in variant
     # Dequantized small value groups' per-element scale tiles from [rows, groups] block loads of each column block,
-    # broadcast along the group's bytes, instead of a select chain over its groups (opt-in until timed on a GPU).
-    vload = vdeq and vs.group % vs.per == 0 and vs.gpb > 1 and "vload" in variant
+    # broadcast along the group's bytes, instead of a select chain over its groups (`_variant="vselect"`): the same
+    # float32 operations, bit for bit, and faster on the H200 (BENCHMARKS.md, 2026-12-05).
+    vload = vdeq and vs.group % vs.per == 0 and vs.gpb > 1 and "vselect" not in variant
     split = pl.program_id(2)
     npages = nt_ref[0] // P
     first = split * pps
@@ -374,17 +381,14 @@ def _kernel(
         vtiles = ()
         if not which[1]:
             pass
-        elif vs.kind == "full" and vzero:  # pages past the end read as zeros (masked load): no select per element
-            # Array indices only (the interpreter's masked load takes no slices): [ppb, Ps, D]; one-page blocks at
-            # bf16 precision by a scalar page, [Ps, D] as loaded, which the dot then reads transposed straight from
-            # shared memory (offline SASS, 16/16: 346 -> 298 loop instructions; at "high", whose two dots per tile
-            # each read it again, 341 -> 381, so not there).
+        elif vs.kind == "full" and vzero:  # one page by a scalar index, past the end read as zeros (masked load)
+            # Array indices only (the interpreter's masked load takes no slices); [Ps, D] as loaded, which the dot
+            # then reads transposed straight from shared memory.
             ok = block_pages(i)[1]
-            lead = () if ppb == 1 and parts == 1 else (ppb,)
-            cols = jax.lax.broadcasted_iota(jnp.int32, (*(1 for _ in lead), 1, D), len(lead) + 1)
-            rows = jax.lax.broadcasted_iota(jnp.int32, (*(1 for _ in lead), Ps, 1), len(lead))
-            idx = pages.reshape(()) if not lead else pages[:, None, None]
-            mask = jnp.broadcast_to(ok.reshape(()) if not lead else ok[:, None, None], (*lead, Ps, D))
+            cols = jax.lax.broadcasted_iota(jnp.int32, (1, D), 1)
+            rows = jax.lax.broadcasted_iota(jnp.int32, (Ps, 1), 0)
+            idx = pages.reshape(())
+            mask = jnp.broadcast_to(ok.reshape(()), (Ps, D))
             vtiles = tuple(
                 (plgpu.load(vc_ref.at[idx, rows * ksub + j, cols], mask=mask, other=0).reshape(TBs, D),)
                 for j in range(ksub)
@@ -986,7 +990,7 @@ def paged_attention(
     small_value_groups: str = "dequant",
     precision: str = "high",
     unpack: str = "auto",
-    eight_bit: str = "nibbles",
+    eight_bit: str = "f16",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -1006,9 +1010,9 @@ def paged_attention(
     (element-wise jnp ops) or "auto" (asm when compiled, jnp under `interpret` or on a ROCm GPU, which cannot run PTX);
     both give the same bits. With asm the kernel also rounds float32 to bf16 (`round_bf16_ptx`, same bits) and computes
     exp2 (`exp2_ptx`) by single PTX instructions. `eight_bit`: how 8-bit per-token codes meet the tensor cores,
-    "nibbles" (two 4-bit fields as bf16 operands, two dots per code) or "f16" (each byte one f16 operand `1024 +
-    code`, one dot, against f16 query / probability tiles scaled by powers of two into f16's range: the query per row
-    by its largest element, the probabilities by the largest value scale of the split).
+    "f16" (default: each byte one f16 operand `1024 + code`, one dot, against f16 query / probability tiles scaled by
+    powers of two into f16's range: the query per row by its largest element, the probabilities by the largest value
+    scale of the split) or "nibbles" (two 4-bit fields as bf16 operands, two dots per code).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -1092,12 +1096,12 @@ def _paged_attention_rows(
     # tensor-core instructions of the work); 32 rows split over the warps (BENCHMARKS.md).
     vdeq = v_spec.quantized and v_spec.axis == "token" and v_spec.group_size < d and small_value_groups == "dequant"
     # vhalf: small value groups dequantized in f16 arithmetic at bf16 precision, where the stored scales and zeros are
-    # f16 (so every dequantized value lies within f16's range: between stored f16 minimum and maximum); opt-in until
-    # timed. Its 8-bit codes are whole-byte f16 operands.
+    # f16 (so every dequantized value lies within f16's range: between stored f16 minimum and maximum); default,
+    # `_variant="novhalf"` turns it off. Its 8-bit codes are whole-byte f16 operands.
     vhalf = (
         vdeq
         and parts == 1
-        and "vhalf" in variant
+        and "novhalf" not in variant
         and v_scale.dtype == jnp.float16
         and (v_zero is None or v_zero.dtype == jnp.float16)
         and v_spec.group_size % ta.codes_per_byte(v_spec.bits) == 0
@@ -1161,8 +1165,14 @@ def _paged_attention_rows(
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
-    # Quantized codes read as 32-bit words (opt-in until timed; see the kernel's `as_bytes`).
-    kw32, vw32 = (side.kind != "full" and "w32" in variant.split(",") for side in (ks, vs))
+    # Quantized codes read as 32-bit words and turned back into bytes in the kernel (`as_bytes`): 8-bit pools by
+    # default (8/8 at batch 32 x 16K, bf16 precision, on the H200: 1.037 -> 0.906 ms as nibbles, 0.893 -> 0.593 as f16
+    # operands; the schedule's 8/4 layers 0.722 -> 0.661), every pool with `_variant="w32"` (per-token 4/4 was 6-14%
+    # slower), none with "nw32".
+    items = variant.split(",")
+    kw32, vw32 = (
+        side.kind != "full" and "nw32" not in items and ("w32" in items or side.bits == 8) for side in (ks, vs)
+    )
     for arr, as_words in ((k_codes, kw32), (k_scale, 0), (k_zero, 0), (v_codes, vw32), (v_scale, 0), (v_zero, 0)):
         if as_words:  # uint8 [.., cols] -> uint32 [.., cols / 4]
             arr = jax.lax.bitcast_convert_type(arr.reshape(*arr.shape[:-1], arr.shape[-1] // 4, 4), jnp.uint32)

@@ -33,7 +33,7 @@ def test_ratios_at_the_benchmark_batch_and_at_each_largest_batch():
 
 def test_kernel_options_reach_the_gpu_kernel_through_the_dispatcher(rng):
     """`--kernel_options` wraps the GPU kernel the dispatcher looks up at call time: a call through the dispatcher
-    then equals the kernel called with those options, bit for bit (8/8 with eight_bit="f16", which changes the
+    then equals the kernel called with those options, bit for bit (8/8 with eight_bit="nibbles", which changes the
     numbers), and `restore` undoes it; unknown or dispatcher-owned keywords are refused by name."""
     import jax.numpy as jnp
     import numpy as np
@@ -53,9 +53,9 @@ def test_kernel_options_reach_the_gpu_kernel_through_the_dispatcher(rng):
     q = jnp.asarray(rng.standard_normal((1, 2, 1, 64)), jnp.float32)
     pt, nt = jnp.asarray([[2, 0, 3, -1]], jnp.int32), jnp.asarray([48], jnp.int32)
     kw = dict(k_spec=spec, v_spec=spec, sm_scale=0.125, interpret=True)
-    want = gpu.paged_attention(q, *pools, pt, nt, eight_bit="f16", **kw)
+    want = gpu.paged_attention(q, *pools, pt, nt, eight_bit="nibbles", **kw)
     plain = gpu.paged_attention(q, *pools, pt, nt, **kw)
-    restore = e2e.use_kernel_options({"eight_bit": "f16"})
+    restore = e2e.use_kernel_options({"eight_bit": "nibbles"})
     try:
         got = dispatch(q, *pools, pt, nt, backend="gpu", **kw)
     finally:

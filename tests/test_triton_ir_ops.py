@@ -24,9 +24,9 @@ def _tok(bits: int) -> KVSpec:
 
 def test_dot_counts_follow_the_kernel():
     ops = triton_ir_ops.triton_ops
-    assert ops(_tok(8), _tok(8), precision="bf16")["tt.dot"] == 4
-    assert ops(_tok(8), _tok(8), precision="bf16", eight_bit="f16")["tt.dot"] == 2
-    assert ops(_tok(4), _tok(4), precision="bf16") == ops(_tok(4), _tok(4), precision="bf16", eight_bit="f16")
+    assert ops(_tok(8), _tok(8), precision="bf16", eight_bit="nibbles")["tt.dot"] == 4
+    assert ops(_tok(8), _tok(8), precision="bf16")["tt.dot"] == 2  # whole-byte f16 operands (default)
+    assert ops(_tok(4), _tok(4), precision="bf16") == ops(_tok(4), _tok(4), precision="bf16", eight_bit="nibbles")
     full = ops(KVSpec(bits=16), KVSpec(bits=16), precision="bf16")
     assert full["tt.dot"] == 2 and full["tt.elementwise_inline_asm"] == 3  # exp2 of alpha and of p, p rounded to bf16
 
@@ -35,8 +35,8 @@ def test_fingerprint_tells_kernels_apart_and_ignores_locations():
     """Equal for the same kernel built twice and for a 4-bit pool whatever `eight_bit` says (the option only reaches
     8-bit sides), different where the kernel differs; no source line or location reference is left in the text."""
     fp = triton_ir_ops.fingerprint
-    assert fp(_tok(4), _tok(4)) == fp(_tok(4), _tok(4), eight_bit="f16") == fp(_tok(4), _tok(4))
-    assert fp(_tok(8), _tok(8)) != fp(_tok(8), _tok(8), eight_bit="f16")
+    assert fp(_tok(4), _tok(4)) == fp(_tok(4), _tok(4), eight_bit="nibbles") == fp(_tok(4), _tok(4))
+    assert fp(_tok(8), _tok(8)) != fp(_tok(8), _tok(8), eight_bit="nibbles")
     assert fp(_tok(4), _tok(4)) != fp(_tok(4), _tok(4), precision="bf16")
     text = triton_ir_ops.triton_module(_tok(4), _tok(4))
     assert "tt.dot" in text and "paged_attention_gpu.py" not in text and "#loc1" not in text

@@ -40,12 +40,12 @@ def test_resources_are_read_from_cuobjdump():
 
 @pytest.mark.skipif(not triton_sass.TRITON_PY.exists(), reason="needs .venv-triton (scripts/setup_triton_offline.sh)")
 def test_offline_compile_counts_the_f16_option_s_dots(tmp_path):
-    """8/8 at bf16 precision: two HGMMA groups per side and block as nibbles, one with eight_bit="f16"."""
+    """8/8 at bf16 precision: two HGMMA groups per side and block as nibbles, one as f16 operands (default)."""
     import triton_ir_ops  # on sys.path through triton_sass
 
     tok8 = KVSpec(bits=8, axis="token", group_size=128)
     counts = []
-    for tuning in ({"precision": "bf16"}, {"precision": "bf16", "eight_bit": "f16"}):
+    for tuning in ({"precision": "bf16", "eight_bit": "nibbles"}, {"precision": "bf16"}):
         ttir = triton_ir_ops.triton_module(tok8, tok8, shape=triton_ir_ops.BENCH_SHAPE, **tuning)
         sass, usage = triton_sass.compile_sass(ttir, tmp_path, 4, 2)
         counts.append(triton_sass.opcode_counts(triton_sass.main_loop(triton_sass.instructions(sass)))["HGMMA"])
