@@ -42,11 +42,11 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against p * 2^14 as an f16 operand: every dequantized
   value lies between f16-stored extremes, so nothing needs scaling, and f16 keeps 3 more bits than the bf16 it
   replaces. Measured on the H200 (2026-12-05): the 3.25-bit schedule's mean layer 0.585 -> 0.559 ms.
-- 8-bit pools are read as 32-bit words and turned back into bytes where they are used (`as_bytes`), so prefetched
-  tiles cross the loop packed, four bytes a register, instead of one register per byte that the inline assembly
-  packed again (`_variant="w32"`: every quantized pool; "nw32": none). 16-bit values of one-page blocks at bf16
-  precision are read by a scalar page index with a masked load (pages past the end as zeros; "novzero": a select
-  per element instead).
+- In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
+  are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
+  per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
+  one-page blocks at bf16 precision are read by a scalar page index with a masked load (pages past the end as zeros;
+  "novzero": a select per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so each byte is one f16 operand
@@ -1165,14 +1165,14 @@ def _paged_attention_rows(
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
-    # Quantized codes read as 32-bit words and turned back into bytes in the kernel (`as_bytes`): 8-bit pools by
-    # default (8/8 at batch 32 x 16K, bf16 precision, on the H200: 1.037 -> 0.906 ms as nibbles, 0.893 -> 0.593 as f16
-    # operands; the schedule's 8/4 layers 0.722 -> 0.661), every pool with `_variant="w32"` (per-token 4/4 was 6-14%
-    # slower), none with "nw32".
+    # Quantized codes read as 32-bit words and turned back into bytes in the kernel (`as_bytes`): by default both
+    # pools of a layer with an 8-bit side (8/8 at batch 32 x 16K, bf16 precision, on the H200: 1.037 -> 0.906 ms as
+    # nibbles, 0.893 -> 0.593 as f16 operands; the schedule's 8-bit-key, 4-bit-value layers 0.722 -> 0.661), and no
+    # other (per-token 4/4 was 6-14% slower, the schedule's other layers unchanged); every pool with
+    # `_variant="w32"`, none with "nw32".
     items = variant.split(",")
-    kw32, vw32 = (
-        side.kind != "full" and "nw32" not in items and ("w32" in items or side.bits == 8) for side in (ks, vs)
-    )
+    words = "w32" in items or ("nw32" not in items and 8 in (k_spec.bits, v_spec.bits))
+    kw32, vw32 = (words and side.kind != "full" for side in (ks, vs))
     for arr, as_words in ((k_codes, kw32), (k_scale, 0), (k_zero, 0), (v_codes, vw32), (v_scale, 0), (v_zero, 0)):
         if as_words:  # uint8 [.., cols] -> uint32 [.., cols / 4]
             arr = jax.lax.bitcast_convert_type(arr.reshape(*arr.shape[:-1], arr.shape[-1] // 4, 4), jnp.uint32)
