@@ -709,3 +709,23 @@ def test_eight_bit_f16_lowers_for_an_h100(kv, precision):
     assert "triton" in gpu_attention_lowered(*kv, eight_bit="nibbles", precision=precision)
     for variant in ("", "vselect", "novhalf", "w32", "nw32"):
         assert "triton" in gpu_attention_lowered(*kv, precision=precision, _variant=variant)
+
+
+def test_defaults_take_the_timed_paths():
+    """The defaults are the paths the H200 timed fastest (BENCHMARKS.md, 2026-12-05): each lowers to a kernel other
+    than its A/B opposite's where it applies, and to the same kernel where it does not."""
+    low = gpu_attention_lowered
+    t4, t8, full = _spec(4, group=128), _spec(8, group=128), _spec(16)
+    # 16-bit values of one-page blocks at bf16 precision: the masked load, not the select; at "high" the select
+    assert low(full, full, precision="bf16") != low(full, full, precision="bf16", _variant="novzero")
+    assert low(full, full) == low(full, full, _variant="novzero")
+    # Codes read as words in layers with an 8-bit side (both pools), not in 4-bit layers
+    assert low(t8, t4) != low(t8, t4, _variant="nw32")
+    assert low(t4, t4) == low(t4, t4, _variant="nw32") != low(t4, t4, _variant="w32")
+    # 8-bit codes as whole-byte f16 operands
+    assert low(t8, t8) != low(t8, t8, eight_bit="nibbles")
+    # Small value groups: block-loaded scales at both precisions, f16 dequantization at bf16 only
+    kv = (_spec(4, "channel", 32), _spec(2, group=32))
+    assert low(*kv) != low(*kv, _variant="vselect")
+    assert low(*kv, precision="bf16") != low(*kv, precision="bf16", _variant="novhalf")
+    assert low(*kv) == low(*kv, _variant="novhalf")
