@@ -875,6 +875,12 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 CHANNEL_KEYS = ("stack", "fold", "dequant")
 P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 and up stay normal-range f16
 EIGHT_BITS = ("nibbles", "f16")
+# `_variant` items (comma-separated): ablations for benchmarks (some give wrong values by design: see the kernel) and
+# the A/B opposites of measured defaults.
+VARIANTS = (
+    "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
+    "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32",
+)  # fmt: skip
 
 
 def _next_pow2(x: int) -> int:
@@ -1046,6 +1052,9 @@ def paged_attention(
         raise ValueError(f"small_value_groups={small_value_groups!r}: expected 'dequant' or 'fold'")
     if eight_bit not in EIGHT_BITS:
         raise ValueError(f"eight_bit={eight_bit!r}: expected one of {EIGHT_BITS}")
+    unknown = [x for x in _variant.split(",") if x and x not in VARIANTS]
+    if unknown:
+        raise ValueError(f"_variant={_variant!r}: unknown item(s) {unknown}; expected items of {VARIANTS}")
     pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     tq = q.shape[2]
     step = max(1, max_rows // (q.shape[1] // k_codes.shape[0]))

@@ -278,6 +278,9 @@ def test_unknown_kernel_options_are_clear_errors(rng):
                             ("eight_bit", "fp16", "'nibbles', 'f16'")):  # fmt: skip
         with pytest.raises(ValueError, match=f"{opt}='{val}': expected .*{names}"):
             paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, **{opt: val})
+    # A removed or misspelt `_variant` item (here one removed on 2026-12-05) must not quietly time the default kernel
+    with pytest.raises(ValueError, match=r"_variant='w32,corder2': unknown item\(s\) \['corder2'\]"):
+        paged_attention(q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=1.0, interpret=True, _variant="w32,corder2")
 
 
 @pytest.mark.parametrize("values", ["fold", "dequant"])
