@@ -229,25 +229,20 @@ def arrange_q_token(q_t: jnp.ndarray, bits: int, group_size: int, f16: bool = Fa
     return qk, qsum
 
 
-def _stack_fields(xs, who: str) -> jnp.ndarray:
-    """2 or 4 equal tiles stacked on new last axes, by two-way stacks only (`tt.join` in the Triton lowering): one
-    axis of 2 for two, axes (j // 2, j % 2) for four, so that flattening them gives field j at position j."""
-    if len(xs) not in (2, 4):
-        raise ValueError(f"{who}: {len(xs)} fields, expected 1, 2 or 4")
-    if len(xs) == 4:
-        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
-    return jnp.stack(xs, axis=-1)
-
-
 def interleave_fields(fields) -> jnp.ndarray:
     """Tiles `[.., n]` (1, 2 or 4 of them) -> one `[.., n * F]` whose element `i * F + j` is `fields[j][.., i]`.
     Written as nested two-way stacks on the last axis (`tt.join` in the Triton lowering, which keeps the new axis in
-    each thread's registers)."""
+    each thread's registers): one axis of 2 for two fields, axes (j // 2, j % 2) for four."""
     nf = len(fields)
     if nf == 1:
         return fields[0]
+    if nf not in (2, 4):
+        raise ValueError(f"interleave_fields: {nf} fields, expected 1, 2 or 4")
     lead, n = fields[0].shape[:-1], fields[0].shape[-1]
-    return _stack_fields(fields, "interleave_fields").reshape(*lead, n * nf)
+    xs = list(fields)
+    if nf == 4:
+        xs = [jnp.stack([xs[j0], xs[2 + j0]], axis=-1) for j0 in range(2)]
+    return jnp.stack(xs, axis=-1).reshape(*lead, n * nf)
 
 
 def bytes_of_words(w: jnp.ndarray) -> jnp.ndarray:
