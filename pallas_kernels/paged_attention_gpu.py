@@ -268,6 +268,8 @@ def _kernel(
     variant: str = "",
     kw32: bool = False,
     vw32: bool = False,
+    fixed: bool = False,
+    split=None,
 ):
     it = iter(refs)
     nt_ref, pt_ref, q_ref = next(it), next(it), next(it)  # [1], [MPpad], q block (see wrapper)
@@ -310,7 +312,7 @@ def _kernel(
     # broadcast along the group's bytes, instead of a select chain over its groups (`_variant="vselect"`): the same
     # float32 operations, bit for bit, and faster on the H200 (BENCHMARKS.md, 2026-12-05).
     vload = vdeq and vs.group % vs.per == 0 and vs.gpb > 1 and "vselect" not in variant
-    split = pl.program_id(2)
+    split = pl.program_id(2) if split is None else split
     npages = nt_ref[0] // P
     first = split * pps
     nvalid = jnp.clip(npages - first, 0, pps)
@@ -763,14 +765,17 @@ def _kernel(
         s = scores(base, pages, valid, prm, btiles)
         if variant == "nosoftmax":  # ablation: no max/sum reductions, no exp
             m_new, alpha, p, l_new = m, jnp.ones_like(m), s, l
+        elif fixed:  # m is the split's fixed reference: no maximum over the block's tokens, nothing to rescale
+            (p, l_new), m_new, alpha = ta.fixed_softmax_step(m, l, s, exp2), m, None
         else:
             m_new, alpha, p, l_new = ta.online_softmax_step_deferred(m, l, s, exp2)
         if variant == "novalues":  # ablation: scores and softmax only
             accs = [a + sum(jnp.sum(x, axis=0) for x in p)[None, :] for a in accs]  # keeps p live (no slicing)
             return m_new, l_new, accs, zaccs, *nxt
-        accs = [a * alpha[None, :] for a in accs]
-        if vs.kind == "token" and not vdeq:
-            zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
+        if alpha is not None:
+            accs = [a * alpha[None, :] for a in accs]
+            if vs.kind == "token" and not vdeq:
+                zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
         for j in range(ksub):
             accs, zaccs = values(valid, prm[1][j], btiles[1][j], p[j], accs, zaccs)
         return m_new, l_new, accs, zaccs, *nxt
@@ -805,15 +810,45 @@ def _kernel(
     l0 = jnp.zeros((TBs, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
     pages0 = load_pages(0)
     tiles0 = block_tiles(0, pages0, pref)
-    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), token_params(0, pages0), tiles0)
+    prm0 = None
+    if fixed:
+        # The reference: the maximum of block 0's scores (its key tiles read once more unless prefetched). A block
+        # past the end (nblk == 0) scores -inf and gives reference 0; its results are masked below.
+        prm0 = token_params(0, pages0)
+        k0 = tiles0 if pref[0] else block_tiles(0, pages0, (True, False))
+        base0, valid0 = block_of(0)
+        m0 = ta.fixed_reference(scores(base0, pages0, valid0, prm0, as_bytes(k0)))
+    carry = (m0, l0, accs, zaccs, pages0, load_pages(1), prm0 if fixed else token_params(0, pages0), tiles0)
     m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
     out_mul = vkv[1] if vkv is not None else 1.0 / P16_SCALE if vhalf else None
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc if out_mul is None else acc * out_mul
-    for g, z in enumerate(zaccs):
-        za_ref[g, :] = jnp.sum(z, axis=0) if defer_z else z
+    zsums = [jnp.sum(z, axis=0) if defer_z else z for z in zaccs]
+    for g, z in enumerate(zsums):
+        za_ref[g, :] = z
+    if fixed:
+        lsum = jnp.sum(l, axis=0)
+        # Overflow against the fixed reference (a score ~127 above it, or p-weighted sums past float32) shows as a
+        # non-finite result; such a split reports m = +inf, and the redo kernel (`_redo_kernel`) recomputes it with
+        # the running softmax. A split with no tokens reports m = -inf, as the running softmax does.
+        nonfinite = sum(jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=0) for x in (*accs, lsum[None]))
+        nonfinite = nonfinite + sum(jnp.where(jnp.isfinite(z), 0.0, 1.0) for z in zsums)
+        m = jnp.where(jnp.max(nonfinite) > 0, jnp.inf, jnp.where(nblk > 0, m, -jnp.inf))
     m_ref[...] = m
-    l_ref[...] = jnp.sum(l, axis=0)
+    l_ref[...] = lsum if fixed else jnp.sum(l, axis=0)
+
+
+def _redo_kernel(*refs, n_in: int, **kw):
+    """The running-softmax kernel for the splits that the fixed-reference pass (`_kernel(fixed=True)`) marked with
+    m = +inf; other programs return at once, leaving that pass's results, which arrive aliased to the outputs (refs:
+    the `n_in` inputs, that pass's outputs, then the outputs)."""
+    n_out = (len(refs) - n_in) // 2
+    ins, prev, outs = refs[:n_in], refs[n_in : n_in + n_out], refs[n_in + n_out :]
+    split = pl.program_id(2)  # outside the branch: interpret mode evaluates program ids only at the kernel's top level
+
+    @pl.when(jnp.max(prev[-2][...]) == jnp.inf)
+    def _():
+        _kernel(*ins, *outs, **kw, split=split)
 
 
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
@@ -875,6 +910,7 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 CHANNEL_KEYS = ("stack", "fold", "dequant")
 P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 and up stay normal-range f16
 EIGHT_BITS = ("nibbles", "f16")
+SOFTMAXES = ("running", "fixed")
 # `_variant` items (comma-separated): ablations for benchmarks (some give wrong values by design: see the kernel) and
 # the A/B opposites of measured defaults.
 VARIANTS = (
@@ -967,6 +1003,7 @@ def stack_plan(
         "precision",
         "unpack",
         "eight_bit",
+        "softmax",
         "_variant",
     ),
 )
@@ -997,6 +1034,7 @@ def paged_attention(
     precision: str = "high",
     unpack: str = "auto",
     eight_bit: str = "f16",
+    softmax: str = "running",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -1018,7 +1056,12 @@ def paged_attention(
     exp2 (`exp2_ptx`) by single PTX instructions. `eight_bit`: how 8-bit per-token codes meet the tensor cores,
     "f16" (default: each byte one f16 operand `1024 + code`, one dot, against f16 query / probability tiles scaled by
     powers of two into f16's range: the query per row by its largest element, the probabilities by the largest value
-    scale of the split) or "nibbles" (two 4-bit fields as bf16 operands, two dots per code).
+    scale of the split) or "nibbles" (two 4-bit fields as bf16 operands, two dots per code). `softmax`: "running"
+    (default: the online softmax, a maximum over each block's tokens and a rescaling of the accumulators) or "fixed"
+    (probabilities against the maximum of each split's first block, with no per-block maximum or rescaling; a split
+    whose results overflowed is recomputed by a second kernel with the running softmax, in place, so the results are
+    the same up to rounding; where probabilities are f16 operands, i.e. 8-bit per-token values as f16 or small value
+    groups dequantized in f16, the running softmax is used).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -1040,6 +1083,7 @@ def paged_attention(
         small_value_groups=small_value_groups,
         asm=_use_asm(unpack, interpret),
         eight_bit=eight_bit,
+        softmax=softmax,
         variant=_variant,
     )
     if precision not in PRECISIONS:
@@ -1052,6 +1096,8 @@ def paged_attention(
         raise ValueError(f"small_value_groups={small_value_groups!r}: expected 'dequant' or 'fold'")
     if eight_bit not in EIGHT_BITS:
         raise ValueError(f"eight_bit={eight_bit!r}: expected one of {EIGHT_BITS}")
+    if softmax not in SOFTMAXES:
+        raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     unknown = [x for x in _variant.split(",") if x and x not in VARIANTS]
     if unknown:
         raise ValueError(f"_variant={_variant!r}: unknown item(s) {unknown}; expected items of {VARIANTS}")
@@ -1089,6 +1135,7 @@ def _paged_attention_rows(
     small_value_groups: str,
     asm: bool,
     eight_bit: str,
+    softmax: str,
     variant: str,
 ):
     """One kernel call over all query rows of q [B, Hq, Tq, D] (see `paged_attention`)."""
@@ -1202,8 +1249,7 @@ def _paged_attention_rows(
         out_shape.append(jax.ShapeDtypeStruct((b, h, splits, R), jnp.float32))
         out_specs.append(pl.BlockSpec((None, None, None, R), lambda i, j, s: (i, j, s, 0)))
 
-    kernel = functools.partial(
-        _kernel,
+    kernel_kw = dict(
         ks=ks,
         vs=vs,
         P=page_size,
@@ -1227,16 +1273,29 @@ def _paged_attention_rows(
         kw32=kw32,
         vw32=vw32,
     )
-    res = pl.pallas_call(
-        kernel,
+    call = functools.partial(
+        pl.pallas_call,
         grid=(b, h, splits),
-        in_specs=specs,
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        name=f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}",
-    )(*args)
+    )
+    name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
+    # softmax="fixed": probabilities against a fixed per-split reference (block 0's maximum), then the running
+    # softmax again for the splits where that overflowed (m = +inf), in place; not where probabilities are f16
+    # operands (their scaling assumes p <= 1), nor under the ablations that replace the softmax.
+    fixed = softmax == "fixed" and not (vs.f16 or vhalf) and variant not in ("loads", "nosoftmax", "novalues")
+    if fixed:
+        res = call(functools.partial(_kernel, **kernel_kw, fixed=True), in_specs=specs, name=name + "_fixed")(*args)
+        res = call(
+            functools.partial(_redo_kernel, **kernel_kw, n_in=len(args)),
+            in_specs=specs + out_specs,
+            input_output_aliases={len(args) + i: i for i in range(len(out_specs))},
+            name=name + "_redo",
+        )(*args, *res)
+    else:
+        res = call(functools.partial(_kernel, **kernel_kw), in_specs=specs, name=name)(*args)
     if vs.kind == "token":
         o, za, m, l = res
         o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)

@@ -23,6 +23,7 @@ Conventions (the GPU kernel's; a TPU kernel may use the same or transpose freely
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -316,6 +317,27 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, ex
     for p in ps:
         l_acc = l_acc + p
     return m_new, alpha, ps, l_acc
+
+
+def fixed_reference(s_tiles) -> jnp.ndarray:
+    """A fixed softmax reference [R] from the score tiles (a list of [T, R]) of a split's first block: their maximum
+    over tokens, 0 where a column saw no finite score (so that masked -inf scores still give p = 0, never NaN)."""
+    ref = functools.reduce(jnp.maximum, [jnp.max(s, axis=0) for s in s_tiles])
+    return jnp.where(jnp.isfinite(ref), ref, 0.0)
+
+
+def fixed_softmax_step(ref: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, exp2=jnp.exp2):
+    """`online_softmax_step_deferred` against a fixed reference `ref [R]` instead of the running maximum: no maximum
+    over the block's tokens and no rescaling (alpha = 1). Returns ([p per tile], l_acc).
+
+    Exact as long as nothing overflows: a later score more than ~127 above `ref` makes p (or, with large values, the
+    p-weighted sums) inf, which the caller must detect on its results and then redo the split with the running
+    softmax. Scores below `ref` lose nothing the running form keeps (`ref` is at most the true maximum, so p of the
+    largest score is >= 1 and p < 2^-126, flushed to 0, is below float32 resolution of the sum)."""
+    ps = [exp2(_shift(s, ref, 0)) for s in s_tiles]
+    for p in ps:
+        l_acc = l_acc + p
+    return ps, l_acc
 
 
 def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):

@@ -312,13 +312,18 @@ VHALF = STACKED | dict(parts=1)  # ... dequantized in f16 at bf16 precision (see
 NIBBLES = dict(eight_bit="nibbles")
 VZERO = dict(pages_per_block=1, parts=1)  # 16-bit values of one-page blocks zeroed by the load's mask (see test_vzero)
 W32, NW32 = dict(_variant="w32"), dict(_variant="nw32")  # codes read as words or bytes: stale codes stay masked
+FIXED = dict(softmax="fixed")  # a stale page's NaN must not reach the fixed reference (nor look like an overflow)
 
 
 @pytest.mark.parametrize(
     "kv,hg,tunings",
     [
         ((_spec(4, group=64), _spec(16)), 2, (VZERO, VZERO | dict(num_splits=4))),
-        ((_spec(16), _spec(16)), 4, (VZERO, dict(pages_per_block=2, parts=1), VZERO | dict(_variant="novzero"))),
+        (
+            (_spec(16), _spec(16)),
+            4,
+            (VZERO, dict(pages_per_block=2, parts=1), VZERO | dict(_variant="novzero"), VZERO | FIXED, FIXED),
+        ),
         ((_spec(16), _spec(2, "channel", 16)), 2, (W32,)),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
         ((_spec(8, "channel", 16), _spec(4, group=32)), 4, (STACKED,)),
@@ -341,6 +346,8 @@ W32, NW32 = dict(_variant="w32"), dict(_variant="nw32")  # codes read as words o
             (NIBBLES, NIBBLES | dict(pages_per_block=1, num_splits=4), NW32),
         ),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (STACKED, NIBBLES | STACKED)),
+        ((_spec(4, group=64), _spec(2, group=64)), 2, (FIXED, FIXED | dict(pages_per_block=1, num_splits=4))),
+        ((_spec(2, "channel", 16), _spec(2, group=32)), 4, (FIXED | STACKED,)),
     ],
     ids=[
         "K4t-V16",
@@ -352,6 +359,8 @@ W32, NW32 = dict(_variant="w32"), dict(_variant="nw32")  # codes read as words o
         "K2c-V8c-stacked",
         "K8t-V8t-f16",
         "K4c-V8t-f16-stacked",
+        "K4t-V2t-fixed",
+        "K2c-V2tG32-fixed-stacked",
     ],  # fmt: skip
 )
 def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
@@ -452,19 +461,88 @@ def test_rejects_unsupported_shapes(rng):
         paged_attention(q[..., :48], *k, *v, pt, nt, k_spec=ks, v_spec=ks, sm_scale=1.0, interpret=True)
 
 
-def test_late_key_far_above_earlier_scores(rng):
-    """Keys of the first pages small, one key on the 4th page aligned with the queries and 100x longer: its scores
-    exceed everything before by ~430 in the softmax's base 2, so the running maximum must rescale what was summed
-    (an exponent against any earlier reference overflows float32)."""
+def _late_key_case(rng, factor):
+    """Keys of the first pages small, one key on the 4th page of sequence 0 aligned with KV head 0's queries and
+    `factor` times longer: its scores exceed everything before it by ~4.3 * factor in the softmax's base 2."""
     ks, vs = _spec(16), _spec(4, group=64)
     q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=2, max_pages=4, lengths=[4 * 16, 3 * 16])
     codes = np.asarray(k[0].astype(jnp.float32)) * 0.01
     qdir = np.asarray(q[0, ::2, 0]).sum(0)  # one direction shared by the queries of KV head 0 (hg=2)
-    codes[0, int(pt[0, 3]), 5] = 100.0 * qdir / np.linalg.norm(qdir) * np.sqrt(q.shape[-1])
+    codes[0, int(pt[0, 3]), 5] = factor * qdir / np.linalg.norm(qdir) * np.sqrt(q.shape[-1])
     q = q.at[0, :2, 0].set(jnp.asarray(qdir / np.linalg.norm(qdir) * 3.0))
-    k = (jnp.asarray(codes).astype(jnp.bfloat16), None, None)
+    return q, (jnp.asarray(codes).astype(jnp.bfloat16), None, None), v, pt, nt, ks, vs
+
+
+@pytest.mark.parametrize("softmax", ["running", "fixed"])
+def test_late_key_far_above_earlier_scores(softmax, rng):
+    """A score ~430 (base 2) above everything before it: the running maximum must rescale what was summed, and an
+    exponent against any earlier reference overflows float32, so `softmax="fixed"` must notice the overflow and redo
+    the split (with one split, or only the second of two) with the running softmax."""
+    q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0)
     for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2), dict()):
-        _check(q, k, v, pt, nt, ks, vs, **tuning)
+        _check(q, k, v, pt, nt, ks, vs, softmax=softmax, **tuning)
+
+
+def test_fixed_softmax_takes_large_rises_without_a_redo(rng, monkeypatch):
+    """A score ~100 (base 2) above the fixed reference (block 0's maximum) gives p ~2^100: finite, so the fixed pass
+    alone is right, as exact as the running softmax (float32 keeps relative precision at any magnitude): checked with
+    the redo kernel replaced by one that does nothing. The same stand-in fails the ~430 rise, which needs the redo."""
+
+    def no_redo(*refs, n_in, **kw):  # the outputs alias the fixed pass's results: left as they are
+        del refs, n_in, kw
+
+    monkeypatch.setattr(gpu, "_redo_kernel", no_redo)
+    gpu.paged_attention.clear_cache()  # traces made with the real redo kernel
+    try:
+        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 23.0)
+        for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2, parts=1)):
+            rtol = 2e-2 if tuning.get("parts") == 1 else RTOL
+            _check(q, k, v, pt, nt, ks, vs, rtol=rtol, softmax="fixed", **tuning)
+        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0)
+        with pytest.raises(AssertionError):
+            _check(q, k, v, pt, nt, ks, vs, softmax="fixed", pages_per_block=1, num_splits=1)
+    finally:
+        monkeypatch.undo()
+        gpu.paged_attention.clear_cache()
+
+
+# Fixed-reference softmax over the kernel's paths: per-token, per-channel (stacked, sub-blocks, folded, dequantized
+# keys), 16-bit, small value groups (at "high"), 8-bit values as nibbles; ragged lengths including 0.
+FIXED_CASES = [
+    ((_spec(16), _spec(16)), 64, 16, 4, {}),
+    ((_spec(16), _spec(16)), 128, 64, 4, dict(pages_per_block=1, parts=1)),
+    ((_spec(4, group=128), _spec(4, group=128)), 128, 16, 4, {}),
+    ((_spec(2, group=64), _spec(2, group=64, sym=True)), 64, 64, 8, dict(parts=1)),
+    ((_spec(4, "channel", 16), _spec(2, group=32)), 128, 16, 4, STACKED),
+    ((_spec(2, "channel", 16), _spec(4, group=32)), 64, 16, 2, dict(channel_keys="fold")),
+    ((_spec(4, "channel", 32), _spec(8, "channel", 16, sym=True)), 64, 64, 4, dict(channel_keys="dequant")),
+    ((_spec(8, group=64), _spec(8, group=64, sym=True)), 64, 16, 2, dict(eight_bit="nibbles", num_splits=3)),
+    ((_spec(2, "channel", 32), _spec(16)), 64, 32, 4, dict(pages_per_block=4)),
+]
+
+
+@pytest.mark.parametrize("case", FIXED_CASES, ids=lambda c: _id((*c[0], *c[1:4])) + "".join(f"-{k}{v}" for k, v in
+                         c[4].items()))  # fmt: skip
+def test_fixed_softmax_matches_reference(case, rng):
+    """`softmax="fixed"` (no per-block maximum, no rescaling) against the reference on fresh random pools, ragged
+    lengths with an empty sequence, at the precision's usual tolerance."""
+    (ks, vs), d, p, hg, tuning = case
+    q, k, v, pt, nt = _case(rng, ks, vs, b=3, d=d, p=p, hg=hg, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, softmax="fixed", **tuning)
+
+
+def test_fixed_softmax_only_where_probabilities_are_bf16():
+    """Probabilities that are f16 operands (8-bit per-token values as f16, small value groups dequantized in f16)
+    are scaled for p <= 1, so there `softmax="fixed"` is the running kernel, unchanged; elsewhere it is another."""
+    low = gpu_attention_lowered
+    t4, t8, full = _spec(4, group=128), _spec(8, group=128), _spec(16)
+    assert low(t4, t8, softmax="fixed") == low(t4, t8)
+    small = (_spec(4, "channel", 32), _spec(2, group=32))
+    assert low(*small, precision="bf16", softmax="fixed") == low(*small, precision="bf16")
+    assert low(*small, softmax="fixed") != low(*small)
+    assert low(t4, t4, softmax="fixed") != low(t4, t4)
+    assert low(full, full, precision="bf16", softmax="fixed") != low(full, full, precision="bf16")
+    assert low(t8, t8, eight_bit="nibbles", softmax="fixed") != low(t8, t8, eight_bit="nibbles")
 
 
 @pytest.mark.parametrize(

@@ -107,3 +107,33 @@ def test_bytes_of_words_are_the_pool_s_bytes(rng):
     raw = rng.integers(0, 256, (3, 5, 32), dtype=np.uint8)
     words = raw.view("<u4")  # what the kernel reads: little-endian 32-bit words
     np.testing.assert_array_equal(np.asarray(ta.bytes_of_words(jnp.asarray(words))), raw)
+
+
+def test_fixed_step_equals_a_whole_softmax_or_overflows(rng):
+    """`fixed_softmax_step` against block 0's maximum (`fixed_reference`): equal to the whole softmax where later
+    scores rise less than ~127 above it (here 100), and non-finite, never silently wrong, where they rise more (300),
+    which is how the GPU kernel knows to redo a split."""
+    for rise, finite in ((100.0, True), (300.0, False)):
+        s, v, block = _blocks(rng)
+        s[2 * block + 3] += rise - 300.0
+        rows, d = s.shape[1], v.shape[1]
+        ref = ta.fixed_reference([jnp.asarray(s[:block], jnp.float32)])
+        np.testing.assert_array_equal(np.asarray(ref), s[:block].astype(np.float32).max(axis=0))
+        l_acc, acc = jnp.zeros((block, rows)), jnp.zeros((d, rows))
+        for t in range(0, s.shape[0], block):
+            (p,), l_acc = ta.fixed_softmax_step(ref, l_acc, [jnp.asarray(s[t : t + block], jnp.float32)])
+            acc = acc + jnp.asarray(v[t : t + block], jnp.float32).T @ p
+        l = np.asarray(jnp.sum(l_acc, axis=0))
+        if not finite:
+            assert not np.all(np.isfinite(l))
+            continue
+        want, want_lse = _want(s, v)
+        np.testing.assert_allclose(np.asarray(acc).T / l[:, None], want, rtol=2e-6, atol=2e-6)
+        np.testing.assert_allclose(np.asarray(ref) + np.log2(l), want_lse, rtol=2e-6)
+
+
+def test_fixed_reference_of_a_masked_block_is_zero():
+    """A column whose first block is wholly masked gets reference 0 (so exp2(-inf - ref) = 0, not NaN)."""
+    s = np.full((8, 3), -np.inf, np.float32)
+    s[2, 0] = 5.0
+    np.testing.assert_array_equal(np.asarray(ta.fixed_reference([jnp.asarray(s)])), [5.0, 0.0, 0.0])
