@@ -298,6 +298,7 @@ def _kernel(
     fma = fma_ptx if asm and "nofma" not in variant else fma_jnp
     deq16 = dequant_f16_ptx if asm else dequant_f16_jnp
     defer_z = vs.kind == "token" and vs.ngroups == 1
+    p16 = P16_FIXED if fixed else P16_SCALE  # probabilities as f16 operands (small value groups at bf16): p * p16
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
@@ -603,7 +604,7 @@ def _kernel(
             # is the f16 right operand (2^14 keeps small probabilities above f16's subnormals; undone on the output).
             gpb = vs.gpb
             vmask = jnp.where(valid[:, None], p, 0.0)
-            pv = to_parts16(vmask * P16_SCALE, 1) if vhalf else to_parts(vmask, parts)
+            pv = to_parts16(vmask * p16, 1) if vhalf else to_parts(vmask, parts)
             if not vload:
                 sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
                 zt_rows = [
@@ -797,7 +798,8 @@ def _kernel(
         vmax = jnp.max(jax.lax.fori_loop(0, nblk, body, jnp.zeros((TBs,), jnp.float32)))
         e = ((jax.lax.bitcast_convert_type(vmax, jnp.int32) >> 23) & 0xFF) - 127  # -127 for 0 (and subnormals)
         e = jnp.clip(e, -113, 113)  # both powers below stay normal float32 numbers
-        return tuple(jax.lax.bitcast_convert_type((127 + x) << 23, jnp.float32) for x in (13 - e, e - 13))
+        top = 13 + P16_FIXED_SHIFT if fixed else 13  # fixed: p <= 2^18 (see P16_FIXED)
+        return tuple(jax.lax.bitcast_convert_type((127 + x) << 23, jnp.float32) for x in (top - e, e - top))
 
     vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
@@ -820,7 +822,7 @@ def _kernel(
         m0 = ta.fixed_reference(scores(base0, pages0, valid0, prm0, as_bytes(k0)))
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), prm0 if fixed else token_params(0, pages0), tiles0)
     m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
-    out_mul = vkv[1] if vkv is not None else 1.0 / P16_SCALE if vhalf else None
+    out_mul = vkv[1] if vkv is not None else 1.0 / p16 if vhalf else None
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc if out_mul is None else acc * out_mul
     zsums = [jnp.sum(z, axis=0) if defer_z else z for z in zaccs]
@@ -909,13 +911,19 @@ def _use_asm(unpack: str, interpret: bool) -> bool:
 
 CHANNEL_KEYS = ("stack", "fold", "dequant")
 P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 and up stay normal-range f16
+# Against the fixed softmax's reference p may exceed 1: at bf16 precision its f16 operands are scaled 2^16 lower, so p
+# up to 2^18 (a score 18 above the reference, base 2) fits f16 and a larger one overflows to inf, which the kernel
+# detects and redoes. Terms below 2^-12 of the largest then lose bits to f16's subnormals: absolute errors of 2^-23
+# of the largest term each, far below the bf16 rounding (2^-9) of every operand at this precision.
+P16_FIXED_SHIFT = -16
+P16_FIXED = P16_SCALE * 2.0**P16_FIXED_SHIFT
 EIGHT_BITS = ("nibbles", "f16")
 SOFTMAXES = ("running", "fixed")
 # `_variant` items (comma-separated): ablations for benchmarks (some give wrong values by design: see the kernel) and
 # the A/B opposites of measured defaults.
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
-    "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32",
+    "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall",
 )  # fmt: skip
 
 
@@ -1034,7 +1042,7 @@ def paged_attention(
     precision: str = "high",
     unpack: str = "auto",
     eight_bit: str = "f16",
-    softmax: str = "running",
+    softmax: str = "fixed",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
@@ -1056,12 +1064,15 @@ def paged_attention(
     exp2 (`exp2_ptx`) by single PTX instructions. `eight_bit`: how 8-bit per-token codes meet the tensor cores,
     "f16" (default: each byte one f16 operand `1024 + code`, one dot, against f16 query / probability tiles scaled by
     powers of two into f16's range: the query per row by its largest element, the probabilities by the largest value
-    scale of the split) or "nibbles" (two 4-bit fields as bf16 operands, two dots per code). `softmax`: "running"
-    (default: the online softmax, a maximum over each block's tokens and a rescaling of the accumulators) or "fixed"
-    (probabilities against the maximum of each split's first block, with no per-block maximum or rescaling; a split
-    whose results overflowed is recomputed by a second kernel with the running softmax, in place, so the results are
-    the same up to rounding; where probabilities are f16 operands, i.e. 8-bit per-token values as f16 or small value
-    groups dequantized in f16, the running softmax is used).
+    scale of the split) or "nibbles" (two 4-bit fields as bf16 operands, two dots per code). `softmax`: "fixed"
+    (default: probabilities against the maximum of each split's first block, with no per-block maximum over tokens,
+    a reduction across warps, and no rescaling of the accumulators; a split whose results overflowed is recomputed by
+    a second kernel with the running softmax, in place, so the results are the same up to rounding) or "running" (the
+    online softmax). "fixed" applies to 16-bit and per-token keys with bf16 probabilities, where the H200 timed it
+    (BENCHMARKS.md, 2026-12-05: 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369 at bf16 precision, 2/2 0.566 -> 0.496
+    at "high"; none slower); per-channel (KIVI) keys, and probabilities that are f16 operands (8-bit per-token values
+    as f16, small value groups dequantized in f16) keep the running softmax unless `_variant="fixedall"` (not yet
+    timed; f16 probabilities at "high" keep it always).
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -1282,10 +1293,20 @@ def _paged_attention_rows(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )
     name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
-    # softmax="fixed": probabilities against a fixed per-split reference (block 0's maximum), then the running
-    # softmax again for the splits where that overflowed (m = +inf), in place; not where probabilities are f16
-    # operands (their scaling assumes p <= 1), nor under the ablations that replace the softmax.
-    fixed = softmax == "fixed" and not (vs.f16 or vhalf) and variant not in ("loads", "nosoftmax", "novalues")
+    # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
+    # running softmax again for the splits where that overflowed (m = +inf), in place; not where probabilities are
+    # f16 operands (their scaling assumes p <= 1), nor under the ablations that replace the softmax.
+    # Timed on the H200 for 16-bit and per-token keys with bf16 probabilities. For per-channel (KIVI) keys, and for
+    # probabilities that are f16 operands at bf16 precision (with their scaling lowered: P16_FIXED), it is
+    # `_variant="fixedall"` until a GPU has timed it; f16 probabilities at "high" keep the running softmax (two f16
+    # parts scaled for p > 1 would lose the low one to f16's subnormals).
+    untimed = ks.kind == "channel" or vs.f16 or vhalf
+    fixed = (
+        softmax == "fixed"
+        and (not untimed or "fixedall" in variant.split(","))
+        and (parts == 1 or not vs.f16)
+        and variant not in ("loads", "nosoftmax", "novalues")
+    )
     if fixed:
         res = call(functools.partial(_kernel, **kernel_kw, fixed=True), in_specs=specs, name=name + "_fixed")(*args)
         res = call(

@@ -312,7 +312,7 @@ VHALF = STACKED | dict(parts=1)  # ... dequantized in f16 at bf16 precision (see
 NIBBLES = dict(eight_bit="nibbles")
 VZERO = dict(pages_per_block=1, parts=1)  # 16-bit values of one-page blocks zeroed by the load's mask (see test_vzero)
 W32, NW32 = dict(_variant="w32"), dict(_variant="nw32")  # codes read as words or bytes: stale codes stay masked
-FIXED = dict(softmax="fixed")  # a stale page's NaN must not reach the fixed reference (nor look like an overflow)
+RUNNING = dict(softmax="running")  # (the default "fixed": a stale page's NaN must not reach its reference either)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +322,7 @@ FIXED = dict(softmax="fixed")  # a stale page's NaN must not reach the fixed ref
         (
             (_spec(16), _spec(16)),
             4,
-            (VZERO, dict(pages_per_block=2, parts=1), VZERO | dict(_variant="novzero"), VZERO | FIXED, FIXED),
+            (VZERO, dict(pages_per_block=2, parts=1), VZERO | dict(_variant="novzero"), VZERO | RUNNING, RUNNING),
         ),
         ((_spec(16), _spec(2, "channel", 16)), 2, (W32,)),
         ((_spec(4, "channel", 8), _spec(2, group=32)), 2, ()),
@@ -346,8 +346,8 @@ FIXED = dict(softmax="fixed")  # a stale page's NaN must not reach the fixed ref
             (NIBBLES, NIBBLES | dict(pages_per_block=1, num_splits=4), NW32),
         ),
         ((_spec(4, "channel", 16), _spec(8, group=64)), 4, (STACKED, NIBBLES | STACKED)),
-        ((_spec(4, group=64), _spec(2, group=64)), 2, (FIXED, FIXED | dict(pages_per_block=1, num_splits=4))),
-        ((_spec(2, "channel", 16), _spec(2, group=32)), 4, (FIXED | STACKED,)),
+        ((_spec(4, group=64), _spec(2, group=64)), 2, (RUNNING, RUNNING | dict(pages_per_block=1, num_splits=4))),
+        ((_spec(2, "channel", 16), _spec(2, group=32)), 4, (RUNNING | STACKED,)),
     ],
     ids=[
         "K4t-V16",
@@ -359,8 +359,8 @@ FIXED = dict(softmax="fixed")  # a stale page's NaN must not reach the fixed ref
         "K2c-V8c-stacked",
         "K8t-V8t-f16",
         "K4c-V8t-f16-stacked",
-        "K4t-V2t-fixed",
-        "K2c-V2tG32-fixed-stacked",
+        "K4t-V2t",
+        "K2c-V2tG32-stacked",
     ],  # fmt: skip
 )
 def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
@@ -461,10 +461,10 @@ def test_rejects_unsupported_shapes(rng):
         paged_attention(q[..., :48], *k, *v, pt, nt, k_spec=ks, v_spec=ks, sm_scale=1.0, interpret=True)
 
 
-def _late_key_case(rng, factor):
+def _late_key_case(rng, factor, vs):
     """Keys of the first pages small, one key on the 4th page of sequence 0 aligned with KV head 0's queries and
     `factor` times longer: its scores exceed everything before it by ~4.3 * factor in the softmax's base 2."""
-    ks, vs = _spec(16), _spec(4, group=64)
+    ks = _spec(16)
     q, k, v, pt, nt = _case(rng, ks, vs, b=2, hg=2, max_pages=4, lengths=[4 * 16, 3 * 16])
     codes = np.asarray(k[0].astype(jnp.float32)) * 0.01
     qdir = np.asarray(q[0, ::2, 0]).sum(0)  # one direction shared by the queries of KV head 0 (hg=2)
@@ -473,20 +473,31 @@ def _late_key_case(rng, factor):
     return q, (jnp.asarray(codes).astype(jnp.bfloat16), None, None), v, pt, nt, ks, vs
 
 
+# Values whose probabilities are bf16 operands (4-bit, one group per head), and f16 ones at bf16 precision with
+# `_variant="fixedall"`: small groups dequantized in f16, 8-bit codes as f16 (p scaled to fit f16 up to 2^18).
+F16P = dict(parts=1, _variant="fixedall")
+LATE_VALUES = [(_spec(4, group=64), {}), (_spec(2, group=16), F16P), (_spec(8, group=64, sym=True), F16P)]
+LATE_IDS = ["V4t-bf16p", "V2tG16-f16p", "V8t-f16p"]
+
+
 @pytest.mark.parametrize("softmax", ["running", "fixed"])
-def test_late_key_far_above_earlier_scores(softmax, rng):
+@pytest.mark.parametrize("vs,prec", LATE_VALUES, ids=LATE_IDS)
+def test_late_key_far_above_earlier_scores(softmax, vs, prec, rng):
     """A score ~430 (base 2) above everything before it: the running maximum must rescale what was summed, and an
-    exponent against any earlier reference overflows float32, so `softmax="fixed"` must notice the overflow and redo
-    the split (with one split, or only the second of two) with the running softmax."""
-    q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0)
+    exponent against any earlier reference overflows float32 (and f16), so `softmax="fixed"` must notice the overflow
+    and redo the split (with one split, or only the second of two) with the running softmax."""
+    q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0, vs)
+    rtol = 2e-2 if prec else RTOL
     for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2), dict()):
-        _check(q, k, v, pt, nt, ks, vs, softmax=softmax, **tuning)
+        _check(q, k, v, pt, nt, ks, vs, rtol=rtol, softmax=softmax, **prec, **tuning)
 
 
-def test_fixed_softmax_takes_large_rises_without_a_redo(rng, monkeypatch):
-    """A score ~100 (base 2) above the fixed reference (block 0's maximum) gives p ~2^100: finite, so the fixed pass
-    alone is right, as exact as the running softmax (float32 keeps relative precision at any magnitude): checked with
-    the redo kernel replaced by one that does nothing. The same stand-in fails the ~430 rise, which needs the redo."""
+@pytest.mark.parametrize("vs,prec", LATE_VALUES, ids=LATE_IDS)
+def test_fixed_softmax_takes_large_rises_without_a_redo(vs, prec, rng, monkeypatch):
+    """A score well above the fixed reference (block 0's maximum) but within range: ~100 (base 2) where p is a bf16
+    operand (p ~2^100, finite in float32, which keeps relative precision at any magnitude), ~13 where it is an f16
+    one (below its 2^18): the fixed pass alone is right, checked with the redo kernel replaced by one that does
+    nothing. The same stand-in fails the ~430 rise, which needs the redo."""
 
     def no_redo(*refs, n_in, **kw):  # the outputs alias the fixed pass's results: left as they are
         del refs, n_in, kw
@@ -494,21 +505,21 @@ def test_fixed_softmax_takes_large_rises_without_a_redo(rng, monkeypatch):
     monkeypatch.setattr(gpu, "_redo_kernel", no_redo)
     gpu.paged_attention.clear_cache()  # traces made with the real redo kernel
     try:
-        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 23.0)
-        for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2, parts=1)):
-            rtol = 2e-2 if tuning.get("parts") == 1 else RTOL
-            _check(q, k, v, pt, nt, ks, vs, rtol=rtol, softmax="fixed", **tuning)
-        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0)
+        rtol = 2e-2 if prec else RTOL
+        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 3.0 if prec else 23.0, vs)
+        for tuning in (dict(pages_per_block=1, num_splits=1), dict(pages_per_block=1, num_splits=2)):
+            _check(q, k, v, pt, nt, ks, vs, rtol=rtol, softmax="fixed", **prec, **tuning)
+        q, k, v, pt, nt, ks, vs = _late_key_case(rng, 100.0, vs)
         with pytest.raises(AssertionError):
-            _check(q, k, v, pt, nt, ks, vs, softmax="fixed", pages_per_block=1, num_splits=1)
+            _check(q, k, v, pt, nt, ks, vs, rtol=rtol, softmax="fixed", pages_per_block=1, num_splits=1, **prec)
     finally:
         monkeypatch.undo()
         gpu.paged_attention.clear_cache()
 
 
-# Fixed-reference softmax over the kernel's paths: per-token, per-channel (stacked, sub-blocks, folded, dequantized
-# keys), 16-bit, small value groups (at "high"), 8-bit values as nibbles; ragged lengths including 0.
-FIXED_CASES = [
+# Both softmaxes over the kernel's paths: per-token, per-channel (stacked, sub-blocks, folded, dequantized keys),
+# 16-bit, small value groups (at "high"), 8-bit values as nibbles; ragged lengths including 0.
+SOFTMAX_CASES = [
     ((_spec(16), _spec(16)), 64, 16, 4, {}),
     ((_spec(16), _spec(16)), 128, 64, 4, dict(pages_per_block=1, parts=1)),
     ((_spec(4, group=128), _spec(4, group=128)), 128, 16, 4, {}),
@@ -521,28 +532,43 @@ FIXED_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", FIXED_CASES, ids=lambda c: _id((*c[0], *c[1:4])) + "".join(f"-{k}{v}" for k, v in
+@pytest.mark.parametrize("softmax", ["fixed", "running"])
+@pytest.mark.parametrize("case", SOFTMAX_CASES, ids=lambda c: _id((*c[0], *c[1:4])) + "".join(f"-{k}{v}" for k, v in
                          c[4].items()))  # fmt: skip
-def test_fixed_softmax_matches_reference(case, rng):
-    """`softmax="fixed"` (no per-block maximum, no rescaling) against the reference on fresh random pools, ragged
-    lengths with an empty sequence, at the precision's usual tolerance."""
+def test_both_softmaxes_match_reference(case, softmax, rng):
+    """`softmax="fixed"` (default: no per-block maximum, no rescaling; with `_variant="fixedall"`, so that the
+    per-channel-key paths take it too) and "running" against the reference on fresh random pools, ragged lengths with
+    an empty sequence, at the precision's usual tolerance."""
     (ks, vs), d, p, hg, tuning = case
     q, k, v, pt, nt = _case(rng, ks, vs, b=3, d=d, p=p, hg=hg, max_pages=4, lengths=[0, 4 * p, 3 * p])
-    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, softmax="fixed", **tuning)
+    if softmax == "fixed":
+        tuning = tuning | dict(_variant="fixedall")
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, softmax=softmax, **tuning)
 
 
-def test_fixed_softmax_only_where_probabilities_are_bf16():
-    """Probabilities that are f16 operands (8-bit per-token values as f16, small value groups dequantized in f16)
-    are scaled for p <= 1, so there `softmax="fixed"` is the running kernel, unchanged; elsewhere it is another."""
+def test_fixed_softmax_where_timed():
+    """The default `softmax="fixed"` is another kernel than "running" where the H200 timed it (16-bit and per-token
+    keys with bf16 probabilities, both precisions) and the running kernel, unchanged, elsewhere unless
+    `_variant="fixedall"`: per-channel (KIVI) keys, and probabilities that are f16 operands (8-bit per-token values as
+    f16, small value groups dequantized in f16), where fixedall lowers their scaling at bf16 precision only (at
+    "high", two f16 parts would lose the low one to f16's subnormals)."""
     low = gpu_attention_lowered
     t4, t8, full = _spec(4, group=128), _spec(8, group=128), _spec(16)
-    assert low(t4, t8, softmax="fixed") == low(t4, t8)
-    small = (_spec(4, "channel", 32), _spec(2, group=32))
-    assert low(*small, precision="bf16", softmax="fixed") == low(*small, precision="bf16")
-    assert low(*small, softmax="fixed") != low(*small)
-    assert low(t4, t4, softmax="fixed") != low(t4, t4)
-    assert low(full, full, precision="bf16", softmax="fixed") != low(full, full, precision="bf16")
-    assert low(t8, t8, eight_bit="nibbles", softmax="fixed") != low(t8, t8, eight_bit="nibbles")
+    bf16, run = dict(precision="bf16"), dict(softmax="running")
+    allv = dict(_variant="fixedall")
+    for kv in ((t4, t4), (full, full), (t4, _spec(2, group=128)), (full, t4)):
+        for prec in ({}, bf16):
+            assert low(*kv, **prec) != low(*kv, **prec, **run) == low(*kv, **prec, **run, **allv)
+            assert low(*kv, **prec) == low(*kv, **prec, **allv)
+    assert low(t8, t8, eight_bit="nibbles") != low(t8, t8, eight_bit="nibbles", **run)
+    kivi = (_spec(4, "channel", 32), _spec(2, group=32))
+    for kv in ((t4, t8), kivi, (_spec(4, "channel", 32), t4)):
+        for prec in ({}, bf16):
+            assert low(*kv, **prec) == low(*kv, **prec, **run)
+            if kv[1] is t8 and not prec:  # f16 probabilities at "high": always the running softmax
+                assert low(*kv, **prec, **allv) == low(*kv, **prec, **run)
+            else:
+                assert low(*kv, **prec, **allv) != low(*kv, **prec, **run)
 
 
 @pytest.mark.parametrize(
