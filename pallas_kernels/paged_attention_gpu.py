@@ -1294,12 +1294,11 @@ def _paged_attention_rows(
     )
     name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
     # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
-    # running softmax again for the splits where that overflowed (m = +inf), in place; not where probabilities are
-    # f16 operands (their scaling assumes p <= 1), nor under the ablations that replace the softmax.
-    # Timed on the H200 for 16-bit and per-token keys with bf16 probabilities. For per-channel (KIVI) keys, and for
-    # probabilities that are f16 operands at bf16 precision (with their scaling lowered: P16_FIXED), it is
-    # `_variant="fixedall"` until a GPU has timed it; f16 probabilities at "high" keep the running softmax (two f16
-    # parts scaled for p > 1 would lose the low one to f16's subnormals).
+    # running softmax again for the splits where that overflowed (m = +inf), in place. Timed on the H200 for 16-bit
+    # and per-token keys with bf16 probabilities; for per-channel (KIVI) keys, and for probabilities that are f16
+    # operands at bf16 precision (their scaling, which assumes p <= 1, lowered: P16_FIXED), it is `_variant="fixedall"`
+    # until a GPU has timed it. f16 probabilities at "high" keep the running softmax (two f16 parts scaled for p > 1
+    # would lose the low one to f16's subnormals), as do the ablations that replace the softmax.
     untimed = ks.kind == "channel" or vs.f16 or vhalf
     fixed = (
         softmax == "fixed"
