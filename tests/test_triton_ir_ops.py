@@ -2,7 +2,8 @@
 
 The counts must follow what the kernel builds: per-token 8-bit codes as bf16 nibbles take two tensor-core dots per
 side and block (one per 4-bit field), as whole-byte f16 operands one; the f16 option leaves 4-bit pools alone; the
-16/16 kernel has one dot per side (bf16 precision, bf16 query) and no unpacking.
+16/16 kernel has one dot per side (bf16 precision, bf16 query) and no unpacking; the fixed softmax adds the scores of
+a split's first block, outside the loop.
 """
 
 from __future__ import annotations
@@ -24,11 +25,17 @@ def _tok(bits: int) -> KVSpec:
 
 def test_dot_counts_follow_the_kernel():
     ops = triton_ir_ops.triton_ops
-    assert ops(_tok(8), _tok(8), precision="bf16", eight_bit="nibbles")["tt.dot"] == 4
-    assert ops(_tok(8), _tok(8), precision="bf16")["tt.dot"] == 2  # whole-byte f16 operands (default)
-    assert ops(_tok(4), _tok(4), precision="bf16") == ops(_tok(4), _tok(4), precision="bf16", eight_bit="nibbles")
-    full = ops(KVSpec(bits=16), KVSpec(bits=16), precision="bf16")
+    run = dict(precision="bf16", softmax="running")
+    assert ops(_tok(8), _tok(8), eight_bit="nibbles", **run)["tt.dot"] == 4
+    assert ops(_tok(8), _tok(8), **run)["tt.dot"] == 2  # whole-byte f16 operands (default)
+    assert ops(_tok(4), _tok(4), **run) == ops(_tok(4), _tok(4), eight_bit="nibbles", **run)
+    full = ops(KVSpec(bits=16), KVSpec(bits=16), **run)
     assert full["tt.dot"] == 2 and full["tt.elementwise_inline_asm"] == 3  # exp2 of alpha and of p, p rounded to bf16
+    # The fixed softmax (default where probabilities are bf16): block 0's keys scored once more for the reference
+    # (one dot per field), and no alpha to exponentiate
+    assert ops(_tok(8), _tok(8), precision="bf16", eight_bit="nibbles")["tt.dot"] == 6
+    full = ops(KVSpec(bits=16), KVSpec(bits=16), precision="bf16")
+    assert full["tt.dot"] == 3 and full["tt.elementwise_inline_asm"] == 2
 
 
 def test_fingerprint_tells_kernels_apart_and_ignores_locations():
