@@ -331,9 +331,10 @@ def fixed_softmax_step(ref: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, exp2=jnp.e
     over the block's tokens and no rescaling (alpha = 1). Returns ([p per tile], l_acc).
 
     Exact as long as nothing overflows: a later score more than ~127 above `ref` makes p (or, with large values, the
-    p-weighted sums) inf, which the caller must detect on its results and then redo the split with the running
-    softmax. Scores below `ref` lose nothing the running form keeps (`ref` is at most the true maximum, so p of the
-    largest score is >= 1 and p < 2^-126, flushed to 0, is below float32 resolution of the sum)."""
+    p-weighted sums) inf, which the caller must detect on its results (the GPU kernel also treats sums of p from
+    2^64 up as overflow) and then redo the split with the running softmax. Scores below `ref` lose nothing the
+    running form keeps (`ref` is at most the true maximum, so p of the largest score is >= 1 and p < 2^-126, flushed
+    to 0, is below float32 resolution of the sum)."""
     ps = [exp2(_shift(s, ref, 0)) for s in s_tiles]
     for p in ps:
         l_acc = l_acc + p
