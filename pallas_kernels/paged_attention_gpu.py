@@ -819,7 +819,7 @@ def _kernel(
     l0 = jnp.zeros((TBs, R), jnp.float32)  # per-token partial sums of p (see online_softmax_step_deferred)
     pages0 = load_pages(0)
     tiles0 = block_tiles(0, pages0, pref)
-    prm0 = None
+    prm0 = None  # token_params(0) is built here only when fixed: where it was, the running kernel's IR stays as timed
     if fixed:
         # The reference: the maximum of block 0's scores (its key tiles read once more unless prefetched). A block
         # past the end (nblk == 0) scores -inf and gives reference 0; its results are masked below.
@@ -1313,7 +1313,7 @@ def _paged_attention_rows(
     untimed = ks.kind == "channel" or vs.f16 or vhalf
     fixed = (
         softmax == "fixed"
-        and (not untimed or "fixedall" in variant.split(","))
+        and (not untimed or "fixedall" in items)
         and (parts == 1 or not vs.f16)
         and variant not in ("loads", "nosoftmax", "novalues")
     )
