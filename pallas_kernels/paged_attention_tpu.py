@@ -3,7 +3,8 @@
 Grid (batch b, KV head h, page block i). The page table and num_tokens are scalar-prefetched into SMEM; a block holds
 `pages_per_block` pages, each its own BlockSpec whose index map reads the table to DMA physical page
 `page_table[b, i * ppb + j]` of head h (packed codes, scales, zeros) straight from the pool, double-buffered by the
-Pallas pipeline. The pages are dequantized into one [ppb * P, D] K and V tile, so each step does one score matmul.
+Pallas pipeline. The pages are dequantized into one K and one V tile of [ppb * P, D / F] per field (F: codes per
+byte of a token-axis store, else 1), so each step does one score matmul per key field.
 All query heads of KV head h (G = Hq / H) and all query tokens form the rows of one tile `[G * Tq, D]`, so each page
 is loaded once per KV head. Online softmax state (m, l, acc) lives in VMEM scratch across the page axis; the last
 page step normalizes and writes `out` and `lse`.
@@ -12,12 +13,18 @@ Blocks past the sequence's end are not computed. Pages past the end map to the l
 the length mask drops; on later steps the unchanged block index means no new DMA). INVALID (-1) table entries are
 clamped into range and never used.
 
-Tile math: `tile_quant.dequantize_tile` (mask/matmul style: unpack by a 0/1 spread matmul, shifts on int32, scale
-expansion by a 0/1 matmul at full f32 precision; shared with the write kernels and the reference), because Mosaic
-cannot split the lane axis in a reshape; the GPU kernel instead folds scales around bf16 magic operands
-(`tile_attention.py`), which Triton's tensor-core dots want. The online-softmax step is the shared
-`tile_attention.online_softmax_step` (base 2), here in `[rows, tokens]` orientation with 2-D `[rows, 1]` state, which
-is what Mosaic lays out well.
+Tile math (`tile_quant`, shared with the write kernels and the reference checks): token-axis pages are dequantized
+in place as `tile_quant.dequantize_fields`: field j of every byte (a shift and a mask of the int32 bytes) is the tile
+of channels j::per, so no code moves across lanes (Mosaic cannot split the lane axis in a reshape) and no matmul
+unpacks them; the wrapper hands the kernel the query with its channels in the same field order and puts the output's
+channels back. Channel-axis pages (tokens packed along rows) use `tile_quant.dequantize_tile`, unpacking by a 0/1
+spread matmul. Group scales and zeros are expanded over their channels by 0/1 matmuls too; every such selection
+matmul is exact as single-pass bf16 work (`tile_quant.select_dot`), where float32 HIGHEST matmuls would take ~6
+passes. Per page at the Llama-3.1-8B shape, 4/4 with per-token groups of 32 went from 7.1M bf16 MAC-passes of
+selection matmuls to 0.13M (`benchmarks/tpu_kernel_ops.py`; no TPU to time it). The GPU kernel instead folds scales
+around bf16 magic operands (`tile_attention.py`), which Triton's tensor-core dots want. The online-softmax step is
+the shared `tile_attention.online_softmax_step` (base 2), here in `[rows, tokens]` orientation with 2-D `[rows, 1]`
+state, which is what Mosaic lays out well.
 
 Numerics: float32 throughout (dequantized values are bit-identical to the reference's), so the kernel differs from
 `paged_attention_reference` only by float32 reassociation in the dot products and the online softmax.
@@ -45,23 +52,23 @@ def _store_refs(spec: KVSpec) -> int:
     return 2 if spec.symmetric else 3
 
 
-def _load_page(refs, spec: KVSpec) -> jnp.ndarray:
-    """One page of one KV head from its refs -> [P, D] f32."""
+def _fields(spec: KVSpec) -> int:
+    """Field tiles a page of this store is dequantized into (`tile_quant.num_fields`; 1 for 16-bit)."""
+    return tile_quant.num_fields(spec.bits, spec.axis) if spec.quantized else 1
+
+
+def _load_page(refs, spec: KVSpec) -> list[jnp.ndarray]:
+    """One page of one KV head from its refs -> its `_fields(spec)` field tiles, [P, D / fields] f32 each (field j:
+    channels j::fields)."""
     if not spec.quantized:
-        return refs[0][...].astype(jnp.float32)
+        return [refs[0][...].astype(jnp.float32)]
     codes = refs[0][...]
     scale = refs[1][...]
     zero = None if spec.symmetric else refs[2][...]
-    return tile_quant.dequantize_tile(
-        codes,
-        scale,
-        zero,
-        bits=spec.bits,
-        group_size=spec.group_size,
-        axis=spec.axis,
-        symmetric=spec.symmetric,
-        reshape=False,
-    )
+    kw = dict(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
+    if spec.axis == "token":
+        return tile_quant.dequantize_fields(codes, scale, zero, **kw)
+    return [tile_quant.dequantize_tile(codes, scale, zero, axis=spec.axis, reshape=False, **kw)]
 
 
 def _kernel(
@@ -77,11 +84,12 @@ def _kernel(
     max_tokens: int,
 ):
     # pt_ref: SMEM [B * max_pages] int32; nt_ref: SMEM [B] int32.
-    # q_ref: [R, D] (R = G * Tq rows of KV head h).
+    # q_ref: [FK, R, D / FK] (R = G * Tq rows of KV head h; FK = key fields: slice j holds channels j::FK).
     # Then, for each of the ppb pages of this block, the K refs and then the V refs: codes [rows, cols]
     # (+ scale, zero [srows, scols]) of one physical page of head h, in the pool layout.
-    # out_ref: [R, D] f32; lse_ref: [R, 1] f32. Scratch: m, l [R, 1] f32 (running base-2 max / sum), acc [R, D] f32,
-    # and when ppb > 1 the block's dequantized K and V, [ppb * P, D] f32 each.
+    # out_ref: [FV, R, D / FV] f32 (FV = value fields: slice j holds channels j::FV); lse_ref: [R, 1] f32.
+    # Scratch: m, l [R, 1] f32 (running base-2 max / sum), acc [FV, R, D / FV] f32, and when ppb > 1 the block's
+    # dequantized K and V field tiles, [FK, ppb * P, D / FK] and [FV, ppb * P, D / FV] f32.
     nk = _store_refs(k_spec)
     nv = _store_refs(v_spec)
     per_page = nk + nv
@@ -100,26 +108,33 @@ def _kernel(
 
     @pl.when(i * block_tokens < nt)
     def _block():
-        q = q_ref[...].astype(jnp.float32)  # [R, D]
         if ppb == 1:
-            k = _load_page(pages[0][:nk], k_spec)  # [P, D]
-            v = _load_page(pages[0][nk:], v_spec)
+            k = _load_page(pages[0][:nk], k_spec)  # FK x [P, D / FK]
+            v = _load_page(pages[0][nk:], v_spec)  # FV x [P, D / FV]
         else:
             # Pages past the end were fetched as the last valid page (finite values); the length mask drops them.
             k_buf, v_buf = bufs
             for j, page in enumerate(pages):
                 rows = slice(j * page_size, (j + 1) * page_size)  # sublane-aligned: P is a multiple of 8
-                k_buf[rows, :] = _load_page(page[:nk], k_spec)
-                v_buf[rows, :] = _load_page(page[nk:], v_spec)
-            k = k_buf[...]  # [ppb * P, D]
-            v = v_buf[...]
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [R, T]
+                for buf, tiles in ((k_buf, _load_page(page[:nk], k_spec)), (v_buf, _load_page(page[nk:], v_spec))):
+                    for f, x in enumerate(tiles):
+                        buf[f, rows, :] = x
+            k = [k_buf[f] for f in range(k_buf.shape[0])]  # FK x [ppb * P, D / FK]
+            v = [v_buf[f] for f in range(v_buf.shape[0])]
+        # Field j of the keys meets query channels j::FK: the same dot product, summed in another order.
+        s = sum(
+            lax.dot_general(
+                q_ref[f].astype(jnp.float32), kf, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+            )
+            for f, kf in enumerate(k)
+        )  # [R, T]
         s = s * (sm_scale * ta.LOG2E)  # base 2, as the shared softmax step runs
         tok = i * block_tokens + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         s = jnp.where(tok < nt, s, -jnp.inf)
         m_new, alpha, p, l_new = ta.online_softmax_step(m_ref[...], l_ref[...], s, axis=1)  # state [R, 1]
         l_ref[...] = l_new
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        for f, vf in enumerate(v):  # field j of the values gives output channels j::FV
+            acc_ref[f] = alpha * acc_ref[f] + jnp.dot(p, vf, preferred_element_type=jnp.float32)
         m_ref[...] = m_new
 
     @pl.when(i == pl.num_programs(2) - 1)
@@ -127,7 +142,7 @@ def _kernel(
         l = l_ref[...]
         ok = l > 0
         l_safe = jnp.where(ok, l, 1.0)
-        out_ref[...] = jnp.where(ok, acc_ref[...] / l_safe, 0.0)
+        out_ref[...] = jnp.where(ok[None], acc_ref[...] / l_safe[None], 0.0)
         lse_ref[...] = jnp.where(ok, (m_ref[...] + jnp.log2(l_safe)) * ta.LN2, -jnp.inf)  # back to base e
 
 
@@ -151,6 +166,7 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
     r = g * t
     mp = page_table.shape[1]
     p = layout.page_size_of(k_spec, k_codes, d)
+    fk, fv = _fields(k_spec), _fields(v_spec)
 
     def page_map(j):
         def index(bi, hi, i, pt, nt):
@@ -169,14 +185,19 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
             page_specs.append(pl.BlockSpec((None, None, *a.shape[2:]), page_map(j)))
             page_args.append(a)
     row_map = lambda bi, hi, i, pt, nt: (bi, hi, 0, 0)
-    scratch = [pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, d), jnp.float32)]
+    field_map = lambda bi, hi, i, pt, nt: (bi, hi, 0, 0, 0)
+    scratch = [
+        pltpu.VMEM((r, 1), jnp.float32),
+        pltpu.VMEM((r, 1), jnp.float32),
+        pltpu.VMEM((fv, r, d // fv), jnp.float32),
+    ]
     if ppb > 1:
-        scratch += [pltpu.VMEM((ppb * p, d), jnp.float32), pltpu.VMEM((ppb * p, d), jnp.float32)]
+        scratch += [pltpu.VMEM((fk, ppb * p, d // fk), jnp.float32), pltpu.VMEM((fv, ppb * p, d // fv), jnp.float32)]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
         grid=(b, h, pl.cdiv(mp, ppb)),
-        in_specs=[pl.BlockSpec((None, None, r, d), row_map), *page_specs],
-        out_specs=[pl.BlockSpec((None, None, r, d), row_map), pl.BlockSpec((None, None, r, 1), row_map)],
+        in_specs=[pl.BlockSpec((None, None, fk, r, d // fk), field_map), *page_specs],
+        out_specs=[pl.BlockSpec((None, None, fv, r, d // fv), field_map), pl.BlockSpec((None, None, r, 1), row_map)],
         scratch_shapes=scratch,
     )
     out, lse = pl.pallas_call(
@@ -184,16 +205,22 @@ def _attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table
             _kernel, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, page_size=p, ppb=ppb, max_tokens=mp * p
         ),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct((b, h, r, d), jnp.float32), jax.ShapeDtypeStruct((b, h, r, 1), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, h, fv, r, d // fv), jnp.float32),
+            jax.ShapeDtypeStruct((b, h, r, 1), jnp.float32),
+        ],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=_interpret_params(interpret),
         name=f"paged_attention_k{k_spec.bits}{k_spec.axis[0]}_v{v_spec.bits}{v_spec.axis[0]}",
     )(
         page_table.astype(jnp.int32).reshape(-1),
         num_tokens.astype(jnp.int32),
-        q.reshape(b, h, r, d),  # query head hq = h * G + j reads KV head h (repeat_kv grouping); rows = (j, token)
+        # Query head hq = h * G + j reads KV head h (repeat_kv grouping); rows = (j, token); channels split into the
+        # key fields (slice f: channels f::FK).
+        q.reshape(b, h, r, d // fk, fk).transpose(0, 1, 4, 2, 3),
         *page_args,
     )
+    out = out.transpose(0, 1, 3, 4, 2)  # [b, h, r, D / FV, FV]: channel i * FV + f
     return out.reshape(b, hq, t, d), lse.reshape(b, hq, t)
 
 

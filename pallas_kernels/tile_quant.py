@@ -9,9 +9,12 @@ is bit-exact against `quantize_write_reference` on every backend, compiled or in
 Two ways to do the work that moves data across lanes (grouping along head_dim, packing codes into bytes):
 - `reshape=True` (Triton): split the grouped axis with reshapes and reduce; every shape stays a power of two.
 - `reshape=False` (Mosaic TPU, which cannot split the lane axis in a reshape): per-group masked reductions over the
-  whole tile, and packing / unpacking as a matmul against a 0/1/2^k selection matrix built from iotas. The matmul is
-  exact: codes are integers < 256 (exact even in bf16), the weights are powers of two, and every output is an
-  integer <= 255 (exact in the f32 accumulator).
+  whole tile, and packing / unpacking / group expansion as a matmul against a 0/1/2^k selection matrix built from
+  iotas (`select_dot`). Each is exact as single-pass bf16 MXU work with a float32 accumulator: codes are integers
+  < 256 and the weights powers of two (exact in bf16), every packed output is an integer <= 255, every expanded
+  output is one stored scale or zero, and a float16 one is the exact sum of two bf16 pieces. (Full-precision float32
+  matmuls would take ~6 bf16 passes for the same exact result.) The attention kernel's token-axis pages skip the
+  unpacking matmul altogether (`dequantize_fields`).
 """
 
 from __future__ import annotations
@@ -93,6 +96,38 @@ def codes_of(x, scale_full, zero_full, bits: int, symmetric: bool) -> jnp.ndarra
     return jnp.clip(q, 0.0, float(qmax)).astype(jnp.int32)
 
 
+def bf16_pieces(x: jnp.ndarray) -> list[jnp.ndarray]:
+    """x -> bf16 arrays whose float32 sum is exactly x: x itself for bf16 and integer types (callers pass integers
+    < 256, exact in bf16), two pieces for float16 (11 significant bits: an 8-bit head and the rest, which fits bf16;
+    f16's subnormals are normal numbers in bf16). Finite values; callers mask stale pages' non-finite ones."""
+    if x.dtype == jnp.bfloat16:
+        return [x]
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return [x.astype(jnp.float32).astype(jnp.bfloat16)]
+    if x.dtype != jnp.float16:
+        raise TypeError(f"bf16_pieces: expected bfloat16, float16 or integer codes, got {x.dtype}")
+    xf = x.astype(jnp.float32)  # (Mosaic has no direct float16 -> bfloat16 cast)
+    head = xf.astype(jnp.bfloat16)
+    return [head, (xf - head.astype(jnp.float32)).astype(jnp.bfloat16)]
+
+
+def select_dot(a: jnp.ndarray, b: jnp.ndarray, x_is_a: bool = True) -> jnp.ndarray:
+    """a @ b -> f32, exactly, where one side (x: `a` if x_is_a) holds stored values (`bf16_pieces`) and the other a
+    selection matrix of 0s and powers of two <= 2^7 whose products with x sum exactly in float32 (one term per output,
+    or small integers). Single-pass bf16 dots, one per piece of x."""
+    x, w = (a, b) if x_is_a else (b, a)
+    w = w.astype(jnp.bfloat16)  # exact: 0 or a power of two
+    out = None
+    for piece in bf16_pieces(x):
+        d = (
+            jnp.dot(piece, w, preferred_element_type=jnp.float32)
+            if x_is_a
+            else jnp.dot(w, piece, preferred_element_type=jnp.float32)
+        )
+        out = d if out is None else out + d  # exact: the pieces of one stored value, or integers <= 255
+    return out
+
+
 def pack_matrix(n: int, bits: int, transpose: bool = False) -> jnp.ndarray:
     """[n, n*b/8] f32 with W[k, j] = 2^(b*(k % per)) where k // per == j, else 0: `codes @ W` packs codes LSB first.
 
@@ -120,12 +155,10 @@ def pack_tile(codes: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> jnp
         c = codes.reshape(p // per, per, d)
         sh = lax.broadcasted_iota(jnp.int32, (1, per, 1), 1) * bits
         return jnp.sum(jnp.left_shift(c, sh), axis=1).astype(jnp.uint8)
-    cf = codes.astype(jnp.float32)
-    hi = lax.Precision.HIGHEST
     if axis == "token":
-        packed = jnp.dot(cf, pack_matrix(d, bits), precision=hi, preferred_element_type=jnp.float32)
+        packed = select_dot(codes, pack_matrix(d, bits))
     else:
-        packed = jnp.dot(pack_matrix(p, bits, transpose=True), cf, precision=hi, preferred_element_type=jnp.float32)
+        packed = select_dot(pack_matrix(p, bits, transpose=True), codes, x_is_a=False)
     return packed.astype(jnp.int32).astype(jnp.uint8)
 
 
@@ -168,15 +201,13 @@ def unpack_tile(packed: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> 
         return jnp.right_shift(c[:, None, :], sh).__and__(mask).reshape(r * per, cols)
     # Spread each byte over its `per` code positions with a 0/1 matmul (exact: bytes < 256), then shift and mask
     # per position. Shifts stay on int32 (Mosaic has no narrow shifts).
-    hi = lax.Precision.HIGHEST
-    cf = c.astype(jnp.float32)
     if axis == "token":
         spread = _onehot((cols, cols * per), per, 1)  # [D*b/8, D]: byte j feeds columns j*per .. j*per+per-1
-        wide = jnp.dot(cf, spread, precision=hi, preferred_element_type=jnp.float32)  # [P, D]
+        wide = select_dot(c, spread)  # [P, D]
         pos = lax.broadcasted_iota(jnp.int32, wide.shape, 1) % per
     else:
         spread = _onehot((r * per, r), per, 0)  # [P, P*b/8]
-        wide = jnp.dot(spread, cf, precision=hi, preferred_element_type=jnp.float32)  # [P, D]
+        wide = select_dot(spread, c, x_is_a=False)  # [P, D]
         pos = lax.broadcasted_iota(jnp.int32, wide.shape, 0) % per
     return jnp.right_shift(wide.astype(jnp.int32), pos * bits) & mask
 
@@ -184,9 +215,9 @@ def unpack_tile(packed: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> 
 def expand_groups(s: jnp.ndarray, group_size: int, axis: str, shape, *, reshape: bool) -> jnp.ndarray:
     """Group-shaped scale/zero ([P, D/G] or [P/G, D]) -> [P, D] f32, each value repeated over its group."""
     p, d = shape
-    sf = s.astype(jnp.float32)
     if group_size == 1:
-        return sf
+        return s.astype(jnp.float32)
+    sf = s.astype(jnp.float32)
     if reshape:
         if axis == "token":
             return jnp.broadcast_to(sf[:, :, None], (p, d // group_size, group_size)).reshape(p, d)
@@ -194,11 +225,10 @@ def expand_groups(s: jnp.ndarray, group_size: int, axis: str, shape, *, reshape:
     n = (d if axis == "token" else p) // group_size
     if n == 1:
         return jnp.broadcast_to(sf, (p, d))
-    # 0/1 matmul at full f32 precision: each output is exactly one input value.
-    hi = lax.Precision.HIGHEST
+    # 0/1 matmul: each output is exactly one stored value.
     if axis == "token":
-        return jnp.dot(sf, _onehot((n, d), group_size, 1), precision=hi, preferred_element_type=jnp.float32)
-    return jnp.dot(_onehot((p, n), group_size, 0), sf, precision=hi, preferred_element_type=jnp.float32)
+        return select_dot(s, _onehot((n, d), group_size, 1))
+    return select_dot(_onehot((p, n), group_size, 0), s, x_is_a=False)
 
 
 def _onehot(shape, repeat: int, wide_dim: int) -> jnp.ndarray:
@@ -216,6 +246,46 @@ def dequantize_tile(codes, scale, zero, *, bits, group_size, axis, symmetric, re
     if symmetric:
         return (q - 2 ** (bits - 1)) * s
     return q * s + expand_groups(zero, group_size, axis, q.shape, reshape=reshape)
+
+
+def num_fields(bits: int, axis: str) -> int:
+    """Fields a packed row splits into without moving data across lanes: codes per byte of a token-axis store (each
+    field j holds the channels per*i + j of byte columns i), 1 otherwise (8/16 bits, or channel-axis rows)."""
+    return 8 // bits if axis == "token" and bits < 8 else 1
+
+
+def field_groups(s: jnp.ndarray, group_size: int, per: int, j: int, cols: int) -> jnp.ndarray:
+    """Per-token group values s [P, D/G] (stored dtype) -> [P, cols] f32 for field j: column i takes the value of the
+    group of channel per*i + j, by a 0/1 `select_dot` as in `expand_groups`."""
+    n = s.shape[1]
+    if n == 1:
+        return jnp.broadcast_to(s.astype(jnp.float32), (s.shape[0], cols))
+    g = lax.broadcasted_iota(jnp.int32, (n, cols), 0)
+    i = lax.broadcasted_iota(jnp.int32, (n, cols), 1)
+    return select_dot(s, ((per * i + j) // group_size == g).astype(jnp.float32))
+
+
+def dequantize_fields(codes, scale, zero, *, bits, group_size, symmetric) -> list[jnp.ndarray]:
+    """Token-axis packed page tile [P, D*b/8] -> per field j the values of channels per*i + j, [P, D*b/8] f32 each.
+
+    Bit for bit `dequantize_tile`'s columns j::per (the same float32 expressions), but each field is a shift and a
+    mask of the bytes where they lie, so nothing moves across lanes: no spread matmul over the whole tile, only the
+    small per-field group matmul of `field_groups`. Consumers pair field j with query channels j::per (scores) and
+    write output channels j::per (values), which is plain reassociation of the same dot products.
+    """
+    c = codes.astype(jnp.int32)
+    per = 8 // bits
+    cols = c.shape[1]
+    out, groups = [], {}
+    for j in range(per):
+        q = (jnp.right_shift(c, j * bits) & (2**bits - 1)).astype(jnp.float32)
+        # Byte column i's group is the same for every field when whole bytes lie in one group: expand once.
+        key = 0 if group_size % per == 0 else j
+        if key not in groups:
+            groups[key] = tuple(None if x is None else field_groups(x, group_size, per, j, cols) for x in (scale, zero))
+        s, z = groups[key]
+        out.append((q - 2 ** (bits - 1)) * s if symmetric else q * s + z)
+    return out
 
 
 def pool_outputs(out, scale, zero):

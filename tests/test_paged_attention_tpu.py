@@ -143,3 +143,27 @@ def test_tpu_attention_two_cores_no_races():
     want_o, want_l = _reference(q, *k_pool, *v_pool, *tail, **kw)
     np.testing.assert_allclose(np.asarray(got_o), np.asarray(want_o), atol=ATOL, rtol=RTOL)
     np.testing.assert_allclose(np.asarray(got_l), np.asarray(want_l), atol=ATOL, rtol=RTOL)
+
+
+def test_tpu_kernel_dequantizes_without_float32_matmuls():
+    """The kernel's matmul work per page (benchmarks/tpu_kernel_ops.py, from its jaxpr): token-axis pages are
+    unpacked in place, so a per-token 4/4 or 2/2 layer runs only its attention dots (one per field), and what
+    selection matmuls remain (group scales, channel-axis rows) are single-pass bf16, never a float32 HIGHEST matmul
+    (~6 passes)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tpu_kernel_ops.py"
+    spec = importlib.util.spec_from_file_location("tpu_kernel_ops", path)
+    tpu_kernel_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tpu_kernel_ops)
+    d = 128
+    for kb, vb in ((4, 4), (2, 2)):
+        ks, vs = (KVSpec(bits=b, axis="token", group_size=d) for b in (kb, vb))
+        ds = tpu_kernel_ops.kernel_dots(ks, vs, head_dim=d)
+        assert [x["kind"] for x in ds] == ["attention"] * (8 // kb + 8 // vb)
+        assert sum(x["m"] * x["n"] * x["k"] for x in ds) == 2 * 4 * 64 * d  # q.k and p.v over the page
+    kivi = (KVSpec(bits=4, axis="channel", group_size=32), KVSpec(bits=2, axis="token", group_size=32))
+    ds = tpu_kernel_ops.kernel_dots(*kivi, head_dim=d)
+    sel = [x for x in ds if x["kind"] == "select"]
+    assert sel and all(x["passes"] == 1 and x["dtypes"] == ("bfloat16", "bfloat16") for x in sel)

@@ -210,6 +210,47 @@ def test_tile_quant_matches_quant_both_styles():
             np.testing.assert_array_equal(np.asarray(back), np.asarray(quant.dequantize(c, s, z, bits, group, axis)))
 
 
+@pytest.mark.parametrize("bits,group,sym,sdt", [(2, 16, False, "float16"), (4, 32, True, "bfloat16"),
+                                                (2, 2, False, "bfloat16"), (4, 64, False, "float16"),
+                                                (8, 32, True, "float16")])  # fmt: skip
+def test_dequantize_fields_are_the_reference_channels(bits, group, sym, sdt):
+    """Field j of a token-axis page (the TPU attention's in-place unpacking) is bit for bit quant.dequantize's
+    channels j::per, for groups spanning whole bytes (expanded once for all fields) and groups of 2 channels in 4-code
+    bytes (expanded per field), both scale dtypes."""
+    rng = np.random.default_rng(bits * 100 + group)
+    x = _pages(rng, 1, 1, 32, 64, jnp.float32)[0, 0] * 3.0
+    c, s, z = quant.quantize(x, bits, group, "token", sym, jnp.dtype(sdt))
+    pc = quant.pack(c, bits, quant.packed_axis("token"))
+    want = np.asarray(quant.dequantize(c, s, z, bits, group, "token"))
+    got = jax.jit(lambda pc, s, z: tile_quant.dequantize_fields(pc, s, z, bits=bits, group_size=group, symmetric=sym))(
+        pc, s, z
+    )
+    per = 8 // bits
+    assert len(got) == per
+    for j, f in enumerate(got):
+        np.testing.assert_array_equal(np.asarray(f), want[:, j::per])
+
+
+def test_select_dot_is_exact():
+    """The TPU tile math's selection matmuls as single-pass bf16 dots: f16 values (extremes and subnormals included)
+    and bf16 values come through a 0/1 expansion exactly, and codes through the packing weights, against float64."""
+    rng = np.random.default_rng(0)
+    edge = np.array([65504.0, -65504.0, 6e-8, -6.1e-5, 1.0009765625, 0.0, 2049.0, 3.140625], np.float16)
+    for dtype in (np.float16, jnp.bfloat16):
+        v = np.concatenate([edge.astype(np.float32), rng.standard_normal(40).astype(np.float32) * 100])
+        vals = jnp.asarray(v.reshape(8, 6), dtype)  # [rows, groups]
+        onehot = np.kron(np.eye(6), np.ones((1, 5)))  # [groups, 30]: each group over 5 columns
+        got = np.asarray(tile_quant.select_dot(vals, jnp.asarray(onehot, jnp.float32)))
+        want = np.asarray(vals, np.float64) @ onehot
+        np.testing.assert_array_equal(got, want)
+        got_t = np.asarray(tile_quant.select_dot(jnp.asarray(onehot.T, jnp.float32), vals.T, x_is_a=False))
+        np.testing.assert_array_equal(got_t, want.T)
+    codes = rng.integers(0, 4, (16, 64)).astype(np.int32)
+    packed = np.asarray(tile_quant.select_dot(jnp.asarray(codes), tile_quant.pack_matrix(64, 2)))
+    np.testing.assert_array_equal(packed, codes.astype(np.float64) @ np.asarray(tile_quant.pack_matrix(64, 2)))
+    assert packed.max() > 128  # the packed bytes use their high bits
+
+
 def test_round_div_is_exact_at_ties_and_elsewhere():
     """quant.round_div against float64 numpy: exact quotient rounding, ties to even.
 
