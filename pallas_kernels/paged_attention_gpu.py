@@ -42,6 +42,10 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against p * 2^14 as an f16 operand: every dequantized
   value lies between f16-stored extremes, so nothing needs scaling, and f16 keeps 3 more bits than the bf16 it
   replaces. Measured on the H200 (2026-12-05): the 3.25-bit schedule's mean layer 0.585 -> 0.559 ms.
+- Per-token values whose column blocks are narrower than 64 bytes (2-bit codes of a 128-channel head: 32) give value
+  dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them; `_variant="vjoin"` (not yet
+  timed) joins two fields per dot (rows 2i + k), which makes them warpgroup MMAs and, offline, frees registers (2/2 at
+  bf16 precision 172 -> 142, at "high" 254 -> 181: BENCHMARKS.md).
 - In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
   are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
   per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
@@ -276,6 +280,7 @@ def _kernel(
     kw32: bool = False,
     vw32: bool = False,
     fixed: bool = False,
+    vjoin: bool = False,
     split=None,
 ):
     it = iter(refs)
@@ -694,6 +699,8 @@ def _kernel(
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
+                if vjoin:  # fields 2k and 2k + 1 side by side: one dot of 2 * cb rows (see the wrapper)
+                    cs = [ta.interleave_fields(cs[k : k + 2]) for k in range(0, len(cs), 2)]
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
@@ -714,7 +721,7 @@ def _kernel(
                             d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
                         if gpb > 1:
                             d = jnp.where(value_group_mask(cbi, j, g)[:, None], d, 0.0)
-                        accs[cbi * vs.nf + j] = accs[cbi * vs.nf + j] + d
+                        accs[cbi * len(cs) + j] = accs[cbi * len(cs) + j] + d
                     # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
                     # (one group), or summed per block (several groups: per-token accumulators would spill).
                     zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
@@ -810,7 +817,8 @@ def _kernel(
 
     vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
-        accs = [jnp.zeros((vs.cb, R), jnp.float32) for _ in range(vs.ncb * vs.nf)]
+        j2 = 2 if vjoin else 1  # fields per accumulator
+        accs = [jnp.zeros((vs.cb * j2, R), jnp.float32) for _ in range(vs.ncb * vs.nf // j2)]
         zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
@@ -934,7 +942,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 # the A/B opposites of measured defaults.
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
-    "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall",
+    "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
 )  # fmt: skip
 
 
@@ -1258,8 +1266,20 @@ def _paged_attention_rows(
             args.append(arr)
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
+    # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
+    # 128-channel head: 32 bytes) join two fields per dot (rows 2i + k: field 2j + k of byte i), so the value dots can
+    # be warpgroup MMAs instead of warp-level ones.
+    vjoin = (
+        "vjoin" in items
+        and vs.kind == "token"
+        and not vdeq
+        and vs.cb < 64
+        and vs.gpb == 1
+        and vs.nf % 2 == 0
+        and variant not in ("vtrans", "vrows")
+    )
     if vs.kind == "token":
-        nacc, arows = vs.ncb * vs.nf, vs.cb
+        nacc, arows = vs.ncb * vs.nf // (2 if vjoin else 1), vs.cb * (2 if vjoin else 1)
     else:
         nacc, arows = 1, d
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
@@ -1294,6 +1314,7 @@ def _paged_attention_rows(
         asm=asm,
         kw32=kw32,
         vw32=vw32,
+        vjoin=vjoin,
     )
     call = functools.partial(
         pl.pallas_call,
@@ -1329,6 +1350,8 @@ def _paged_attention_rows(
         res = call(functools.partial(_kernel, **kernel_kw), in_specs=specs, name=name)(*args)
     if vs.kind == "token":
         o, za, m, l = res
+        if vjoin:  # [.., ncb, nf / 2, cb, 2, R] -> per field
+            o = jnp.swapaxes(o.reshape(b, h, splits, vs.ncb, vs.nf // 2, vs.cb, 2, R), -2, -3)
         o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
         o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]

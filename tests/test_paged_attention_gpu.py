@@ -769,6 +769,34 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
 
 
 @pytest.mark.parametrize(
+    "kv,d,p,tuning",
+    [
+        ((_spec(2, group=128), _spec(2, group=128)), 128, 16, {}),
+        ((_spec(4, group=64), _spec(2, group=64, sym=True)), 64, 64, dict(parts=1, _variant="w32")),
+        ((_spec(8, group=64), _spec(4, group=64)), 64, 16, dict(eight_bit="nibbles", softmax="running")),
+        ((_spec(4, "channel", 16), _spec(2, group=128)), 128, 16, dict(parts=1, num_splits=3)),
+    ],
+    ids=["K2t-V2t", "K4t-V2ts-bf16-w32", "K8t-V4t-nibbles-running", "K4c-V2t-bf16-splits"],
+)  # fmt: skip
+def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
+    """`_variant="vjoin"`: per-token values whose column blocks have fewer than 64 byte columns run two fields per dot
+    (rows 2i + k), so that the value dots can be warpgroup MMAs; the same products, summed the same way, as one dot per
+    field (`_same`), and the reference's result (`_check`), with ragged lengths including 0."""
+    ks, vs = kv
+    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=4, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    args = (q, *k, *v, pt, nt)
+    tuning = dict(tuning)
+    variant = tuning.pop("_variant", "")
+    base = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=variant, **tuning)
+    joined = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, "vjoin") if x),
+                     **tuning)  # fmt: skip
+    for a, b in zip(base, joined, strict=True):
+        _same(a, b)
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + ",vjoin",
+           **tuning)  # fmt: skip
+
+
+@pytest.mark.parametrize(
     "variant",
     [
         "",
@@ -792,6 +820,7 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
         "novzero",
         "w32",
         "nw32",
+        "vjoin",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):

@@ -47,3 +47,20 @@ def test_fingerprint_tells_kernels_apart_and_ignores_locations():
     assert fp(_tok(4), _tok(4)) != fp(_tok(4), _tok(4), precision="bf16")
     text = triton_ir_ops.triton_module(_tok(4), _tok(4))
     assert "tt.dot" in text and "paged_attention_gpu.py" not in text and "#loc1" not in text
+
+
+def test_joined_value_fields_make_64_row_dots():
+    """2-bit values of a 128-channel head are 32 bytes a row, so each field's value dot has 32 rows, too few for a
+    warpgroup MMA (64): `_variant="vjoin"` turns their 4 dots of 32 rows per block into 2 of 64, and the keys' dots
+    (64 rows already, in the loop and in the fixed softmax's first-block scores) stay as they are."""
+    import collections
+    import re
+
+    t2 = _tok(2)
+
+    def dot_rows(**kw):
+        text = triton_ir_ops.triton_module(t2, t2, precision="bf16", **kw)
+        return collections.Counter(re.findall(r"tt\.dot .*-> tensor<(\d+)x\d+xf32", text))
+
+    assert dot_rows() == {"64": 8, "32": 4}
+    assert dot_rows(_variant="vjoin") == {"64": 10}
