@@ -42,10 +42,11 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   instead of ~2.5: bf16 -> f32, an f32 fma, f32 -> bf16), against p * 2^14 as an f16 operand: every dequantized
   value lies between f16-stored extremes, so nothing needs scaling, and f16 keeps 3 more bits than the bf16 it
   replaces. Measured on the H200 (2026-12-05): the 3.25-bit schedule's mean layer 0.585 -> 0.559 ms.
-- Per-token values whose column blocks are narrower than 64 bytes (2-bit codes of a 128-channel head: 32) give value
-  dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them; `_variant="vjoin"` (not yet
-  timed) joins two fields per dot (rows 2i + k), which makes them warpgroup MMAs and, offline, frees registers (2/2 at
-  bf16 precision 172 -> 142, at "high" 254 -> 181: BENCHMARKS.md).
+- Per-token values whose column blocks are narrower than 64 bytes (2-bit codes of a 128-channel head, small value
+  groups: 32) give value dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them;
+  `_variant="vjoin"` (not yet timed) joins 64 / bytes fields per dot (rows J * i + k), which makes them warpgroup
+  MMAs and, offline, frees registers and spill (2/2 at bf16 precision 172 -> 142 registers; the schedule's kivi4/4
+  layers with `fixedall` 224 -> 16 spilled bytes: BENCHMARKS.md).
 - In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
   are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
   per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
@@ -280,7 +281,7 @@ def _kernel(
     kw32: bool = False,
     vw32: bool = False,
     fixed: bool = False,
-    vjoin: bool = False,
+    vjoin: int = 1,
     split=None,
 ):
     it = iter(refs)
@@ -677,12 +678,16 @@ def _kernel(
 
             for cbi in range(vs.ncb):
                 items = dot_items(cbi, magic_fields(vt[cbi], vs.bits, asm, vs.f16 or vhalf))
-                for c, sc_t, off_t, a in items:
+                for k in range(0, vs.nf, vjoin):  # vjoin fields per dot (rows vjoin * i + f: see the wrapper)
+                    ops = [
+                        (deq16(c, sc_t, off_t),) if vhalf else to_parts(fma(c.astype(jnp.float32), sc_t, off_t), parts)
+                        for c, sc_t, off_t, _ in items[k : k + vjoin]
+                    ]  # per field: its dequantized operand, or its bf16 parts [TB, cb]
+                    vp = tuple(ta.interleave_fields([o[i] for o in ops]) for i in range(len(ops[0])))
+                    a = items[k][3] // vjoin
                     if vhalf:
-                        accs[a] = accs[a] + _dot(deq16(c, sc_t, off_t), pv[0], True)
+                        accs[a] = accs[a] + _dot(vp[0], pv[0], True)
                         continue
-                    vf = fma(c.astype(jnp.float32), sc_t, off_t)
-                    vp = to_parts(vf, parts)  # [TB, cb] each
                     d = None
                     for a_ in reversed(range(parts)):
                         for b_ in reversed(range(parts)):
@@ -699,8 +704,7 @@ def _kernel(
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
                     cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
-                if vjoin:  # fields 2k and 2k + 1 side by side: one dot of 2 * cb rows (see the wrapper)
-                    cs = [ta.interleave_fields(cs[k : k + 2]) for k in range(0, len(cs), 2)]
+                cs = [ta.interleave_fields(cs[k : k + vjoin]) for k in range(0, len(cs), vjoin)]  # (see the wrapper)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
@@ -817,8 +821,7 @@ def _kernel(
 
     vkv = value_scaling() if vs.f16 and not vdeq else None
     if vs.kind == "token":
-        j2 = 2 if vjoin else 1  # fields per accumulator
-        accs = [jnp.zeros((vs.cb * j2, R), jnp.float32) for _ in range(vs.ncb * vs.nf // j2)]
+        accs = [jnp.zeros((vs.cb * vjoin, R), jnp.float32) for _ in range(vs.ncb * vs.nf // vjoin)]
         zaccs = [jnp.zeros((TBs, R) if defer_z else (R,), jnp.float32) for _ in range(vs.ngroups)]
     else:
         accs = [jnp.zeros((D, R), jnp.float32)]
@@ -1267,19 +1270,15 @@ def _paged_attention_rows(
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
     # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
-    # 128-channel head: 32 bytes) join two fields per dot (rows 2i + k: field 2j + k of byte i), so the value dots can
-    # be warpgroup MMAs instead of warp-level ones.
-    vjoin = (
-        "vjoin" in items
-        and vs.kind == "token"
-        and not vdeq
-        and vs.cb < 64
-        and vs.gpb == 1
-        and vs.nf % 2 == 0
-        and variant not in ("vtrans", "vrows")
-    )
+    # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
+    # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Not where several
+    # groups share a block without dequantization (their fields' dots are masked one by one).
+    vjoin = 1
+    if "vjoin" in items and vs.kind == "token" and vs.cb < 64 and (vdeq or vs.gpb == 1):
+        if variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
+            vjoin = min(vs.nf, 64 // vs.cb)
     if vs.kind == "token":
-        nacc, arows = vs.ncb * vs.nf // (2 if vjoin else 1), vs.cb * (2 if vjoin else 1)
+        nacc, arows = vs.ncb * vs.nf // vjoin, vs.cb * vjoin
     else:
         nacc, arows = 1, d
     out_shape = [jax.ShapeDtypeStruct((b, h, splits, nacc, arows, R), jnp.float32)]
@@ -1350,8 +1349,8 @@ def _paged_attention_rows(
         res = call(functools.partial(_kernel, **kernel_kw), in_specs=specs, name=name)(*args)
     if vs.kind == "token":
         o, za, m, l = res
-        if vjoin:  # [.., ncb, nf / 2, cb, 2, R] -> per field
-            o = jnp.swapaxes(o.reshape(b, h, splits, vs.ncb, vs.nf // 2, vs.cb, 2, R), -2, -3)
+        if vjoin > 1:  # [.., ncb, nf / J, cb, J, R] -> per field
+            o = jnp.swapaxes(o.reshape(b, h, splits, vs.ncb, vs.nf // vjoin, vs.cb, vjoin, R), -2, -3)
         o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
         o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
