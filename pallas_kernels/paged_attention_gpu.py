@@ -692,7 +692,7 @@ def _kernel(
                     for a_ in reversed(range(parts)):
                         for b_ in reversed(range(parts)):
                             if a_ + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
-                                dd = _dot(vp[a_], pv[b_], trans_a=True)  # [cb, R]
+                                dd = _dot(vp[a_], pv[b_], trans_a=True)  # [vjoin * cb, R]
                                 d = dd if d is None else d + dd
                     accs[a] = accs[a] + d
         elif vs.kind == "token":
@@ -722,7 +722,7 @@ def _kernel(
                                 dd = _dot(pp_.T, cs[j]).T
                                 d = dd if d is None else d + dd
                         else:
-                            d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [cb, R]
+                            d = _dot_parts(cs[j], pparts, trans_a=variant != "vtrans")  # [vjoin * cb, R]
                         if gpb > 1:
                             d = jnp.where(value_group_mask(cbi, j, g)[:, None], d, 0.0)
                         accs[cbi * len(cs) + j] = accs[cbi * len(cs) + j] + d
