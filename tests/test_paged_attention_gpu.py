@@ -776,12 +776,12 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
         ((_spec(8, group=64), _spec(4, group=64)), 64, 16, dict(eight_bit="nibbles", softmax="running")),
         ((_spec(4, "channel", 16), _spec(2, group=128)), 128, 16, dict(parts=1, num_splits=3)),
         ((_spec(2, group=64), _spec(2, group=64)), 64, 16, {}),
-        ((_spec(4, "channel", 32), _spec(2, group=32)), 128, 32, STACKED | dict(parts=1)),
+        ((_spec(4, "channel", 32), _spec(2, group=32)), 128, 32, STACKED | dict(parts=1, _variant="fixedall")),
         ((_spec(4, "channel", 32), _spec(4, group=32, sym=True)), 128, 32, STACKED | dict(_variant="w32")),
         ((_spec(8, group=128), _spec(2, group=16)), 128, 16, dict(parts=1, _variant="novhalf")),
     ],
     ids=["K2t-V2t", "K4t-V2ts-bf16-w32", "K8t-V4t-nibbles-running", "K4c-V2t-bf16-splits", "K2t-V2t-hd64",
-         "K4c-V2tG32-vhalf", "K4c-V4tG32s-high-w32", "K8t-V2tG16-bf16-novhalf"],
+         "K4c-V2tG32-vhalf-fixedall", "K4c-V4tG32s-high-w32", "K8t-V2tG16-bf16-novhalf"],
 )  # fmt: skip
 def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
     """`_variant="vjoin"`: per-token values whose column blocks have fewer than 64 byte columns run 2 or 4 fields per
