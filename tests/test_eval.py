@@ -120,6 +120,13 @@ def test_engine_path_gpu_kernel_interpret_agrees_with_faithful(rng):
     _engine_vs_faithful(rng, "gpu", True)
 
 
+def test_engine_path_tpu_kernel_interpret_agrees_with_faithful(rng):
+    """The TPU kernels (paged attention + packed write) under the TPU interpreter, as the engine runs them: the eval
+    numbers match the faithful pass (per-channel 4-bit keys, per-token 2-bit values unpacked field by field, 8-bit
+    keys beside 16-bit values)."""
+    _engine_vs_faithful(rng, "tpu", True)
+
+
 def test_agreement_and_passkey_scoring(rng):
     prompts = rng.integers(3, CFG.vocab_size, (3, 24)).astype(np.int32)
     rows = ev.greedy_continuations(PARAMS, CFG, prompts, 12)
