@@ -375,11 +375,12 @@ def _kernel(
         """Rows of a page read for token sub-block j: all of them (ksub == 1), else every ksub-th from j."""
         return slice(None) if ksub == 1 else pl.ds(j, Ps, ksub)
 
-    def block_tiles(i, pages, which):
+    def block_tiles(i, pages, which, ok=None):
         """Code tiles of a block, () for a side not in `which`. Keys: [TB, cols] for 16-bit and token-axis stores,
         raw bytes [TB, D] in token order for a channel-axis store, or its bytes in storage order [TBs, D] with
         sub-blocks; values: a tuple per sub-block of [TBs, cols] tiles. Codes read as words (`kw32` / `vw32`) have a
-        quarter of the columns (see `as_bytes`)."""
+        quarter of the columns (see `as_bytes`). ok: which of `pages` are valid, as `block_pages(i)` gave them with
+        `pages` (read again from the page table when not given)."""
         ktiles = ()
         kw, vw = (4 if x else 1 for x in (kw32, vw32))  # bytes per element of each pool as the kernel reads it
         if not which[0]:
@@ -400,7 +401,7 @@ def _kernel(
         elif vs.kind == "full" and vzero:  # one page by a scalar index, past the end read as zeros (masked load)
             # Array indices only (the interpreter's masked load takes no slices); [Ps, D] as loaded, which the dot
             # then reads transposed straight from shared memory.
-            ok = block_pages(i)[1]
+            ok = block_pages(i)[1] if ok is None else ok
             cols = jax.lax.broadcasted_iota(jnp.int32, (1, D), 1)
             rows = jax.lax.broadcasted_iota(jnp.int32, (Ps, 1), 0)
             idx = pages.reshape(())
@@ -775,7 +776,8 @@ def _kernel(
         pages_nn = load_pages(i + 2)
         base, valid = block_of(i)
         # Loaded from freshly read page ids (not the carried ones) so that Triton's pipeliner can stream them.
-        now = block_tiles(i, load_pages(i) if not all(pref) else pages, tuple(not x for x in pref))
+        fresh, ok = block_pages(i) if not all(pref) else (pages, None)
+        now = block_tiles(i, fresh, tuple(not x for x in pref), ok=ok)
         tiles = tuple(t if x else n for t, n, x in zip(tiles, now, pref, strict=True))
         nxt = (pages_next, pages_nn, prm_next, tiles_next)
         if variant == "loads":
