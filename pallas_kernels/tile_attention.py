@@ -312,10 +312,7 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, ex
     """
     m_new, m_safe = _running_max(m, s_tiles, 0)
     alpha = exp2(m - m_safe)
-    ps = [exp2(_shift(s, m_safe, 0)) for s in s_tiles]
-    l_acc = l_acc * alpha[None, :]
-    for p in ps:
-        l_acc = l_acc + p
+    ps, l_acc = fixed_softmax_step(m_safe, l_acc * alpha[None, :], s_tiles, exp2)  # the step against the new max
     return m_new, alpha, ps, l_acc
 
 
