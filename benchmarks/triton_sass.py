@@ -9,12 +9,17 @@ variants of one kernel with each other, as evidence before a GPU can time them, 
 
     PYTHONPATH=. .venv/bin/python benchmarks/triton_sass.py --configs kivi4/2 \\
         --tunings '[{"precision":"bf16"},{"precision":"bf16","_variant":"novhalf,vselect"}]'
+
+`--digest` adds a hash of the whole SASS listing without its addresses: equal digests on two commits mean a refactor
+left the compiled kernel identical, instruction for instruction (the Triton IR fingerprint of triton_ir_ops.py is
+stricter: it also changes when only the IR's op order does).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import pathlib
 import re
@@ -28,6 +33,7 @@ TRITON_PY = ROOT / ".venv-triton" / "bin" / "python"
 SHOWN = ("HGMMA", "WAIT", "HMMA", "LOP3", "PRMT", "SHF", "F2FP", "HFMA2", "HADD2", "FFMA", "FMUL", "FADD", "MUFU",
          "FMNMX", "SHFL", "STS", "LDS", "LDSM", "LDG", "BAR", "IMAD")  # fmt: skip
 _RUN = dict(check=True, capture_output=True, text=True)
+_ADDR = re.compile(r"/\*[0-9a-f]{4,}\*/")
 _INSTR = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
 
 
@@ -46,6 +52,13 @@ def main_loop(ins: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
             body = ins[index[int(target.group(1), 16)] : i + 1]
             best = body if len(body) > len(best) else best
     return best
+
+
+def sass_digest(sass: str) -> str:
+    """16 hex digits identifying a SASS listing up to its addresses and file names (the instructions, in order)."""
+    lines = (re.sub(r"/\*[0-9a-f]{4,}\*/", "", x).split() for x in sass.splitlines() if _ADDR.search(x))
+    text = "\n".join(" ".join(x) for x in lines)  # predicates and operands kept, addresses dropped
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def opcode_counts(ins) -> collections.Counter:
@@ -82,20 +95,30 @@ def main(argv=None) -> None:
     ap.add_argument("--configs", default="4/4,8/8,kivi4/2", help="attention.py's config names, or schedule")
     ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
     ap.add_argument("--keep", default=None, help="directory to keep each TTIR, TritonGPU IR and SASS listing in")
+    ap.add_argument("--digest", action="store_true", help="also print a hash of each kernel's whole SASS listing")
     args = ap.parse_args(argv)
-    print("config | tuning | registers | stack | loop instructions | " + " | ".join(SHOWN))
+    print(
+        "config | tuning | registers | stack | loop instructions | "
+        + " | ".join(SHOWN)
+        + (" | SASS digest" if args.digest else "")
+    )
     for c in args.configs.split(","):
         for t in json.loads(args.tunings):
             tag = json.dumps(t, separators=(",", ":"))
             if c != "schedule":
-                measure(c, *attention.spec_pair(c), t, tag, args.keep)
+                measure(c, *attention.spec_pair(c), t, tag, args.keep, args.digest)
                 continue
             # The 3.25-bit schedule: each distinct layer kind once, then the loop length weighted by its layers.
             pairs, defaults, _ = attention.schedule_pairs()
             total = 0
             for (kb, vb), n in sorted(collections.Counter(pairs).items()):
                 loop = measure(
-                    f"schedule k{kb}/v{vb} x{n}", *attention.schedule_spec(kb, vb, defaults), t, tag, args.keep
+                    f"schedule k{kb}/v{vb} x{n}",
+                    *attention.schedule_spec(kb, vb, defaults),
+                    t,
+                    tag,
+                    args.keep,
+                    args.digest,
                 )
                 if loop is None:
                     break
@@ -104,7 +127,7 @@ def main(argv=None) -> None:
                 print(f"schedule | {tag} | | | {total / len(pairs):.0f} (weighted by layers)", flush=True)
 
 
-def measure(name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None) -> int | None:
+def measure(name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None, digest: bool = False) -> int | None:
     """Prints one row (registers, spill stack, main-loop instructions and mix) and returns the loop's length, or None
     where Triton cannot compile the variant (the row says why)."""
     import triton_ir_ops
@@ -126,7 +149,7 @@ def measure(name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None) -> i
         stem.with_suffix(".ttgir").write_text(ttgir)
     loop = main_loop(instructions(sass))
     ops = opcode_counts(loop)
-    cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN)
+    cells = " | ".join(str(ops.get(k, 0)) for k in SHOWN) + (f" | {sass_digest(sass)}" if digest else "")
     print(f"{name} | {tag} | {usage.get('REG')} | {usage.get('STACK')} | {len(loop)} | {cells}", flush=True)
     return len(loop)
 

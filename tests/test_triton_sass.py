@@ -33,6 +33,21 @@ def test_main_loop_of_a_stored_listing():
     assert loop[-1][1].startswith("BRA") and int(loop[-1][2].split()[0], 16) == loop[0][0]  # back to the loop's top
 
 
+def test_sass_digest_ignores_addresses_not_instructions():
+    """The digest of a stored listing is unchanged when every address moves (a kernel placed elsewhere) and changes
+    when one instruction's predicate or one operand does."""
+    text = gzip.decompress(LISTING.read_bytes()).decode()
+    base = triton_sass.sass_digest(text)
+    lines = text.splitlines()
+    moved = "\n".join(x.replace("/*0", "/*f", 1) if triton_sass._ADDR.search(x) else x for x in lines)
+    assert moved != text and triton_sass.sass_digest(moved) == base
+    i = next(k for k, x in enumerate(lines) if " FFMA " in x)
+    pred = lines[:i] + [lines[i].replace(" FFMA ", " @P0 FFMA ", 1)] + lines[i + 1 :]
+    assert triton_sass.sass_digest("\n".join(pred)) != base
+    reg = lines[:i] + [lines[i].replace("R", "R1", 1)] + lines[i + 1 :]
+    assert triton_sass.sass_digest("\n".join(reg)) != base
+
+
 def test_resources_are_read_from_cuobjdump():
     text = " Function kv_paged_attention_k4t_v4t:\n  REG:204 STACK:0 SHARED:1024 LOCAL:0 CONSTANT[0]:656 TEXTURE:0\n"
     assert triton_sass.resources(text) == {"REG": 204, "STACK": 0, "SHARED": 1024, "LOCAL": 0}
@@ -61,7 +76,7 @@ def test_schedule_rows_are_weighted_by_layers(monkeypatch, capsys):
     pairs, defaults, _ = attention.schedule_pairs()
     seen = []
 
-    def fake(name, k_spec, v_spec, t, tag, keep):
+    def fake(name, k_spec, v_spec, t, tag, keep, digest=False):
         seen.append((name, k_spec.bits, v_spec.bits, k_spec.axis, v_spec.axis))
         return 1000 + 10 * k_spec.bits + v_spec.bits
 
