@@ -215,9 +215,9 @@ def unpack_tile(packed: jnp.ndarray, bits: int, axis: str, *, reshape: bool) -> 
 def expand_groups(s: jnp.ndarray, group_size: int, axis: str, shape, *, reshape: bool) -> jnp.ndarray:
     """Group-shaped scale/zero ([P, D/G] or [P/G, D]) -> [P, D] f32, each value repeated over its group."""
     p, d = shape
-    if group_size == 1:
-        return s.astype(jnp.float32)
     sf = s.astype(jnp.float32)
+    if group_size == 1:
+        return sf
     if reshape:
         if axis == "token":
             return jnp.broadcast_to(sf[:, :, None], (p, d // group_size, group_size)).reshape(p, d)
