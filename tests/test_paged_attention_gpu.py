@@ -475,9 +475,11 @@ def _late_key_case(rng, factor, vs):
 
 # Values whose probabilities are bf16 operands (4-bit, one group per head), and f16 ones at bf16 precision with
 # `_variant="fixedall"`: small groups dequantized in f16, 8-bit codes as f16 (p scaled to fit f16 up to 2^18).
+# The f16 one also with its four fields joined into one dot (`vjoin`), whose joined accumulators the redo refills.
 F16P = dict(parts=1, _variant="fixedall")
-LATE_VALUES = [(_spec(4, group=64), {}), (_spec(2, group=16), F16P), (_spec(8, group=64, sym=True), F16P)]
-LATE_IDS = ["V4t-bf16p", "V2tG16-f16p", "V8t-f16p"]
+LATE_VALUES = [(_spec(4, group=64), {}), (_spec(2, group=16), F16P), (_spec(8, group=64, sym=True), F16P),
+               (_spec(2, group=16), F16P | dict(_variant="fixedall,vjoin"))]  # fmt: skip
+LATE_IDS = ["V4t-bf16p", "V2tG16-f16p", "V8t-f16p", "V2tG16-f16p-vjoin"]
 
 
 @pytest.mark.parametrize("softmax", ["running", "fixed"])
