@@ -282,6 +282,7 @@ def _kernel(
     vw32: bool = False,
     fixed: bool = False,
     vjoin: int = 1,
+    k8nib: bool = False,
     split=None,
 ):
     it = iter(refs)
@@ -553,6 +554,8 @@ def _kernel(
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             if ksub > 1:  # field j of the bytes is sub-block j: PTX unpacking with a constant field, no gather
                 cs, off = magic_fields(tiles[0][0], ks.bits, asm), ta.MAGIC  # [TBs, D] each
+            elif k8nib:  # 8-bit codes as two bf16 nibble operands, 128 + lo and 128 + hi (no int -> float)
+                cs, off = magic_fields(tiles[0][0], 8, asm), ta.magic_offset(8)
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
@@ -573,6 +576,9 @@ def _kernel(
                     zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
             q_s = to_parts(q_t * sc_c, parts)
             zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
+            if k8nib:  # one block of tokens, two nibble dots (weights 1 and 16)
+                d = _dot_parts(cs[0], q_s) + _dot_parts(cs[1], tuple(16.0 * x for x in q_s))
+                return [jnp.where(keep, (d + zq[None, :]) * c_scale, -jnp.inf)]
             return [jnp.where(keep, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
@@ -948,6 +954,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
+    "k8nibbles",
 )  # fmt: skip
 
 
@@ -1279,6 +1286,10 @@ def _paged_attention_rows(
     if "vjoin" in items and vs.kind == "token" and vs.cb < 64 and (vdeq or vs.gpb == 1):
         if variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
             vjoin = min(vs.nf, 64 // vs.cb)
+    # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands
+    # and two dots, instead of an int -> float conversion per code (I2F, a quarter-rate instruction; offline SASS of
+    # kivi8/4 at bf16: 64 per block, the slowest layer kind of the 3.25-bit schedule on the H200).
+    k8nib = "k8nibbles" in items and ks.kind == "channel" and ks.bits == 8 and kstack > 0 and variant != "qonce"
     if vs.kind == "token":
         nacc, arows = vs.ncb * vs.nf // vjoin, vs.cb * vjoin
     else:
@@ -1316,6 +1327,7 @@ def _paged_attention_rows(
         kw32=kw32,
         vw32=vw32,
         vjoin=vjoin,
+        k8nib=k8nib,
     )
     call = functools.partial(
         pl.pallas_call,
