@@ -27,7 +27,8 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
 - Channel-axis (KIVI keys) stores pack several tokens of a channel into a byte. Stacked 2/4-bit keys are read in
   storage order, field j of the bytes being token sub-block j (every 2nd / 4th token of each page, unpacked like
   token-axis codes), with their values read at that row stride; otherwise they are read in token order (each byte
-  row gathered once per field; 8-bit codes, one token a byte, as whole pages). Their per-channel scales are folded
+  row gathered once per field; 8-bit codes, one token a byte, as whole pages, converted int -> float, or with
+  `_variant="k8nibbles"`, not yet timed, as two bf16 nibble operands). Their per-channel scales are folded
   into the query, one copy of the query rows per token group of the block placed side by side in the padding of the
   R columns, so that one dot scores every group (keys, default; each column keeps its own group's tokens and runs
   its own softmax, and the split combine merges a row's columns; the block's scales are loaded as one [groups, D]
