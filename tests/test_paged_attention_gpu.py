@@ -755,18 +755,25 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
     """Quantized pools read as 32-bit words and turned back into their bytes where they are used (8-bit pools by
     default, every pool with `_variant="w32"`, none with "nw32"): token-axis column blocks, channel-axis pages in
     storage or token order, 8-bit pages, prefetched or not. The same bytes meet the same operations (`_same`)."""
+    _same_as_base(rng, kv, d, p, 2, tuning, "nw32", "w32")
+
+
+def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
+    """The kernel with `_variant` item `item` added to the case's own variant gives the outputs of the kernel with
+    `base_item` added ("" for none) on fresh random pools with ragged lengths including 0 (`_same`), and the
+    reference's result at the precision's tolerance (`_check`)."""
     ks, vs = kv
-    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=2, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
+    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=hg, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
     args = (q, *k, *v, pt, nt)
     tuning = dict(tuning)
     variant = tuning.pop("_variant", "")
-    base = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, "nw32") if x),
-                   **tuning)  # fmt: skip
-    words = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, "w32") if x),
-                    **tuning)  # fmt: skip
-    for a, b in zip(base, words, strict=True):
+    base, new = (
+        _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, it) if x), **tuning)
+        for it in (base_item, item)
+    )
+    for a, b in zip(base, new, strict=True):
         _same(a, b)
-    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + ",w32",
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + "," + item,
            **tuning)  # fmt: skip
 
 
@@ -791,18 +798,7 @@ def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
     fields of 64-channel heads, small value groups dequantized (in f16 at bf16 precision, in bf16 parts at "high" or
     without f16). The same products, summed the same way, as one dot per field (`_same`), and the reference's result
     (`_check`), with ragged lengths including 0."""
-    ks, vs = kv
-    q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=4, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
-    args = (q, *k, *v, pt, nt)
-    tuning = dict(tuning)
-    variant = tuning.pop("_variant", "")
-    base = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=variant, **tuning)
-    joined = _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, "vjoin") if x),
-                     **tuning)  # fmt: skip
-    for a, b in zip(base, joined, strict=True):
-        _same(a, b)
-    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + ",vjoin",
-           **tuning)  # fmt: skip
+    _same_as_base(rng, kv, d, p, 4, tuning, "", "vjoin")
 
 
 @pytest.mark.parametrize(
