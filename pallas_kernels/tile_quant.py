@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kvtuner_jax.quant import EPS, inv_levels, round_div
+from pallas_kernels.tile_attention import unpack_field
 
 
 def _reduce_axis(axis: str) -> int:
@@ -273,12 +274,11 @@ def dequantize_fields(codes, scale, zero, *, bits, group_size, symmetric) -> lis
     small per-field group matmul of `field_groups`. Consumers pair field j with query channels j::per (scores) and
     write output channels j::per (values), which is plain reassociation of the same dot products.
     """
-    c = codes.astype(jnp.int32)
     per = 8 // bits
-    cols = c.shape[1]
+    cols = codes.shape[1]
     out, groups = [], {}
     for j in range(per):
-        q = (jnp.right_shift(c, j * bits) & (2**bits - 1)).astype(jnp.float32)
+        q = unpack_field(codes, bits, j).astype(jnp.float32)
         # Byte column i's group is the same for every field when whole bytes lie in one group: expand once.
         key = 0 if group_size % per == 0 else j
         if key not in groups:
