@@ -102,7 +102,12 @@ def make_store(key, spec: KVSpec, pages: int, page: int):
     codes = jax.random.randint(k1, codes_shape, 0, 256, jnp.int32).astype(jnp.uint8)
     ss = layout.scale_shape(spec, H, pages, page, D)
     sdt = scale_dtype_of(spec.scale_dtype)
-    scale = jax.random.uniform(k2, ss, jnp.float32, 0.02, 0.3).astype(sdt)
+    # Scales shrink with the code range (x 15 / (2^bits - 1): 4-bit scales 0.02-0.3), so every bit width dequantizes
+    # to keys and values of the same magnitude, as quantizing one model's cache would. With one scale range for all,
+    # 8-bit keys were ~17x larger than 4-bit ones: scores spread over tens of nats, which no real model has and which
+    # sent every split of the fixed softmax (a reference 18 bits wide where probabilities are f16) to its redo.
+    lo, hi = (x * 15 / (2**spec.bits - 1) for x in (0.02, 0.3))
+    scale = jax.random.uniform(k2, ss, jnp.float32, lo, hi).astype(sdt)
     zero = None if spec.symmetric else (jax.random.normal(k3, ss, jnp.float32)).astype(sdt)
     return codes, scale, zero
 

@@ -54,3 +54,21 @@ def test_ab_summary_puts_each_tuning_beside_the_first():
         'B=32 ctx=16384 4/4: {"precision":"bf16"}: 0.400 (x1.000); {"precision":"bf16","eight_bit":"f16"}: failed its '
         "check (4/4)",
     ]
+
+
+def test_store_scales_shrink_with_the_code_range():
+    """Random pools dequantize to the same magnitude at every bit width (scale x (2^bits - 1) within 4-bit's 0.02-0.3
+    x 15), as quantizing one model's cache would: with one scale range for all, 8-bit keys were ~17x larger than 4-bit
+    ones and sent every split of the fixed softmax to its redo."""
+    import jax
+    import numpy as np
+
+    from kvtuner_jax.specs import KVSpec
+
+    for bits in (2, 4, 8):
+        spec = KVSpec(bits=bits, axis="token", group_size=64)
+        codes, scale, zero = bench.make_store(jax.random.key(bits), spec, 6, 16)
+        span = np.asarray(scale, np.float32) * (2**bits - 1)
+        assert span.min() >= 0.02 * 15 * 0.99 and span.max() <= 0.3 * 15 * 1.01, bits
+        assert span.max() - span.min() > 0.5 * (0.3 - 0.02) * 15  # drawn over the range, not one value
+        assert int(np.asarray(codes).max()) > 200 and zero is not None
