@@ -44,10 +44,11 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   value lies between f16-stored extremes, so nothing needs scaling, and f16 keeps 3 more bits than the bf16 it
   replaces. Measured on the H200 (2026-12-05): the 3.25-bit schedule's mean layer 0.585 -> 0.559 ms.
 - Per-token values whose column blocks are narrower than 64 bytes (2-bit codes of a 128-channel head, small value
-  groups: 32) give value dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them;
-  `_variant="vjoin"` (not yet timed) joins 64 / bytes fields per dot (rows J * i + k), which makes them warpgroup
-  MMAs and, offline, frees registers and spill (2/2 at bf16 precision 172 -> 142 registers; the schedule's kivi4/4
-  layers with `fixedall` 224 -> 16 spilled bytes: BENCHMARKS.md).
+  groups: 32) give value dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them. For
+  small value groups dequantized the kernel joins 64 / bytes fields per dot (rows J * i + k), which makes them
+  warpgroup MMAs (default; `_variant="novjoin"` for A/B): the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms on
+  the H200 at bf16 precision (2026-12-05). For undequantized 2-bit codes (`_variant="vjoin"`) the compiled kernel
+  gave wrong outputs on the H200 though the interpreter's are right: opt-in until that is understood.
 - In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
   are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
   per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
@@ -955,7 +956,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "k8nibbles",
+    "novjoin", "k8nibbles",
 )  # fmt: skip
 
 
@@ -1102,9 +1103,11 @@ def paged_attention(
     a second kernel with the running softmax, in place, so the results are the same up to rounding) or "running" (the
     online softmax). "fixed" applies to 16-bit and per-token keys with bf16 probabilities, where the H200 timed it
     (BENCHMARKS.md, 2026-12-05: 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369 at bf16 precision, 2/2 0.566 -> 0.496
-    at "high"; none slower); per-channel (KIVI) keys, and probabilities that are f16 operands (8-bit per-token values
-    as f16, small value groups dequantized in f16) keep the running softmax unless `_variant="fixedall"` (not yet
-    timed; f16 probabilities at "high" keep it always).
+    at "high"; none slower). Per-channel (KIVI) keys keep the running softmax unless `_variant="fixedall"` (not yet
+    timed with bf16 probabilities), and so do probabilities that are f16 operands (8-bit per-token values as f16,
+    small value groups dequantized in f16): timed, fixedall was 6-9% faster on the schedule's layers, but f16 leaves
+    the fixed reference 18 bits of headroom and real scores rise further in 0.2-2.5% of splits (SmolLM2; BENCHMARKS.md
+    2026-12-05), each then computed twice. f16 probabilities at "high" keep it always.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
     memory, and a 128-token prefill chunk at GQA 4 would not fit): longer query chunks are cut into pieces of
@@ -1281,11 +1284,16 @@ def _paged_attention_rows(
 
     # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
     # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
-    # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Not where several
-    # groups share a block without dequantization (their fields' dots are masked one by one).
+    # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Default for
+    # dequantized small value groups (H200, 2026-12-05: the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms at bf16;
+    # `_variant="novjoin"` for A/B). For undequantized codes (one group per block: per-token 2-bit values of
+    # 128-channel heads) only with `_variant="vjoin"`: compiled on the H200 that path gave wrong outputs (relative
+    # error 9e-2 on 2/2 and 4/2, 2026-12-05) although the interpreter's equal the default's bit for bit; see the
+    # BENCHMARKS.md section of that date.
     vjoin = 1
-    if "vjoin" in items and vs.kind == "token" and vs.cb < 64 and (vdeq or vs.gpb == 1):
-        if variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
+    joined = ("novjoin" not in items) if vdeq else ("vjoin" in items and vs.gpb == 1)
+    if joined and vs.kind == "token" and vs.cb < 64 and variant not in ("vtrans", "vrows"):
+        if vs.nf % min(vs.nf, 64 // vs.cb) == 0:
             vjoin = min(vs.nf, 64 // vs.cb)
     # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands
     # and two dots, instead of an int -> float conversion per code (I2F, a quarter-rate instruction; offline SASS of
@@ -1341,10 +1349,14 @@ def _paged_attention_rows(
     name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
     # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
     # running softmax again for the splits where that overflowed (m = +inf), in place. Timed on the H200 for 16-bit
-    # and per-token keys with bf16 probabilities; for per-channel (KIVI) keys, and for probabilities that are f16
-    # operands at bf16 precision (their scaling, which assumes p <= 1, lowered: P16_FIXED), it is `_variant="fixedall"`
-    # until a GPU has timed it. f16 probabilities at "high" keep the running softmax (two f16 parts scaled for p > 1
-    # would lose the low one to f16's subnormals), as do the ablations that replace the softmax.
+    # and per-token keys with bf16 probabilities. Per-channel (KIVI) keys: `_variant="fixedall"` until a GPU has timed
+    # them with bf16 probabilities ("high"; at bf16 precision the schedule's have f16 ones). Probabilities that are
+    # f16 operands (8-bit per-token values as f16, small value groups dequantized in f16): also only with fixedall,
+    # because their scaling, lowered for p > 1 (P16_FIXED), leaves 18 bits above the reference, and on SmolLM2's real
+    # scores 0.2-2.5% of (KV head, split) programs rise further (largest rise 36 bits;
+    # benchmarks/fixed_softmax_reach.py, BENCHMARKS.md 2026-12-05), so nearly every layer would run its redo kernel,
+    # where bf16 probabilities (64 bits of headroom) never did. At "high" f16 probabilities keep it always (two f16
+    # parts scaled for p > 1 would lose the low one to f16's subnormals), as do the ablations that replace it.
     untimed = ks.kind == "channel" or vs.f16 or vhalf
     fixed = (
         softmax == "fixed"
