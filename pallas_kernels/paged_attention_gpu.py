@@ -177,18 +177,40 @@ def _asm_field_ptx(bits: int, j: int, f16: bool = False) -> str:
     return "\n".join(lines)
 
 
-def magic_fields(x, bits: int, asm: bool, f16: bool = False) -> list:
+def _asm_field16_ptx(bits: int, j: int, f16: bool = False) -> str:
+    """PTX for `magic_fields(..., wide=True)`: two codes already widened to 16 bits in, field j's 2 operands out (2 or
+    4 bits; a shift and one lop3 per two operands). Input and output elements have the same width, so a layout that
+    orders a thread's elements by their bit width (Triton's dot-operand layouts may order 8-bit elements unlike
+    16-bit ones; the suspected cause of the joined per-token path's wrong compiled outputs, BENCHMARKS.md
+    2026-12-05) cannot pair an output lane with another element's code. The shift (at most 6) moves the upper
+    lane's low bits to bits 10 and up of the lower lane, outside its field mask."""
+    if bits not in (2, 4):
+        raise ValueError(f"_asm_field16_ptx: {bits}-bit codes; expected 2 or 4")
+    mask = (1 << bits) - 1
+    mb = ta.MAGIC16_BITS if f16 else ta.MAGIC_BITS
+    src, lines = "$1", ["{", ".reg .b32 t;"]
+    if j:
+        src, lines = "t", lines + [f"shr.b32 t, $1, {j * bits};"]
+    return "\n".join(lines + [f"lop3.b32 $0, {src}, 0x{mask:04X}{mask:04X}, 0x{mb:04X}{mb:04X}, 0xEA;", "}"])
+
+
+def magic_fields(x, bits: int, asm: bool, f16: bool = False, wide: bool = False) -> list:
     """Every field of a token-axis code tile x (uint8 [rows, cols]) as bf16 `128 + field`, or with `f16` each whole
     8-bit code as f16 `1024 + code` (tile_attention's `magic_operand` for j = 0 .. num_fields - 1). `asm`: by PTX
     inline assembly, four bytes per instance (compiled
     GPU kernels only; the interpreter runs the jnp form, which gives the same bits). One call per field: JAX 0.11's
     Triton lowering of `elementwise_inline_asm` returns a single result. Each output lane depends only on its own
     byte, so however Triton groups a thread's elements into fours (and pads a short last group with undef values,
-    which it then drops), the results are the jnp form's."""
+    which it then drops), the results are the jnp form's, as long as Triton orders a thread's input and output
+    elements alike; `wide` (2/4-bit codes) widens the codes to 16 bits first so that input and output elements have
+    the same width and that holds in any layout (`_asm_field16_ptx`)."""
     nf = ta.num_fields(bits, f16)
     if not asm:
         return [ta.magic_operand(x, bits, j, f16) for j in range(nf)]
     dtype = jnp.float16 if f16 else jnp.bfloat16
+    if wide and bits in (2, 4):
+        x16 = x.astype(jnp.uint16)
+        return [_ptx(_asm_field16_ptx(bits, j, f16), x16, "=r,r", 2, dtype) for j in range(nf)]
     return [_ptx(_asm_field_ptx(bits, j, f16), x, "=r,=r,r", 4, dtype) for j in range(nf)]
 
 
@@ -712,7 +734,8 @@ def _kernel(
                     xt = x.T
                     cs = [ta.magic_operand(xt, vs.bits, j, vs.f16) for j in range(vs.nf)]
                 else:
-                    cs = magic_fields(x, vs.bits, asm, vs.f16)  # 128 + field, bf16 (1024 + code, f16)
+                    # 128 + field, bf16 (1024 + code, f16); joined, from 16-bit codes (see magic_fields)
+                    cs = magic_fields(x, vs.bits, asm, vs.f16, wide=vjoin > 1)
                 cs = [ta.interleave_fields(cs[k : k + vjoin]) for k in range(0, len(cs), vjoin)]  # (see the wrapper)
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]

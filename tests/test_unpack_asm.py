@@ -121,6 +121,25 @@ def test_ptx_unpacking_equals_the_jnp_magic_operand(bits, f16):
             np.testing.assert_array_equal(got.view(np.float16).astype(np.float32), 1024.0 + field)
 
 
+@pytest.mark.parametrize("bits,f16", [(2, False), (4, False), (2, True), (4, True)])
+def test_ptx_unpacking_of_widened_codes_equals_the_jnp_magic_operand(bits, f16):
+    """`_asm_field16_ptx` (`magic_fields(..., wide=True)`): two codes widened to 16-bit lanes per word in, field j of
+    each out in the same lanes, on every byte value in both lanes and on fresh random pairs."""
+    rng = np.random.default_rng()
+    every = np.arange(256, dtype=np.uint8)
+    data = np.concatenate([np.stack([every, every[::-1]], 1), np.stack([every, np.roll(every, 3)], 1)])
+    data = np.concatenate([data, rng.integers(0, 256, (4096, 2), dtype=np.uint8)])  # [n, 2]: low lane, high lane
+    word = data[:, 0].astype(np.uint64) | (data[:, 1].astype(np.uint64) << np.uint64(16))
+    for j in range(ta.num_fields(bits, f16)):
+        asm = gpu_kernel._asm_field16_ptx(bits, j, f16)
+        assert set(re.findall(r"\$\d", asm)) == {"$0", "$1"}, asm  # one 32-bit output, one input
+        got = _lanes(_run_ptx(asm, {"$1": word})["$0"])
+        want = np.asarray(jax.lax.bitcast_convert_type(ta.magic_operand(jnp.asarray(data), bits, j, f16), jnp.uint16))
+        np.testing.assert_array_equal(got, want, err_msg=f"bits={bits} field {j}")
+    with pytest.raises(ValueError, match="expected 2 or 4"):
+        gpu_kernel._asm_field16_ptx(8, 0)
+
+
 def test_ptx_bf16_rounding_equals_round_bf16():
     """`round_bf16_ptx` (two float32 elements -> one bf16x2 word, element 0 in the low lane) rounds like the integer
     form it replaces, on fresh random floats over many magnitudes and on finite halfway cases (ties to even)."""
