@@ -47,8 +47,10 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   groups: 32) give value dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them. For
   small value groups dequantized the kernel joins 64 / bytes fields per dot (rows J * i + k), which makes them
   warpgroup MMAs (default; `_variant="novjoin"` for A/B): the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms on
-  the H200 at bf16 precision (2026-12-05). For undequantized 2-bit codes (`_variant="vjoin"`) the compiled kernel
-  gave wrong outputs on the H200 though the interpreter's are right: opt-in until that is understood.
+  the H200 at bf16 precision (2026-12-05). So it does for undequantized 2-bit values under 2-bit per-token keys at
+  bf16 precision (2/2 0.417 -> 0.348 ms on the H100; `_variant="vjoin"` for the other one-group layouts), whose
+  codes are then unpacked from 16-bit lanes: unpacked from bytes by an 8-bit -> 16-bit inline asm, the joined
+  fields were wrong when compiled (H200, 2026-12-05), though right in the interpreter.
 - In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
   are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
   per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
@@ -1308,14 +1310,18 @@ def _paged_attention_rows(
     # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
     # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
     # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Default for
-    # dequantized small value groups (H200, 2026-12-05: the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms at bf16;
-    # `_variant="novjoin"` for A/B). For undequantized codes (one group per block: per-token 2-bit values of
-    # 128-channel heads) only with `_variant="vjoin"`: compiled on the H200 that path gave wrong outputs (relative
-    # error 9e-2 on 2/2 and 4/2, 2026-12-05) although the interpreter's equal the default's bit for bit; see the
-    # BENCHMARKS.md section of that date.
-    vjoin = 1
-    joined = ("novjoin" not in items) if vdeq else ("vjoin" in items and vs.gpb == 1)
-    if joined and vs.kind == "token" and vs.cb < 64 and variant not in ("vtrans", "vrows"):
+    # dequantized small value groups (H200, 2026-12-05: the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms at bf16),
+    # and for undequantized 2-bit values under 2-bit per-token keys at bf16 precision, two fields a dot (H100,
+    # 2026-12-05: 2/2 0.417 -> 0.348 ms; offline its registers 172 -> 140, so 3 programs share an SM instead of 2).
+    # 4/2 at bf16 was 4% slower (202 -> 177 registers, still 2 per SM) and "high" is untimed: `_variant="vjoin"` there,
+    # "novjoin" for A/B. The undequantized codes are unpacked from 16-bit lanes when joined (see magic_fields).
+    vjoin, joined = 1, False
+    if vdeq:
+        joined = "novjoin" not in items
+    elif vs.kind == "token" and vs.gpb == 1:
+        timed = parts == 1 and ks.kind == "token" and ks.bits == 2 and vs.bits == 2 and vs.cb == 32
+        joined = "vjoin" in items or (timed and "novjoin" not in items)
+    if joined and vs.cb < 64 and variant not in ("vtrans", "vrows"):
         if vs.nf % min(vs.nf, 64 // vs.cb) == 0:
             vjoin = min(vs.nf, 64 // vs.cb)
     # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands

@@ -782,6 +782,7 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
     "kv,d,p,tuning",
     [
         ((_spec(2, group=128), _spec(2, group=128)), 128, 16, {}),
+        ((_spec(2, group=128), _spec(2, group=128)), 128, 64, dict(parts=1)),
         ((_spec(4, group=64), _spec(2, group=64, sym=True)), 64, 64, dict(parts=1, _variant="w32")),
         ((_spec(8, group=64), _spec(4, group=64)), 64, 16, dict(eight_bit="nibbles", softmax="running")),
         ((_spec(4, "channel", 16), _spec(2, group=128)), 128, 16, dict(parts=1, num_splits=3)),
@@ -790,17 +791,18 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
         ((_spec(4, "channel", 32), _spec(4, group=32, sym=True)), 128, 32, STACKED | dict(_variant="w32")),
         ((_spec(8, group=128), _spec(2, group=16)), 128, 16, dict(parts=1, _variant="novhalf")),
     ],
-    ids=["K2t-V2t", "K4t-V2ts-bf16-w32", "K8t-V4t-nibbles-running", "K4c-V2t-bf16-splits", "K2t-V2t-hd64",
-         "K4c-V2tG32-vhalf-fixedall", "K4c-V4tG32s-high-w32", "K8t-V2tG16-bf16-novhalf"],
+    ids=["K2t-V2t", "K2t-V2t-bf16", "K4t-V2ts-bf16-w32", "K8t-V4t-nibbles-running", "K4c-V2t-bf16-splits",
+         "K2t-V2t-hd64", "K4c-V2tG32-vhalf-fixedall", "K4c-V4tG32s-high-w32", "K8t-V2tG16-bf16-novhalf"],
 )  # fmt: skip
 def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
-    """Joined value fields (default for small value groups dequantized, `_variant="vjoin"` for one group per block):
+    """Joined value fields (default for small value groups dequantized and for 2/2 at bf16 precision, `_variant="vjoin"`
+    for other layouts of one group per block):
     per-token values whose column blocks have fewer than 64 byte columns run 2 or 4 fields per dot (rows J * i + k),
     so that the value dots can be warpgroup MMAs: 2-bit codes of 128-channel heads, all four fields of 64-channel
     heads, small value groups dequantized (in f16 at bf16 precision, in bf16 parts at "high" or without f16). The
     same products, summed the same way, as one dot per field (`_variant="novjoin"`; `_same`), and the reference's
-    result (`_check`), with ragged lengths including 0. Compiled on the H200 (2026-12-05) the one-group-per-block
-    cases (2-bit values of 128-channel heads) gave wrong outputs: `vjoin` is opt-in there."""
+    result (`_check`), with ragged lengths including 0. Joined fields of undequantized codes (default for 2/2 at
+    bf16 precision) unpack from 16-bit lanes when compiled: from bytes they were wrong on the H200 (2026-12-05)."""
     _same_as_base(rng, kv, d, p, 4, tuning, "novjoin", "vjoin")
 
 
