@@ -35,19 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvtuner_jax import assets, model, weights
+from kvtuner_jax.search.profile import make_windows
 
 THRESHOLDS = {"f16 p (18)": 18.0, "bf16 p (64)": 64.0}
-
-
-def windows(tokenizer, texts, seq_len: int, count: int) -> np.ndarray:
-    """[count, seq_len] int32: whole windows of the texts, `count` of them evenly spaced."""
-    chunks = []
-    for text in texts:
-        ids = tokenizer.encode(text)
-        chunks += [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    if len(chunks) < count:
-        sys.exit(f"only {len(chunks)} windows of {seq_len} tokens in the held-out essays, {count} asked for")
-    return np.asarray([chunks[i * len(chunks) // count] for i in range(count)], np.int32)
 
 
 def scores_base2(q: jax.Array, k: jax.Array, pos: np.ndarray) -> jax.Array:
@@ -86,7 +76,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     cfg, params, tok = weights.load_model(None, progress=False)
-    toks = windows(tok, assets.essay_texts()[1::2], args.seq_len, args.windows)
+    toks = make_windows(tok, assets.essay_texts()[1::2], args.seq_len, args.windows)
     pos = np.arange(args.min_pos, args.seq_len, args.stride)
     cases = [(int(a), int(b)) for a in args.split_lens.split(",") for b in args.blocks.split(",")]
     # counts[case][threshold]: [layers, 2] redone units and units; row_max[case]: largest excess seen, per layer

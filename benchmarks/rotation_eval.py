@@ -28,20 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvtuner_jax import assets, faithful, weights
+from kvtuner_jax.search.profile import make_windows
 from kvtuner_jax.specs import KVSpec, LayerSpec
 
 PAGE_SIZE = 32
-
-
-def windows(tokenizer, texts, seq_len: int, count: int) -> np.ndarray:
-    """[count, seq_len] int32: whole windows of each text, `count` of them evenly spaced over all texts."""
-    chunks = []
-    for text in texts:
-        ids = tokenizer.encode(text)
-        chunks += [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
-    if len(chunks) < count:
-        sys.exit(f"only {len(chunks)} windows of {seq_len} tokens in the held-out essays, {count} asked for")
-    return np.asarray([chunks[i * len(chunks) // count] for i in range(count)], np.int32)
 
 
 def layer_spec(scheme: str, k_bits: int, v_bits: int, rotation: bool, head_dim: int) -> LayerSpec:
@@ -67,7 +57,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     cfg, params, tok = weights.load_model(None, progress=False)
     held = assets.essay_texts()[1::2]
-    toks = windows(tok, held, args.seq_len, args.windows)
+    toks = make_windows(tok, held, args.seq_len, args.windows)
     batches = [jnp.asarray(toks[i : i + args.batch]) for i in range(0, len(toks), args.batch)]
     n_layers = cfg.num_layers
 
