@@ -167,16 +167,20 @@ def _asm_field_ptx(bits: int, j: int, f16: bool = False) -> str:
                  f"{ta.MAGIC16_BITS >> 8:02X}{ta.MAGIC16_BITS >> 8:02X};",
                  "prmt.b32 $0, $2, m, 0x4140;", "prmt.b32 $1, $2, m, 0x4342;", "}"]  # fmt: skip
         return "\n".join(lines)
-    fb = ta.field_bits(bits)
-    mask = (1 << fb) - 1
-    m = f"0x{mask:04X}{mask:04X}"
-    mb = ta.MAGIC16_BITS if f16 else ta.MAGIC_BITS
-    magic = f"0x{mb:04X}{mb:04X}"
     lines = ["{", ".reg .b32 t0, t1, z;", "mov.b32 z, 0;", "prmt.b32 t0, $2, z, 0x4140;", "prmt.b32 t1, $2, z, 0x4342;"]
-    if j:
-        lines += [f"shr.b32 t0, t0, {j * fb};", f"shr.b32 t1, t1, {j * fb};"]
-    lines += [f"lop3.b32 $0, t0, {m}, {magic}, 0xEA;", f"lop3.b32 $1, t1, {m}, {magic}, 0xEA;", "}"]
-    return "\n".join(lines)
+    lines += _lane_field_ptx([("t0", "t0", "$0"), ("t1", "t1", "$1")], ta.field_bits(bits), j, f16)
+    return "\n".join(lines + ["}"])
+
+
+def _lane_field_ptx(words, fb: int, j: int, f16: bool) -> list[str]:
+    """PTX lines taking field j (fb bits wide) of the codes in both 16-bit lanes of each word to operands `magic +
+    field`: `shr` by j * fb when j > 0, then one lop3 `(t & mask) | magic` per word. words: (source, shifted, result)
+    registers of each word; all shifts come before all lop3s."""
+    mask = (1 << fb) - 1
+    mb = ta.MAGIC16_BITS if f16 else ta.MAGIC_BITS
+    shifts = [f"shr.b32 {t}, {src}, {j * fb};" for src, t, _ in words] if j else []
+    lut = f"0x{mask:04X}{mask:04X}, 0x{mb:04X}{mb:04X}, 0xEA"
+    return shifts + [f"lop3.b32 {dst}, {t if j else src}, {lut};" for src, t, dst in words]
 
 
 def _asm_field16_ptx(bits: int, j: int, f16: bool = False) -> str:
@@ -188,12 +192,7 @@ def _asm_field16_ptx(bits: int, j: int, f16: bool = False) -> str:
     lane's low bits to bits 10 and up of the lower lane, outside its field mask."""
     if bits not in (2, 4):
         raise ValueError(f"_asm_field16_ptx: {bits}-bit codes; expected 2 or 4")
-    mask = (1 << bits) - 1
-    mb = ta.MAGIC16_BITS if f16 else ta.MAGIC_BITS
-    src, lines = "$1", ["{", ".reg .b32 t;"]
-    if j:
-        src, lines = "t", lines + [f"shr.b32 t, $1, {j * bits};"]
-    return "\n".join(lines + [f"lop3.b32 $0, {src}, 0x{mask:04X}{mask:04X}, 0x{mb:04X}{mb:04X}, 0xEA;", "}"])
+    return "\n".join(["{", ".reg .b32 t;", *_lane_field_ptx([("$1", "t", "$0")], bits, j, f16), "}"])
 
 
 def magic_fields(x, bits: int, asm: bool, f16: bool = False, wide: bool = False) -> list:
@@ -1321,9 +1320,8 @@ def _paged_attention_rows(
     elif vs.kind == "token" and vs.gpb == 1:
         timed = parts == 1 and ks.kind == "token" and ks.bits == 2 and vs.bits == 2 and vs.cb == 32
         joined = "vjoin" in items or (timed and "novjoin" not in items)
-    if joined and vs.cb < 64 and variant not in ("vtrans", "vrows"):
-        if vs.nf % min(vs.nf, 64 // vs.cb) == 0:
-            vjoin = min(vs.nf, 64 // vs.cb)
+    if joined and vs.cb < 64 and variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
+        vjoin = min(vs.nf, 64 // vs.cb)
     # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands
     # and two dots, instead of an int -> float conversion per code (I2F, a quarter-rate instruction; offline SASS of
     # kivi8/4 at bf16: 64 per block, the slowest layer kind of the 3.25-bit schedule on the H200).

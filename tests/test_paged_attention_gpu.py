@@ -796,13 +796,13 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
 )  # fmt: skip
 def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
     """Joined value fields (default for small value groups dequantized and for 2/2 at bf16 precision, `_variant="vjoin"`
-    for other layouts of one group per block):
-    per-token values whose column blocks have fewer than 64 byte columns run 2 or 4 fields per dot (rows J * i + k),
-    so that the value dots can be warpgroup MMAs: 2-bit codes of 128-channel heads, all four fields of 64-channel
-    heads, small value groups dequantized (in f16 at bf16 precision, in bf16 parts at "high" or without f16). The
-    same products, summed the same way, as one dot per field (`_variant="novjoin"`; `_same`), and the reference's
-    result (`_check`), with ragged lengths including 0. Joined fields of undequantized codes (default for 2/2 at
-    bf16 precision) unpack from 16-bit lanes when compiled: from bytes they were wrong on the H200 (2026-12-05)."""
+    for other layouts of one group per block): per-token values whose column blocks have fewer than 64 byte columns
+    run 2 or 4 fields per dot (rows J * i + k), so that the value dots can be warpgroup MMAs: 2-bit codes of
+    128-channel heads, all four fields of 64-channel heads, small value groups dequantized (in f16 at bf16 precision,
+    in bf16 parts at "high" or without f16). The same products, summed the same way, as one dot per field
+    (`_variant="novjoin"`; `_same`), and the reference's result (`_check`), with ragged lengths including 0. Joined
+    fields of undequantized codes (default for 2/2 at bf16 precision) unpack from 16-bit lanes when compiled: from
+    bytes they were wrong on the H200 (2026-12-05)."""
     _same_as_base(rng, kv, d, p, 4, tuning, "novjoin", "vjoin")
 
 
