@@ -387,9 +387,17 @@ def _kernel(
     def load_pages(i):
         return block_pages(i)[0]
 
-    def block_of(i):
+    def block_of(i, masked: bool = True):
+        """(first page position of block i, which of its rows are valid [TBs], or None where the caller knows the
+        whole block is: no select is then emitted)."""
         base = first + i * ppb
-        return base, (base + tok // Ps) < npages
+        return base, (base + tok // Ps) < npages if masked else None
+
+    def keep(valid, x, fill):
+        """x [TBs, ...] with invalid rows set to `fill` (nothing to do where valid is None)."""
+        if valid is None:
+            return x
+        return jnp.where(valid[(slice(None),) + (None,) * (x.ndim - 1)], x, fill)
 
     # Code tiles prefetched one block ahead in registers: the small ones (token-axis, <= 4 bits). 16-bit and 8-bit
     # tiles are 4-8x larger and would spill; they are loaded in the iteration that uses them.
@@ -586,9 +594,11 @@ def _kernel(
                 cs = [c]
             colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
             # Row r of every sub-block is in token group r // (group / ksub) of the block.
-            keep = valid[:, None] & ((tok // (ks.group // ksub))[:, None] == colg)  # [TBs, R]
+            vcol = None if valid is None else valid[:, None]
+            own = (tok // (ks.group // ksub))[:, None] == colg  # [TBs, R]
+            own = own if vcol is None else vcol & own
             if variant == "qonce":  # ablation: the query as loaded, not re-scaled per block (wrong values)
-                return [jnp.where(keep, _dot_parts(c, q_once) * c_scale, -jnp.inf) for c in cs]
+                return [jnp.where(own, _dot_parts(c, q_once) * c_scale, -jnp.inf) for c in cs]
             if qload:  # columns g * qrows + r: a broadcast of the [kstack, D] block loads
                 sc_c, zt_c = (
                     jnp.broadcast_to(x.T[:, :, None], (D, kstack, qrows)).reshape(D, kstack * qrows) for x in prm[0]
@@ -603,8 +613,8 @@ def _kernel(
             zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
             if k8nib:  # one block of tokens, two nibble dots (weights 1 and 16)
                 d = _dot_parts(cs[0], q_s) + _dot_parts(cs[1], tuple(16.0 * x for x in q_s))
-                return [jnp.where(keep, (d + zq[None, :]) * c_scale, -jnp.inf)]
-            return [jnp.where(keep, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
+                return [jnp.where(own, (d + zq[None, :]) * c_scale, -jnp.inf)]
+            return [jnp.where(own, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
             s = None
@@ -618,7 +628,7 @@ def _kernel(
                     lo = pp * P + tg * ks.group
                     rows = (tok >= lo) & (tok < lo + ks.group)
                     s = d if one else jnp.where(rows[:, None], d, 0.0 if s is None else s)  # groups tile the rows
-        return [jnp.where(valid[:, None], s * c_scale, -jnp.inf)]
+        return [keep(valid, s * c_scale, -jnp.inf)]
 
     def value_group_mask(cbi, j, g):
         """bool [cb]: which value rows of column block cbi's field j hold a channel of group g."""
@@ -630,7 +640,7 @@ def _kernel(
         if vs.kind == "full":
             x = vt[0]
             if not vzero:  # pages past the end may hold anything (NaN)
-                x = jnp.where(valid[:, None], x, jnp.zeros_like(x))
+                x = keep(valid, x, jnp.zeros((), x.dtype))
             pp_ = to_parts(p, parts)
             if vs.full_bf16:
                 accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)
@@ -648,12 +658,12 @@ def _kernel(
             # scale / zero tiles (no magic offset term: the operand's 1024 is subtracted exactly first), and p * 2^14
             # is the f16 right operand (2^14 keeps small probabilities above f16's subnormals; undone on the output).
             gpb = vs.gpb
-            vmask = jnp.where(valid[:, None], p, 0.0)
+            vmask = keep(valid, p, 0.0)
             pv = to_parts16(vmask * p16, 1) if vhalf else to_parts(vmask, parts)
             if not vload:
-                sc_rows = [jnp.where(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
+                sc_rows = [keep(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
                 zt_rows = [
-                    jnp.where(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
+                    keep(valid, ta.zero_term(vprm[0][g], vprm[1][g] if vprm[1] else None, vs.bits), 0.0)
                     for g in range(vs.ngroups)
                 ]
                 if vhalf:  # exact: the stored scales and zeros are f16
@@ -662,10 +672,8 @@ def _kernel(
             def group_tiles_loaded(cbi, j):
                 """`group_tiles` from column block cbi's [TBs, groups] loads, each group's value repeated over its
                 group // per bytes."""
-                sc = jnp.where(valid[:, None], vprm[0][cbi], 0.0)
-                zt = jnp.where(
-                    valid[:, None], ta.zero_term(vprm[0][cbi], vprm[1][cbi] if vprm[1] else None, vs.bits), 0.0
-                )
+                sc = keep(valid, vprm[0][cbi], 0.0)
+                zt = keep(valid, ta.zero_term(vprm[0][cbi], vprm[1][cbi] if vprm[1] else None, vs.bits), 0.0)
                 if vhalf:
                     sc, off = sc.astype(jnp.float16), zt.astype(jnp.float16)
                 elif ta.field_weight(vs.bits, j, vs.f16) != 1.0:  # 8-bit high nibble: the
@@ -743,7 +751,7 @@ def _kernel(
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
                     # Scale folded into the probabilities; with f16 operands also vkv (see value_scaling), so that
                     # p * scale * vkv < 2^14, the accumulators are scaled by vkv and the offset term by 1 / vkv.
-                    pg_ = jnp.where(valid[:, None], p * (sc * vkv[0] if vs.f16 else sc)[:, None], 0.0)
+                    pg_ = keep(valid, p * (sc * vkv[0] if vs.f16 else sc)[:, None], 0.0)
                     pparts = (to_parts16 if vs.f16 else to_parts)(pg_, parts)
                     off = ta.magic_offset(vs.bits, vs.f16) * ta.parts_value(pparts)  # operand offset, per token
                     if vs.f16:
@@ -761,7 +769,7 @@ def _kernel(
                         accs[cbi * len(cs) + j] = accs[cbi * len(cs) + j] + d
                     # Zero-point and offset terms: accumulated per token and summed over tokens once after the loop
                     # (one group), or summed per block (several groups: per-token accumulators would spill).
-                    zterm = jnp.where(valid[:, None], p * zt[:, None], 0.0) - off
+                    zterm = keep(valid, p * zt[:, None], 0.0) - off
                     zaccs[g] = zaccs[g] + (zterm if defer_z else jnp.sum(zterm, axis=0))
         else:
             c, off = token_order_codes(vt[0], vs)  # [TB, D]
@@ -769,7 +777,8 @@ def _kernel(
                 for tg in range(vs.ngroups):
                     sc, zt = vprm[pp * vs.ngroups + tg]  # [D] each
                     lo = pp * P + tg * vs.group
-                    rows = (tok >= lo) & (tok < lo + vs.group) & valid
+                    rows = (tok >= lo) & (tok < lo + vs.group)
+                    rows = rows if valid is None else rows & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
                     pmp = to_parts(pm, parts)
                     d = _dot_parts(c, pmp, trans_a=True) - off * jnp.sum(ta.parts_value(pmp), axis=0)[None, :]
@@ -798,7 +807,7 @@ def _kernel(
             vt = tuple(tuple(ta.bytes_of_words(x) for x in sub) for sub in vt)
         return kt, vt
 
-    def body(i, carry):
+    def body(i, carry, masked: bool):
         # Software-pipelined by hand: the page ids of block i+1 and the per-token scales of block i were loaded
         # one iteration ahead (Triton's pipeliner streams the codes but not these small, gathered loads, whose
         # latency was otherwise exposed on every block).
@@ -806,7 +815,7 @@ def _kernel(
         prm_next = token_params(i + 1, pages_next)
         tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
-        base, valid = block_of(i)
+        base, valid = block_of(i, masked)
         # Loaded from freshly read page ids (not the carried ones) so that Triton's pipeliner can stream them.
         fresh, ok = block_pages(i) if not all(pref) else (pages, None)
         now = block_tiles(i, fresh, tuple(not x for x in pref), ok=ok)
@@ -873,7 +882,12 @@ def _kernel(
         base0, valid0 = block_of(0)
         m0 = ta.fixed_reference(scores(base0, pages0, valid0, prm0, as_bytes(k0)))
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), prm0 if fixed else token_params(0, pages0), tiles0)
-    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, body, carry)
+    # With one page a block, every block of the loop lies within the sequence's pages (nblk = nvalid), so no row needs
+    # a validity select (4/4 at bf16: 613 -> 582 loop instructions offline; `_variant="vmask"` keeps them). Blocks of
+    # several pages keep them: a loop split into whole blocks and a masked last one spilled registers in the 3.25-bit
+    # schedule's layers.
+    masked = ppb > 1 or "vmask" in variant
+    m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, functools.partial(body, masked=masked), carry)
     out_mul = vkv[1] if vkv is not None else 1.0 / p16 if vhalf else None
     for a, acc in enumerate(accs):
         o_ref[a, :, :] = acc if out_mul is None else acc * out_mul
@@ -980,7 +994,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "novjoin", "k8nibbles",
+    "novjoin", "k8nibbles", "vmask",
 )  # fmt: skip
 
 
