@@ -96,12 +96,14 @@ def _reference(*args, **kw):
         return _run(paged_attention_reference, *args, **kw)
 
 
-def _same(a, b):
+def _same(a, b, exact: bool = True):
     """Two ways of computing the same float32 operations on the same values: equal bit for bit in interpret mode.
     Compiled, ptxas may contract and order the float work differently between the two kernels (seen on the H200,
-    2026-12-05: ~1e-6 relative), so there they must agree to 1e-5 of the output's norm."""
+    2026-12-05: ~1e-6 relative), so there they must agree to 1e-5 of the output's norm, as they must in interpret
+    mode too where the kernels' XLA:CPU programs differ in more than their float work (`exact=False`: XLA may then
+    fuse and order a dot's sums differently)."""
     a, b = np.asarray(a), np.asarray(b)
-    if not COMPILED:
+    if exact and not COMPILED:
         np.testing.assert_array_equal(a, b)
         return
     np.testing.assert_array_equal(np.isfinite(a), np.isfinite(b))
@@ -759,7 +761,30 @@ def test_codes_read_as_words_equal_bytes(kv, d, p, tuning, rng):
     _same_as_base(rng, kv, d, p, 2, tuning, "nw32", "w32")
 
 
-def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
+@pytest.mark.parametrize(
+    "kv,d,p,tuning",
+    [
+        ((_spec(16), _spec(16)), 64, 16, dict(pages_per_block=1, parts=2)),
+        ((_spec(4, group=128), _spec(4, group=128)), 128, 64, {}),
+        ((_spec(2, group=64), _spec(2, group=64, sym=True)), 64, 16, dict(pages_per_block=1, parts=1)),
+        ((_spec(8, group=64), _spec(2, group=16)), 64, 16, dict(pages_per_block=1, parts=1)),
+        ((_spec(8, "channel", 32), _spec(4, group=64)), 64, 64, {}),
+        ((_spec(4, "channel", 16), _spec(2, group=32)), 64, 16, STACKED | dict(pages_per_block=1)),
+        ((_spec(16), _spec(2, "channel", 16, sym=True)), 64, 16, dict(pages_per_block=1, num_splits=3)),
+    ],
+    ids=["K16-V16-high", "K4t-V4t-p64", "K2t-V2ts-bf16", "K8t-V2tG16-bf16", "K8c-V4t-p64", "K4c-V2tG32-stacked",
+         "K16-V2c-splits"],
+)  # fmt: skip
+def test_one_page_blocks_need_no_row_selects(kv, d, p, tuning, rng):
+    """With one page a block, every block of the kernel's loop lies within the sequence's pages, so no row is masked
+    (default; `_variant="vmask"` keeps the per-row selects): the same outputs, on pools whose every page holds random
+    codes and scales (the kernel prefetches one block past each sequence's end, reading page 0 for INVALID). Not
+    bit for bit in interpret mode: without the selects XLA:CPU orders some dots' sums differently (~1e-6 relative,
+    as close to the reference as before)."""
+    _same_as_base(rng, kv, d, p, 2, tuning, "vmask", "", exact=False)
+
+
+def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item, exact: bool = True):
     """The kernel with `_variant` item `item` added to the case's own variant gives the outputs of the kernel with
     `base_item` added ("" for none) on fresh random pools with ragged lengths including 0 (`_same`), and the
     reference's result at the precision's tolerance (`_check`)."""
@@ -773,7 +798,7 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item):
         for it in (base_item, item)
     )
     for a, b in zip(base, new, strict=True):
-        _same(a, b)
+        _same(a, b, exact)
     _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + "," + item,
            **tuning)  # fmt: skip
 
