@@ -90,13 +90,17 @@ def compile_sass(ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: i
 
 def main(argv=None) -> None:
     import attention  # benchmarks/attention.py: the config names and the schedule
+    import triton_ir_ops
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", default="4/4,8/8,kivi4/2", help="attention.py's config names, or schedule")
     ap.add_argument("--tunings", default='[{"precision":"bf16"}]', help="JSON list of kernel keyword dicts")
     ap.add_argument("--keep", default=None, help="directory to keep each TTIR, TritonGPU IR and SASS listing in")
     ap.add_argument("--digest", action="store_true", help="also print a hash of each kernel's whole SASS listing")
+    ap.add_argument("--page", type=int, default=64, help="page size (the engine's default is 32); context stays 16K")
     args = ap.parse_args(argv)
+    shape = dict(triton_ir_ops.BENCH_SHAPE, page=args.page, pages_per_seq=16384 // args.page)
+    shape["pool_pages"] = shape["pool_pages"] * 64 // args.page
     print(
         "config | tuning | registers | stack | loop instructions | "
         + " | ".join(SHOWN)
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
         for t in json.loads(args.tunings):
             tag = json.dumps(t, separators=(",", ":"))
             if c != "schedule":
-                measure(c, *attention.spec_pair(c), t, tag, args.keep, args.digest)
+                measure(c, *attention.spec_pair(c), t, tag, args.keep, args.digest, shape)
                 continue
             # The 3.25-bit schedule: each distinct layer kind once, then the loop length weighted by its layers.
             pairs, defaults, _ = attention.schedule_pairs()
@@ -119,6 +123,7 @@ def main(argv=None) -> None:
                     tag,
                     args.keep,
                     args.digest,
+                    shape,
                 )
                 if loop is None:
                     break
@@ -127,12 +132,15 @@ def main(argv=None) -> None:
                 print(f"schedule | {tag} | | | {total / len(pairs):.0f} (weighted by layers)", flush=True)
 
 
-def measure(name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None, digest: bool = False) -> int | None:
+def measure(
+    name: str, k_spec, v_spec, t: dict, tag: str, keep: str | None, digest: bool = False, shape: dict | None = None
+) -> int | None:
     """Prints one row (registers, spill stack, main-loop instructions and mix) and returns the loop's length, or None
-    where Triton cannot compile the variant (the row says why)."""
+    where Triton cannot compile the variant (the row says why). shape: tests/_lowering.py's keywords (default: the
+    benchmark's batch 32 x 16K at page 64)."""
     import triton_ir_ops
 
-    ttir = triton_ir_ops.triton_module(k_spec, v_spec, shape=triton_ir_ops.BENCH_SHAPE, **t)
+    ttir = triton_ir_ops.triton_module(k_spec, v_spec, shape=shape or triton_ir_ops.BENCH_SHAPE, **t)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
