@@ -47,13 +47,18 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   groups: 32) give value dots of too few rows for a warpgroup MMA, so Triton emits warp-level MMAs for them. For
   small value groups dequantized the kernel joins 64 / bytes fields per dot (rows J * i + k), which makes them
   warpgroup MMAs (default; `_variant="novjoin"` for A/B): the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms on
-  the H200 at bf16 precision (2026-12-05). So it does for undequantized 2-bit values under 2-bit per-token keys at
-  bf16 precision (2/2 0.417 -> 0.348 ms on the H100; `_variant="vjoin"` for the other one-group layouts), whose
-  codes are then unpacked from 16-bit lanes: unpacked from bytes by an 8-bit -> 16-bit inline asm, the joined
-  fields were wrong when compiled (H200, 2026-12-05), though right in the interpreter.
-- In layers with an 8-bit side the quantized pools are read as 32-bit words and turned back into bytes where they
-  are used (`as_bytes`), so prefetched tiles cross the loop packed, four bytes a register, instead of one register
-  per byte that the inline assembly packed again (`_variant="w32"`: every layer's; "nw32": none). 16-bit values of
+  the H200 at bf16 precision (2026-12-05). So it does for undequantized 2-bit values under 2- or 4-bit per-token
+  keys, read as words too except 2/2 at bf16 (H200, batch 32 x 16K: 4/2 0.406 -> 0.345 ms at bf16 and 0.491 ->
+  0.402 at "high", 2/2 0.475 -> 0.396 at "high"; `_variant="vjoin"` for the other one-group layouts), whose codes
+  are then unpacked from 16-bit lanes: unpacked from bytes by an 8-bit -> 16-bit inline asm, the joined fields were
+  wrong when compiled (H200, 2026-12-05), though right in the interpreter.
+- In layers with an 8-bit side, and those per-token layers with joined 2-bit values, the quantized pools are read as
+  32-bit words and turned back into bytes where they are used (`as_bytes`), so prefetched tiles cross the loop
+  packed, four bytes a register, instead of one register per byte that the inline assembly packed again
+  (`_variant="w32"`: every layer's; "nw32": none). Where a block is one page, every block of the loop lies within
+  the sequence's pages, so no row is masked (`_variant="vmask"` masks them: 2/2 0.361 -> 0.342 ms at bf16, 4/4
+  0.451 -> 0.440 at "high" on the H200) except 16-bit values at "high", whose select keeps their dot's operand in
+  registers (without it 16/16 took 0.734 -> 1.081 ms). 16-bit values of
   one-page blocks at bf16 precision are read by a scalar page index with a masked load (pages past the end as zeros;
   "novzero": a select per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
@@ -66,13 +71,14 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   undone on the output). f16 parts carry 11 significant bits each. `eight_bit="nibbles"` reads each byte as two
   4-bit fields instead (two bf16 dots, weights 1 and 16): 8/8 at batch 32 x 16K on the H200, 1.387 -> 0.710 ms at
   "high" and 1.037 -> 0.593 at bf16 with the word reads (2026-12-05).
-- The softmax (`softmax="fixed"`, default where timed: 16-bit and per-token keys with bf16 probabilities) measures
+- The softmax (`softmax="fixed"`, default where probabilities are bf16 operands, as timed) measures
   probabilities against the maximum of each split's first block, scored once more before the loop, so no block
   takes a maximum over its tokens (they are spread over the warps) or rescales the accumulators
   (`tile_attention.fixed_softmax_step`). A split that overflowed (a non-finite result, or a sum of p from 2^64)
   reports m = +inf, and a second kernel (`_redo_kernel`), whose other programs return at once, recomputes it with
   the running softmax in place. H200, batch 32 x 16K (2026-12-05): 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369
-  at bf16 precision, 2/2 0.566 -> 0.496 at "high".
+  at bf16 precision, 2/2 0.566 -> 0.496 at "high", the 3.25-bit schedule's per-channel-key layers 0.834 -> 0.791 at
+  "high".
 """
 
 from __future__ import annotations
@@ -387,14 +393,14 @@ def _kernel(
     def load_pages(i):
         return block_pages(i)[0]
 
-    def block_of(i, masked: bool = True):
-        """(first page position of block i, which of its rows are valid [TBs], or None where the caller knows the
-        whole block is: no select is then emitted)."""
+    def block_of(i):
+        """(first page position of block i, which of its rows are valid [TBs])."""
         base = first + i * ppb
-        return base, (base + tok // Ps) < npages if masked else None
+        return base, (base + tok // Ps) < npages
 
     def keep(valid, x, fill):
-        """x [TBs, ...] with invalid rows set to `fill` (nothing to do where valid is None)."""
+        """x [TBs, ...] with invalid rows set to `fill` (nothing to do where valid is None: the caller knows that the
+        whole block is valid, see `body`)."""
         if valid is None:
             return x
         return jnp.where(valid[(slice(None),) + (None,) * (x.ndim - 1)], x, fill)
@@ -634,13 +640,15 @@ def _kernel(
         """bool [cb]: which value rows of column block cbi's field j hold a channel of group g."""
         return ta.group_mask_of_block(vs.cb, cbi, vs.bits, vs.group, j, g)
 
-    def values(valid, vprm, vt, p, accs, zaccs):
+    def values(valid, vprm, vt, p, accs, zaccs, rows_ok):
         """Adds one (sub-)block's p-weighted values to the accumulators; vprm: its value scales (see token_params),
-        vt: its value tiles."""
+        vt: its value tiles; rows_ok: which rows are valid, even where `valid` is None."""
         if vs.kind == "full":
             x = vt[0]
             if not vzero:  # pages past the end may hold anything (NaN)
-                x = keep(valid, x, jnp.zeros((), x.dtype))
+                # Kept where every row is valid too: without it, the two-part value dots ("high") of one-page blocks
+                # read the tile straight from shared memory, 16/16 0.734 -> 1.081 ms (H200, 2026-12-05).
+                x = jnp.where(rows_ok[:, None], x, jnp.zeros_like(x))
             pp_ = to_parts(p, parts)
             if vs.full_bf16:
                 accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)
@@ -815,7 +823,8 @@ def _kernel(
         prm_next = token_params(i + 1, pages_next)
         tiles_next = block_tiles(i + 1, pages_next, pref)
         pages_nn = load_pages(i + 2)
-        base, valid = block_of(i, masked)
+        base, rows_ok = block_of(i)
+        valid = rows_ok if masked else None
         # Loaded from freshly read page ids (not the carried ones) so that Triton's pipeliner can stream them.
         fresh, ok = block_pages(i) if not all(pref) else (pages, None)
         now = block_tiles(i, fresh, tuple(not x for x in pref), ok=ok)
@@ -839,7 +848,7 @@ def _kernel(
             if vs.kind == "token" and not vdeq:
                 zaccs = [z * (alpha[None, :] if defer_z else alpha) for z in zaccs]
         for j in range(ksub):
-            accs, zaccs = values(valid, prm[1][j], btiles[1][j], p[j], accs, zaccs)
+            accs, zaccs = values(valid, prm[1][j], btiles[1][j], p[j], accs, zaccs, rows_ok)
         return m_new, l_new, accs, zaccs, *nxt
 
     def value_scaling():
@@ -1139,12 +1148,12 @@ def paged_attention(
     (default: probabilities against the maximum of each split's first block, with no per-block maximum over tokens,
     a reduction across warps, and no rescaling of the accumulators; a split whose results overflowed is recomputed by
     a second kernel with the running softmax, in place, so the results are the same up to rounding) or "running" (the
-    online softmax). "fixed" applies to 16-bit and per-token keys with bf16 probabilities, where the H200 timed it
-    (BENCHMARKS.md, 2026-12-05: 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369 at bf16 precision, 2/2 0.566 -> 0.496
-    at "high"; none slower). Per-channel (KIVI) keys keep the running softmax unless `_variant="fixedall"` (not yet
-    timed with bf16 probabilities), and so do probabilities that are f16 operands (8-bit per-token values as f16,
-    small value groups dequantized in f16): timed, fixedall was 6-9% faster on the schedule's layers, but f16 leaves
-    the fixed reference 18 bits of headroom and real scores rise further in 0.2-2.5% of splits (SmolLM2; BENCHMARKS.md
+    online softmax). "fixed" applies wherever probabilities are bf16 operands, as the H200 timed it (BENCHMARKS.md,
+    2026-12-05: 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369 at bf16 precision, 2/2 0.566 -> 0.496 at "high", the
+    3.25-bit schedule's per-channel-key layers 0.834 -> 0.791 at "high"; none slower). Probabilities that are f16
+    operands (8-bit per-token values as f16, small value groups dequantized in f16 at bf16 precision) keep the running
+    softmax unless `_variant="fixedall"`: timed, fixedall was 6-9% faster on the schedule's layers, but f16 leaves the
+    fixed reference 18 bits of headroom and real scores rise further in 0.2-2.5% of splits (SmolLM2; BENCHMARKS.md
     2026-12-05), each then computed twice. f16 probabilities at "high" keep it always.
 
     One program holds at most `max_rows` query rows (GQA group x query tokens; its tiles live in registers and shared
@@ -1305,13 +1314,33 @@ def _paged_attention_rows(
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
+    items = variant.split(",")
+    # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
+    # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
+    # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Default for
+    # dequantized small value groups (H200, 2026-12-05: the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms at bf16)
+    # and for undequantized 2-bit values of one group under 2- or 4-bit per-token keys, whose codes are then read as
+    # words too (below) except for 2/2 at bf16 precision: batch 32 x 16K on the H200 (2026-12-05, ms, one field a dot
+    # -> joined): 2/2 0.342 at bf16 (0.417 -> 0.348 on the H100) and 0.475 -> 0.396 at "high", 4/2 0.406 -> 0.345 and
+    # 0.491 -> 0.402; offline each then needs at most 168 registers, so 3 programs share an SM instead of 2.
+    # `_variant="vjoin"` for other one-group layouts, "novjoin" for A/B. The undequantized codes are unpacked from
+    # 16-bit lanes when joined (see magic_fields).
+    vjoin, joined, joined_words = 1, False, False
+    if vdeq:
+        joined = "novjoin" not in items
+    elif vs.kind == "token" and vs.gpb == 1:
+        timed = ks.kind == "token" and ks.bits in (2, 4) and vs.bits == 2 and vs.cb == 32
+        joined = "vjoin" in items or (timed and "novjoin" not in items)
+        joined_words = timed and joined and not (ks.bits == 2 and parts == 1)
+    if joined and vs.cb < 64 and variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
+        vjoin = min(vs.nf, 64 // vs.cb)
     # Quantized codes read as 32-bit words and turned back into bytes in the kernel (`as_bytes`): by default both
     # pools of a layer with an 8-bit side (8/8 at batch 32 x 16K, bf16 precision, on the H200: 1.037 -> 0.906 ms as
-    # nibbles, 0.893 -> 0.593 as f16 operands; the schedule's 8-bit-key, 4-bit-value layers 0.722 -> 0.661), and no
-    # other (per-token 4/4 was 6-14% slower, the schedule's other layers unchanged); every pool with
+    # nibbles, 0.893 -> 0.593 as f16 operands; the schedule's 8-bit-key, 4-bit-value layers 0.722 -> 0.661) and of the
+    # per-token layers with joined 2-bit values named above, and no other (per-token 4/4 was 6-14% slower with the
+    # running softmax, the same with the fixed one; the schedule's other layers unchanged); every pool with
     # `_variant="w32"`, none with "nw32".
-    items = variant.split(",")
-    words = "w32" in items or ("nw32" not in items and 8 in (k_spec.bits, v_spec.bits))
+    words = "w32" in items or ("nw32" not in items and (8 in (k_spec.bits, v_spec.bits) or joined_words))
     kw32, vw32 = (words and side.kind != "full" for side in (ks, vs))
     for arr, as_words in ((k_codes, kw32), (k_scale, 0), (k_zero, 0), (v_codes, vw32), (v_scale, 0), (v_zero, 0)):
         if as_words:  # uint8 [.., cols] -> uint32 [.., cols / 4]
@@ -1320,22 +1349,6 @@ def _paged_attention_rows(
             args.append(arr)
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
-    # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
-    # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
-    # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Default for
-    # dequantized small value groups (H200, 2026-12-05: the 3.25-bit schedule's mean layer 0.556 -> 0.541 ms at bf16),
-    # and for undequantized 2-bit values under 2-bit per-token keys at bf16 precision, two fields a dot (H100,
-    # 2026-12-05: 2/2 0.417 -> 0.348 ms; offline its registers 172 -> 140, so 3 programs share an SM instead of 2).
-    # 4/2 at bf16 was 4% slower (202 -> 177 registers, still 2 per SM) and "high" is untimed: `_variant="vjoin"` there,
-    # "novjoin" for A/B. The undequantized codes are unpacked from 16-bit lanes when joined (see magic_fields).
-    vjoin, joined = 1, False
-    if vdeq:
-        joined = "novjoin" not in items
-    elif vs.kind == "token" and vs.gpb == 1:
-        timed = parts == 1 and ks.kind == "token" and ks.bits == 2 and vs.bits == 2 and vs.cb == 32
-        joined = "vjoin" in items or (timed and "novjoin" not in items)
-    if joined and vs.cb < 64 and variant not in ("vtrans", "vrows") and vs.nf % min(vs.nf, 64 // vs.cb) == 0:
-        vjoin = min(vs.nf, 64 // vs.cb)
     # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands
     # and two dots, instead of an int -> float conversion per code (I2F, a quarter-rate instruction; offline SASS of
     # kivi8/4 at bf16: 64 per block, the slowest layer kind of the 3.25-bit schedule on the H200).
@@ -1389,19 +1402,19 @@ def _paged_attention_rows(
     )
     name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
     # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
-    # running softmax again for the splits where that overflowed (m = +inf), in place. Timed on the H200 for 16-bit
-    # and per-token keys with bf16 probabilities. Per-channel (KIVI) keys: `_variant="fixedall"` until a GPU has timed
-    # them with bf16 probabilities ("high"; at bf16 precision the schedule's have f16 ones). Probabilities that are
-    # f16 operands (8-bit per-token values as f16, small value groups dequantized in f16): also only with fixedall,
-    # because their scaling, lowered for p > 1 (P16_FIXED), leaves 18 bits above the reference, and on SmolLM2's real
-    # scores 0.2-2.5% of (KV head, split) programs rise further (largest rise 36 bits;
-    # benchmarks/fixed_softmax_reach.py, BENCHMARKS.md 2026-12-05), so nearly every layer would run its redo kernel,
-    # where bf16 probabilities (64 bits of headroom) never did. At "high" f16 probabilities keep it always (two f16
-    # parts scaled for p > 1 would lose the low one to f16's subnormals), as do the ablations that replace it.
-    untimed = ks.kind == "channel" or vs.f16 or vhalf
+    # running softmax again for the splits where that overflowed (m = +inf), in place. Default wherever probabilities
+    # are bf16 operands, as timed on the H200: 16-bit and per-token keys, and per-channel (KIVI) keys at "high" (the
+    # 3.25-bit schedule's mean layer 0.834 -> 0.791 ms, every layer kind 4-9% faster; 2026-12-05). Probabilities that
+    # are f16 operands (8-bit per-token values as f16, small value groups dequantized in f16 at bf16 precision): only
+    # with `_variant="fixedall"`, because their scaling, lowered for p > 1 (P16_FIXED), leaves 18 bits above the
+    # reference, and on SmolLM2's real scores 0.2-2.5% of (KV head, split) programs rise further (largest rise 36
+    # bits; benchmarks/fixed_softmax_reach.py, BENCHMARKS.md 2026-12-05), so nearly every layer would run its redo
+    # kernel, where bf16 probabilities (64 bits of headroom) never did. At "high" f16 probabilities keep it always
+    # (two f16 parts scaled for p > 1 would lose the low one to f16's subnormals), as do the ablations that replace it.
+    f16p = vs.f16 or vhalf  # probabilities as f16 operands
     fixed = (
         softmax == "fixed"
-        and (not untimed or "fixedall" in items)
+        and (not f16p or "fixedall" in items)
         and (parts == 1 or not vs.f16)
         and variant not in ("loads", "nosoftmax", "novalues")
     )

@@ -554,28 +554,28 @@ def test_both_softmaxes_match_reference(case, softmax, rng):
 
 
 def test_fixed_softmax_where_timed():
-    """The default `softmax="fixed"` is another kernel than "running" where the H200 timed it (16-bit and per-token
-    keys with bf16 probabilities, both precisions) and the running kernel, unchanged, elsewhere unless
-    `_variant="fixedall"`: per-channel (KIVI) keys, and probabilities that are f16 operands (8-bit per-token values as
-    f16, small value groups dequantized in f16), where fixedall lowers their scaling at bf16 precision only (at
-    "high", two f16 parts would lose the low one to f16's subnormals)."""
+    """The default `softmax="fixed"` is another kernel than "running" wherever probabilities are bf16 operands, as
+    the H200 timed it (16-bit, per-token and per-channel (KIVI) keys), and the running kernel, unchanged, where they
+    are f16 operands (8-bit per-token values as f16, small value groups dequantized in f16 at bf16 precision) unless
+    `_variant="fixedall"`, which lowers their scaling at bf16 precision only (at "high", two f16 parts would lose the
+    low one to f16's subnormals)."""
     low = gpu_attention_lowered
     t4, t8, full = _spec(4, group=128), _spec(8, group=128), _spec(16)
     bf16, run = dict(precision="bf16"), dict(softmax="running")
     allv = dict(_variant="fixedall")
-    for kv in ((t4, t4), (full, full), (t4, _spec(2, group=128)), (full, t4)):
-        for prec in ({}, bf16):
-            assert low(*kv, **prec) != low(*kv, **prec, **run) == low(*kv, **prec, **run, **allv)
-            assert low(*kv, **prec) == low(*kv, **prec, **allv)
+    kivi = (_spec(4, "channel", 32), _spec(2, group=32))  # small value groups: f16 probabilities at bf16 only
+    bf16_p = [(kv, prec) for kv in ((t4, t4), (full, full), (t4, _spec(2, group=128)), (full, t4),
+                                    (_spec(4, "channel", 32), t4)) for prec in ({}, bf16)] + [(kivi, {})]  # fmt: skip
+    for kv, prec in bf16_p:
+        assert low(*kv, **prec) != low(*kv, **prec, **run) == low(*kv, **prec, **run, **allv)
+        assert low(*kv, **prec) == low(*kv, **prec, **allv)
     assert low(t8, t8, eight_bit="nibbles") != low(t8, t8, eight_bit="nibbles", **run)
-    kivi = (_spec(4, "channel", 32), _spec(2, group=32))
-    for kv in ((t4, t8), kivi, (_spec(4, "channel", 32), t4)):
-        for prec in ({}, bf16):
-            assert low(*kv, **prec) == low(*kv, **prec, **run)
-            if kv[1] is t8 and not prec:  # f16 probabilities at "high": always the running softmax
-                assert low(*kv, **prec, **allv) == low(*kv, **prec, **run)
-            else:
-                assert low(*kv, **prec, **allv) != low(*kv, **prec, **run)
+    for kv, prec in [((t4, t8), {}), ((t4, t8), bf16), (kivi, bf16)]:
+        assert low(*kv, **prec) == low(*kv, **prec, **run)
+        if kv[1] is t8 and not prec:  # f16 probabilities at "high": always the running softmax
+            assert low(*kv, **prec, **allv) == low(*kv, **prec, **run)
+        else:
+            assert low(*kv, **prec, **allv) != low(*kv, **prec, **run)
 
 
 @pytest.mark.parametrize(

@@ -51,10 +51,10 @@ def test_fingerprint_tells_kernels_apart_and_ignores_locations():
 
 def test_joined_value_fields_make_64_row_dots():
     """2-bit values of a 128-channel head are 32 bytes a row, so each field's value dot has 32 rows, too few for a
-    warpgroup MMA (64): joining two fields a dot (default for 2/2 at bf16 precision, `_variant="vjoin"` elsewhere)
-    turns their 4 dots of 32 rows per block into 2 of 64, and the keys' dots (64 rows already, in the loop and in
-    the fixed softmax's first-block scores) stay as they are. 4-bit keys (4/2, timed slower joined) and "high"
-    (untimed) keep one dot per field unless asked."""
+    warpgroup MMA (64): joining two fields a dot (default under 2- and 4-bit per-token keys at both precisions,
+    `_variant="novjoin"` for A/B) turns their 4 dots of 32 rows per block into 2 of 64, and the keys' dots (64 rows
+    already, in the loop and in the fixed softmax's first-block scores) stay as they are. 16-bit keys keep one dot
+    per field unless asked (`_variant="vjoin"`)."""
     import collections
     import re
 
@@ -67,7 +67,11 @@ def test_joined_value_fields_make_64_row_dots():
     bf16 = dict(precision="bf16")
     assert dot_rows(**bf16, _variant="novjoin") == {"64": 8, "32": 4}
     assert dot_rows(**bf16) == dot_rows(**bf16, _variant="vjoin") == {"64": 10}
-    assert dot_rows(_tok(4), **bf16) == {"64": 4, "32": 4}
-    assert dot_rows(_tok(4), **bf16, _variant="vjoin") == {"64": 6}
-    high = dot_rows()
-    assert high["32"] > 0 and high == dot_rows(_variant="novjoin") != dot_rows(_variant="vjoin")
+    assert dot_rows(_tok(4), **bf16, _variant="novjoin") == {"64": 4, "32": 4}
+    assert dot_rows(_tok(4), **bf16) == dot_rows(_tok(4), **bf16, _variant="vjoin") == {"64": 6}
+    high = dot_rows(_variant="novjoin")
+    assert high["32"] > 0 and high != dot_rows() == dot_rows(_variant="vjoin")
+    full = KVSpec(bits=16)
+    assert (
+        dot_rows(full, **bf16) == dot_rows(full, **bf16, _variant="novjoin") != dot_rows(full, **bf16, _variant="vjoin")
+    )

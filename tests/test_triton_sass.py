@@ -76,7 +76,7 @@ def test_schedule_rows_are_weighted_by_layers(monkeypatch, capsys):
     pairs, defaults, _ = attention.schedule_pairs()
     seen = []
 
-    def fake(name, k_spec, v_spec, t, tag, keep, digest=False):
+    def fake(name, k_spec, v_spec, t, tag, keep, digest=False, shape=None):
         seen.append((name, k_spec.bits, v_spec.bits, k_spec.axis, v_spec.axis))
         return 1000 + 10 * k_spec.bits + v_spec.bits
 
