@@ -27,8 +27,8 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
 - Channel-axis (KIVI keys) stores pack several tokens of a channel into a byte. Stacked 2/4-bit keys are read in
   storage order, field j of the bytes being token sub-block j (every 2nd / 4th token of each page, unpacked like
   token-axis codes), with their values read at that row stride; otherwise they are read in token order (each byte
-  row gathered once per field; 8-bit codes, one token a byte, as whole pages, converted int -> float, or with
-  `_variant="k8nibbles"`, not yet timed, as two bf16 nibble operands). Their per-channel scales are folded
+  row gathered once per field; 8-bit codes, one token a byte, as whole pages, converted int -> float: as two bf16
+  nibble operands instead, kivi8/4 at bf16 took 0.643 -> 0.759 ms on the H200). Their per-channel scales are folded
   into the query, one copy of the query rows per token group of the block placed side by side in the padding of the
   R columns, so that one dot scores every group (keys, default; each column keeps its own group's tokens and runs
   its own softmax, and the split combine merges a row's columns; the block's scales are loaded as one [groups, D]
@@ -313,7 +313,6 @@ def _kernel(
     vw32: bool = False,
     fixed: bool = False,
     vjoin: int = 1,
-    k8nib: bool = False,
     split=None,
 ):
     it = iter(refs)
@@ -593,8 +592,6 @@ def _kernel(
             # tokens (a disjoint share of the pages, like a split), merged exactly by the combine after the kernel.
             if ksub > 1:  # field j of the bytes is sub-block j: PTX unpacking with a constant field, no gather
                 cs, off = magic_fields(tiles[0][0], ks.bits, asm), ta.MAGIC  # [TBs, D] each
-            elif k8nib:  # 8-bit codes as two bf16 nibble operands, 128 + lo and 128 + hi (no int -> float)
-                cs, off = magic_fields(tiles[0][0], 8, asm), ta.magic_offset(8)
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
@@ -617,9 +614,6 @@ def _kernel(
                     zt_c = jnp.where(colg == g, zt, 0.0 if zt_c is None else zt_c)
             q_s = to_parts(q_t * sc_c, parts)
             zq = jnp.sum(q_t * zt_c - off * ta.parts_value(q_s), axis=0)  # [R]
-            if k8nib:  # one block of tokens, two nibble dots (weights 1 and 16)
-                d = _dot_parts(cs[0], q_s) + _dot_parts(cs[1], tuple(16.0 * x for x in q_s))
-                return [jnp.where(own, (d + zq[None, :]) * c_scale, -jnp.inf)]
             return [jnp.where(own, (_dot_parts(c, q_s) + zq[None, :]) * c_scale, -jnp.inf) for c in cs]
         else:
             c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
@@ -1003,7 +997,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "novjoin", "k8nibbles", "vmask",
+    "novjoin", "vmask",
 )  # fmt: skip
 
 
@@ -1349,10 +1343,6 @@ def _paged_attention_rows(
             args.append(arr)
             specs.append(pl.BlockSpec((None, *arr.shape[1:]), lambda i, j, s, nd=arr.ndim: (j,) + (0,) * (nd - 1)))
 
-    # k8nibbles: stacked 8-bit per-channel keys (read in token order, one token a byte) as two bf16 nibble operands
-    # and two dots, instead of an int -> float conversion per code (I2F, a quarter-rate instruction; offline SASS of
-    # kivi8/4 at bf16: 64 per block, the slowest layer kind of the 3.25-bit schedule on the H200).
-    k8nib = "k8nibbles" in items and ks.kind == "channel" and ks.bits == 8 and kstack > 0 and variant != "qonce"
     if vs.kind == "token":
         nacc, arows = vs.ncb * vs.nf // vjoin, vs.cb * vjoin
     else:
@@ -1390,7 +1380,6 @@ def _paged_attention_rows(
         kw32=kw32,
         vw32=vw32,
         vjoin=vjoin,
-        k8nib=k8nib,
     )
     call = functools.partial(
         pl.pallas_call,
