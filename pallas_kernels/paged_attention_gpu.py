@@ -56,9 +56,9 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   32-bit words and turned back into bytes where they are used (`as_bytes`), so prefetched tiles cross the loop
   packed, four bytes a register, instead of one register per byte that the inline assembly packed again
   (`_variant="w32"`: every layer's; "nw32": none). Where a block is one page, every block of the loop lies within
-  the sequence's pages, so no row is masked (`_variant="vmask"` masks them: 2/2 0.361 -> 0.342 ms at bf16, 4/4
-  0.451 -> 0.440 at "high" on the H200) except 16-bit values at "high", whose select keeps their dot's operand in
-  registers (without it 16/16 took 0.734 -> 1.081 ms). 16-bit values of
+  the sequence's pages, so no row is masked (H200, without the selects: 2/2 0.361 -> 0.342 ms at bf16, 4/4 0.451 ->
+  0.440 at "high"; `_variant="vmask"` keeps them) except 16-bit values at "high", whose select keeps their dot's
+  operand in registers (without it 16/16 took 0.734 -> 1.081 ms). 16-bit values of
   one-page blocks at bf16 precision are read by a scalar page index with a masked load (pages past the end as zeros;
   "novzero": a select per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
@@ -886,9 +886,9 @@ def _kernel(
         m0 = ta.fixed_reference(scores(base0, pages0, valid0, prm0, as_bytes(k0)))
     carry = (m0, l0, accs, zaccs, pages0, load_pages(1), prm0 if fixed else token_params(0, pages0), tiles0)
     # With one page a block, every block of the loop lies within the sequence's pages (nblk = nvalid), so no row needs
-    # a validity select (4/4 at bf16: 613 -> 582 loop instructions offline; `_variant="vmask"` keeps them). Blocks of
-    # several pages keep them: a loop split into whole blocks and a masked last one spilled registers in the 3.25-bit
-    # schedule's layers.
+    # a validity select (H200, batch 32 x 16K: 2/2 at bf16 0.361 -> 0.342 ms, 4/4 0.357 -> 0.351; `_variant="vmask"`
+    # keeps them). 16-bit values keep theirs (see `values`). Blocks of several pages keep them all: a loop split into
+    # whole blocks and a masked last one was longer or spilled registers offline (benchmarks/triton_sass.py).
     masked = ppb > 1 or "vmask" in variant
     m, l, accs, zaccs, *_ = jax.lax.fori_loop(0, nblk, functools.partial(body, masked=masked), carry)
     out_mul = vkv[1] if vkv is not None else 1.0 / p16 if vhalf else None
@@ -1144,7 +1144,8 @@ def paged_attention(
     a second kernel with the running softmax, in place, so the results are the same up to rounding) or "running" (the
     online softmax). "fixed" applies wherever probabilities are bf16 operands, as the H200 timed it (BENCHMARKS.md,
     2026-12-05: 16/16 0.622 -> 0.590 ms and 4/4 0.409 -> 0.369 at bf16 precision, 2/2 0.566 -> 0.496 at "high", the
-    3.25-bit schedule's per-channel-key layers 0.834 -> 0.791 at "high"; none slower). Probabilities that are f16
+    3.25-bit schedule's per-channel-key layers 0.834 -> 0.791 at "high", 0.830 -> 0.809 on an H100, where only its
+    2/2 layers were 1.7% slower). Probabilities that are f16
     operands (8-bit per-token values as f16, small value groups dequantized in f16 at bf16 precision) keep the running
     softmax unless `_variant="fixedall"`: timed, fixedall was 6-9% faster on the schedule's layers, but f16 leaves the
     fixed reference 18 bits of headroom and real scores rise further in 0.2-2.5% of splits (SmolLM2; BENCHMARKS.md
@@ -1332,7 +1333,8 @@ def _paged_attention_rows(
     # pools of a layer with an 8-bit side (8/8 at batch 32 x 16K, bf16 precision, on the H200: 1.037 -> 0.906 ms as
     # nibbles, 0.893 -> 0.593 as f16 operands; the schedule's 8-bit-key, 4-bit-value layers 0.722 -> 0.661) and of the
     # per-token layers with joined 2-bit values named above, and no other (per-token 4/4 was 6-14% slower with the
-    # running softmax, the same with the fixed one; the schedule's other layers unchanged); every pool with
+    # running softmax, and no faster with the fixed one: 0.351 -> 0.352 ms; the schedule's other layers unchanged);
+    # every pool with
     # `_variant="w32"`, none with "nw32".
     words = "w32" in items or ("nw32" not in items and (8 in (k_spec.bits, v_spec.bits) or joined_words))
     kw32, vw32 = (words and side.kind != "full" for side in (ks, vs))
@@ -1393,7 +1395,8 @@ def _paged_attention_rows(
     # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
     # running softmax again for the splits where that overflowed (m = +inf), in place. Default wherever probabilities
     # are bf16 operands, as timed on the H200: 16-bit and per-token keys, and per-channel (KIVI) keys at "high" (the
-    # 3.25-bit schedule's mean layer 0.834 -> 0.791 ms, every layer kind 4-9% faster; 2026-12-05). Probabilities that
+    # 3.25-bit schedule's mean layer 0.834 -> 0.791 ms, every layer kind 4-9% faster; on an H100 0.830 -> 0.809, its
+    # 2/2 layers 1.7% slower; 2026-12-05). Probabilities that
     # are f16 operands (8-bit per-token values as f16, small value groups dequantized in f16 at bf16 precision): only
     # with `_variant="fixedall"`, because their scaling, lowered for p > 1 (P16_FIXED), leaves 18 bits above the
     # reference, and on SmolLM2's real scores 0.2-2.5% of (KV head, split) programs rise further (largest rise 36
