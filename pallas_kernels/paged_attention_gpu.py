@@ -597,7 +597,7 @@ def _kernel(
                 cs = [c]
             colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
             # Row r of every sub-block is in token group r // (group / ksub) of the block.
-            vcol = None if valid is None else valid[:, None]
+            vcol = None if valid is None else valid[:, None]  # first: the masked kernel's IR stays as it was timed
             own = (tok // (ks.group // ksub))[:, None] == colg  # [TBs, R]
             own = own if vcol is None else vcol & own
             if variant == "qonce":  # ablation: the query as loaded, not re-scaled per block (wrong values)

@@ -820,14 +820,14 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item, exact: bool = True
          "K2t-V2t-hd64", "K4c-V2tG32-vhalf-fixedall", "K4c-V4tG32s-high-w32", "K8t-V2tG16-bf16-novhalf"],
 )  # fmt: skip
 def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
-    """Joined value fields (default for small value groups dequantized and for 2/2 at bf16 precision, `_variant="vjoin"`
-    for other layouts of one group per block): per-token values whose column blocks have fewer than 64 byte columns
-    run 2 or 4 fields per dot (rows J * i + k), so that the value dots can be warpgroup MMAs: 2-bit codes of
-    128-channel heads, all four fields of 64-channel heads, small value groups dequantized (in f16 at bf16 precision,
-    in bf16 parts at "high" or without f16). The same products, summed the same way, as one dot per field
-    (`_variant="novjoin"`; `_same`), and the reference's result (`_check`), with ragged lengths including 0. Joined
-    fields of undequantized codes (default for 2/2 at bf16 precision) unpack from 16-bit lanes when compiled: from
-    bytes they were wrong on the H200 (2026-12-05)."""
+    """Joined value fields (default for small value groups dequantized and for 2-bit values under 2- or 4-bit per-token
+    keys, `_variant="vjoin"` for other layouts of one group per block): per-token values whose column blocks have fewer
+    than 64 byte columns run 2 or 4 fields per dot (rows J * i + k), so that the value dots can be warpgroup MMAs:
+    2-bit codes of 128-channel heads, all four fields of 64-channel heads, small value groups dequantized (in f16 at
+    bf16 precision, in bf16 parts at "high" or without f16). The same products, summed the same way, as one dot per
+    field (`_variant="novjoin"`; `_same`), and the reference's result (`_check`), with ragged lengths including 0.
+    Joined fields of undequantized codes (default for 4/2 and 2/2) unpack from 16-bit lanes when compiled: from bytes
+    they were wrong on the H200 (2026-12-05)."""
     _same_as_base(rng, kv, d, p, 4, tuning, "novjoin", "vjoin")
 
 
