@@ -313,6 +313,7 @@ def _kernel(
     vw32: bool = False,
     fixed: bool = False,
     vjoin: int = 1,
+    pcopies: int = 1,
     split=None,
 ):
     it = iter(refs)
@@ -346,13 +347,14 @@ def _kernel(
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
     qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
-    # 16-bit values of one-page blocks at bf16 precision: the page indexed by a scalar and masked by the load (pages
-    # past the end read as zeros), so the value dot reads the tile transposed straight from the shared memory its
-    # asynchronous copy filled, and no select per element remains (16/16 at batch 32 x 16K on the H200: 0.726 ->
-    # 0.614 ms). Blocks of several pages, or two parts per operand ("high"), keep the select: the same masked load
+    # 16-bit values of one-page blocks at bf16 precision, or at "high" with the probability parts side by side
+    # (pcopies: one value dot): the page indexed by a scalar and masked by the load (pages past the end read as
+    # zeros), so the value dot reads the tile transposed straight from the shared memory its asynchronous copy
+    # filled, and no select per element remains (16/16 at batch 32 x 16K on the H200: 0.726 -> 0.614 ms). Blocks of
+    # several pages, or two value dots per tile ("high" without pcopies), keep the select: the same masked load
     # there, of [pages, rows, D], was slower (0.765 -> 1.046 ms at "high"; the engine at page 32 too). Ablation:
     # `_variant="novzero"`.
-    vzero = vs.kind == "full" and ppb == 1 and parts == 1 and "novzero" not in variant
+    vzero = vs.kind == "full" and ppb == 1 and (parts == 1 or pcopies > 1) and "novzero" not in variant
     # Dequantized small value groups' per-element scale tiles from [rows, groups] block loads of each column block,
     # broadcast along the group's bytes, instead of a select chain over its groups (`_variant="vselect"`): the same
     # float32 operations, bit for bit, and faster on the H200 (BENCHMARKS.md, 2026-12-05).
@@ -376,6 +378,24 @@ def _kernel(
         q_once = to_parts(q_t, parts) if variant == "qonce" else None
 
     tok = jax.lax.broadcasted_iota(jnp.int32, (TBs,), 0)  # row of a (sub-)block; a token when ksub == 1
+
+    def p_parts(x, split_=None):
+        """Probabilities x [TBs, R] f32 as value-dot operands: `parts` bf16 (f16 with split_=to_parts16) tiles, or
+        with pcopies one tile whose column group k (columns k * qrows .. (k + 1) * qrows - 1) holds part k. The wrapper
+        repeated the query rows pcopies times into the padding columns, so every group's scores and probabilities are
+        the same and one value dot does what `parts` did; the wrapper adds the groups' outputs after the kernel."""
+        ps = (split_ or to_parts)(x, parts)
+        if pcopies == 1:
+            return ps
+        col = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows
+        out = ps[0]
+        for k in range(1, parts):
+            out = jnp.where(col == k, ps[k], out)
+        return (out,)
+
+    # Terms outside the value dots that every column group repeats (zero points times p) are divided among the groups,
+    # which the wrapper adds up again (exact for two groups).
+    pshare = 1.0 / pcopies
 
     def physical(idx, pages):
         """(pages clamped to the pool, which are valid) for page-table entries `pages` at positions `idx`: entries
@@ -643,7 +663,7 @@ def _kernel(
                 # Kept where every row is valid too: without it, the two-part value dots ("high") of one-page blocks
                 # read the tile straight from shared memory, 16/16 0.734 -> 1.081 ms (H200, 2026-12-05).
                 x = jnp.where(rows_ok[:, None], x, jnp.zeros_like(x))
-            pp_ = to_parts(p, parts)
+            pp_ = p_parts(p)
             if vs.full_bf16:
                 accs[0] = accs[0] + _dot_parts(x, pp_, trans_a=True)
             else:
@@ -661,7 +681,7 @@ def _kernel(
             # is the f16 right operand (2^14 keeps small probabilities above f16's subnormals; undone on the output).
             gpb = vs.gpb
             vmask = keep(valid, p, 0.0)
-            pv = to_parts16(vmask * p16, 1) if vhalf else to_parts(vmask, parts)
+            pv = to_parts16(vmask * p16, 1) if vhalf else p_parts(vmask)
             if not vload:
                 sc_rows = [keep(valid, vprm[0][g], 0.0) for g in range(vs.ngroups)]  # [TBs] each
                 zt_rows = [
@@ -732,7 +752,7 @@ def _kernel(
                         continue
                     d = None
                     for a_ in reversed(range(parts)):
-                        for b_ in reversed(range(parts)):
+                        for b_ in reversed(range(len(pv))):  # one with pcopies (its lo x lo terms are extra)
                             if a_ + b_ < parts:  # lo x lo terms are below float32 rounding of the sum
                                 dd = _dot(vp[a_], pv[b_], trans_a=True)  # [vjoin * cb, R]
                                 d = dd if d is None else d + dd
@@ -751,10 +771,11 @@ def _kernel(
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
+                    zt = zt if pcopies == 1 else zt * pshare
                     # Scale folded into the probabilities; with f16 operands also vkv (see value_scaling), so that
                     # p * scale * vkv < 2^14, the accumulators are scaled by vkv and the offset term by 1 / vkv.
                     pg_ = keep(valid, p * (sc * vkv[0] if vs.f16 else sc)[:, None], 0.0)
-                    pparts = (to_parts16 if vs.f16 else to_parts)(pg_, parts)
+                    pparts = p_parts(pg_, to_parts16 if vs.f16 else to_parts)
                     off = ta.magic_offset(vs.bits, vs.f16) * ta.parts_value(pparts)  # operand offset, per token
                     if vs.f16:
                         off = off * vkv[1]
@@ -782,9 +803,10 @@ def _kernel(
                     rows = (tok >= lo) & (tok < lo + vs.group)
                     rows = rows if valid is None else rows & valid
                     pm = jnp.where(rows[:, None], p, 0.0)
-                    pmp = to_parts(pm, parts)
+                    pmp = p_parts(pm)
                     d = _dot_parts(c, pmp, trans_a=True) - off * jnp.sum(ta.parts_value(pmp), axis=0)[None, :]
-                    accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * jnp.sum(pm, axis=0)[None, :]
+                    zsum = jnp.sum(pm, axis=0) if pcopies == 1 else jnp.sum(pm, axis=0) * pshare
+                    accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * zsum[None, :]
         return accs, zaccs
 
     def loads_only(tiles, prm, accs):
@@ -997,7 +1019,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "novjoin", "vmask",
+    "novjoin", "vmask", "nopcols",
 )  # fmt: skip
 
 
@@ -1274,10 +1296,16 @@ def _paged_attention_rows(
     nt = num_tokens.astype(jnp.int32)
 
     kdeq = ks.kind == "channel" and channel_keys == "dequant"
-    # Query rows: r = (head in group) * tq + token (repeated kstack times); transposed to [D, R] and padded.
+    items = variant.split(",")
+    # pcopies: probabilities split into `parts` bf16 terms ("high") share one value dot, part k in column group k,
+    # where the query rows fit `parts` times into the padded rows (decode at GQA <= 8) and the padding does not hold
+    # stacked key groups: the query rows are repeated, so each group scores the same, and the groups' value outputs
+    # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B).
+    pcopies = parts if parts > 1 and not kstack and parts * rows <= R and "nopcols" not in items else 1
+    # Query rows: r = (head in group) * tq + token (repeated kstack or pcopies times); transposed to [D, R], padded.
     qf = q.astype(jnp.float32).reshape(b, h, rows, d)
-    if kstack:
-        qf = jnp.concatenate([qf] * kstack, axis=2)
+    if kstack or pcopies > 1:
+        qf = jnp.concatenate([qf] * max(kstack, pcopies), axis=2)
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - qf.shape[2]), (0, 0)))
     q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
     qparts = 1 if q.dtype == jnp.bfloat16 else parts
@@ -1309,7 +1337,6 @@ def _paged_attention_rows(
     else:
         args.append(q_t)
         specs.append(pl.BlockSpec((None, None, d, R), lambda i, j, s: (i, j, 0, 0)))
-    items = variant.split(",")
     # vjoin: per-token values whose column blocks are narrower than a warpgroup MMA's 64 rows (2-bit codes of a
     # 128-channel head: 32 bytes; small value groups' 32-byte blocks) join J fields per dot (rows J * i + k: field
     # J * j + k of byte i), so the value dots can be warpgroup MMAs instead of warp-level ones. Default for
@@ -1382,6 +1409,7 @@ def _paged_attention_rows(
         kw32=kw32,
         vw32=vw32,
         vjoin=vjoin,
+        pcopies=pcopies,
     )
     call = functools.partial(
         pl.pallas_call,
@@ -1420,11 +1448,16 @@ def _paged_attention_rows(
         )(*args, *res)
     else:
         res = call(functools.partial(_kernel, **kernel_kw), in_specs=specs, name=name)(*args)
+    if pcopies > 1:  # column group k holds what part k of the probabilities weighted; m and l are the same in each
+        res = [sum(x[..., k * rows : (k + 1) * rows] for k in range(pcopies)) for x in res[:-2]] + [
+            x[..., :rows] for x in res[-2:]
+        ]
+    rc = res[0].shape[-1]  # R, or rows after the above
     if vs.kind == "token":
         o, za, m, l = res
         if vjoin > 1:  # [.., ncb, nf / J, cb, J, R] -> per field
-            o = jnp.swapaxes(o.reshape(b, h, splits, vs.ncb, vs.nf // vjoin, vs.cb, vjoin, R), -2, -3)
-        o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, R)
+            o = jnp.swapaxes(o.reshape(b, h, splits, vs.ncb, vs.nf // vjoin, vs.cb, vjoin, rc), -2, -3)
+        o = o.reshape(b, h, splits, vs.ncb, vs.nf, vs.cb, rc)
         o = ta.unarrange_out_token(o, vs.bits, vs.group, d, vs.f16)
         za = jnp.repeat(jnp.swapaxes(za, -1, -2), vs.group, axis=-1)  # [B, H, S, R, D]
         o = o + za

@@ -832,6 +832,34 @@ def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
 
 
 @pytest.mark.parametrize(
+    "kv,d,p,hg,tuning",
+    [
+        ((_spec(16), _spec(16)), 64, 16, 4, dict(pages_per_block=1)),
+        ((_spec(16), _spec(16)), 128, 64, 8, {}),
+        ((_spec(4, group=128), _spec(4, group=128)), 128, 64, 4, {}),
+        ((_spec(2, group=128), _spec(2, group=128)), 128, 16, 1, {}),
+        ((_spec(4, group=64), _spec(2, group=64)), 64, 16, 4, dict(parts=3)),
+        ((_spec(8, group=64), _spec(8, group=64, sym=True)), 64, 16, 2, {}),
+        ((_spec(8, group=64), _spec(4, group=32)), 64, 16, 4, dict(eight_bit="nibbles", softmax="running")),
+        ((_spec(4, "channel", 32), _spec(2, group=32)), 64, 32, 4, dict(channel_keys="fold")),
+        ((_spec(4, "channel", 16), _spec(4, group=16, sym=True)), 64, 16, 2, dict(channel_keys="dequant")),
+        ((_spec(16), _spec(2, "channel", 16, sym=True)), 64, 16, 4, dict(pages_per_block=1, num_splits=3)),
+        ((_spec(2, group=64), _spec(16)), 64, 16, 8, dict(_variant="novzero")),
+    ],
+    ids=["K16-V16-P16", "K16-V16-P64-gqa8", "K4t-V4t", "K2t-V2t-gqa1", "K4t-V2t-parts3", "K8t-V8ts",
+         "K8t-V4tG32-nibbles", "K4c-V2tG32-fold", "K4c-V4tG16s-dequant", "K16-V2cs-splits", "K2t-V16-novzero"],
+)  # fmt: skip
+def test_probability_parts_side_by_side(kv, d, p, hg, tuning, rng):
+    """At "high" (parts >= 2) where the GQA group fits `parts` times into the padded query rows, the query rows are
+    repeated and probability part k sits in column group k, so one value dot does what one dot per part did; the
+    wrapper adds the groups' outputs, and zero-point terms outside the dots are shared among the groups. The same
+    products as one dot per part (`_variant="nopcols"`), up to float32 summation order and the lo x lo terms that
+    come along (`_same`, not bit for bit), and the reference's result at RTOL, on every value layout: 16-bit,
+    per-token of one or several groups (undequantized, dequantized, f16 operands), per-channel."""
+    _same_as_base(rng, kv, d, p, hg, tuning, "nopcols", "", exact=False)
+
+
+@pytest.mark.parametrize(
     "variant",
     [
         "",
@@ -858,6 +886,7 @@ def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
         "vjoin",
         "novjoin",
         "vmask",
+        "nopcols",
     ],
 )
 def test_kernel_and_its_ablation_variants_lower_for_an_h100(variant):
@@ -891,9 +920,14 @@ def test_defaults_take_the_timed_paths():
     than its A/B opposite's where it applies, and to the same kernel where it does not."""
     low = gpu_attention_lowered
     t4, t8, full = _spec(4, group=128), _spec(8, group=128), _spec(16)
-    # 16-bit values of one-page blocks at bf16 precision: the masked load, not the select; at "high" the select
+    # 16-bit values of one-page blocks: the masked load, not the select, at bf16 precision and, with the probability
+    # parts side by side, at "high"; without those (two value dots) the select
     assert low(full, full, precision="bf16") != low(full, full, precision="bf16", _variant="novzero")
-    assert low(full, full) == low(full, full, _variant="novzero")
+    assert low(full, full) != low(full, full, _variant="novzero")
+    assert low(full, full, _variant="nopcols") == low(full, full, _variant="nopcols,novzero")
+    # Probability parts side by side at "high" (GQA 4 of the abstract case); nothing to do at bf16 precision
+    assert low(t4, t4) != low(t4, t4, _variant="nopcols")
+    assert low(t4, t4, precision="bf16") == low(t4, t4, precision="bf16", _variant="nopcols")
     # Codes read as words in layers with an 8-bit side (both pools), not in 4-bit layers
     assert low(t8, t4) != low(t8, t4, _variant="nw32")
     assert low(t4, t4) == low(t4, t4, _variant="nw32") != low(t4, t4, _variant="w32")
