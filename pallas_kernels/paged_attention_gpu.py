@@ -350,7 +350,8 @@ def _kernel(
     # 16-bit values of one-page blocks at bf16 precision, or at "high" with the probability parts side by side
     # (pcopies: one value dot): the page indexed by a scalar and masked by the load (pages past the end read as
     # zeros), so the value dot reads the tile transposed straight from the shared memory its asynchronous copy
-    # filled, and no select per element remains (16/16 at batch 32 x 16K on the H200: 0.726 -> 0.614 ms). Blocks of
+    # filled, and no select per element remains (16/16 at batch 32 x 16K on the H200: 0.726 -> 0.614 ms at bf16; on
+    # an H100 at "high" with pcopies 0.804 -> 0.781). Blocks of
     # several pages, or two value dots per tile ("high" without pcopies), keep the select: the same masked load
     # there, of [pages, rows, D], was slower (0.765 -> 1.046 ms at "high"; the engine at page 32 too). Ablation:
     # `_variant="novzero"`.
@@ -1148,7 +1149,9 @@ def paged_attention(
     ~64 tokens, widened for per-channel keys read in token sub-blocks, see `stack_plan`), `num_splits` programs per
     (sequence, KV head) along the pages, Triton `num_warps` / `num_stages`, and `parts` bf16 terms for float32
     query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means parts=1 (the
-    dispatcher's serving option). Per-channel (KIVI) keys are read as codes against a query re-scaled per token group:
+    dispatcher's serving option). Where the query rows fit `parts` times into the padded rows (decode at GQA <= 8),
+    the probability terms share one value dot, side by side in those rows (see `pcopies` in the wrapper).
+    Per-channel (KIVI) keys are read as codes against a query re-scaled per token group:
     all of a block's groups in one dot, side by side in the query rows' padding (`channel_keys="stack"`, where the
     block's groups x query rows fit in the padded rows; "fold" otherwise), one dot per group (`"fold"`), or dequantized
     in the kernel and split into `parts` bf16 terms (`"dequant"`); per-token values with several groups per head are
@@ -1300,7 +1303,8 @@ def _paged_attention_rows(
     # pcopies: probabilities split into `parts` bf16 terms ("high") share one value dot, part k in column group k,
     # where the query rows fit `parts` times into the padded rows (decode at GQA <= 8) and the padding does not hold
     # stacked key groups: the query rows are repeated, so each group scores the same, and the groups' value outputs
-    # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B).
+    # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B): at batch 32 x 16K
+    # on an H100 (2026-12-05, ms) 4/4 0.434 -> 0.339, 2/2 0.389 -> 0.340, 8/8 0.699 -> 0.597, 16/16 0.816 -> 0.781.
     pcopies = parts if parts > 1 and not kstack and parts * rows <= R and "nopcols" not in items else 1
     # Query rows: r = (head in group) * tq + token (repeated kstack or pcopies times); transposed to [D, R], padded.
     qf = q.astype(jnp.float32).reshape(b, h, rows, d)
