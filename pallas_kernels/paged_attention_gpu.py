@@ -346,7 +346,7 @@ def _kernel(
     p16 = P16_FIXED if fixed else P16_SCALE  # probabilities as f16 operands (small value groups at bf16): p * p16
     # Stacked keys' per-column scales from [kstack, D] block loads, broadcast to the columns (no select chain over
     # the groups): faster for 4- and 8-bit keys, slower with 2-bit keys' four 32-row sub-blocks (H200, BENCHMARKS.md).
-    qload = kstack * qrows == R and ksub <= 2 and "qselect" not in variant
+    qload = kstack * qrows * pcopies == R and ksub <= 2 and "qselect" not in variant
     # 16-bit values of one-page blocks at bf16 precision, or at "high" with the probability parts side by side
     # (pcopies: one value dot): the page indexed by a scalar and masked by the load (pages past the end read as
     # zeros), so the value dot reads the tile transposed straight from the shared memory its asynchronous copy
@@ -382,13 +382,14 @@ def _kernel(
 
     def p_parts(x, split_=None):
         """Probabilities x [TBs, R] f32 as value-dot operands: `parts` bf16 (f16 with split_=to_parts16) tiles, or
-        with pcopies one tile whose column group k (columns k * qrows .. (k + 1) * qrows - 1) holds part k. The wrapper
-        repeated the query rows pcopies times into the padding columns, so every group's scores and probabilities are
-        the same and one value dot does what `parts` did; the wrapper adds the groups' outputs after the kernel."""
+        with pcopies one tile whose column group k (columns k * C .. (k + 1) * C - 1, C = qrows or, with stacked keys,
+        kstack * qrows) holds part k. The wrapper repeated the query rows pcopies times into the padding columns, so
+        every group's scores and probabilities are the same and one value dot does what `parts` did; the wrapper adds
+        the groups' outputs after the kernel."""
         ps = (split_ or to_parts)(x, parts)
         if pcopies == 1:
             return ps
-        col = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows
+        col = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // (qrows * max(kstack, 1))
         out = ps[0]
         for k in range(1, parts):
             out = jnp.where(col == k, ps[k], out)
@@ -616,16 +617,20 @@ def _kernel(
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
-            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
+            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows % kstack  # token group of each column
             # Row r of every sub-block is in token group r // (group / ksub) of the block.
             vcol = None if valid is None else valid[:, None]  # first: the masked kernel's IR stays as it was timed
             own = (tok // (ks.group // ksub))[:, None] == colg  # [TBs, R]
             own = own if vcol is None else vcol & own
             if variant == "qonce":  # ablation: the query as loaded, not re-scaled per block (wrong values)
                 return [jnp.where(own, _dot_parts(c, q_once) * c_scale, -jnp.inf) for c in cs]
-            if qload:  # columns g * qrows + r: a broadcast of the [kstack, D] block loads
+            if qload and pcopies == 1:  # columns g * qrows + r: a broadcast of the [kstack, D] block loads
                 sc_c, zt_c = (
                     jnp.broadcast_to(x.T[:, :, None], (D, kstack, qrows)).reshape(D, kstack * qrows) for x in prm[0]
+                )
+            elif qload:  # columns (c * kstack + g) * qrows + r, for each copy c of the stacked rows (see p_parts)
+                sc_c, zt_c = (
+                    jnp.broadcast_to(x.T[:, None, :, None], (D, pcopies, kstack, qrows)).reshape(D, R) for x in prm[0]
                 )
             else:
                 sc_c = zt_c = None
@@ -1020,7 +1025,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "novjoin", "vmask", "nopcols",
+    "novjoin", "vmask", "nopcols", "spcols",
 )  # fmt: skip
 
 
@@ -1074,6 +1079,7 @@ def stack_plan(
         ppb = pages_per_block
     if ks.kind != "channel" or channel_keys != "stack":
         return ppb, 0, 1
+    rows = rows * (parts if parts > 1 and "spcols" in variant else 1)  # room for the probability parts' copies
     ksub = ks.per if ks.per > 1 and ks.group % ks.per == 0 and vs.kind != "channel" and "kgather" not in variant else 1
     fit = R // (ks.ngroups * rows)  # pages whose groups x rows fit the padding
     if ksub > 1 and fit and not pages_per_block:
@@ -1305,11 +1311,17 @@ def _paged_attention_rows(
     # stacked key groups: the query rows are repeated, so each group scores the same, and the groups' value outputs
     # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B): at batch 32 x 16K
     # on an H100 (2026-12-05, ms) 4/4 0.434 -> 0.339, 2/2 0.389 -> 0.340, 8/8 0.699 -> 0.597, 16/16 0.816 -> 0.781.
-    pcopies = parts if parts > 1 and not kstack and parts * rows <= R and "nopcols" not in items else 1
-    # Query rows: r = (head in group) * tq + token (repeated kstack or pcopies times); transposed to [D, R], padded.
+    # Stacked per-channel keys: only with `_variant="spcols"`, which also makes the plan leave room for the copies
+    # (fewer groups per block where they filled the padding). Not yet timed; offline (standalone Triton 3.8) the
+    # schedule's kivi2/2 and kivi8/4 layers, whose plan leaves the room anyway, lose 4-6% of their loop instructions,
+    # while kivi4/x, then read in token order with half the groups per block, need ~24% more per token.
+    stack_ok = not kstack or "spcols" in items
+    pcopies = parts if parts > 1 and stack_ok and parts * rows * max(kstack, 1) <= R and "nopcols" not in items else 1
+    # Query rows: r = (head in group) * tq + token, repeated kstack times (stacked keys), all of that pcopies times;
+    # transposed to [D, R] and padded.
     qf = q.astype(jnp.float32).reshape(b, h, rows, d)
     if kstack or pcopies > 1:
-        qf = jnp.concatenate([qf] * max(kstack, pcopies), axis=2)
+        qf = jnp.concatenate([qf] * max(kstack, 1) * pcopies, axis=2)
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, R - qf.shape[2]), (0, 0)))
     q_t = jnp.swapaxes(qf, -1, -2)  # [B, H, D, R]
     qparts = 1 if q.dtype == jnp.bfloat16 else parts
@@ -1453,8 +1465,9 @@ def _paged_attention_rows(
     else:
         res = call(functools.partial(_kernel, **kernel_kw), in_specs=specs, name=name)(*args)
     if pcopies > 1:  # column group k holds what part k of the probabilities weighted; m and l are the same in each
-        res = [sum(x[..., k * rows : (k + 1) * rows] for k in range(pcopies)) for x in res[:-2]] + [
-            x[..., :rows] for x in res[-2:]
+        cg = rows * max(kstack, 1)
+        res = [sum(x[..., k * cg : (k + 1) * cg] for k in range(pcopies)) for x in res[:-2]] + [
+            x[..., :cg] for x in res[-2:]
         ]
     rc = res[0].shape[-1]  # R, or rows after the above
     if vs.kind == "token":
