@@ -617,7 +617,8 @@ def _kernel(
             else:
                 c, off = token_order_codes(tiles[0][0], ks)  # [TB, D]
                 cs = [c]
-            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows % kstack  # token group of each column
+            colg = jax.lax.broadcasted_iota(jnp.int32, (1, R), 1) // qrows  # token group of each column
+            colg = colg % kstack if pcopies > 1 else colg  # (the same group in each copy of the stacked columns)
             # Row r of every sub-block is in token group r // (group / ksub) of the block.
             vcol = None if valid is None else valid[:, None]  # first: the masked kernel's IR stays as it was timed
             own = (tok // (ks.group // ksub))[:, None] == colg  # [TBs, R]
