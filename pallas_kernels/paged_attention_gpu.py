@@ -57,12 +57,16 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   packed, four bytes a register, instead of one register per byte that the inline assembly packed again
   (`_variant="w32"`: every layer's; "nw32": none). Where a block is one page, every block of the loop lies within
   the sequence's pages, so no row is masked (H200, without the selects: 2/2 0.361 -> 0.342 ms at bf16, 4/4 0.451 ->
-  0.440 at "high"; `_variant="vmask"` keeps them) except 16-bit values at "high", whose select keeps their dot's
-  operand in registers (without it 16/16 took 0.734 -> 1.081 ms). 16-bit values of
-  one-page blocks at bf16 precision are read by a scalar page index with a masked load (pages past the end as zeros;
-  "novzero": a select per element instead).
+  0.440 at "high"; `_variant="vmask"` keeps them) except 16-bit values under two value dots per tile ("high" without
+  the probability parts side by side, below), whose select keeps their dot's operand in registers (without it 16/16
+  took 0.734 -> 1.081 ms). 16-bit values of one-page blocks under one value dot per tile are read by a scalar page
+  index with a masked load (pages past the end as zeros; "novzero": a select per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
-  in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision).
+  in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision). Where
+  the query rows fit `parts` times into the R padded columns (decode at GQA <= 8; beside stacked keys only with
+  `_variant="spcols"`), the wrapper repeats them and the probability terms sit side by side, part k in column group
+  k, so one value dot does what `parts` did; the groups' outputs are added after the kernel (H100, batch 32 x 16K at
+  "high", 2026-12-05: 4/4 0.434 -> 0.339 ms, 16/16 0.816 -> 0.781; `_variant="nopcols"` for A/B).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so each byte is one f16 operand
   `1024 + code` (default, `eight_bit="f16"`; a `prmt` against 0x64 bytes: one instruction per two operands, one
   dot): the query side of those dots is then split into f16 parts after scaling each query row by a power of two to
@@ -395,9 +399,10 @@ def _kernel(
             out = jnp.where(col == k, ps[k], out)
         return (out,)
 
-    # Terms outside the value dots that every column group repeats (zero points times p) are divided among the groups,
-    # which the wrapper adds up again (exact for two groups).
-    pshare = 1.0 / pcopies
+    def per_copy(x):
+        """x, a term outside the value dots that every column group of p_parts repeats (zero points times p), divided
+        among the groups, which the wrapper adds up again (exact for two groups)."""
+        return x if pcopies == 1 else x * (1.0 / pcopies)
 
     def physical(idx, pages):
         """(pages clamped to the pool, which are valid) for page-table entries `pages` at positions `idx`: entries
@@ -778,7 +783,7 @@ def _kernel(
                 for g in range(cbi * gpb, (cbi + 1) * gpb):
                     sc = vprm[0][g]
                     zt = ta.zero_term(sc, vprm[1][g] if vprm[1] else None, vs.bits)
-                    zt = zt if pcopies == 1 else zt * pshare
+                    zt = per_copy(zt)
                     # Scale folded into the probabilities; with f16 operands also vkv (see value_scaling), so that
                     # p * scale * vkv < 2^14, the accumulators are scaled by vkv and the offset term by 1 / vkv.
                     pg_ = keep(valid, p * (sc * vkv[0] if vs.f16 else sc)[:, None], 0.0)
@@ -812,8 +817,7 @@ def _kernel(
                     pm = jnp.where(rows[:, None], p, 0.0)
                     pmp = p_parts(pm)
                     d = _dot_parts(c, pmp, trans_a=True) - off * jnp.sum(ta.parts_value(pmp), axis=0)[None, :]
-                    zsum = jnp.sum(pm, axis=0) if pcopies == 1 else jnp.sum(pm, axis=0) * pshare
-                    accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * zsum[None, :]
+                    accs[0] = accs[0] + d * sc[:, None] + zt[:, None] * per_copy(jnp.sum(pm, axis=0))[None, :]
         return accs, zaccs
 
     def loads_only(tiles, prm, accs):
