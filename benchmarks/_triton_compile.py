@@ -1,7 +1,7 @@
 """Runs under .venv-triton (scripts/setup_triton_offline.sh), not the project's venv: compiles one TTIR file with
 standalone Triton for sm_90 and writes the cubin (and the TritonGPU IR) beside it. Used by benchmarks/triton_sass.py.
 
-    .venv-triton/bin/python benchmarks/_triton_compile.py KERNEL.ttir NUM_WARPS NUM_STAGES
+    .venv-triton/bin/python benchmarks/_triton_compile.py KERNEL.ttir NUM_WARPS NUM_STAGES [MAXNREG]
 
 `triton.compile` of an IR file starts at the stage after that file's, so it would skip the TTIR passes (canonicalize,
 combine, reorder broadcasts, CSE, loop unrolling) that XLA's pipeline runs on the Pallas lowering's output (its
@@ -21,6 +21,8 @@ from triton.compiler.compiler import make_backend
 src, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 target = GPUTarget("cuda", 90, 32)
 options = dict(num_warps=warps, num_stages=stages)
+if len(sys.argv) > 4:  # the kernel's `max_registers` (pallas_kernels/triton_params.py): Triton's own maxnreg option
+    options["maxnreg"] = int(sys.argv[4])
 backend = make_backend(target)
 context = ir.context()
 ir.load_dialects(context)

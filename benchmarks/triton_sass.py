@@ -73,15 +73,19 @@ def resources(text: str) -> dict:
     return {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def compile_sass(ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: int) -> tuple[str, dict]:
+def compile_sass(
+    ttir: str, workdir: pathlib.Path, num_warps: int, num_stages: int, max_registers: int | None = None
+) -> tuple[str, dict]:
     """(SASS listing, resource usage) of TTIR text compiled by standalone Triton in .venv-triton (its TritonGPU IR is
-    left in workdir as kernel.ttgir)."""
+    left in workdir as kernel.ttgir). max_registers: the kernel's register cap, as Triton's maxnreg option (the
+    captured TTIR predates the module attribute that `triton_params` sets)."""
     if not TRITON_PY.exists():
         raise SystemExit("benchmarks/triton_sass.py needs .venv-triton: run `bash scripts/setup_triton_offline.sh`")
     src = workdir / "kernel.ttir"
     src.write_text(ttir)
     helper = ROOT / "benchmarks" / "_triton_compile.py"
-    out = subprocess.run([str(TRITON_PY), str(helper), str(src), str(num_warps), str(num_stages)], **_RUN).stdout
+    cmd = [str(TRITON_PY), str(helper), str(src), str(num_warps), str(num_stages)]
+    out = subprocess.run(cmd + ([str(max_registers)] if max_registers else []), **_RUN).stdout
     cubin = str(workdir / "kernel.cubin")
     cuobjdump = str(pathlib.Path(json.loads(out.splitlines()[-1])["bin"]) / "cuobjdump")
     sass = subprocess.run([cuobjdump, "--dump-sass", cubin], **_RUN).stdout
@@ -143,7 +147,8 @@ def measure(
     ttir = triton_ir_ops.triton_module(k_spec, v_spec, shape=shape or triton_ir_ops.BENCH_SHAPE, **t)
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            sass, usage = compile_sass(ttir, pathlib.Path(tmp), t.get("num_warps", 4), t.get("num_stages", 2))
+            warps, stages, cap = t.get("num_warps", 4), t.get("num_stages", 2), t.get("max_registers")
+            sass, usage = compile_sass(ttir, pathlib.Path(tmp), warps, stages, cap)
             ttgir = (pathlib.Path(tmp) / "kernel.ttgir").read_text()
         except subprocess.CalledProcessError as e:  # a variant Triton cannot compile: say why, go on
             why = (e.stderr or "").strip().splitlines()[-3:]

@@ -96,7 +96,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from kvtuner_jax.specs import KVSpec
-from pallas_kernels import layout
+from pallas_kernels import layout, triton_params
 from pallas_kernels import tile_attention as ta
 from pallas_kernels.paged_attention import PRECISIONS
 
@@ -1111,6 +1111,7 @@ def stack_plan(
         "num_splits",
         "num_warps",
         "num_stages",
+        "max_registers",
         "parts",
         "prefetch",
         "max_rows",
@@ -1142,6 +1143,7 @@ def paged_attention(
     num_splits: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    max_registers: int | None = None,
     parts: int = 2,
     prefetch: bool = True,
     max_rows: int = 64,
@@ -1162,6 +1164,9 @@ def paged_attention(
     query/probability operands (1 = bf16 precision, 2 ~ 16 bits, 3 ~ float32); `precision="bf16"` means parts=1 (the
     dispatcher's serving option). Where the query rows fit `parts` times into the padded rows (decode at GQA <= 8),
     the probability terms share one value dot, side by side in those rows (see `pcopies` in the wrapper).
+    `max_registers`: a cap on registers per thread (a multiple of 8; `triton_params`), None for the compiler's
+    choice. Timed on an H100 (BENCHMARKS.md, 2026-12-05), 128 registers ran 4 programs per SM instead of 3 and was
+    no faster (4/4 +2%, 8/8 +12%, 2/2 -1 to -5%): occupancy is not what limits these kernels, so it is off.
     Per-channel (KIVI) keys are read as codes against a query re-scaled per token group:
     all of a block's groups in one dot, side by side in the query rows' padding (`channel_keys="stack"`, where the
     block's groups x query rows fit in the padded rows; "fold" otherwise), one dot per group (`"fold"`), or dequantized
@@ -1201,6 +1206,7 @@ def paged_attention(
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        max_registers=max_registers,
         parts=parts,
         prefetch=prefetch,
         channel_keys=channel_keys,
@@ -1253,6 +1259,7 @@ def _paged_attention_rows(
     num_splits: int | None,
     num_warps: int,
     num_stages: int,
+    max_registers: int | None,
     parts: int,
     prefetch: bool,
     channel_keys: str,
@@ -1438,7 +1445,7 @@ def _paged_attention_rows(
         out_specs=out_specs,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=triton_params.compiler_params(num_warps, num_stages, max_registers),
     )
     name = f"kv_paged_attention_k{k_spec.bits}{ks.kind[0]}_v{v_spec.bits}{vs.kind[0]}"
     # softmax="fixed" (default): probabilities against a fixed per-split reference (block 0's maximum), then the
