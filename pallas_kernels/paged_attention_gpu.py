@@ -63,10 +63,11 @@ Design (the tile math is in `tile_attention`, whose online-softmax step the TPU 
   index with a masked load (pages past the end as zeros; "novzero": a select per element instead).
 - Float32 query and probability tiles are split into `parts` bf16 terms for the tensor-core dots (codes are exact
   in bf16), so parts=2 carries ~16 significant bits; parts=1 is plain bf16 (FlashAttention-like precision). Where
-  the query rows fit `parts` times into the R padded columns (decode at GQA <= 8; beside stacked keys only with
-  `_variant="spcols"`), the wrapper repeats them and the probability terms sit side by side, part k in column group
-  k, so one value dot does what `parts` did; the groups' outputs are added after the kernel (H100, batch 32 x 16K at
-  "high", 2026-12-05: 4/4 0.434 -> 0.339 ms, 16/16 0.816 -> 0.781; `_variant="nopcols"` for A/B).
+  the query rows fit `parts` times into the R padded columns (decode at GQA <= 8; beside stacked keys where their
+  plan leaves the room, `_variant="spcols"` making room), the wrapper repeats them and the probability terms sit side
+  by side, part k in column group k, so one value dot does what `parts` did; the groups' outputs are added after the
+  kernel (H100, batch 32 x 16K at "high", 2026-12-05: 4/4 0.434 -> 0.339 ms, 16/16 0.816 -> 0.781, the schedule's
+  kivi8/4 layers 0.861 -> 0.793; `_variant="nopcols"` / `"nospcols"` for A/B).
 - 8-bit per-token codes do not fit bf16's mantissa next to the magic offset, so each byte is one f16 operand
   `1024 + code` (default, `eight_bit="f16"`; a `prmt` against 0x64 bytes: one instruction per two operands, one
   dot): the query side of those dots is then split into f16 parts after scaling each query row by a power of two to
@@ -1030,7 +1031,7 @@ FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is 
 VARIANTS = (
     "loads", "nosoftmax", "novalues", "vtrans", "vrows", "krows0", "kgroup1", "kboth", "nocvt", "noex2", "nofma",
     "vcb16", "kgather", "qonce", "qselect", "vselect", "novhalf", "novzero", "w32", "nw32", "fixedall", "vjoin",
-    "novjoin", "vmask", "nopcols", "spcols",
+    "novjoin", "vmask", "nopcols", "spcols", "nospcols",
 )  # fmt: skip
 
 
@@ -1084,8 +1085,9 @@ def stack_plan(
         ppb = pages_per_block
     if ks.kind != "channel" or channel_keys != "stack":
         return ppb, 0, 1
-    rows = rows * (parts if parts > 1 and "spcols" in variant else 1)  # room for the probability parts' copies
-    ksub = ks.per if ks.per > 1 and ks.group % ks.per == 0 and vs.kind != "channel" and "kgather" not in variant else 1
+    items = variant.split(",")
+    rows = rows * (parts if parts > 1 and "spcols" in items else 1)  # room for the probability parts' copies
+    ksub = ks.per if ks.per > 1 and ks.group % ks.per == 0 and vs.kind != "channel" and "kgather" not in items else 1
     fit = R // (ks.ngroups * rows)  # pages whose groups x rows fit the padding
     if ksub > 1 and fit and not pages_per_block:
         want = max(1, min(64 * ksub // page_size, _next_pow2(max_pages)))
@@ -1323,11 +1325,12 @@ def _paged_attention_rows(
     # stacked key groups: the query rows are repeated, so each group scores the same, and the groups' value outputs
     # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B): at batch 32 x 16K
     # on an H100 (2026-12-05, ms) 4/4 0.434 -> 0.339, 2/2 0.389 -> 0.340, 8/8 0.699 -> 0.597, 16/16 0.816 -> 0.781.
-    # Stacked per-channel keys: only with `_variant="spcols"`, which also makes the plan leave room for the copies
-    # (fewer groups per block where they filled the padding). Not yet timed; offline (standalone Triton 3.8) the
-    # schedule's kivi2/2 and kivi8/4 layers, whose plan leaves the room anyway, lose 4-6% of their loop instructions,
-    # while kivi4/x, then read in token order with half the groups per block, need ~24% more per token.
-    stack_ok = not kstack or "spcols" in items
+    # Stacked per-channel keys: where the stacking plan leaves room for the copies anyway (the 3.25-bit schedule's
+    # kivi2/2 and kivi8/4 layers; H100, batch 32 x 16K at "high", 2026-12-05: 0.936 -> 0.873 and 0.872 -> 0.811 ms;
+    # `_variant="nospcols"` for A/B). `_variant="spcols"` makes the plan leave room where the groups filled the
+    # padding, with fewer groups per block: timed the same day, kivi4/2 0.742 -> 0.858 and kivi4/4 0.819 -> 0.894
+    # ms (read in token order, one page a block), so it stays opt-in.
+    stack_ok = not kstack or "nospcols" not in items
     pcopies = parts if parts > 1 and stack_ok and parts * rows * max(kstack, 1) <= R and "nopcols" not in items else 1
     # Query rows: r = (head in group) * tq + token, repeated kstack times (stacked keys), all of that pcopies times;
     # transposed to [D, R] and padded.
