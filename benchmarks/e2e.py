@@ -186,7 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--measure_max_batch", action="store_true", help="also time each manifest at its largest batch")
     p.add_argument("--max_batch_cap", type=int, default=512)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="high", choices=["high", "bf16"], help="paged-attention operand precision")
+    p.add_argument(
+        "--precision", default="auto", choices=["auto", "high", "bf16"], help="paged-attention operand precision"
+    )
     p.add_argument(
         "--kernel_options",
         default="{}",

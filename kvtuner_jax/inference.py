@@ -88,7 +88,7 @@ class InferenceConfig:
     max_seqs: int | None = None
     prefill_chunk: int = 256
     backend: str = "auto"
-    attention_precision: str = "high"  # "high" or "bf16" (faster; see pallas_kernels.paged_attention)
+    attention_precision: str = "auto"  # "auto", "high" or "bf16" (see pallas_kernels.paged_attention)
     dtype: str | None = None  # params/activations; None: float32 on CPU, bfloat16 on accelerators
 
 

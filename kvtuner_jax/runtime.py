@@ -58,7 +58,7 @@ class ModelRunner:
     interpret: bool = False
     compiles: int = 0  # number of distinct step signatures compiled (a test asserts steady state adds none)
     mesh: jax.sharding.Mesh | None = None
-    precision: str = "high"  # paged-attention operands: "high" or "bf16" (pallas_kernels.paged_attention)
+    precision: str = "high"  # paged-attention operands: "high", "bf16" or "auto" (pallas_kernels.paged_attention)
 
     def __post_init__(self):
         if len(self.specs) != self.cfg.num_layers:

@@ -27,7 +27,27 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
 from pallas_kernels.quantize_write import check_pool, dequantize_pages
 
-PRECISIONS = ("high", "bf16")  # paged-attention operand precision: ~16-bit bf16 splits, or plain bf16
+KERNEL_PRECISIONS = ("high", "bf16")  # paged-attention operand precision: ~16-bit bf16 splits, or plain bf16
+PRECISIONS = ("auto", *KERNEL_PRECISIONS)  # "auto": chosen per layer by `resolve_precision`
+
+
+def resolve_precision(precision: str, k_spec: KVSpec, v_spec: KVSpec) -> str:
+    """The kernel precision of one layer: "high" and "bf16" as asked; "auto" is "bf16" for per-channel (KIVI)
+    quantized keys and "high" otherwise.
+
+    Why: on SmolLM2's real queries, keys and values (benchmarks/precision_error.py, BENCHMARKS.md 2026-12-05) the
+    error bf16 operands add to a KIVI layer's attention output is at most 15% of what quantization already costs in
+    the same layer (8-bit keys; at most 3-10% with 2- and 4-bit keys), so, the two being independent, the total
+    grows by at most ~1%; while the GPU kernel for those layers runs ~1.5x faster at bf16 (no room in the padded
+    query columns for the operand parts side by side). Per-token and 16-bit layers run about as fast at "high" (within
+    10% either way on an H100 and an H200, 2026-12-05), so they keep it, and 16-bit layers stay within ~1e-5 of the
+    float32 reference.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    if precision != "auto":
+        return precision
+    return "bf16" if k_spec.quantized and k_spec.axis == "channel" else "high"
 
 
 def validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec) -> None:
@@ -106,10 +126,11 @@ def paged_attention(
 ):
     """Public entry: dispatches to the reference or a Pallas kernel by `backend`.
 
-    precision: "high" (float32 operands, or bf16 splits carrying ~16 bits: agrees with the reference to ~1e-5) or
+    precision: "high" (float32 operands, or bf16 splits carrying ~16 bits: agrees with the reference to ~1e-5),
     "bf16" (tensor-core operands rounded to bf16 once, as FlashAttention-style kernels and a bf16 KV cache do:
-    ~1e-3 relative; about 1.8x faster on per-channel key layouts on an H100). Kernels that compute in float32 anyway
-    (the TPU and fp8 kernels) meet either request and are not told.
+    ~1e-3 relative; about 1.5x faster on per-channel key layouts on an H100) or "auto" (per layer,
+    `resolve_precision`: bf16 for per-channel keys, high otherwise; the engine's default). Kernels that compute in
+    float32 anyway (the TPU and fp8 kernels) meet any request and are not told.
 
     backend: "auto" (GPU kernel on GPU, TPU kernel on TPU, reference elsewhere), "reference", "gpu", "tpu".
     `interpret=True` runs a Pallas kernel in interpret mode (CPU tests). The kernel comes from K's mode, else V's
@@ -118,8 +139,7 @@ def paged_attention(
     minus `backend`), so an unused backend or mode costs no import or compile time. When neither mode offers one,
     the reference runs and a warning is logged once.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r} is not one of {PRECISIONS}")
+    precision = resolve_precision(precision, k_spec, v_spec)
     requested, backend = backend, resolve_backend(backend)
     args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
     if backend == "reference":

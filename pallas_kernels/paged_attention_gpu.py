@@ -99,7 +99,7 @@ from jax.experimental.pallas import triton as plgpu
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout, triton_params
 from pallas_kernels import tile_attention as ta
-from pallas_kernels.paged_attention import PRECISIONS
+from pallas_kernels.paged_attention import KERNEL_PRECISIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1218,8 +1218,8 @@ def paged_attention(
         softmax=softmax,
         variant=_variant,
     )
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}: expected one of {PRECISIONS}")
+    if precision not in KERNEL_PRECISIONS:
+        raise ValueError(f'precision={precision!r}: expected one of {KERNEL_PRECISIONS} ("auto" is the dispatcher\'s)')
     if precision == "bf16":
         kw["parts"] = 1
     if channel_keys not in CHANNEL_KEYS:

@@ -360,7 +360,9 @@ def test_bf16_attention_precision_reaches_the_kernel_and_keeps_greedy_tokens(rng
         LayerSpec(KVSpec(4, axis="channel", group_size=8), KVSpec(8, group_size=16), residual_length=4),
         LayerSpec(KVSpec(8, group_size=8, symmetric=True), KVSpec(16), residual_length=0),
     )
-    ref = Engine(CFG, PARAMS, specs, backend="reference", **kw).generate(prompts, sp)
+    ref_engine = Engine(CFG, PARAMS, specs, backend="reference", **kw)
+    assert ref_engine.runner.precision == "auto"  # the default: resolved per layer by the dispatcher
+    ref = ref_engine.generate(prompts, sp)
     eng = Engine(CFG, PARAMS, specs, backend="gpu", interpret=True, precision="bf16", **kw)
     assert eng.runner.precision == "bf16"
     assert eng.generate(prompts, sp) == ref

@@ -28,7 +28,7 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout
 from pallas_kernels import paged_attention_gpu as gpu
 from pallas_kernels.paged_attention import paged_attention as dispatch
-from pallas_kernels.paged_attention import paged_attention_reference
+from pallas_kernels.paged_attention import paged_attention_reference, resolve_precision
 from pallas_kernels.paged_attention_gpu import paged_attention
 
 COMPILED = os.environ.get("KVTUNER_TEST_COMPILED") == "1"
@@ -953,3 +953,40 @@ def test_defaults_take_the_timed_paths():
     assert low(*kv) != low(*kv, _variant="vselect")
     assert low(*kv, precision="bf16") != low(*kv, precision="bf16", _variant="novhalf")
     assert low(*kv) == low(*kv, _variant="novhalf")
+
+
+def test_auto_precision_is_bf16_for_per_channel_keys_only():
+    """precision="auto" (the engine's default) resolves per layer: bf16 operands where the keys are per-channel
+    quantized (KIVI), "high" for per-token and 16-bit keys; explicit choices pass through; anything else is an error
+    that names the field."""
+    chan, tok, full = _spec(4, "channel", 32), _spec(4, group=64), _spec(16)
+    assert resolve_precision("auto", chan, _spec(2, group=32)) == "bf16"
+    assert resolve_precision("auto", _spec(8, "channel", 32), full) == "bf16"
+    assert resolve_precision("auto", tok, tok) == "high"
+    assert resolve_precision("auto", full, _spec(2, "channel", 16)) == "high"  # per-channel values, 16-bit keys
+    assert resolve_precision("high", chan, tok) == "high" and resolve_precision("bf16", tok, tok) == "bf16"
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp32", tok, tok)
+    q, k, v, pt, nt = _case(np.random.default_rng(0), tok, tok)
+    with pytest.raises(ValueError, match="dispatcher"):  # the kernel takes resolved precisions only
+        paged_attention(q, *k, *v, pt, nt, k_spec=tok, v_spec=tok, sm_scale=0.1, interpret=True, precision="auto")
+
+
+@pytest.mark.parametrize(
+    "kv,same_as",
+    [((_spec(4, "channel", 32), _spec(2, group=32)), "bf16"), ((_spec(4, group=64), _spec(4, group=64)), "high")],
+    ids=["K4c-V2tG32", "K4t-V4t"],
+)
+def test_auto_precision_runs_the_resolved_kernel(kv, same_as, rng):
+    """Through the dispatcher, "auto" gives exactly the kernel result of the precision it resolves to (bit for bit in
+    interpret mode), and that result equals the reference within that precision's tolerance."""
+    q, k, v, pt, nt = _case(rng, *kv, hg=4, p=32, lengths=[3 * 32, 4 * 32])
+    args = (q, *k, *v, pt, nt)
+    kw = dict(k_spec=kv[0], v_spec=kv[1], sm_scale=0.125, backend="gpu", interpret=INTERPRET)
+    auto = _run(dispatch, *args, **kw, precision="auto")
+    want = _run(dispatch, *args, **kw, precision=same_as)
+    _same(auto[0], want[0], exact=True)
+    _same(auto[1], want[1], exact=True)
+    ref, _ = _reference(*args, k_spec=kv[0], v_spec=kv[1], sm_scale=0.125)
+    err = np.linalg.norm(np.asarray(auto[0]) - np.asarray(ref)) / np.linalg.norm(np.asarray(ref))
+    assert (10 * RTOL < err < 2e-2) if same_as == "bf16" else err < RTOL, err
