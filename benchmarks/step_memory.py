@@ -27,7 +27,7 @@ def main(argv=None):
     p.add_argument("--kv_budget_gb", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="high")
+    p.add_argument("--precision", default="auto", choices=["auto", "high", "bf16"])
     args = p.parse_args(argv)
     cfg = model_config(args.shape)
     params = jax.eval_shape(lambda: model.init_random_params(cfg, jax.random.key(0)))
