@@ -1,9 +1,10 @@
 """Triton compiler parameters beyond the two Pallas exposes: a cap on registers per thread.
 
 `plgpu.CompilerParams` carries `num_warps` and `num_stages` only. How many programs of a kernel share an SM is set
-by its registers per thread (65,536 per SM: 4 warps at <= 168 registers run 3 programs an SM, at <= 128 four), and
-the quantized attention kernel is bound by instruction issue at 2-3 programs an SM (BENCHMARKS.md), so the cap is a
-tuning of its own. `CompilerParams(max_registers=n)` lowers exactly as Pallas's Triton lowering does, then marks the
+by its registers per thread (65,536 per SM: 4 warps at <= 168 registers run 3 programs an SM, at <= 128 four), so
+for a kernel bound by issue and latency the cap looks like a lever. For our quantized attention kernels it was not
+(H100, 2026-12-05, BENCHMARKS.md: 4 programs an SM instead of 3, no faster), so it is off unless asked for.
+`CompilerParams(max_registers=n)` lowers exactly as Pallas's Triton lowering does, then marks the
 Triton module with `ttg.maxnreg = n`, the module attribute standalone Triton sets for its `maxnreg` option: Triton's
 conversion to LLVM turns it into the kernel's `.maxnreg` directive, which ptxas obeys (spilling to local memory if
 it must).
