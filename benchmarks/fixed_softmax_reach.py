@@ -24,9 +24,8 @@ Prints one table row per (split length, block) and writes the rows, with per-lay
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
+import pathlib
 import sys
 import time
 
@@ -36,6 +35,8 @@ import numpy as np
 
 from kvtuner_jax import assets, model, weights
 from kvtuner_jax.search.profile import make_windows
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_report.py, imported in main
 
 THRESHOLDS = {"f16 p (18)": 18.0, "bf16 p (64)": 64.0}
 
@@ -119,19 +120,18 @@ def main(argv=None) -> int:
             f"{row_max[c][worst]:.1f} ({worst}) |",
             flush=True,
         )
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "model": "SmolLM2-135M-Instruct (embedded GGUF), float32",
-        "windows": args.windows,
-        "seq_len": args.seq_len,
-        "positions": f"{args.min_pos}..{args.seq_len - 1} every {args.stride}",
-        "essays": "odd-indexed (held-out half)",
-        "argv": sys.argv,
-        "seconds": time.perf_counter() - t0,
-    }
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    from _report import write_report
+
+    write_report(
+        args.out,
+        rows,
+        t0,
+        model="SmolLM2-135M-Instruct (embedded GGUF), float32",
+        windows=args.windows,
+        seq_len=args.seq_len,
+        positions=f"{args.min_pos}..{args.seq_len - 1} every {args.stride}",
+        essays="odd-indexed (held-out half)",
+    )
     return 0
 
 

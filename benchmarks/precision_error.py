@@ -20,9 +20,8 @@ Prints one row per spec pair (median and largest over layers) and writes per-lay
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
+import pathlib
 import sys
 import time
 
@@ -36,6 +35,8 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_attention_gpu import paged_attention
 from pallas_kernels.quantize_write import quantize_pages
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_report.py, imported in main
 
 PAGE = 64
 
@@ -147,20 +148,19 @@ def main(argv=None) -> int:
             flush=True,
         )
         rows.append(dict(pair=name, median=med, largest=top, bf16_over_quantization_largest=ratio, per_layer=e))
-    meta = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "model": "SmolLM2-135M-Instruct (embedded GGUF)",
-        "windows": args.windows,
-        "seq_len": args.seq_len,
-        "queries": args.queries,
-        "layers": layers,
-        "essays": "odd-indexed (held-out half)",
-        "argv": sys.argv,
-        "seconds": time.perf_counter() - t0,
-    }
-    with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    from _report import write_report
+
+    write_report(
+        args.out,
+        rows,
+        t0,
+        model="SmolLM2-135M-Instruct (embedded GGUF)",
+        windows=args.windows,
+        seq_len=args.seq_len,
+        queries=args.queries,
+        layers=layers,
+        essays="odd-indexed (held-out half)",
+    )
     return 0
 
 
