@@ -247,6 +247,7 @@ def run(cfg: InferenceConfig, out=sys.stdout, mesh=None) -> list[str]:
     )
     for line in memory_lines(manifest, engine):
         print(line, file=out)
+    print(precision_line(engine.specs, cfg.attention_precision, cfg.backend), file=out)
     t1 = time.perf_counter()
     outs = engine.generate(prompts, cfg.sampling)
     dt = time.perf_counter() - t1
@@ -268,6 +269,24 @@ def memory_lines(manifest: mf.Manifest, engine) -> list[str]:
         f"(nominal {rep.avg_nominal_bits:.2f}), {1 / rep.ratio_vs_bf16:.2f}x smaller than bf16",
         *engine.plan.lines(),
     ]
+
+
+def precision_line(specs, precision: str, backend: str) -> str:
+    """How each layer's paged attention will compute, e.g. "attention precision auto: bf16 in 20 layers, high in
+    12" (`pallas_kernels.paged_attention.resolve_precision`, per layer; printed at start-up)."""
+    import collections
+
+    from pallas_kernels.paged_attention import resolve_backend, resolve_precision
+
+    where = resolve_backend(backend)
+    if where == "reference":
+        return f"attention precision {precision}: not used here (no kernel on this backend; the float32 reference runs)"
+    if where == "tpu":
+        return f"attention precision {precision}: not used here (the TPU kernel computes in float32)"
+    counts = collections.Counter(resolve_precision(precision, s.k, s.v) for s in specs)
+    return f"attention precision {precision}: " + ", ".join(
+        f"{p} in {n} layer{'' if n == 1 else 's'}" for p, n in sorted(counts.items())
+    )
 
 
 def main_guard(fn):

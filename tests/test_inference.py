@@ -115,6 +115,7 @@ def test_end_to_end_embedded_model(capsys):
     assert len(texts) == 1 and texts[0].strip()
     assert "smollm2_k8v4.json (default)" in log and "max concurrent tokens" in log
     assert "stats: layers K/V bits 0-29:8/4" in log and "pages free" in log
+    assert "attention precision auto: not used here" in log  # the reference backend
     long = " ".join(["word"] * 200)
     bad = dataclasses.replace(cfg, prompts=(long,), num_pages=1)
     with pytest.raises(SystemExit) as e:
@@ -140,3 +141,21 @@ def test_jsonl_inputs_one_reader_errors_name_file_and_line(tmp_path):
     bad.write_text('"ok"\n{oops\n')
     with pytest.raises(AssetError, match=f"{bad}:2: not valid JSON"):
         inference.read_prompts(inference.InferenceConfig(prompts_file=str(bad)))
+
+
+def test_precision_line_says_what_each_layer_runs():
+    """The start-up line resolves "auto" per layer (bf16 for per-channel quantized keys, high otherwise) on a kernel
+    backend, and says where the precision does not apply."""
+    from kvtuner_jax.specs import KVSpec, LayerSpec
+
+    kivi = LayerSpec(KVSpec(4, axis="channel", group_size=32), KVSpec(2, group_size=32))
+    tok = LayerSpec(KVSpec(8, group_size=64), KVSpec(4, group_size=64))
+    full = LayerSpec(KVSpec(16), KVSpec(16))
+    specs = (kivi, kivi, tok, full)
+    assert (
+        inference.precision_line(specs, "auto", "gpu") == "attention precision auto: bf16 in 2 layers, high in 2 layers"
+    )
+    assert inference.precision_line(specs[:3], "high", "gpu") == "attention precision high: high in 3 layers"
+    assert inference.precision_line((kivi,), "auto", "gpu") == "attention precision auto: bf16 in 1 layer"
+    assert "float32 reference" in inference.precision_line(specs, "bf16", "reference")
+    assert "TPU kernel" in inference.precision_line(specs, "auto", "tpu")
