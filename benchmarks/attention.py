@@ -32,14 +32,19 @@ import numpy as np
 
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
-from pallas_kernels import layout
-from pallas_kernels.paged_attention import paged_attention_reference
-from pallas_kernels.paged_attention_gpu import paged_attention
+from pallas_kernels import layout, paged_attention_gpu
+from pallas_kernels.paged_attention import paged_attention_reference, resolve_precision
 
 HQ, H, D = 32, 8, 128  # Llama-3.1-8B attention shape
 L2_BYTES = 50 * 2**20
 SCHEDULE = "configs/llama31_8b_kvtuner_3.25bit.json"
 PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml"
+
+
+def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", **kw):
+    """The GPU kernel, taking the dispatcher's precision names: "auto" resolves per layer as the engine's does."""
+    precision = resolve_precision(precision, k_spec, v_spec)
+    return paged_attention_gpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
 
 
 def spec_pair(name: str) -> tuple[KVSpec, KVSpec]:
@@ -212,7 +217,7 @@ def check_small(k_spec: KVSpec, v_spec: KVSpec, page: int, kw: dict) -> float:
 
 def check_tolerance(tuning: dict) -> float:
     """Relative error a tuning must stay under against the reference: bf16 operands (2^-9 each) or ~16-bit splits."""
-    return 1e-2 if tuning.get("precision") == "bf16" or tuning.get("parts") == 1 else 1e-3
+    return 1e-2 if tuning.get("precision") in ("bf16", "auto") or tuning.get("parts") == 1 else 1e-3
 
 
 def tuning_label(config: str, tuning: dict, n_tunings: int) -> str:
