@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtuner_jax import assets, model, weights
+from kvtuner_jax import assets, weights
 from kvtuner_jax.search.profile import make_windows
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_report.py, imported in main
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_smollm2.py, imported in main
 
 THRESHOLDS = {"f16 p (18)": 18.0, "bf16 p (64)": 64.0}
 
@@ -83,14 +83,10 @@ def main(argv=None) -> int:
     # counts[case][threshold]: [layers, 2] redone units and units; row_max[case]: largest excess seen, per layer
     counts = {c: {n: np.zeros((cfg.num_layers, 2), np.int64) for n in THRESHOLDS} for c in cases}
     row_max = {c: np.full(cfg.num_layers, -np.inf) for c in cases}
-    layer_fns = [jax.jit(lambda lp, x, p_: model.layer_qkv(lp, cfg, x, p_)), jax.jit(model.layer_out, static_argnums=1)]
+    from _smollm2 import layer_activations, write_report
 
     for w in toks:
-        tokens = jnp.asarray(w)[None]
-        positions = jnp.arange(args.seq_len, dtype=jnp.int32)[None]
-        x = model.embed_tokens(params, cfg, tokens)
-        for i, lp in enumerate(params.layers):
-            q, k, v = layer_fns[0](lp, x, positions)
+        for i, q, k, _ in layer_activations(cfg, params, w):
             s = scores_base2(q[0], k[0], pos)
             for c in cases:
                 ex, present = split_excess(s, pos, *c)
@@ -99,8 +95,6 @@ def main(argv=None) -> int:
                 n_units = int(jnp.sum(present)) * unit_ex.shape[0]
                 for name, thr in THRESHOLDS.items():
                     counts[c][name][i] += (int(jnp.sum((unit_ex > thr) & present[None])), n_units)
-            attn = model.dense_causal_attention(q, k, v)
-            x = layer_fns[1](lp, cfg, x, attn)
         print(f"window done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     rows = []
@@ -120,8 +114,6 @@ def main(argv=None) -> int:
             f"{row_max[c][worst]:.1f} ({worst}) |",
             flush=True,
         )
-    from _report import write_report
-
     write_report(
         args.out,
         rows,

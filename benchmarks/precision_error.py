@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvtuner_jax import assets, model, weights
+from kvtuner_jax import assets, weights
 from kvtuner_jax.search.profile import make_windows
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels.paged_attention import paged_attention_reference
 from pallas_kernels.paged_attention_gpu import paged_attention
 from pallas_kernels.quantize_write import quantize_pages
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_report.py, imported in main
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # benchmarks/_smollm2.py, imported in main
 
 PAGE = 64
 
@@ -93,8 +93,8 @@ def main(argv=None) -> int:
     page_table = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
     num_tokens = jnp.full((b,), args.seq_len, jnp.int32)
     sm = 1.0 / math.sqrt(cfg.head_dim)
-    qkv = jax.jit(lambda lp, x, p_: model.layer_qkv(lp, cfg, x, p_))
-    out = jax.jit(model.layer_out, static_argnums=1)
+    from _smollm2 import layer_activations, write_report
+
     kernels = {
         prec: jax.jit(
             lambda q, *pools, ks, vs, prec=prec: paged_attention(
@@ -112,11 +112,7 @@ def main(argv=None) -> int:
     )
     err = {name: {x: [] for x in ("quantization", "high", "bf16")} for name in pairs}
     for w in windows:
-        tokens = jnp.asarray(w)[None]
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
-        x = model.embed_tokens(params, cfg, tokens)
-        for i, lp in enumerate(params.layers):
-            q, k, v = qkv(lp, x, positions)
+        for i, q, k, v in layer_activations(cfg, params, w):
             if i in layers:
                 kc, vc = k[0, : args.seq_len], v[0, : args.seq_len]
                 qd = q[0, args.seq_len :].astype(jnp.float32)[:, :, None, :]  # [B, Hq, 1, D]
@@ -130,7 +126,6 @@ def main(argv=None) -> int:
                         got = np.asarray(fn(qd, *pools, ks=ks, vs=vs)[0][:, :, 0], np.float64)
                         err[name][prec].append(float(np.linalg.norm(got - ref) / norm))
                 print(f"layer {i} done ({time.perf_counter() - t0:.0f} s)", flush=True)
-            x = out(lp, cfg, x, model.dense_causal_attention(q, k, v))
 
     print(
         "| K/V | quantization: median (largest) | high: median (largest) | bf16: median (largest) "
@@ -148,8 +143,6 @@ def main(argv=None) -> int:
             flush=True,
         )
         rows.append(dict(pair=name, median=med, largest=top, bf16_over_quantization_largest=ratio, per_layer=e))
-    from _report import write_report
-
     write_report(
         args.out,
         rows,

@@ -1321,8 +1321,8 @@ def _paged_attention_rows(
     kdeq = ks.kind == "channel" and channel_keys == "dequant"
     items = variant.split(",")
     # pcopies: probabilities split into `parts` bf16 terms ("high") share one value dot, part k in column group k,
-    # where the query rows fit `parts` times into the padded rows (decode at GQA <= 8) and the padding does not hold
-    # stacked key groups: the query rows are repeated, so each group scores the same, and the groups' value outputs
+    # where the query rows (with stacked keys: all kstack copies of them) fit `parts` times into the padded rows
+    # (decode at GQA <= 8): the query rows are repeated, so each group scores the same, and the groups' value outputs
     # are added below. One value dot per operand instead of `parts` (`_variant="nopcols"` for A/B): at batch 32 x 16K
     # on an H100 (2026-12-05, ms) 4/4 0.434 -> 0.339, 2/2 0.389 -> 0.340, 8/8 0.699 -> 0.597, 16/16 0.816 -> 0.781.
     # Stacked per-channel keys: where the stacking plan leaves room for the copies anyway (the 3.25-bit schedule's
