@@ -1,0 +1,270 @@
+"""How fast can any kernel stream our packed pages? A Mosaic GPU probe: TMA copies of whole pages into shared memory.
+
+The Triton-lowered attention kernel reads 4/4 pages at ~55% of copy bandwidth, and its "loads alone" variant (all
+compute removed) reached 73% (BENCHMARKS.md). Its stall profile points at loads that land in registers and make the
+warpgroup MMA fences wait; the fix proposed there is a kernel that copies pages asynchronously to shared memory
+(cp.async / TMA, several pages deep), i.e. Mosaic GPU. Before anyone builds that kernel, this probe measures its
+ceiling on the same pools: each program walks one sequence's pages of one KV head (a split of them) through the page
+table, copies every page's K and V codes, scales and zeros with TMA into a ring of `--stages` shared-memory slots
+(`plgpu.emit_pipeline`), and reads every byte back out of shared memory (OR of the code bytes, a float32 sum of the
+scales and zeros), so the copies cannot be skipped. It does no attention. What it reports is the fraction of measured
+copy bandwidth that page-granular TMA streaming reaches at this shape: an upper bound for a Mosaic GPU attention kernel
+on these pools, next to the Triton kernel's time on the same data, in the same run.
+
+    PYTHONPATH=. python3 benchmarks/tma_stream.py --batch 32 --context 16384 --configs 4/4,2/2,8/8,16/16
+
+Layout: per-token quantized stores (codes `[H, N, P, D*b/8]`, one f16 scale and zero per token-head; `16/16` is bf16
+`[H, N, P, D]`), as `benchmarks/attention.py` builds them. Every output is checked against numpy before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _squeeze_page(x):
+    """A per-token scale/zero pool `[H, N, P, 1]` as `[H, N, P]` (same bytes): TMA then copies one page's row."""
+    return None if x is None else x.reshape(x.shape[:3])
+
+
+def as_words(codes):
+    """A codes pool `[H, N, P, W]` (uint8 codes, or bf16 values) as uint32 words `[H, N, P, W*itemsize/4]`: the same
+    bytes (Mosaic GPU does no arithmetic on 8-bit registers, and 32-bit words are what a kernel would read)."""
+    h, n, p, w = codes.shape
+    per = 4 // codes.dtype.itemsize
+    return jax.lax.bitcast_convert_type(codes.reshape(h, n, p, w // per, per), jnp.uint32)
+
+
+def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: bool = False):
+    """Streams every page of `page_table` `[B, M]` for every KV head through shared memory with TMA.
+
+    `stores`: a list of pools (uint32 code words `[H, N, P, W]` from `as_words`, or `[H, N, P]` scales/zeros), all
+    indexed by the same physical pages. Returns, per (sequence, head, split): the OR of each codes pool's words over
+    the split's pages (`[B, H, S, P, W]` uint32) and the float32 sum of each scale pool over them (`[B, H, S, P]`), so
+    each byte copied is also read."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, m = page_table.shape
+    h, _, p = stores[0].shape[:3]
+    if m % splits:
+        raise ValueError(f"pages per sequence {m} must be a multiple of --splits {splits}")
+    per_split = m // splits
+    codes = [x.ndim == 4 for x in stores]
+    views = stores
+    out_types = []
+    for x, is_codes in zip(views, codes, strict=True):
+        if is_codes:
+            out_types.append(jax.ShapeDtypeStruct((b, h, splits, p, x.shape[3]), x.dtype))
+        else:
+            out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.float32))
+
+    def kernel(table_ref, *refs):
+        in_refs, out_refs = refs[: len(views)], refs[len(views) :]
+        si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
+
+        def spec(x, is_codes):
+            def index(i):
+                page = table_ref[bi, si * per_split + i]
+                return (hi, page, 0, 0) if is_codes else (hi, page, 0)
+
+            if not is_codes:
+                return plgpu.BlockSpec((None, None, p), index)
+            # rows of 128 bytes or more are swizzled, as TMA lays out MMA operands: read back in the MMA tile layout
+            # they have no conflict-free plan unswizzled (Mosaic GPU refuses them); narrower rows timed the same
+            # either way (BENCHMARKS.md) and stay plain
+            if 4 * x.shape[3] < 128:
+                return plgpu.BlockSpec((None, None, p, x.shape[3]), index)
+            tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+            return plgpu.BlockSpec((None, None, p, x.shape[3]), index, transforms=tf)
+
+        # read as an attention kernel over [tokens, *] tiles would: codes in the warpgroup MMA's tile layout, scales
+        # one per row of it
+        tile, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+        init = tuple(
+            plgpu.layout_cast(jnp.zeros((p, x.shape[3]), x.dtype), tile)
+            if c
+            else plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row)
+            for x, c in zip(views, codes, strict=True)
+        )
+
+        def body(_, *args):
+            smem, carry = args[:-1], args[-1]
+            new = []
+            for s, acc, c in zip(smem, carry, codes, strict=True):
+                new.append(
+                    acc | plgpu.load(s, layout=tile) if c else acc + plgpu.load(s, layout=row).astype(jnp.float32)
+                )
+            return tuple(new)
+
+        pipe = plgpu.emit_pipeline(
+            body,
+            grid=(per_split,),
+            in_specs=[spec(x, c) for x, c in zip(views, codes, strict=True)],
+            max_concurrent_steps=stages,
+            init_carry=init,
+        )
+        final = pipe(*in_refs)
+        for o, v in zip(out_refs, final, strict=True):
+            o[bi, hi, si] = v
+
+    f = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_types),
+        grid=(splits, h, b),
+        grid_names=("split", "head", "batch"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    return f(page_table, *views)
+
+
+def reference(stores, page_table, splits: int):
+    """numpy: the same ORs and sums."""
+    b, m = page_table.shape
+    tab = np.asarray(page_table).reshape(b, splits, m // splits)
+    outs = []
+    for x in stores:
+        a = np.asarray(x)
+        g = a[:, tab]  # [H, B, S, per_split, P, ...]
+        g = np.moveaxis(g, 0, 2)  # [B, S, H, per_split, P, ...]
+        g = np.swapaxes(g, 1, 2)  # [B, H, S, per_split, P, ...]
+        outs.append(np.bitwise_or.reduce(g, axis=3) if a.ndim == 4 else g.astype(np.float64).sum(axis=3))
+    return outs
+
+
+def pools(config: str, pages: int, page: int, key):
+    """The K and V pools of a per-token config, as benchmarks/attention.py makes them: codes as words, scale/zero
+    rows squeezed."""
+    k_spec, v_spec = bench.spec_pair(config)
+    out = []
+    for i, spec in enumerate((k_spec, v_spec)):
+        c, s, z = bench.make_store(jax.random.fold_in(key, i), spec, pages, page)
+        out += [as_words(c)] + [_squeeze_page(x) for x in (s, z) if x is not None]
+    return out
+
+
+def check(config: str, splits: int, stages: int, page: int, interpret: bool) -> float:
+    """Largest relative error of the sums (the ORs must be equal) at a small shape; raises on a mismatch."""
+    key = jax.random.key(3)
+    b, m = 2, 4 * splits
+    stores = pools(config, b * m + 3, page, key)
+    table = jax.random.permutation(jax.random.fold_in(key, 9), b * m + 3)[: b * m].reshape(b, m).astype(jnp.int32)
+    got = stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret)
+    worst = 0.0
+    for g, r in zip(got, reference(stores, table, splits), strict=True):
+        g = np.asarray(g)
+        if r.dtype == np.float64:
+            worst = max(worst, float(np.max(np.abs(g - r) / np.maximum(np.abs(r), 1e-3))))
+        elif not np.array_equal(g, r):
+            raise AssertionError(f"{config}: streamed bytes differ from numpy in {int(np.sum(g != r))} places")
+    if worst > 1e-5:
+        raise AssertionError(f"{config}: sums off by {worst:.2e} relative")
+    return worst
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--context", type=int, default=16384)
+    ap.add_argument("--page", type=int, default=64)
+    ap.add_argument("--configs", default="4/4,2/2,8/8,16/16")
+    ap.add_argument("--splits", default="4", help="comma-separated splits per sequence to time")
+    ap.add_argument("--stages", default="4", help="comma-separated TMA ring depths to time")
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--max-copies", type=int, default=8)
+    ap.add_argument("--no-triton", action="store_true", help="skip timing the Triton attention kernel beside it")
+    ap.add_argument("--no-jax", action="store_true", help="skip timing JAX's bf16 Pallas paged attention")
+    ap.add_argument("--jax-page", type=int, default=16, help="page size of JAX's bf16 kernel")
+    ap.add_argument("--jax-grid", default="8:32", help="JAX kernel settings tried: pages_per_compute_block:k_splits")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument(
+        "--interpret", action="store_true", help="GPU interpret mode on the CPU (tests; times mean nothing)"
+    )
+    args = ap.parse_args(argv)
+
+    bw = bench.copy_bandwidth(nbytes=2**20 if args.interpret else 2 * 2**30)
+    best_bw = max(v for k, v in bw.items() if not k.endswith("error"))
+    print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {best_bw / 1e12:.3f} TB/s ({bw})", flush=True)
+    rows = []
+    b, pps = args.batch, args.context // args.page
+    jax_s = None
+    if not args.no_jax:  # the issue's baseline, timed in this run: every row's x JAX is against it
+        r = bench.bench_jax_bf16(b, args.context, args.jax_page, _bench_args(args))
+        jax_s = r.get("time_s")
+        rows.append(dict(config="16/16", kernel="JAX bf16 paged attention", batch=b, context=args.context, **r))
+        if jax_s:
+            rows[-1].update(pct_bw=100 * r["bytes"] / jax_s / best_bw)
+        print(json.dumps(rows[-1]), flush=True)
+    for config in args.configs.split(","):
+        k_spec, v_spec = bench.spec_pair(config)
+        per_tok = bench.store_bytes_per_token(k_spec, args.page) + bench.store_bytes_per_token(v_spec, args.page)
+        nbytes = b * args.context * per_tok + b * pps * 4  # codes, scales and zeros of K and V; the page table
+        copies = max(1, min(args.max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
+        key = jax.random.key(b * 7919 + args.context)
+        stores = pools(config, copies * b * pps, args.page, key)
+        tables = bench.page_tables(jax.random.fold_in(key, 3), b, pps, copies)
+        for splits in (int(x) for x in args.splits.split(",")):
+            for stages in (int(x) for x in args.stages.split(",")):
+                # what the probe writes (an OR or sum per split) counts as bytes moved too
+                written = b * splits * sum(4 * math.prod(x.shape[2:]) * x.shape[0] for x in stores)
+                row = dict(config=config, batch=b, context=args.context, splits=splits, stages=stages)
+                row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
+                try:
+                    row["check_rel_err"] = check(config, splits, stages, args.page, interpret=args.interpret)
+                    fn = functools.partial(_timed_stream, splits=splits, stages=stages, interpret=args.interpret)
+                    t = bench.timed(fn, stores, [(tables[i],) for i in range(copies)], args.reps, args.trials)
+                    row.update(time_s=t, gbps=row["bytes"] / t / 1e9, pct_bw=100 * row["bytes"] / t / best_bw)
+                except Exception as e:  # a depth that does not fit shared memory: record it, keep going
+                    row["error"] = repr(e)[:400]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        if not args.no_triton:
+            r = bench.bench_ours(b, args.context, k_spec, v_spec, args.page, {}, _bench_args(args))
+            row = dict(config=config, kernel="triton attention (default tuning)", batch=b, context=args.context, **r)
+            if "time_s" in r:
+                row.update(pct_bw=100 * r["bytes"] / r["time_s"] / best_bw)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del stores
+    for r in rows:
+        if jax_s and "time_s" in r:
+            r["x_jax"] = jax_s / r["time_s"]
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(dict(copy_bandwidth=bw, rows=rows), indent=1))
+    print(f"\n{'config':8} {'kernel':34} {'ms':>8} {'% bw':>6} {'x JAX':>6}")
+    for r in rows:
+        name = r.get("kernel") or f"TMA stream, {r['splits']} splits, {r['stages']} stages"
+        ms = f"{r['time_s'] * 1e3:.3f}" if "time_s" in r else "-"
+        pct = f"{r['pct_bw']:.1f}" if "pct_bw" in r else r.get("error", r.get("skipped", ""))[:60]
+        xj = f"{r['x_jax']:.2f}" if "x_jax" in r else ""
+        print(f"{r['config']:8} {name:34} {ms:>8} {pct:>6} {xj:>6}")
+
+
+def _timed_stream(stores, table, *, splits, stages, interpret):
+    return stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret)
+
+
+def _bench_args(args):
+    """The namespace benchmarks/attention.py's timing helpers read."""
+    return argparse.Namespace(
+        max_copies=args.max_copies, mem_gb=60.0, reps=args.reps, trials=args.trials, jax_grid=args.jax_grid
+    )
+
+
+if __name__ == "__main__":
+    main()
