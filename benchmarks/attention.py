@@ -32,7 +32,7 @@ import numpy as np
 
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
-from pallas_kernels import layout, paged_attention_gpu
+from pallas_kernels import layout, paged_attention_gpu, paged_attention_mgpu
 from pallas_kernels.paged_attention import paged_attention_reference, resolve_precision
 
 HQ, H, D = 32, 8, 128  # Llama-3.1-8B attention shape
@@ -41,9 +41,15 @@ SCHEDULE = "configs/llama31_8b_kvtuner_3.25bit.json"
 PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml"
 
 
-def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", **kw):
-    """The GPU kernel, taking the dispatcher's precision names: "auto" resolves per layer as the engine's does."""
+def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", kernel: str = "triton", **kw):
+    """The GPU kernel, taking the dispatcher's precision names: "auto" resolves per layer as the engine's does.
+    `kernel`: "triton" (the dispatcher's, `paged_attention_gpu`) or "mgpu" (the experimental Mosaic GPU kernel for
+    per-token 2/4-bit pages, `paged_attention_mgpu`; e.g. `--tunings '[{},{"kernel":"mgpu"}]'`)."""
     precision = resolve_precision(precision, k_spec, v_spec)
+    if kernel == "mgpu":
+        return paged_attention_mgpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
+    if kernel != "triton":
+        raise ValueError(f"kernel={kernel!r}: expected 'triton' or 'mgpu'")
     return paged_attention_gpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
 
 

@@ -1,0 +1,344 @@
+"""Paged decode attention on Mosaic GPU (Hopper): TMA page copies, codes unpacked into warpgroup-MMA operands.
+
+Experimental and opt-in (`paged_attention_mgpu.paged_attention`, `benchmarks/attention.py --kernel mgpu`); the
+dispatcher still runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout. Why this one
+exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth and its stall profile shows each block's MMA fences
+waiting on loads that land in registers (BENCHMARKS.md, 2026-12-05), while Mosaic GPU's TMA streams the same pages
+through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several pages deep
+(`plgpu.emit_pipeline`), and no fence waits for them.
+
+Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
+keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
+128, GQA groups up to 8, pages of 64 tokens; precision "high" (query and probabilities each two bf16 terms) or "bf16".
+Same contract as `paged_attention_reference` (pages only; `num_tokens` a multiple of the page size).
+
+One program per (sequence, KV head, split of its pages), one warpgroup. Per page (64 tokens):
+
+- keys, transposed orientation: scores^T [64 tokens, 8 query columns] = K [64, D] @ q^T [D, 8]. K is the A operand in
+  registers: each 16-bit word of codes is split into its 16/b fields (shift, mask) and each field OR-ed into the
+  mantissa of bf16 128.0 (`0x4300 | code` = 128 + code exactly, no int-to-float instruction); the fields of all words,
+  side by side, are the head's dims in a fixed permutation, which the wrapper applies to q instead. The per-token
+  scale multiplies the raw dot and the zero-point (less the 128 offset) times the query's sum is added;
+- softmax: the online softmax over the page's tokens (a maximum across the 64 rows each page), base 2;
+- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operands are built as K's and staged in shared memory (the
+  MMA takes a transposed A only from there), P = p x the token's value scale, as two bf16 terms side by side in the
+  16 columns (summed by the wrapper); the zero-point term and the sum of p accumulate per row and are reduced once.
+
+The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import tile_attention as ta
+from pallas_kernels.paged_attention import KERNEL_PRECISIONS, validate
+
+PAGE = 64  # tokens per page this kernel supports (one MMA tile of rows)
+GROUP = 8  # query heads per KV head at most: the GQA group, padded to 8 columns
+COLS = 2 * GROUP  # MMA columns: the group twice, so that p's two bf16 terms sit side by side in the value MMA
+MAGIC = 0x4300  # bf16 128.0: OR-ing a code of up to 7 bits into its mantissa gives 128 + code
+MAGIC_VALUE = 128.0
+LOG2E = math.log2(math.e)
+
+
+def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
+    """Why this kernel cannot run these inputs, or None."""
+    d = q.shape[-1]
+    for name, spec in (("keys", k_spec), ("values", v_spec)):
+        if not spec.quantized or spec.bits not in (2, 4):
+            return f"{name}: {spec.bits}-bit; this kernel reads 2- and 4-bit codes only"
+        if spec.axis != "token" or spec.group_size != d:
+            return f"{name}: axis={spec.axis}, group_size={spec.group_size}; needs per-token groups of head_dim {d}"
+    if q.shape[2] != 1:
+        return f"{q.shape[2]} query tokens; this kernel is for decode (one)"
+    if d not in (64, 128):
+        return f"head_dim {d}; needs 64 or 128"
+    group = q.shape[1] // k_codes.shape[0]
+    if group > GROUP:
+        return f"GQA group {group}; needs at most {GROUP}"
+    if k_codes.shape[2] != PAGE:
+        return f"page size {k_codes.shape[2]}; needs {PAGE}"
+    return None
+
+
+def field_permutation(head_dim: int, bits: int):
+    """perm[i] = the head dim that operand column i holds: column j*C + c is field j of 16-bit word c (C words),
+    i.e. dim c * (16 / bits) + j (codes packed LSB first along the head dim, little-endian words)."""
+    per = 16 // bits
+    words = head_dim // per
+    return jnp.asarray([c * per + j for j in range(per) for c in range(words)], jnp.int32)
+
+
+def _operand(words, bits: int):
+    """16-bit code words [rows, C] (uint16, any layout) -> bf16 [rows, C * 16/bits]: the codes, fields side by side.
+
+    Each field OR-ed into bf16 128.0's mantissa is 128 + code; subtracting 128 (exact in bf16) leaves the code. The
+    subtraction is not folded into the zero-point: against 128 + code, the bf16 rounding of q and p would be
+    amplified ~30x by the cancellation with the zero-point term (measured: 4/4 at bf16 precision 3e-2 relative
+    instead of 1e-3)."""
+    mask = (1 << bits) - 1
+    fields = [
+        jax.lax.bitcast_convert_type(((words >> (bits * j)) & mask) | MAGIC, jnp.bfloat16) for j in range(16 // bits)
+    ]
+    return jnp.concatenate(fields, axis=1) - jnp.asarray(MAGIC_VALUE, jnp.bfloat16)
+
+
+def _zero_term(scale, zero, bits: int):
+    """What a code times `scale` must add per token so that it dequantizes: the zero-point (asymmetric), or
+    -2^(b-1) scale (symmetric: codes offset by 2^(b-1))."""
+    if zero is None:
+        return -(2 ** (bits - 1)) * scale
+    return zero
+
+
+def paged_attention(
+    q,
+    k_codes,
+    k_scale,
+    k_zero,
+    v_codes,
+    v_scale,
+    v_zero,
+    page_table,
+    num_tokens,
+    *,
+    k_spec: KVSpec,
+    v_spec: KVSpec,
+    sm_scale: float,
+    precision: str = "high",
+    num_splits: int | None = None,
+    stages: int = 4,
+    interpret: bool = False,
+):
+    """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
+    [B, Hq, 1] base e), as `paged_attention_reference`. `num_splits` programs per (sequence, KV head) along the pages
+    (default: enough programs for two per SM of an H100, dividing the pages); `stages` pages in flight per program.
+    `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the
+    interpreter takes MMA operands only from there); compiled, it stays in registers."""
+    validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
+    why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
+    if why:
+        raise ValueError(f"paged_attention_mgpu: {why}")
+    if precision not in KERNEL_PRECISIONS:
+        raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
+    b, hq, _, d = q.shape
+    h = k_codes.shape[0]
+    group = hq // h
+    max_pages = page_table.shape[1]
+    splits = num_splits or _default_splits(b * h, max_pages, stages)
+    if max_pages % splits:
+        raise ValueError(f"num_splits={splits} must divide the page table's {max_pages} pages")
+
+    kb, vb = k_spec.bits, v_spec.bits
+    kperm, vperm = field_permutation(d, kb), field_permutation(d, vb)
+    # q: [B, H, COLS, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
+    # to GROUP columns, twice (columns c and GROUP + c are the same query head)
+    qf = q[:, :, 0, :].astype(jnp.float32).reshape(b, h, group, d) * (sm_scale * LOG2E)
+    qf = jnp.pad(qf, ((0, 0), (0, 0), (0, GROUP - group), (0, 0)))
+    qf = jnp.concatenate([qf, qf], axis=2)
+    qsum = jnp.sum(qf, axis=-1)  # [B, H, COLS]: the zero-point term's weight
+    qp = qf[..., kperm]
+    q_hi = qp.astype(jnp.bfloat16)
+    q_lo = (qp - q_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    if precision == "bf16":
+        q_lo = jnp.zeros_like(q_lo)
+
+    def words(codes):  # [H, N, P, D*b/8] uint8 -> [H, N, P, D*b/16] uint16, the same bytes
+        hh, n, p, w = codes.shape
+        return jax.lax.bitcast_convert_type(codes.reshape(hh, n, p, w // 2, 2), jnp.uint16)
+
+    def rows(x):  # per-token scale/zero [H, N, P, 1] -> [H, N, P] float32 (None stays None)
+        return None if x is None else x.reshape(x.shape[:3]).astype(jnp.float32)
+
+    ks, vs = rows(k_scale), rows(v_scale)
+    kz = _zero_term(ks, rows(k_zero), kb)
+    vz = _zero_term(vs, rows(v_zero), vb)
+    o, m, l, z = _call(
+        jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * COLS, D]: both terms in one copy
+        qsum,
+        words(k_codes),
+        ks,
+        kz,
+        words(v_codes),
+        vs,
+        vz,
+        page_table.astype(jnp.int32),
+        num_tokens.astype(jnp.int32),
+        kb=kb,
+        vb=vb,
+        splits=splits,
+        stages=stages,
+        two_terms=precision == "high",
+        interpret=interpret,
+    )
+    # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, COLS]
+    m, l, z = (x[..., :GROUP] for x in (m, l, z))
+    o = o[..., :GROUP] + o[..., GROUP:] + z[:, :, :, None, :]
+    o = jnp.zeros_like(o).at[:, :, :, vperm, :].set(o)  # operand row i holds dim vperm[i]
+    o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
+    out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
+    return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def _default_splits(programs: int, max_pages: int, stages: int, target: int = 264) -> int:
+    """The fewest splits (dividing the pages, at least `stages` pages each where possible) that give `target`
+    programs (two per SM of an H100's 132)."""
+    best = 1
+    for s in range(1, max_pages + 1):
+        if max_pages % s:
+            continue
+        if max_pages // s < stages and s > 1:
+            break
+        best = s
+        if programs * s >= target:
+            break
+    return best
+
+
+@functools.partial(jax.jit, static_argnames=("kb", "vb", "splits", "stages", "two_terms", "interpret"))
+def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, stages, two_terms, interpret):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    b, h, cols, d = q2.shape
+    cols //= 2
+    per_split = table.shape[1] // splits
+    n_pages = kw.shape[1]
+    tile = plgpu.Layout.WGMMA
+    row = tile.reduce(1)  # one value per token row of a [64, n] tile
+    col = tile.reduce(0)  # one value per column
+
+    def swizzled(row_bytes: int):
+        """Tiling and swizzle of a 16-bit [rows, n] tile in shared memory (rows of 16 bytes stay plain)."""
+        s = min(128, row_bytes)
+        if s < 32:
+            return ()
+        return (plgpu.TilingTransform((8, s // 2)), plgpu.SwizzleTransform(s))
+
+    def kernel(q_ref, qs_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, tab_ref, len_ref, *outs, **scr):
+        o_ref, m_ref, l_ref, z_ref = outs
+        q_smem, v_stage, p_smem, bar = scr["q_smem"], scr["v_stage"], scr["p_smem"], scr["bar"]
+        si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        qsum_c = plgpu.load(qs_ref.at[bi, hi], layout=col, optimized=False)
+        length = len_ref[bi]
+        first = si * per_split
+        second = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
+
+        def spec(ref, is_words):
+            def index(i):
+                # entries past a sequence's pages may be anything (-1 in tests): clamped, and their tokens masked
+                page = jnp.clip(tab_ref[bi, first + i], 0, n_pages - 1)
+                return (hi, page, 0, 0) if is_words else (hi, page, 0)
+
+            if not is_words:
+                return plgpu.BlockSpec((None, None, PAGE), index)
+            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=swizzled(2 * ref.shape[3]))
+
+        def bcast_row(x):
+            return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
+
+        def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
+            m, l_acc, z_acc, o = carry
+            (i,) = idx
+            a = _operand(plgpu.load(kw_s, layout=tile), kb)  # [64, D] bf16, dims permuted
+            if interpret:  # the interpreter's MMA reads operands from shared memory only
+                scr["k_stage"][...] = a
+                plgpu.commit_smem()
+                a = scr["k_stage"]
+
+            def scores(acc):
+                plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
+                if two_terms:
+                    plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            raw = pl.run_scoped(scores, plgpu.ACC((PAGE, cols), jnp.float32))
+            qsum = jax.lax.broadcast_in_dim(qsum_c, (PAGE, cols), [1])
+            s = bcast_row(plgpu.load(ks_s, layout=row)) * raw + bcast_row(plgpu.load(kz_s, layout=row)) * qsum
+            tok = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 0, layout=tile) + (first + i) * PAGE
+            s = jnp.where(tok < length, s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=0))
+            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m - m_safe)
+            p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_safe, (PAGE, cols), [1]))
+
+            def rescale(x):
+                return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
+
+            l_acc = rescale(l_acc) + p
+            z_acc = rescale(z_acc) + p * bcast_row(plgpu.load(vz_s, layout=row))
+            pv = p * bcast_row(plgpu.load(vs_s, layout=row))
+            p_hi = pv.astype(jnp.bfloat16)
+            p_lo = (pv - p_hi.astype(jnp.float32)).astype(jnp.bfloat16) if two_terms else jnp.zeros_like(p_hi)
+            p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
+            v_stage[...] = _operand(plgpu.load(vw_s, layout=tile), vb)
+            plgpu.commit_smem()
+
+            def values(acc):
+                plgpu.wgmma(acc, v_stage.T, p_smem)
+                plgpu.wgmma_wait(0)
+                return acc[...]
+
+            # the page's part in a fresh accumulator, added to the rescaled sum (one f32 add per element; the
+            # interpreter runs no MMA into an initialized accumulator)
+            o = rescale(o) + pl.run_scoped(values, plgpu.ACC((d, cols), jnp.float32))
+            return m_new, l_acc, z_acc, o
+
+        def zeros(shape, lay):
+            return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), lay)
+
+        init = (
+            plgpu.layout_cast(jnp.full((cols,), -jnp.inf, jnp.float32), col),
+            zeros((PAGE, cols), tile),
+            zeros((PAGE, cols), tile),
+            zeros((d, cols), tile),
+        )
+        pipe = plgpu.emit_pipeline(
+            body,
+            grid=(per_split,),
+            in_specs=[spec(kw_ref, True), spec(ks_ref, False), spec(kz_ref, False)]
+            + [spec(vw_ref, True), spec(vs_ref, False), spec(vz_ref, False)],
+            max_concurrent_steps=stages,
+            init_carry=init,
+        )
+        m, l_acc, z_acc, o = pipe(kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
+        o_ref[bi, hi, si] = o
+        m_ref[bi, hi, si] = m
+        l_ref[bi, hi, si] = l_acc.sum(axis=0)
+        z_ref[bi, hi, si] = z_acc.sum(axis=0)
+
+    f32 = jnp.float32
+    out_type = (
+        jax.ShapeDtypeStruct((b, h, splits, d, cols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
+    )
+    scratch = dict(
+        q_smem=plgpu.SMEM((2 * cols, d), jnp.bfloat16, transforms=swizzled(2 * d)),
+        # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
+        v_stage=plgpu.SMEM((PAGE, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
+        p_smem=plgpu.SMEM((PAGE, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
+        bar=plgpu.Barrier(num_barriers=1),
+    )
+    if interpret:
+        scratch["k_stage"] = plgpu.SMEM((PAGE, d), jnp.bfloat16, transforms=swizzled(2 * d))
+    f = plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(splits, h, b),
+        grid_names=("split", "head", "batch"),
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
+    )
+    return f(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths)
