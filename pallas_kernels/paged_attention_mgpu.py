@@ -68,33 +68,26 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
 
 
 def field_permutation(head_dim: int, bits: int):
-    """perm[i] = the head dim that operand column i holds: column j*C + c is field j of 16-bit word c (C words),
-    i.e. dim c * (16 / bits) + j (codes packed LSB first along the head dim, little-endian words)."""
-    per = 16 // bits
-    words = head_dim // per
-    return jnp.asarray([c * per + j for j in range(per) for c in range(words)], jnp.int32)
+    """perm[i] = the head dim that operand column i holds: column j*C + c is field j of code byte c (C bytes), i.e.
+    dim c * (8 / bits) + j (codes packed LSB first along the head dim)."""
+    per = 8 // bits
+    nbytes = head_dim // per
+    return jnp.asarray([c * per + j for j in range(per) for c in range(nbytes)], jnp.int32)
 
 
-def _operand(words, bits: int):
-    """16-bit code words [rows, C] (uint16, any layout) -> bf16 [rows, C * 16/bits]: the codes, fields side by side.
+def _operand(codes, bits: int):
+    """Code bytes [rows, C] (uint8, any layout) -> bf16 [rows, C * 8/bits]: the codes, fields side by side.
 
     Each field OR-ed into bf16 128.0's mantissa is 128 + code; subtracting 128 (exact in bf16) leaves the code. The
     subtraction is not folded into the zero-point: against 128 + code, the bf16 rounding of q and p would be
     amplified ~30x by the cancellation with the zero-point term (measured: 4/4 at bf16 precision 3e-2 relative
     instead of 1e-3)."""
     mask = (1 << bits) - 1
+    wide = codes.astype(jnp.uint16)  # Mosaic GPU does only bitwise operations on 8-bit registers
     fields = [
-        jax.lax.bitcast_convert_type(((words >> (bits * j)) & mask) | MAGIC, jnp.bfloat16) for j in range(16 // bits)
+        jax.lax.bitcast_convert_type(((wide >> (bits * j)) & mask) | MAGIC, jnp.bfloat16) for j in range(8 // bits)
     ]
     return jnp.concatenate(fields, axis=1) - jnp.asarray(MAGIC_VALUE, jnp.bfloat16)
-
-
-def _zero_term(scale, zero, bits: int):
-    """What a code times `scale` must add per token so that it dequantizes: the zero-point (asymmetric), or
-    -2^(b-1) scale (symmetric: codes offset by 2^(b-1))."""
-    if zero is None:
-        return -(2 ** (bits - 1)) * scale
-    return zero
 
 
 def paged_attention(
@@ -149,25 +142,18 @@ def paged_attention(
     if precision == "bf16":
         q_lo = jnp.zeros_like(q_lo)
 
-    def words(codes):  # [H, N, P, D*b/8] uint8 -> [H, N, P, D*b/16] uint16, the same bytes
-        hh, n, p, w = codes.shape
-        return jax.lax.bitcast_convert_type(codes.reshape(hh, n, p, w // 2, 2), jnp.uint16)
+    def rows(x):  # per-token scale/zero [H, N, P, 1] -> [H, N, P], the same bytes (no copy of the pool)
+        return None if x is None else x.reshape(x.shape[:3])
 
-    def rows(x):  # per-token scale/zero [H, N, P, 1] -> [H, N, P] float32 (None stays None)
-        return None if x is None else x.reshape(x.shape[:3]).astype(jnp.float32)
-
-    ks, vs = rows(k_scale), rows(v_scale)
-    kz = _zero_term(ks, rows(k_zero), kb)
-    vz = _zero_term(vs, rows(v_zero), vb)
     o, m, l, z = _call(
         jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * COLS, D]: both terms in one copy
         qsum,
-        words(k_codes),
-        ks,
-        kz,
-        words(v_codes),
-        vs,
-        vz,
+        k_codes,
+        rows(k_scale),
+        rows(k_zero),
+        v_codes,
+        rows(v_scale),
+        rows(v_zero),
         page_table.astype(jnp.int32),
         num_tokens.astype(jnp.int32),
         kb=kb,
@@ -202,27 +188,31 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 26
 
 
 @functools.partial(jax.jit, static_argnames=("kb", "vb", "splits", "stages", "two_terms", "interpret"))
-def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, stages, two_terms, interpret):
+def _call(q2, qsum, kc, ks, kz, vc, vs, vz, table, lengths, *, kb, vb, splits, stages, two_terms, interpret):
+    """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
+    (symmetric)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, h, cols, d = q2.shape
     cols //= 2
     per_split = table.shape[1] // splits
-    n_pages = kw.shape[1]
+    n_pages = kc.shape[1]
+    pools = [x for x in (kc, ks, kz, vc, vs, vz) if x is not None]
+    has = dict(kz=kz is not None, vz=vz is not None)
     tile = plgpu.Layout.WGMMA
     row = tile.reduce(1)  # one value per token row of a [64, n] tile
     col = tile.reduce(0)  # one value per column
 
-    def swizzled(row_bytes: int):
-        """Tiling and swizzle of a 16-bit [rows, n] tile in shared memory (rows of 16 bytes stay plain)."""
+    def swizzled(row_bytes: int, item_bytes: int = 2):
+        """Tiling and swizzle of a [rows, n] tile in shared memory (rows of 16 bytes stay plain)."""
         s = min(128, row_bytes)
         if s < 32:
             return ()
-        return (plgpu.TilingTransform((8, s // 2)), plgpu.SwizzleTransform(s))
+        return (plgpu.TilingTransform((8, s // item_bytes)), plgpu.SwizzleTransform(s))
 
-    def kernel(q_ref, qs_ref, kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref, tab_ref, len_ref, *outs, **scr):
-        o_ref, m_ref, l_ref, z_ref = outs
+    def kernel(q_ref, qs_ref, *refs, **scr):
+        ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
         q_smem, v_stage, p_smem, bar = scr["q_smem"], scr["v_stage"], scr["p_smem"], scr["bar"]
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
         plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
@@ -232,23 +222,35 @@ def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, s
         first = si * per_split
         second = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
-        def spec(ref, is_words):
+        def spec(ref):
+            codes = ref.ndim == 4
+
             def index(i):
                 # entries past a sequence's pages may be anything (-1 in tests): clamped, and their tokens masked
                 page = jnp.clip(tab_ref[bi, first + i], 0, n_pages - 1)
-                return (hi, page, 0, 0) if is_words else (hi, page, 0)
+                return (hi, page, 0, 0) if codes else (hi, page, 0)
 
-            if not is_words:
+            if not codes:
                 return plgpu.BlockSpec((None, None, PAGE), index)
-            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=swizzled(2 * ref.shape[3]))
+            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=swizzled(ref.shape[3], 1))
 
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
 
-        def body(idx, kw_s, ks_s, kz_s, vw_s, vs_s, vz_s, carry):
-            m, l_acc, z_acc, o = carry
+        def scale_zero(scale_s, zero_s, bits):  # one page's per-token scales and zero terms, float32 [64, cols]
+            scale = bcast_row(plgpu.load(scale_s, layout=row).astype(jnp.float32))
+            if zero_s is None:  # symmetric: codes offset by 2^(b-1)
+                return scale, scale * -(2.0 ** (bits - 1))
+            return scale, bcast_row(plgpu.load(zero_s, layout=row).astype(jnp.float32))
+
+        def body(idx, *args):
+            smem, (m, l_acc, z_acc, o) = list(args[:-1]), args[-1]
+            kc_s, ks_s = smem.pop(0), smem.pop(0)
+            kz_s = smem.pop(0) if has["kz"] else None
+            vc_s, vs_s = smem.pop(0), smem.pop(0)
+            vz_s = smem.pop(0) if has["vz"] else None
             (i,) = idx
-            a = _operand(plgpu.load(kw_s, layout=tile), kb)  # [64, D] bf16, dims permuted
+            a = _operand(plgpu.load(kc_s, layout=tile), kb)  # [64, D] bf16, dims permuted
             if interpret:  # the interpreter's MMA reads operands from shared memory only
                 scr["k_stage"][...] = a
                 plgpu.commit_smem()
@@ -263,7 +265,8 @@ def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, s
 
             raw = pl.run_scoped(scores, plgpu.ACC((PAGE, cols), jnp.float32))
             qsum = jax.lax.broadcast_in_dim(qsum_c, (PAGE, cols), [1])
-            s = bcast_row(plgpu.load(ks_s, layout=row)) * raw + bcast_row(plgpu.load(kz_s, layout=row)) * qsum
+            kscale, kzero = scale_zero(ks_s, kz_s, kb)
+            s = kscale * raw + kzero * qsum
             tok = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 0, layout=tile) + (first + i) * PAGE
             s = jnp.where(tok < length, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=0))
@@ -275,12 +278,13 @@ def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, s
                 return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
 
             l_acc = rescale(l_acc) + p
-            z_acc = rescale(z_acc) + p * bcast_row(plgpu.load(vz_s, layout=row))
-            pv = p * bcast_row(plgpu.load(vs_s, layout=row))
+            vscale, vzero = scale_zero(vs_s, vz_s, vb)
+            z_acc = rescale(z_acc) + p * vzero
+            pv = p * vscale
             p_hi = pv.astype(jnp.bfloat16)
             p_lo = (pv - p_hi.astype(jnp.float32)).astype(jnp.bfloat16) if two_terms else jnp.zeros_like(p_hi)
             p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
-            v_stage[...] = _operand(plgpu.load(vw_s, layout=tile), vb)
+            v_stage[...] = _operand(plgpu.load(vc_s, layout=tile), vb)
             plgpu.commit_smem()
 
             def values(acc):
@@ -305,12 +309,11 @@ def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, s
         pipe = plgpu.emit_pipeline(
             body,
             grid=(per_split,),
-            in_specs=[spec(kw_ref, True), spec(ks_ref, False), spec(kz_ref, False)]
-            + [spec(vw_ref, True), spec(vs_ref, False), spec(vz_ref, False)],
+            in_specs=[spec(r) for r in ins],
             max_concurrent_steps=stages,
             init_carry=init,
         )
-        m, l_acc, z_acc, o = pipe(kw_ref, ks_ref, kz_ref, vw_ref, vs_ref, vz_ref)
+        m, l_acc, z_acc, o = pipe(*ins)
         o_ref[bi, hi, si] = o
         m_ref[bi, hi, si] = m
         l_ref[bi, hi, si] = l_acc.sum(axis=0)
@@ -341,4 +344,4 @@ def _call(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths, *, kb, vb, splits, s
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(q2, qsum, kw, ks, kz, vw, vs, vz, table, lengths)
+    return f(q2, qsum, *pools, table, lengths)
