@@ -107,11 +107,13 @@ def paged_attention(
     precision: str = "high",
     num_splits: int | None = None,
     stages: int = 4,
+    swizzle_codes: bool = True,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
     [B, Hq, 1] base e), as `paged_attention_reference`. `num_splits` programs per (sequence, KV head) along the pages
-    (default: enough programs for two per SM of an H100, dividing the pages); `stages` pages in flight per program.
+    (default: enough programs for two per SM of an H100, dividing the pages); `stages` pages in flight per program;
+    `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows).
     `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the
     interpreter takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -137,8 +139,10 @@ def paged_attention(
     qf = jnp.concatenate([qf, qf], axis=2)
     qsum = jnp.sum(qf, axis=-1)  # [B, H, COLS]: the zero-point term's weight
     qp = qf[..., kperm]
-    q_hi = qp.astype(jnp.bfloat16)
-    q_lo = (qp - q_hi.astype(jnp.float32)).astype(jnp.bfloat16)
+    # split with bit operations (`round_bf16`): XLA on GPU drops an f32 -> bf16 -> f32 round trip, which zeroed q's
+    # second term when compiled (4/4 at "high" 4.5e-4 relative instead of ~5e-6, H100 2026-12-05)
+    q_hi, hi32 = ta.round_bf16(qp)
+    q_lo, _ = ta.round_bf16(qp - hi32)
     if precision == "bf16":
         q_lo = jnp.zeros_like(q_lo)
 
@@ -160,6 +164,7 @@ def paged_attention(
         vb=vb,
         splits=splits,
         stages=stages,
+        swizzle_codes=swizzle_codes,
         two_terms=precision == "high",
         interpret=interpret,
     )
@@ -187,8 +192,10 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 26
     return best
 
 
-@functools.partial(jax.jit, static_argnames=("kb", "vb", "splits", "stages", "two_terms", "interpret"))
-def _call(q2, qsum, kc, ks, kz, vc, vs, vz, table, lengths, *, kb, vb, splits, stages, two_terms, interpret):
+@functools.partial(jax.jit, static_argnames=("kb", "vb", "splits", "stages", "swizzle_codes", "two_terms", "interpret"))
+def _call(
+    q2, qsum, kc, ks, kz, vc, vs, vz, table, lengths, *, kb, vb, splits, stages, swizzle_codes, two_terms, interpret
+):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
     (symmetric)."""
     import jax.experimental.pallas as pl
@@ -232,7 +239,8 @@ def _call(q2, qsum, kc, ks, kz, vc, vs, vz, table, lengths, *, kb, vb, splits, s
 
             if not codes:
                 return plgpu.BlockSpec((None, None, PAGE), index)
-            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=swizzled(ref.shape[3], 1))
+            tf = swizzled(ref.shape[3], 1) if swizzle_codes else ()
+            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=tf)
 
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
