@@ -6,9 +6,12 @@ Pallas with the Triton lowering (`pallas_call` + `plgpu.CompilerParams`); runs c
 Why Triton rather than Mosaic GPU: JAX 0.11 marks the Triton lowering deprecated, but it is the lowering that (a)
 runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b) gives register-level integer ops
 (shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
-with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. A Mosaic GPU kernel would
-need explicit TMA/wgmma staging per page (pages are scattered, one gather per page), M >= 64 wgmma tiles, and has
-no CPU interpreter to test it in CI. BENCHMARKS.md has the measured numbers behind the tuning defaults.
+with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) it is faster, as
+measured: a Mosaic GPU kernel for per-token 2/4-bit decode (`paged_attention_mgpu`, TMA page copies, codes unpacked
+into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an H100 (4/4 0.535 against
+0.328 ms, 2026-12-05), although TMA streams those pages at 85% of bandwidth (`benchmarks/tma_stream.py`): its
+per-page chain of unpacking, MMAs and softmax in one warpgroup is what needs the choreography (BENCHMARKS.md).
+BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
 Design (the tile math is in `tile_attention`, whose online-softmax step the TPU kernel runs too):
 - Grid (batch, kv_heads, splits). One program serves all query heads of one KV head (GQA group x query tokens,
