@@ -1,11 +1,13 @@
 """Paged decode attention on Mosaic GPU (Hopper): TMA page copies, codes unpacked into warpgroup-MMA operands.
 
-Experimental and opt-in (`paged_attention_mgpu.paged_attention`, `benchmarks/attention.py --kernel mgpu`); the
-dispatcher still runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout. Why this one
-exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth and its stall profile shows each block's MMA fences
-waiting on loads that land in registers (BENCHMARKS.md, 2026-12-05), while Mosaic GPU's TMA streams the same pages
-through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several pages deep
-(`plgpu.emit_pipeline`), and no fence waits for them.
+Experimental and opt-in (`paged_attention_mgpu.paged_attention`; `benchmarks/attention.py --tunings
+'[{"kernel":"mgpu"}]'`); the dispatcher runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every
+layout and, as measured, is faster. Why this one exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
+and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
+streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
+pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, 2026-12-05,
+batch 32 x 16K): correct, and 1.6x slower than the Triton kernel (4/4 0.535 against 0.328 ms), the same for 2-, 4-bit
+and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the copies.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -14,17 +16,20 @@ Same contract as `paged_attention_reference` (pages only; `num_tokens` a multipl
 
 One program per (sequence, KV head, split of its pages), one warpgroup. Per page (64 tokens):
 
-- keys, transposed orientation: scores^T [64 tokens, 8 query columns] = K [64, D] @ q^T [D, 8]. K is the A operand in
-  registers: each 16-bit word of codes is split into its 16/b fields (shift, mask) and each field OR-ed into the
-  mantissa of bf16 128.0 (`0x4300 | code` = 128 + code exactly, no int-to-float instruction); the fields of all words,
-  side by side, are the head's dims in a fixed permutation, which the wrapper applies to q instead. The per-token
-  scale multiplies the raw dot and the zero-point (less the 128 offset) times the query's sum is added;
-- softmax: the online softmax over the page's tokens (a maximum across the 64 rows each page), base 2;
-- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operands are built as K's and staged in shared memory (the
-  MMA takes a transposed A only from there), P = p x the token's value scale, as two bf16 terms side by side in the
-  16 columns (summed by the wrapper); the zero-point term and the sum of p accumulate per row and are reduced once.
+- keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
+  group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
+  operand in registers: each code byte is widened to 16 bits, split into its 8/b fields (shift, mask), each field
+  OR-ed into the mantissa of bf16 128.0 (`0x4300 | code` = 128 + code, no int-to-float instruction) and 128
+  subtracted (exact); the fields of all bytes, side by side, are the head's dims in a fixed permutation
+  (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point x sum(q);
+- softmax: the online softmax over the page's tokens (a maximum across the 64 rows, i.e. the four warps), base 2;
+- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operand is built as K's and staged in shared memory (the
+  MMA takes a transposed A only from there); P = p x the token's value scale, its first bf16 term in columns 0-7 and
+  the second in 8-15 (summed by the wrapper); the zero-point term and the sum of p accumulate per row, reduced once.
 
-The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`).
+The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`). Under `interpret`
+(Mosaic GPU's CPU interpreter, how the tests run it) the key operand goes through shared memory, as the interpreter
+takes MMA operands only from there.
 """
 
 from __future__ import annotations
@@ -139,8 +144,9 @@ def paged_attention(
     qf = jnp.concatenate([qf, qf], axis=2)
     qsum = jnp.sum(qf, axis=-1)  # [B, H, COLS]: the zero-point term's weight
     qp = qf[..., kperm]
-    # split with bit operations (`round_bf16`): XLA on GPU drops an f32 -> bf16 -> f32 round trip, which zeroed q's
-    # second term when compiled (4/4 at "high" 4.5e-4 relative instead of ~5e-6, H100 2026-12-05)
+    # split with bit operations (`round_bf16`): XLA on GPU may drop an f32 -> bf16 -> f32 round trip, the likely
+    # reason a compiled check with bf16 queries gave 4.5e-4 at "high" instead of the interpreter's ~5e-6 (H100,
+    # 2026-12-05; not yet rechecked compiled with this split, BENCHMARKS.md)
     q_hi, hi32 = ta.round_bf16(qp)
     q_lo, _ = ta.round_bf16(qp - hi32)
     if precision == "bf16":
