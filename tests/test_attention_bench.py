@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+
+from kvtuner_jax.specs import KVSpec
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
 bench = importlib.util.module_from_spec(spec)
@@ -72,3 +76,12 @@ def test_store_scales_shrink_with_the_code_range():
         assert span.min() >= 0.02 * 15 * 0.99 and span.max() <= 0.3 * 15 * 1.01, bits
         assert span.max() - span.min() > 0.5 * (0.3 - 0.02) * 15  # drawn over the range, not one value
         assert int(np.asarray(codes).max()) > 200 and zero is not None
+
+
+def test_kernel_choice_is_checked():
+    """`{"kernel": ...}` in a tuning picks the Triton or the Mosaic GPU kernel; anything else is refused by name."""
+    spec = KVSpec(bits=4, axis="token", group_size=bench.D)
+    with pytest.raises(ValueError, match="kernel='cuda'"):
+        bench.paged_attention(None, k_spec=spec, v_spec=spec, kernel="cuda")
+    with pytest.raises(ValueError, match="paged_attention_mgpu: keys: 8-bit"):
+        bench.check_small(KVSpec(bits=8, axis="token", group_size=bench.D), spec, 64, {"kernel": "mgpu"})
