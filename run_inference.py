@@ -15,6 +15,7 @@ from absl import app, flags, logging
 from kvtuner_jax import sharding as sh
 from kvtuner_jax.inference import InferenceConfig, define_kv_flags, kv_flags_from, main_guard, run
 from kvtuner_jax.sampling import SamplingParams
+from pallas_kernels.paged_attention import PRECISIONS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -43,7 +44,7 @@ flags.DEFINE_enum("backend", "auto", ["auto", "reference", "gpu", "tpu"], "Atten
 flags.DEFINE_enum(
     "attention_precision",
     "auto",
-    ["auto", "high", "bf16"],
+    list(PRECISIONS),
     "Paged-attention operands: 'auto' (bf16 in layers with per-channel quantized keys, where it is ~1.5x faster on "
     "GPU and far below their quantization error; 'high' elsewhere), 'high' (~16-bit splits, matches the float32 "
     "reference to ~1e-5 in every layer) or 'bf16' (FlashAttention-level).",

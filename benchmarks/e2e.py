@@ -47,6 +47,7 @@ from kvtuner_jax import model, planner
 from kvtuner_jax.engine import Engine
 from kvtuner_jax.errors import CacheError
 from kvtuner_jax.sampling import SamplingParams
+from pallas_kernels.paged_attention import PRECISIONS
 
 SCHEDULE = Path(__file__).resolve().parent.parent / "configs" / "llama31_8b_kvtuner_3.25bit.json"
 DEFAULT_MANIFESTS = ("16/16", "8/8", "kvtuner3.25", "4/4", "2/2")
@@ -186,9 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure_max_batch", action="store_true", help="also time each manifest at its largest batch")
     p.add_argument("--max_batch_cap", type=int, default=512)
     p.add_argument("--backend", default="auto")
-    p.add_argument(
-        "--precision", default="auto", choices=["auto", "high", "bf16"], help="paged-attention operand precision"
-    )
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="paged-attention operand precision")
     p.add_argument(
         "--kernel_options",
         default="{}",

@@ -18,6 +18,7 @@ from benchmarks.e2e import build_manifest, model_config
 from kvtuner_jax import model
 from kvtuner_jax.cache import BatchInfo
 from kvtuner_jax.engine import Engine
+from pallas_kernels.paged_attention import PRECISIONS
 
 
 def main(argv=None):
@@ -27,7 +28,7 @@ def main(argv=None):
     p.add_argument("--kv_budget_gb", type=float, default=8.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "high", "bf16"])
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     args = p.parse_args(argv)
     cfg = model_config(args.shape)
     params = jax.eval_shape(lambda: model.init_random_params(cfg, jax.random.key(0)))

@@ -65,16 +65,15 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
         raise ValueError(f"pages per sequence {m} must be a multiple of --splits {splits}")
     per_split = m // splits
     codes = [x.ndim == 4 for x in stores]
-    views = stores
     out_types = []
-    for x, is_codes in zip(views, codes, strict=True):
+    for x, is_codes in zip(stores, codes, strict=True):
         if is_codes:
             out_types.append(jax.ShapeDtypeStruct((b, h, splits, p, x.shape[3]), x.dtype))
         else:
             out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.float32))
 
     def kernel(table_ref, *refs):
-        in_refs, out_refs = refs[: len(views)], refs[len(views) :]
+        in_refs, out_refs = refs[: len(stores)], refs[len(stores) :]
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
 
         def spec(x, is_codes):
@@ -99,7 +98,7 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
             plgpu.layout_cast(jnp.zeros((p, x.shape[3]), x.dtype), tile)
             if c
             else plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row)
-            for x, c in zip(views, codes, strict=True)
+            for x, c in zip(stores, codes, strict=True)
         )
 
         def body(_, *args):
@@ -114,7 +113,7 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
         pipe = plgpu.emit_pipeline(
             body,
             grid=(per_split,),
-            in_specs=[spec(x, c) for x, c in zip(views, codes, strict=True)],
+            in_specs=[spec(x, c) for x, c in zip(stores, codes, strict=True)],
             max_concurrent_steps=stages,
             init_carry=init,
         )
@@ -130,7 +129,7 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(page_table, *views)
+    return f(page_table, *stores)
 
 
 def reference(stores, page_table, splits: int):
@@ -227,7 +226,7 @@ def main(argv=None):
                 row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
                 try:
                     row["check_rel_err"] = check(config, splits, stages, args.page, interpret=args.interpret)
-                    fn = functools.partial(_timed_stream, splits=splits, stages=stages, interpret=args.interpret)
+                    fn = functools.partial(stream_pages, splits=splits, stages=stages, interpret=args.interpret)
                     t = bench.timed(fn, stores, [(tables[i],) for i in range(copies)], args.reps, args.trials)
                     row.update(time_s=t, gbps=row["bytes"] / t / 1e9, pct_bw=100 * row["bytes"] / t / best_bw)
                 except Exception as e:  # a depth that does not fit shared memory: record it, keep going
@@ -254,10 +253,6 @@ def main(argv=None):
         pct = f"{r['pct_bw']:.1f}" if "pct_bw" in r else r.get("error", r.get("skipped", ""))[:60]
         xj = f"{r['x_jax']:.2f}" if "x_jax" in r else ""
         print(f"{r['config']:8} {name:34} {ms:>8} {pct:>6} {xj:>6}")
-
-
-def _timed_stream(stores, table, *, splits, stages, interpret):
-    return stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret)
 
 
 def _bench_args(args):

@@ -177,7 +177,7 @@ def paged_attention(
     # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, COLS]
     m, l, z = (x[..., :GROUP] for x in (m, l, z))
     o = o[..., :GROUP] + o[..., GROUP:] + z[:, :, :, None, :]
-    o = jnp.zeros_like(o).at[:, :, :, vperm, :].set(o)  # operand row i holds dim vperm[i]
+    o = o[:, :, :, jnp.argsort(vperm), :]  # operand row i holds dim vperm[i]
     o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
     out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
