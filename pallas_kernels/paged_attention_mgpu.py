@@ -49,7 +49,12 @@ GROUP = 8  # query heads per KV head at most: the GQA group, padded to 8 columns
 COLS = 2 * GROUP  # MMA columns: the group twice, so that p's two bf16 terms sit side by side in the value MMA
 MAGIC = 0x4300  # bf16 128.0: OR-ing a code of up to 7 bits into its mantissa gives 128 + code
 MAGIC_VALUE = 128.0
+MAGIC_F16 = 0x6400  # f16 1024.0: its 10 mantissa bits hold a whole code byte, so fields need no shift
+MAGIC_F16_VALUE = 1024.0
+Q_F16_TOP = 2.0**14  # f16 keys: each query row is scaled by a power of two to put its largest element near this
 LOG2E = math.log2(math.e)
+SOFTMAXES = ("fixed", "running")
+FIXED_L_LIMIT = 2.0**64  # a fixed-reference split whose sum of p reaches this counts as overflowed
 
 
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
@@ -80,15 +85,30 @@ def field_permutation(head_dim: int, bits: int):
     return jnp.asarray([c * per + j for j in range(per) for c in range(nbytes)], jnp.int32)
 
 
-def _operand(codes, bits: int):
+def _finite_or_zero(m):
+    """A softmax reference: 0 where no finite score was seen (masked -inf scores then give p = 0, never NaN)."""
+    return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def _operand(codes, bits: int, f16: bool = False):
     """Code bytes [rows, C] (uint8, any layout) -> bf16 [rows, C * 8/bits]: the codes, fields side by side.
 
     Each field OR-ed into bf16 128.0's mantissa is 128 + code; subtracting 128 (exact in bf16) leaves the code. The
     subtraction is not folded into the zero-point: against 128 + code, the bf16 rounding of q and p would be
     amplified ~30x by the cancellation with the zero-point term (measured: 4/4 at bf16 precision 3e-2 relative
-    instead of 1e-3)."""
+    instead of 1e-3).
+
+    `f16`: f16 operands without shifts: f16's 10 mantissa bits hold the whole byte, so each field is masked in
+    place and OR-ed into f16 1024.0, giving 1024 + code x 2^(bits j) for field j; after subtracting 1024 (exact)
+    field j is its code times 2^(bits j), which the caller folds into the other operand."""
     mask = (1 << bits) - 1
     wide = codes.astype(jnp.uint16)  # Mosaic GPU does only bitwise operations on 8-bit registers
+    if f16:
+        fields = [
+            jax.lax.bitcast_convert_type((wide & (mask << (bits * j))) | MAGIC_F16, jnp.float16)
+            for j in range(8 // bits)
+        ]
+        return jnp.concatenate(fields, axis=1) - jnp.asarray(MAGIC_F16_VALUE, jnp.float16)
     fields = [
         jax.lax.bitcast_convert_type(((wide >> (bits * j)) & mask) | MAGIC, jnp.bfloat16) for j in range(8 // bits)
     ]
@@ -113,12 +133,24 @@ def paged_attention(
     num_splits: int | None = None,
     stages: int = 4,
     swizzle_codes: bool = True,
+    softmax: str = "fixed",
+    key_f16: bool = False,
+    approx_math: bool = False,
+    auto_barriers: bool = True,
+    profile_dir: str | None = None,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
     [B, Hq, 1] base e), as `paged_attention_reference`. `num_splits` programs per (sequence, KV head) along the pages
     (default: enough programs for two per SM of an H100, dividing the pages); `stages` pages in flight per program;
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows).
+    `softmax`: "fixed" (probabilities against each split's first-page maximum, no rescaling, the value MMA left in
+    flight under the next page's key work; a split that overflows is redone with "running") or "running" (the online
+    softmax, a maximum across the warps per page). `key_f16`: the key operand and q as f16 (fields masked in place,
+    no shifts; see `_operand`). `approx_math`: Mosaic GPU's approximate exp2; `auto_barriers=False`:
+    Mosaic GPU's `unsafe_no_auto_barriers` (every shared-memory tile here is written by threads and read only by the
+    MMAs, after a wait, so its conditions hold); `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named
+    regions there (`benchmarks/mgpu_trace.py` sums it).
     `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the
     interpreter takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -127,6 +159,8 @@ def paged_attention(
         raise ValueError(f"paged_attention_mgpu: {why}")
     if precision not in KERNEL_PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
+    if softmax not in SOFTMAXES:
+        raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     b, hq, _, d = q.shape
     h = k_codes.shape[0]
     group = hq // h
@@ -144,20 +178,32 @@ def paged_attention(
     qf = jnp.concatenate([qf, qf], axis=2)
     qsum = jnp.sum(qf, axis=-1)  # [B, H, COLS]: the zero-point term's weight
     qp = qf[..., kperm]
+    gain = jnp.ones_like(qsum)  # scores = kscale x (raw MMA result / gain) + kzero x qsum
+    if key_f16:
+        # key field j comes out as code x 2^(kb j): q's column takes 2^-(kb j); then each row is scaled by a power
+        # of two that puts its largest element near Q_F16_TOP (f16 range; small elements stay normal longer)
+        nbytes = d * kb // 8
+        qp = qp * jnp.exp2(-float(kb) * (jnp.arange(d) // nbytes)).astype(jnp.float32)
+        top = jnp.max(jnp.abs(qp), axis=(-1, -2), keepdims=True)
+        e = jnp.floor(jnp.log2(Q_F16_TOP / jnp.where(top > 0, top, 1.0)))
+        gain = jnp.broadcast_to(jnp.exp2(e)[..., 0], qsum.shape)
+        qp = qp * jnp.exp2(e)
     # split with bit operations (`round_bf16`): XLA on GPU may drop an f32 -> bf16 -> f32 round trip, the likely
     # reason a compiled check with bf16 queries gave 4.5e-4 at "high" instead of the interpreter's ~5e-6 (H100,
     # 2026-12-05; not yet rechecked compiled with this split, BENCHMARKS.md)
-    q_hi, hi32 = ta.round_bf16(qp)
-    q_lo, _ = ta.round_bf16(qp - hi32)
+    split = ta.round_f16 if key_f16 else ta.round_bf16
+    q_hi, hi32 = split(qp)
+    q_lo, _ = split(qp - hi32)
     if precision == "bf16":
         q_lo = jnp.zeros_like(q_lo)
 
     def rows(x):  # per-token scale/zero [H, N, P, 1] -> [H, N, P], the same bytes (no copy of the pool)
         return None if x is None else x.reshape(x.shape[:3])
 
-    o, m, l, z = _call(
+    call = functools.partial(
+        _call,
         jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * COLS, D]: both terms in one copy
-        qsum,
+        jnp.stack([qsum, 1.0 / gain], axis=2),  # [B, H, 2, COLS]
         k_codes,
         rows(k_scale),
         rows(k_zero),
@@ -171,16 +217,36 @@ def paged_attention(
         splits=splits,
         stages=stages,
         swizzle_codes=swizzle_codes,
+        key_f16=key_f16,
         two_terms=precision == "high",
+        approx_math=approx_math,
+        auto_barriers=auto_barriers,
+        profile_dir=profile_dir,
         interpret=interpret,
     )
+    if softmax == "fixed":
+        res = call(fixed=True)
+        # redo everything with the online softmax if any split overflowed against its fixed reference (a score ~127
+        # above it in base 2, or sums of p from FIXED_L_LIMIT): never seen on real scores, exact either way
+        res = jax.lax.cond(overflowed(*res), lambda: call(fixed=False), lambda: res)
+    else:
+        res = call(fixed=False)
+    o, m, l, z = res
     # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, COLS]
     m, l, z = (x[..., :GROUP] for x in (m, l, z))
+    m = jnp.where(l > 0, m, -jnp.inf)  # a split that saw no token (its fixed reference is 0) adds nothing
     o = o[..., :GROUP] + o[..., GROUP:] + z[:, :, :, None, :]
     o = o[:, :, :, jnp.argsort(vperm), :]  # operand row i holds dim vperm[i]
     o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
     out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def overflowed(o, m, l, z) -> jnp.ndarray:
+    """Whether any split of a fixed-reference result overflowed: a non-finite part or a sum of p from
+    FIXED_L_LIMIT (its p-weighted sums could then be past float32 range in the caller's combine)."""
+    bad = ~jnp.all(jnp.isfinite(o)) | ~jnp.all(jnp.isfinite(z)) | ~jnp.all(jnp.isfinite(l))
+    return bad | jnp.any(l >= FIXED_L_LIMIT)
 
 
 def _default_splits(programs: int, max_pages: int, stages: int, target: int = 264) -> int:
@@ -198,9 +264,37 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 26
     return best
 
 
-@functools.partial(jax.jit, static_argnames=("kb", "vb", "splits", "stages", "swizzle_codes", "two_terms", "interpret"))
+STATIC = (
+    "kb", "vb", "splits", "stages", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math", "auto_barriers",
+    "profile_dir", "interpret",
+)  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=STATIC)
 def _call(
-    q2, qsum, kc, ks, kz, vc, vs, vz, table, lengths, *, kb, vb, splits, stages, swizzle_codes, two_terms, interpret
+    q2,
+    qaux,
+    kc,
+    ks,
+    kz,
+    vc,
+    vs,
+    vz,
+    table,
+    lengths,
+    *,
+    kb,
+    vb,
+    splits,
+    stages,
+    swizzle_codes,
+    key_f16,
+    two_terms,
+    fixed,
+    approx_math,
+    auto_barriers,
+    profile_dir,
+    interpret,
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
     (symmetric)."""
@@ -230,7 +324,8 @@ def _call(
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
         plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
-        qsum_c = plgpu.load(qs_ref.at[bi, hi], layout=col, optimized=False)
+        qsum_c = plgpu.load(qs_ref.at[bi, hi, 0], layout=col, optimized=False)
+        ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False)
         length = len_ref[bi]
         first = si * per_split
         second = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
@@ -257,49 +352,64 @@ def _call(
                 return scale, scale * -(2.0 ** (bits - 1))
             return scale, bcast_row(plgpu.load(zero_s, layout=row).astype(jnp.float32))
 
-        def body(idx, *args):
+        def body(o_acc, idx, *args):
             smem, (m, l_acc, z_acc, o) = list(args[:-1]), args[-1]
             kc_s, ks_s = smem.pop(0), smem.pop(0)
             kz_s = smem.pop(0) if has["kz"] else None
             vc_s, vs_s = smem.pop(0), smem.pop(0)
             vz_s = smem.pop(0) if has["vz"] else None
             (i,) = idx
-            a = _operand(plgpu.load(kc_s, layout=tile), kb)  # [64, D] bf16, dims permuted
-            if interpret:  # the interpreter's MMA reads operands from shared memory only
-                scr["k_stage"][...] = a
-                plgpu.commit_smem()
-                a = scr["k_stage"]
+            with jax.named_scope("k_operand"):
+                a = _operand(plgpu.load(kc_s, layout=tile), kb, key_f16)  # [64, D] bf16 (f16), dims permuted
+                if interpret:  # the interpreter's MMA reads operands from shared memory only
+                    scr["k_stage"][...] = a
+                    plgpu.commit_smem()
+                    a = scr["k_stage"]
 
             def scores(acc):
-                plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
-                if two_terms:
-                    plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
-                plgpu.wgmma_wait(0)
-                return acc[...]
+                with jax.named_scope("scores"):
+                    plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
+                    if two_terms:
+                        plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
+                with jax.named_scope("v_operand"):  # under the score MMA
+                    v_op = _operand(plgpu.load(vc_s, layout=tile), vb)
+                with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
+                    plgpu.wgmma_wait(0)
+                return acc[...], v_op
 
-            raw = pl.run_scoped(scores, plgpu.ACC((PAGE, cols), jnp.float32))
-            qsum = jax.lax.broadcast_in_dim(qsum_c, (PAGE, cols), [1])
-            kscale, kzero = scale_zero(ks_s, kz_s, kb)
-            s = kscale * raw + kzero * qsum
-            tok = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 0, layout=tile) + (first + i) * PAGE
-            s = jnp.where(tok < length, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(axis=0))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m - m_safe)
-            p = jnp.exp2(s - jax.lax.broadcast_in_dim(m_safe, (PAGE, cols), [1]))
+            raw, v_op = pl.run_scoped(scores, plgpu.ACC((PAGE, cols), jnp.float32))
+            with jax.named_scope("softmax"):
+                qsum = jax.lax.broadcast_in_dim(qsum_c, (PAGE, cols), [1])
+                ginv = jax.lax.broadcast_in_dim(ginv_c, (PAGE, cols), [1])
+                kscale, kzero = scale_zero(ks_s, kz_s, kb)
+                s = kscale * (raw * ginv) + kzero * qsum
+                tok = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 0, layout=tile) + (first + i) * PAGE
+                s = jnp.where(tok < length, s, -jnp.inf)
+                if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
+                    m_new = ref = jax.lax.cond(i == 0, lambda: _finite_or_zero(s.max(axis=0)), lambda: m)
+                else:
+                    m_new = jnp.maximum(m, s.max(axis=0))
+                    ref = _finite_or_zero(m_new)
+                    alpha = jnp.exp2(m - ref)
 
-            def rescale(x):
-                return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
+                    def rescale(x):
+                        return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
 
-            l_acc = rescale(l_acc) + p
-            vscale, vzero = scale_zero(vs_s, vz_s, vb)
-            z_acc = rescale(z_acc) + p * vzero
-            pv = p * vscale
-            p_hi = pv.astype(jnp.bfloat16)
-            p_lo = (pv - p_hi.astype(jnp.float32)).astype(jnp.bfloat16) if two_terms else jnp.zeros_like(p_hi)
-            p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
-            v_stage[...] = _operand(plgpu.load(vc_s, layout=tile), vb)
-            plgpu.commit_smem()
+                p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (PAGE, cols), [1]))
+                vscale, vzero = scale_zero(vs_s, vz_s, vb)
+                l_acc = (l_acc if fixed else rescale(l_acc)) + p
+                z_acc = (z_acc if fixed else rescale(z_acc)) + p * vzero
+                pv = p * vscale
+                p_hi = pv.astype(jnp.bfloat16)
+                p_lo = (pv - p_hi.astype(jnp.float32)).astype(jnp.bfloat16) if two_terms else jnp.zeros_like(p_hi)
+            with jax.named_scope("stage"):
+                p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
+                v_stage[...] = v_op
+                plgpu.commit_smem()
+            if fixed:  # into the one accumulator, left in flight: the next page's wait retires it
+                with jax.named_scope("values"):
+                    plgpu.wgmma(o_acc, v_stage.T, p_smem)
+                return m_new, l_acc, z_acc, o
 
             def values(acc):
                 plgpu.wgmma(acc, v_stage.T, p_smem)
@@ -308,32 +418,44 @@ def _call(
 
             # the page's part in a fresh accumulator, added to the rescaled sum (one f32 add per element; the
             # interpreter runs no MMA into an initialized accumulator)
-            o = rescale(o) + pl.run_scoped(values, plgpu.ACC((d, cols), jnp.float32))
+            with jax.named_scope("values"):
+                o = rescale(o) + pl.run_scoped(values, plgpu.ACC((d, cols), jnp.float32))
             return m_new, l_acc, z_acc, o
 
         def zeros(shape, lay):
             return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), lay)
 
-        init = (
-            plgpu.layout_cast(jnp.full((cols,), -jnp.inf, jnp.float32), col),
-            zeros((PAGE, cols), tile),
-            zeros((PAGE, cols), tile),
-            zeros((d, cols), tile),
-        )
-        pipe = plgpu.emit_pipeline(
-            body,
-            grid=(per_split,),
-            in_specs=[spec(r) for r in ins],
-            max_concurrent_steps=stages,
-            init_carry=init,
-        )
-        m, l_acc, z_acc, o = pipe(*ins)
+        def pages(o_acc):
+            init = (
+                plgpu.layout_cast(jnp.full((cols,), -jnp.inf, jnp.float32), col),
+                zeros((PAGE, cols), tile),
+                zeros((PAGE, cols), tile),
+                None if fixed else zeros((d, cols), tile),
+            )
+            pipe = plgpu.emit_pipeline(
+                functools.partial(body, o_acc),
+                grid=(per_split,),
+                in_specs=[spec(r) for r in ins],
+                max_concurrent_steps=stages,
+                init_carry=init,
+            )
+            m, l_acc, z_acc, o = pipe(*ins)
+            if fixed:
+                plgpu.wgmma_wait(0)
+                o = o_acc[...]
+            return m, l_acc, z_acc, o
+
+        if fixed:
+            m, l_acc, z_acc, o = pl.run_scoped(pages, plgpu.ACC((d, cols), jnp.float32))
+        else:
+            m, l_acc, z_acc, o = pages(None)
         o_ref[bi, hi, si] = o
         m_ref[bi, hi, si] = m
         l_ref[bi, hi, si] = l_acc.sum(axis=0)
         z_ref[bi, hi, si] = z_acc.sum(axis=0)
 
     f32 = jnp.float32
+    kdt = jnp.float16 if key_f16 else jnp.bfloat16
     out_type = (
         jax.ShapeDtypeStruct((b, h, splits, d, cols), f32),
         jax.ShapeDtypeStruct((b, h, splits, cols), f32),
@@ -341,21 +463,27 @@ def _call(
         jax.ShapeDtypeStruct((b, h, splits, cols), f32),
     )
     scratch = dict(
-        q_smem=plgpu.SMEM((2 * cols, d), jnp.bfloat16, transforms=swizzled(2 * d)),
+        q_smem=plgpu.SMEM((2 * cols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
         v_stage=plgpu.SMEM((PAGE, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
         p_smem=plgpu.SMEM((PAGE, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
         bar=plgpu.Barrier(num_barriers=1),
     )
     if interpret:
-        scratch["k_stage"] = plgpu.SMEM((PAGE, d), jnp.bfloat16, transforms=swizzled(2 * d))
+        scratch["k_stage"] = plgpu.SMEM((PAGE, d), kdt, transforms=swizzled(2 * d))
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=scratch,
         grid=(splits, h, b),
         grid_names=("split", "head", "batch"),
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Lane,
+            approx_math=approx_math,
+            unsafe_no_auto_barriers=not auto_barriers,
+            # one range per named region per page, a few more
+            **(dict(profile_space=8 * per_split + 16, profile_dir=profile_dir) if profile_dir else {}),
+        ),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(q2, qsum, *pools, table, lengths)
+    return f(q2, qaux, *pools, table, lengths)

@@ -67,6 +67,62 @@ def test_matches_reference(kb, vb, extra, precision):
     np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
 
 
+@pytest.mark.parametrize("kb,vb,extra", [(4, 4, {"seed": 6}), (2, 4, {"symmetric": True, "group": 3, "seed": 7})])
+def test_running_softmax_matches_reference(kb, vb, extra):
+    """The online-softmax kernel (the fixed one's redo) on its own."""
+    args, kw = _case(kb, vb, lengths=[4 * PAGE, PAGE + 17, 0], **extra)
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, softmax="running", num_splits=2, interpret=not COMPILED)
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
+    seen = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL["high"])
+    assert np.all(np.isneginf(lse[~seen]))
+
+
+@pytest.mark.parametrize(
+    "kb,vb,extra,precision",
+    [(4, 4, {"seed": 10}, "high"), (2, 4, {"symmetric": True, "group": 8, "d": 64, "seed": 11}, "bf16")],
+)
+def test_f16_keys_match_reference(kb, vb, extra, precision):
+    """Keys as f16 operands (fields masked in place, their powers of two and a per-row gain folded into q)."""
+    args, kw = _case(kb, vb, **extra)
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, key_f16=True, precision=precision, interpret=not COMPILED)
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
+    seen = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+
+
+def test_fixed_softmax_overflow_is_redone(monkeypatch):
+    """Keys of a sequence's later pages ~100x its first page's: scores rise far more than 127 (base 2) above the
+    fixed reference, the fixed pass overflows, and the result is the online softmax's, equal to the reference."""
+    args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=8)
+    key = jax.random.key(9)
+    d, h = 128, 2
+    table = args[7]
+    n = args[1].shape[1]
+    first = jnp.zeros((n,), bool).at[table[:, 0]].set(True)  # the physical pages that are a sequence's first
+    mag = jnp.where(first, 0.05, 5.0)[None, :, None, None]
+    k = quantize_pages(jax.random.normal(key, (h, n, PAGE, d)) * mag, kw["k_spec"])
+    q = args[0] * 8
+    args = (q, *k, *args[4:])
+    seen = []
+    real = mg.overflowed
+    monkeypatch.setattr(mg, "overflowed", lambda *r: seen.append(bool(real(*r))) or real(*r))
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, num_splits=1, interpret=not COMPILED)
+    assert seen == [True]  # the fixed pass did overflow: what is checked below is the redo
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.all(np.isfinite(got))
+    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5)
+
+
 def test_splits_combine_exactly():
     """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact."""
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=5)
