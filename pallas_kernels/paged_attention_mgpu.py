@@ -132,6 +132,7 @@ def paged_attention(
     precision: str = "high",
     num_splits: int | None = None,
     stages: int = 4,
+    pages_per_step: int = 1,
     swizzle_codes: bool = True,
     softmax: str = "fixed",
     key_f16: bool = False,
@@ -141,18 +142,20 @@ def paged_attention(
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
-    [B, Hq, 1] base e), as `paged_attention_reference`. `num_splits` programs per (sequence, KV head) along the pages
-    (default: enough programs for two per SM of an H100, dividing the pages); `stages` pages in flight per program;
-    `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows).
-    `softmax`: "fixed" (probabilities against each split's first-page maximum, no rescaling, the value MMA left in
-    flight under the next page's key work; a split that overflows is redone with "running") or "running" (the online
-    softmax, a maximum across the warps per page). `key_f16`: the key operand and q as f16 (fields masked in place,
-    no shifts; see `_operand`). `approx_math`: Mosaic GPU's approximate exp2; `auto_barriers=False`:
-    Mosaic GPU's `unsafe_no_auto_barriers` (every shared-memory tile here is written by threads and read only by the
-    MMAs, after a wait, so its conditions hold); `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named
-    regions there (`benchmarks/mgpu_trace.py` sums it).
-    `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the
-    interpreter takes MMA operands only from there); compiled, it stays in registers."""
+    [B, Hq, 1] base e), as `paged_attention_reference`.
+
+    `num_splits`: programs per (sequence, KV head) along the pages (default: enough programs for two per SM of an
+    H100, dividing the pages). `stages`: steps in flight per program. `pages_per_step`: 1 or 2 pages per step (two
+    share one chain of MMAs, waits and barriers). `swizzle_codes`: code tiles swizzled in shared memory (False:
+    plain rows). `softmax`: "fixed" (probabilities against each split's first-page maximum, no rescaling, the value
+    MMA left in flight under the next page's key work; a split that overflows is redone with "running") or
+    "running" (the online softmax, a maximum across the warps per page). `key_f16`: the key operand and q as f16
+    (fields masked in place, no shifts; see `_operand`). `approx_math`: Mosaic GPU's approximate exp2.
+    `auto_barriers=False`: Mosaic GPU's `unsafe_no_auto_barriers`, a timing probe only (what the barriers cost):
+    without them nothing stops the pipeline refilling a page slot while a warp still reads its codes.
+    `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions there (`benchmarks/mgpu_trace.py`
+    sums it). `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory
+    (the interpreter takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
     why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if why:
@@ -168,6 +171,10 @@ def paged_attention(
     splits = num_splits or _default_splits(b * h, max_pages, stages)
     if max_pages % splits:
         raise ValueError(f"num_splits={splits} must divide the page table's {max_pages} pages")
+    if pages_per_step not in (1, 2) or (max_pages // splits) % pages_per_step:
+        raise ValueError(
+            f"pages_per_step={pages_per_step}: expected 1 or 2, dividing each split's {max_pages // splits} pages"
+        )
 
     kb, vb = k_spec.bits, v_spec.bits
     kperm, vperm = field_permutation(d, kb), field_permutation(d, vb)
@@ -216,6 +223,7 @@ def paged_attention(
         vb=vb,
         splits=splits,
         stages=stages,
+        pps=pages_per_step,
         swizzle_codes=swizzle_codes,
         key_f16=key_f16,
         two_terms=precision == "high",
@@ -265,8 +273,8 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 26
 
 
 STATIC = (
-    "kb", "vb", "splits", "stages", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math", "auto_barriers",
-    "profile_dir", "interpret",
+    "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math",
+    "auto_barriers", "profile_dir", "interpret",
 )  # fmt: skip
 
 
@@ -287,6 +295,7 @@ def _call(
     vb,
     splits,
     stages,
+    pps,
     swizzle_codes,
     key_f16,
     two_terms,
@@ -328,14 +337,15 @@ def _call(
         ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False)
         length = len_ref[bi]
         first = si * per_split
-        second = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
+        rows_ = PAGE * pps  # token rows per step
+        second = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
-        def spec(ref):
+        def spec(ref, which):  # page `which` of each step's `pps`
             codes = ref.ndim == 4
 
             def index(i):
                 # entries past a sequence's pages may be anything (-1 in tests): clamped, and their tokens masked
-                page = jnp.clip(tab_ref[bi, first + i], 0, n_pages - 1)
+                page = jnp.clip(tab_ref[bi, first + pps * i + which], 0, n_pages - 1)
                 return (hi, page, 0, 0) if codes else (hi, page, 0)
 
             if not codes:
@@ -343,24 +353,30 @@ def _call(
             tf = swizzled(ref.shape[3], 1) if swizzle_codes else ()
             return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=tf)
 
+        def rows_of(refs, f):  # f(ref) [64, ...] per page of the step, stacked into [rows_, ...]
+            parts = [f(r) for r in refs]
+            return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
+
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
 
-        def scale_zero(scale_s, zero_s, bits):  # one page's per-token scales and zero terms, float32 [64, cols]
-            scale = bcast_row(plgpu.load(scale_s, layout=row).astype(jnp.float32))
+        def scale_zero(scale_s, zero_s, bits):  # the step's per-token scales and zero terms, float32 [rows_, cols]
+            scale = rows_of(scale_s, lambda r: bcast_row(plgpu.load(r, layout=row).astype(jnp.float32)))
             if zero_s is None:  # symmetric: codes offset by 2^(b-1)
                 return scale, scale * -(2.0 ** (bits - 1))
-            return scale, bcast_row(plgpu.load(zero_s, layout=row).astype(jnp.float32))
+            return scale, rows_of(zero_s, lambda r: bcast_row(plgpu.load(r, layout=row).astype(jnp.float32)))
 
         def body(o_acc, idx, *args):
             smem, (m, l_acc, z_acc, o) = list(args[:-1]), args[-1]
-            kc_s, ks_s = smem.pop(0), smem.pop(0)
-            kz_s = smem.pop(0) if has["kz"] else None
-            vc_s, vs_s = smem.pop(0), smem.pop(0)
-            vz_s = smem.pop(0) if has["vz"] else None
+            names = [n for n in ("kc", "ks", "kz", "vc", "vs", "vz") if has.get(n, True)]
+            by_name = {n: [] for n in names}  # per pool, the step's pages' slots (in_specs: page-major)
+            for _ in range(pps):
+                for n in names:
+                    by_name[n].append(smem.pop(0))
+            kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (by_name.get(n) for n in ("kc", "ks", "kz", "vc", "vs", "vz"))
             (i,) = idx
-            with jax.named_scope("k_operand"):
-                a = _operand(plgpu.load(kc_s, layout=tile), kb, key_f16)  # [64, D] bf16 (f16), dims permuted
+            with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
+                a = rows_of(kc_s, lambda r: _operand(plgpu.load(r, layout=tile), kb, key_f16))
                 if interpret:  # the interpreter's MMA reads operands from shared memory only
                     scr["k_stage"][...] = a
                     plgpu.commit_smem()
@@ -372,18 +388,18 @@ def _call(
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
                 with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = _operand(plgpu.load(vc_s, layout=tile), vb)
+                    v_op = rows_of(vc_s, lambda r: _operand(plgpu.load(r, layout=tile), vb))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
 
-            raw, v_op = pl.run_scoped(scores, plgpu.ACC((PAGE, cols), jnp.float32))
+            raw, v_op = pl.run_scoped(scores, plgpu.ACC((rows_, cols), jnp.float32))
             with jax.named_scope("softmax"):
-                qsum = jax.lax.broadcast_in_dim(qsum_c, (PAGE, cols), [1])
-                ginv = jax.lax.broadcast_in_dim(ginv_c, (PAGE, cols), [1])
+                qsum = jax.lax.broadcast_in_dim(qsum_c, (rows_, cols), [1])
+                ginv = jax.lax.broadcast_in_dim(ginv_c, (rows_, cols), [1])
                 kscale, kzero = scale_zero(ks_s, kz_s, kb)
                 s = kscale * (raw * ginv) + kzero * qsum
-                tok = plgpu.broadcasted_iota(jnp.int32, (PAGE, cols), 0, layout=tile) + (first + i) * PAGE
+                tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pps * i) * PAGE
                 s = jnp.where(tok < length, s, -jnp.inf)
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
                     m_new = ref = jax.lax.cond(i == 0, lambda: _finite_or_zero(s.max(axis=0)), lambda: m)
@@ -395,7 +411,7 @@ def _call(
                     def rescale(x):
                         return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
 
-                p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (PAGE, cols), [1]))
+                p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (rows_, cols), [1]))
                 vscale, vzero = scale_zero(vs_s, vz_s, vb)
                 l_acc = (l_acc if fixed else rescale(l_acc)) + p
                 z_acc = (z_acc if fixed else rescale(z_acc)) + p * vzero
@@ -428,18 +444,18 @@ def _call(
         def pages(o_acc):
             init = (
                 plgpu.layout_cast(jnp.full((cols,), -jnp.inf, jnp.float32), col),
-                zeros((PAGE, cols), tile),
-                zeros((PAGE, cols), tile),
+                zeros((rows_, cols), tile),
+                zeros((rows_, cols), tile),
                 None if fixed else zeros((d, cols), tile),
             )
             pipe = plgpu.emit_pipeline(
                 functools.partial(body, o_acc),
-                grid=(per_split,),
-                in_specs=[spec(r) for r in ins],
+                grid=(per_split // pps,),
+                in_specs=[spec(r, w) for w in range(pps) for r in ins],
                 max_concurrent_steps=stages,
                 init_carry=init,
             )
-            m, l_acc, z_acc, o = pipe(*ins)
+            m, l_acc, z_acc, o = pipe(*(ins * pps))  # each pool once per page of the step
             if fixed:
                 plgpu.wgmma_wait(0)
                 o = o_acc[...]
@@ -465,12 +481,12 @@ def _call(
     scratch = dict(
         q_smem=plgpu.SMEM((2 * cols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
-        v_stage=plgpu.SMEM((PAGE, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
-        p_smem=plgpu.SMEM((PAGE, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
+        v_stage=plgpu.SMEM((PAGE * pps, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
+        p_smem=plgpu.SMEM((PAGE * pps, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
         bar=plgpu.Barrier(num_barriers=1),
     )
     if interpret:
-        scratch["k_stage"] = plgpu.SMEM((PAGE, d), kdt, transforms=swizzled(2 * d))
+        scratch["k_stage"] = plgpu.SMEM((PAGE * pps, d), kdt, transforms=swizzled(2 * d))
     f = plgpu.kernel(
         kernel,
         out_type=out_type,

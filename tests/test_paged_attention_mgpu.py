@@ -97,6 +97,22 @@ def test_f16_keys_match_reference(kb, vb, extra, precision):
     np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
 
 
+@pytest.mark.parametrize("softmax", ["fixed", "running"])
+def test_two_pages_per_step(softmax):
+    """Two pages stacked into one 128-row step (one chain of MMAs for both), lengths ending mid-step."""
+    args, kw = _case(4, 2, lengths=[4 * PAGE, 3 * PAGE, PAGE], seed=12)
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(
+        *args, **kw, pages_per_step=2, num_splits=1, softmax=softmax, key_f16=True, interpret=not COMPILED
+    )
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
+    np.testing.assert_allclose(lse, want_lse, atol=50 * TOL["high"])
+    with pytest.raises(ValueError, match="pages_per_step=2"):
+        mg.paged_attention(*args, **kw, pages_per_step=2, num_splits=4)  # one page per split
+
+
 def test_fixed_softmax_overflow_is_redone(monkeypatch):
     """Keys of a sequence's later pages ~100x its first page's: scores rise far more than 127 (base 2) above the
     fixed reference, the fixed pass overflows, and the result is the online softmax's, equal to the reference."""
