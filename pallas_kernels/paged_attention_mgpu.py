@@ -22,10 +22,21 @@ One program per (sequence, KV head, split of its pages), one warpgroup. Per page
   OR-ed into the mantissa of bf16 128.0 (`0x4300 | code` = 128 + code, no int-to-float instruction) and 128
   subtracted (exact); the fields of all bytes, side by side, are the head's dims in a fixed permutation
   (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point x sum(q);
-- softmax: the online softmax over the page's tokens (a maximum across the 64 rows, i.e. the four warps), base 2;
-- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operand is built as K's and staged in shared memory (the
-  MMA takes a transposed A only from there); P = p x the token's value scale, its first bf16 term in columns 0-7 and
-  the second in 8-15 (summed by the wrapper); the zero-point term and the sum of p accumulate per row, reduced once.
+- softmax (`softmax="fixed"`, the default): probabilities against a fixed reference, each split's first-page
+  maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; a
+  split that overflows (a score ~127 above its reference, or sums of p from 2^64) makes the wrapper redo the call
+  with `softmax="running"`, the online softmax (a maximum across the 64 rows per page and rescaled sums);
+- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operand is built as K's while the score MMA runs and
+  staged in shared memory (the MMA takes a transposed A only from there); P = p x the token's value scale, its
+  first bf16 term in columns 0-7 and the second in 8-15 (summed by the wrapper); the zero-point term and the sum of
+  p accumulate per row, reduced once. With the fixed reference the value MMA accumulates into one accumulator for
+  the whole split and is left in flight: the next page's key work runs under it.
+
+Options built to shorten that chain (2026-12-06; interpreted tests against the reference, GPU timing pending, see
+BENCHMARKS.md): `key_f16` (keys and q as f16: f16's 10 mantissa bits hold a whole code byte, so each field is
+masked in place with no shift, its power of two folded into q), `pages_per_step=2` (two pages share one step's
+MMA waits, barriers and fence), `approx_math`, and Mosaic GPU's profiler over the named regions of the chain
+(`profile_dir`; `benchmarks/mgpu_trace.py` sums it).
 
 The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`). Under `interpret`
 (Mosaic GPU's CPU interpreter, how the tests run it) the key operand goes through shared memory, as the interpreter
