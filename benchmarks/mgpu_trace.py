@@ -10,6 +10,7 @@ its share of the warpgroups' summed wall time. On the device, e.g.:
     python3 benchmarks/mgpu_trace.py /tmp/trace
 
 Times are cycles (the trace's "ts" is the cycle counter / 1000); the profiler's own stores add ~10 cycles a region.
+The kernel creates `profile_dir`; Mosaic GPU keeps the first trace of a kernel there and warns for later calls.
 """
 
 from __future__ import annotations

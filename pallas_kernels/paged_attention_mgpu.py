@@ -5,9 +5,12 @@ Experimental and opt-in (`paged_attention_mgpu.paged_attention`; `benchmarks/att
 layout and, as measured, is faster. Why this one exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
 and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
 streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
-pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, 2026-12-05,
-batch 32 x 16K): correct, and 1.6x slower than the Triton kernel (4/4 0.535 against 0.328 ms), the same for 2-, 4-bit
-and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the copies.
+pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
+16K): correct, and slower than the Triton kernel: 1.6x at first (2026-12-05, 4/4 0.535 against 0.328 ms, the same
+for 2-, 4-bit and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the
+copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325 ms). Its profiler trace puts a
+third of each page outside the attention work (the page pipeline's six copies and their barriers), 30% in unpacking
+codes and 13% in staging V and p.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -32,11 +35,12 @@ One program per (sequence, KV head, split of its pages), one warpgroup. Per page
   p accumulate per row, reduced once. With the fixed reference the value MMA accumulates into one accumulator for
   the whole split and is left in flight: the next page's key work runs under it.
 
-Options built to shorten that chain (2026-12-06; interpreted tests against the reference, GPU timing pending, see
-BENCHMARKS.md): `key_f16` (keys and q as f16: f16's 10 mantissa bits hold a whole code byte, so each field is
-masked in place with no shift, its power of two folded into q), `pages_per_step=2` (two pages share one step's
-MMA waits, barriers and fence), `approx_math`, and Mosaic GPU's profiler over the named regions of the chain
-(`profile_dir`; `benchmarks/mgpu_trace.py` sums it).
+Options built to shorten that chain (2026-12-06; tested against the reference interpreted and compiled; on an H100
+all of them together took 4/4 from 0.452 to 0.445 ms, f16 keys unpack 19% faster; BENCHMARKS.md): `key_f16` (keys
+and q as f16: f16's 10 mantissa bits hold a whole code byte, so each field is masked in place with no shift, its
+power of two folded into q), `pages_per_step=2` (two pages share one step's MMA waits, barriers and fence),
+`approx_math`, and Mosaic GPU's profiler over the named regions of the chain (`profile_dir`;
+`benchmarks/mgpu_trace.py` sums it).
 
 The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`). Under `interpret`
 (Mosaic GPU's CPU interpreter, how the tests run it) the key operand goes through shared memory, as the interpreter
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -175,6 +180,8 @@ def paged_attention(
         raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
     if softmax not in SOFTMAXES:
         raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
+    if profile_dir:
+        os.makedirs(profile_dir, exist_ok=True)  # Mosaic GPU writes its trace there but does not create it
     b, hq, _, d = q.shape
     h = k_codes.shape[0]
     group = hq // h
