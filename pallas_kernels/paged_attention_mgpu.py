@@ -213,9 +213,9 @@ def paged_attention(
         e = jnp.floor(jnp.log2(Q_F16_TOP / jnp.where(top > 0, top, 1.0)))
         gain = jnp.broadcast_to(jnp.exp2(e)[..., 0], qsum.shape)
         qp = qp * jnp.exp2(e)
-    # split with bit operations (`round_bf16`): XLA on GPU may drop an f32 -> bf16 -> f32 round trip, the likely
-    # reason a compiled check with bf16 queries gave 4.5e-4 at "high" instead of the interpreter's ~5e-6 (H100,
-    # 2026-12-05; not yet rechecked compiled with this split, BENCHMARKS.md)
+    # split with bit operations (`round_bf16`): XLA on GPU may drop an f32 -> bf16 -> f32 round trip; with a plain
+    # cast a compiled check with bf16 queries gave 4.5e-4 at "high" (H100, 2026-12-05), with this split the compiled
+    # tests meet 1e-4 (H100, 2026-12-06; BENCHMARKS.md)
     split = ta.round_f16 if key_f16 else ta.round_bf16
     q_hi, hi32 = split(qp)
     q_lo, _ = split(qp - hi32)
