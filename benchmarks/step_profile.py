@@ -34,6 +34,7 @@ import e2e  # noqa: E402
 
 from kvtuner_jax import model  # noqa: E402
 from kvtuner_jax.sampling import SamplingParams  # noqa: E402
+from pallas_kernels.paged_attention import PRECISIONS  # noqa: E402
 
 GROUPS = (  # first match wins
     ("paged attention", re.compile(r"paged_attention")),
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="recorded decode steps")
     p.add_argument("--backend", default="auto")
-    p.add_argument("--precision", default="auto", choices=e2e.PRECISIONS)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--top", type=int, default=25, help="kernels listed")
     p.add_argument("--trace_dir", default=None, help="keep the raw trace here (default: a temporary folder)")
     p.add_argument("--out", default=None, help="JSON summary")

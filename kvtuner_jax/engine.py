@@ -146,8 +146,7 @@ class Engine:
     bfloat16 for a bf16 model, float32 otherwise). backend / interpret: kernel choice, as in `cache.PagedAttention`.
     precision: paged-attention operand precision: "auto" (default: bf16 operands in layers with per-channel
     quantized keys, whose kernel runs ~1.5x faster that way and whose quantization error dwarfs bf16's; "high"
-    elsewhere),
-    "high" (every layer agrees with the reference to ~1e-5) or "bf16" (FlashAttention-level); see
+    elsewhere), "high" (every layer agrees with the reference to ~1e-5) or "bf16" (FlashAttention-level); see
     `pallas_kernels.paged_attention.resolve_precision`.
     eos_ids: default stop tokens (default: the model's eos_token_ids).
     """

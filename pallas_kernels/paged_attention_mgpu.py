@@ -101,11 +101,6 @@ def field_permutation(head_dim: int, bits: int):
     return jnp.asarray([c * per + j for j in range(per) for c in range(nbytes)], jnp.int32)
 
 
-def _finite_or_zero(m):
-    """A softmax reference: 0 where no finite score was seen (masked -inf scores then give p = 0, never NaN)."""
-    return jnp.where(m == -jnp.inf, 0.0, m)
-
-
 def _operand(codes, bits: int, f16: bool = False):
     """Code bytes [rows, C] (uint8, any layout) -> bf16 [rows, C * 8/bits]: the codes, fields side by side.
 
@@ -352,7 +347,8 @@ def _call(
         plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
         plgpu.barrier_wait(bar.at[0])
         qsum_c = plgpu.load(qs_ref.at[bi, hi, 0], layout=col, optimized=False)
-        ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False)
+        # f16 keys: 1 / each row's gain (see the wrapper); bf16 keys have none, and skip the multiply
+        ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False) if key_f16 else None
         length = len_ref[bi]
         first = si * per_split
         rows_ = PAGE * pps  # token rows per step
@@ -414,16 +410,17 @@ def _call(
             raw, v_op = pl.run_scoped(scores, plgpu.ACC((rows_, cols), jnp.float32))
             with jax.named_scope("softmax"):
                 qsum = jax.lax.broadcast_in_dim(qsum_c, (rows_, cols), [1])
-                ginv = jax.lax.broadcast_in_dim(ginv_c, (rows_, cols), [1])
+                if key_f16:
+                    raw = raw * jax.lax.broadcast_in_dim(ginv_c, (rows_, cols), [1])
                 kscale, kzero = scale_zero(ks_s, kz_s, kb)
-                s = kscale * (raw * ginv) + kzero * qsum
+                s = kscale * raw + kzero * qsum
                 tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pps * i) * PAGE
                 s = jnp.where(tok < length, s, -jnp.inf)
+                # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
-                    m_new = ref = jax.lax.cond(i == 0, lambda: _finite_or_zero(s.max(axis=0)), lambda: m)
+                    m_new = ref = jax.lax.cond(i == 0, lambda: ta.running_max(m, [s], 0)[1], lambda: m)
                 else:
-                    m_new = jnp.maximum(m, s.max(axis=0))
-                    ref = _finite_or_zero(m_new)
+                    m_new, ref = ta.running_max(m, [s], 0)
                     alpha = jnp.exp2(m - ref)
 
                     def rescale(x):

@@ -273,7 +273,7 @@ def fold_scores(dots: jnp.ndarray, scale: jnp.ndarray, zterm: jnp.ndarray, qsum:
     return dots * scale[:, None] + zterm[:, None] * qsum[None, :]
 
 
-def _running_max(m: jnp.ndarray, s_tiles, axis: int):
+def running_max(m: jnp.ndarray, s_tiles, axis: int):
     """(running max after these tiles, the same with -inf, i.e. nothing seen yet, as 0): m has the tiles' shape without
     the token axis `axis`, or with it kept as 1."""
     keep = m.ndim == s_tiles[0].ndim
@@ -296,7 +296,7 @@ def online_softmax_step(m: jnp.ndarray, l: jnp.ndarray, s: jnp.ndarray, *, axis:
     Returns `(m_new, alpha, p, l_new)`; accumulators are multiplied by `alpha` before adding `p`-weighted values. A
     block with no valid token leaves the state unchanged (alpha = 1, p = 0).
     """
-    m_new, m_safe = _running_max(m, [s], axis)
+    m_new, m_safe = running_max(m, [s], axis)
     alpha = exp2(m - m_safe)
     p = exp2(_shift(s, m_safe, axis))
     l_new = l * alpha + jnp.sum(p, axis=axis, keepdims=m.ndim == s.ndim)
@@ -310,7 +310,7 @@ def online_softmax_step_deferred(m: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, ex
     Sums over the token axis cost a cross-warp reduction (shared memory and barriers) per block on a GPU when tokens
     are spread over warps; rescaling by alpha commutes with the sum, so the kernel sums `l_acc` once at the end.
     """
-    m_new, m_safe = _running_max(m, s_tiles, 0)
+    m_new, m_safe = running_max(m, s_tiles, 0)
     alpha = exp2(m - m_safe)
     ps, l_acc = fixed_softmax_step(m_safe, l_acc * alpha[None, :], s_tiles, exp2)  # the step against the new max
     return m_new, alpha, ps, l_acc
