@@ -17,7 +17,10 @@ keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`
 128, GQA groups up to 8, pages of 64 tokens; precision "high" (query and probabilities each two bf16 terms) or "bf16".
 Same contract as `paged_attention_reference` (pages only; `num_tokens` a multiple of the page size).
 
-One program per (sequence, KV head, split of its pages), one warpgroup. Per page (64 tokens):
+One program per (sequence, KV head, split of its pages), one warpgroup. Splits may differ by one page (any count
+from 1 to the table's pages), and each program copies its split's slice of the page table into shared memory
+first (`table_smem`; else every page copy's index is a global-memory read on the step's path). The page pipeline's
+length is dynamic: pages past the sequence's length are never copied. Per page (64 tokens):
 
 - keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
   group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
@@ -150,13 +153,15 @@ def paged_attention(
     approx_math: bool = False,
     auto_barriers: bool = True,
     profile_dir: str | None = None,
+    table_smem: bool = True,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
     [B, Hq, 1] base e), as `paged_attention_reference`.
 
-    `num_splits`: programs per (sequence, KV head) along the pages (default: enough programs for two per SM of an
-    H100, dividing the pages). `stages`: steps in flight per program. `pages_per_step`: 1 or 2 pages per step (two
+    `num_splits`: programs per (sequence, KV head) along the pages, 1 to the page table's length; splits differ by
+    at most one page (default: enough programs for two per SM of an H100, dividing the pages). `table_smem`: read
+    the page table from shared memory (a copy of the split's slice) rather than global memory. `stages`: steps in flight per program. `pages_per_step`: 1 or 2 pages per step (two
     share one chain of MMAs, waits and barriers). `swizzle_codes`: code tiles swizzled in shared memory (False:
     plain rows). `softmax`: "fixed" (probabilities against each split's first-page maximum, no rescaling, the value
     MMA left in flight under the next page's key work; a split that overflows is redone with "running") or
@@ -182,12 +187,10 @@ def paged_attention(
     group = hq // h
     max_pages = page_table.shape[1]
     splits = num_splits or _default_splits(b * h, max_pages, stages)
-    if max_pages % splits:
-        raise ValueError(f"num_splits={splits} must divide the page table's {max_pages} pages")
-    if pages_per_step not in (1, 2) or (max_pages // splits) % pages_per_step:
-        raise ValueError(
-            f"pages_per_step={pages_per_step}: expected 1 or 2, dividing each split's {max_pages // splits} pages"
-        )
+    if not 1 <= splits <= max_pages:
+        raise ValueError(f"num_splits={splits}: expected 1 to the page table's {max_pages} pages")
+    if pages_per_step not in (1, 2):
+        raise ValueError(f"pages_per_step={pages_per_step}: expected 1 or 2")
 
     kb, vb = k_spec.bits, v_spec.bits
     kperm, vperm = field_permutation(d, kb), field_permutation(d, vb)
@@ -230,7 +233,7 @@ def paged_attention(
         v_codes,
         rows(v_scale),
         rows(v_zero),
-        page_table.astype(jnp.int32),
+        _split_table(page_table.astype(jnp.int32), splits) if table_smem else page_table.astype(jnp.int32),
         num_tokens.astype(jnp.int32),
         kb=kb,
         vb=vb,
@@ -243,6 +246,8 @@ def paged_attention(
         approx_math=approx_math,
         auto_barriers=auto_barriers,
         profile_dir=profile_dir,
+        table_smem=table_smem,
+        table_pages=max_pages,
         interpret=interpret,
     )
     if softmax == "fixed":
@@ -270,6 +275,29 @@ def overflowed(o, m, l, z) -> jnp.ndarray:
     return bad | jnp.any(l >= FIXED_L_LIMIT)
 
 
+TABLE_BOX = 256  # TMA copies at most this many elements along each dimension
+TABLE_COLS = 64  # a split's page-table slice longer than TABLE_BOX is copied as rows of this many
+
+
+def split_bounds(pages: int, splits: int, split):
+    """Split `split` of `splits` covers pages [start, end) of a page table of `pages`: sizes differ by at most one."""
+    return split * pages // splits, (split + 1) * pages // splits
+
+
+def _split_table(table, splits: int):
+    """[B, pages] -> [B, splits, rows, cols]: each split's slice of the page table (`split_bounds`) as one TMA box
+    (at most TABLE_BOX each way, and a multiple of 128 bytes: what Mosaic GPU copies). Entries past a split's own
+    pages repeat its last one or the next split's; the kernel masks their tokens."""
+    b, pages = table.shape
+    per = -(-pages // splits)  # the longest split
+    cols = -(-per // 32) * 32 if per <= TABLE_BOX else TABLE_COLS
+    unit = 32 // math.gcd(cols, 32)  # rows x cols a multiple of 32 entries (128 bytes)
+    rows = math.ceil(math.ceil(per / cols) / unit) * unit
+    start = jnp.asarray([split_bounds(pages, splits, s)[0] for s in range(splits)], jnp.int32)
+    idx = jnp.minimum(start[:, None] + jnp.arange(rows * cols, dtype=jnp.int32)[None], pages - 1)
+    return table[:, idx].reshape(b, splits, rows, cols)
+
+
 def _default_splits(programs: int, max_pages: int, stages: int, target: int = 264) -> int:
     """The fewest splits (dividing the pages, at least `stages` pages each where possible) that give `target`
     programs (two per SM of an H100's 132)."""
@@ -287,7 +315,7 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 26
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "interpret",
+    "auto_barriers", "profile_dir", "table_smem", "table_pages", "interpret",
 )  # fmt: skip
 
 
@@ -316,16 +344,19 @@ def _call(
     approx_math,
     auto_barriers,
     profile_dir,
+    table_smem,
+    table_pages,
     interpret,
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
-    (symmetric)."""
+    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, h, cols, d = q2.shape
     cols //= 2
-    per_split = table.shape[1] // splits
+    per_split = -(-table_pages // splits)  # the longest split
+    tcols, tsize = table.shape[-1], math.prod(table.shape[2:])
     n_pages = kc.shape[1]
     pools = [x for x in (kc, ks, kz, vc, vs, vz) if x is not None]
     has = dict(kz=kz is not None, vz=vz is not None)
@@ -345,12 +376,20 @@ def _call(
         q_smem, v_stage, p_smem, bar = scr["q_smem"], scr["v_stage"], scr["p_smem"], scr["bar"]
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
         plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
+        if table_smem:  # the split's slice of the page table, so that each copy's index is a shared-memory read
+            plgpu.copy_gmem_to_smem(tab_ref.at[bi, si], scr["tab_smem"], bar.at[1])
+            plgpu.barrier_wait(bar.at[1])
         plgpu.barrier_wait(bar.at[0])
         qsum_c = plgpu.load(qs_ref.at[bi, hi, 0], layout=col, optimized=False)
         # f16 keys: 1 / each row's gain (see the wrapper); bf16 keys have none, and skip the multiply
         ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False) if key_f16 else None
         length = len_ref[bi]
-        first = si * per_split
+        # this split's pages [first, end), those holding tokens only: the pipeline's grid is dynamic, so pages past
+        # the sequence's length are never copied; tokens from `limit` on are masked (mid-page, or a second page of
+        # the last step that belongs to the next split)
+        first, end = split_bounds(table_pages, splits, si)
+        steps = (jnp.clip(jnp.minimum(end, (length + PAGE - 1) // PAGE) - first, 0) + pps - 1) // pps
+        limit = jnp.minimum(length, end * PAGE)
         rows_ = PAGE * pps  # token rows per step
         second = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
@@ -359,7 +398,12 @@ def _call(
 
             def index(i):
                 # entries past a sequence's pages may be anything (-1 in tests): clamped, and their tokens masked
-                page = jnp.clip(tab_ref[bi, first + pps * i + which], 0, n_pages - 1)
+                if table_smem:
+                    j = jnp.minimum(pps * i + which, tsize - 1)
+                    entry = scr["tab_smem"][j // tcols, j % tcols]
+                else:
+                    entry = tab_ref[bi, jnp.minimum(first + pps * i + which, table_pages - 1)]
+                page = jnp.clip(entry, 0, n_pages - 1)
                 return (hi, page, 0, 0) if codes else (hi, page, 0)
 
             if not codes:
@@ -415,7 +459,7 @@ def _call(
                 kscale, kzero = scale_zero(ks_s, kz_s, kb)
                 s = kscale * raw + kzero * qsum
                 tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pps * i) * PAGE
-                s = jnp.where(tok < length, s, -jnp.inf)
+                s = jnp.where(tok < limit, s, -jnp.inf)
                 # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
                     m_new = ref = jax.lax.cond(i == 0, lambda: ta.running_max(m, [s], 0)[1], lambda: m)
@@ -465,7 +509,7 @@ def _call(
             )
             pipe = plgpu.emit_pipeline(
                 functools.partial(body, o_acc),
-                grid=(per_split // pps,),
+                grid=(steps,),
                 in_specs=[spec(r, w) for w in range(pps) for r in ins],
                 max_concurrent_steps=stages,
                 init_carry=init,
@@ -498,8 +542,10 @@ def _call(
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
         v_stage=plgpu.SMEM((PAGE * pps, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
         p_smem=plgpu.SMEM((PAGE * pps, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
-        bar=plgpu.Barrier(num_barriers=1),
+        bar=plgpu.Barrier(num_barriers=2),
     )
+    if table_smem:
+        scratch["tab_smem"] = plgpu.SMEM(table.shape[2:], jnp.int32)
     if interpret:
         scratch["k_stage"] = plgpu.SMEM((PAGE * pps, d), kdt, transforms=swizzled(2 * d))
     f = plgpu.kernel(

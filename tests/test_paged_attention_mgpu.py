@@ -109,8 +109,13 @@ def test_two_pages_per_step(softmax):
     got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
     assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
     np.testing.assert_allclose(lse, want_lse, atol=50 * TOL["high"])
-    with pytest.raises(ValueError, match="pages_per_step=2"):
-        mg.paged_attention(*args, **kw, pages_per_step=2, num_splits=4)  # one page per split
+    # three splits of 1, 1 and 2 pages: a step's second page past its split's end belongs to the next split, and
+    # is masked, not counted twice
+    got3, lse3 = mg.paged_attention(*args, **kw, pages_per_step=2, num_splits=3, interpret=not COMPILED)
+    assert np.max(np.abs(np.asarray(got3) - want)) <= TOL["high"] * np.max(np.abs(want))
+    np.testing.assert_allclose(np.asarray(lse3), want_lse, atol=50 * TOL["high"])
+    with pytest.raises(ValueError, match="pages_per_step=3"):
+        mg.paged_attention(*args, **kw, pages_per_step=3)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
@@ -149,11 +154,41 @@ def test_splits_combine_exactly():
     np.testing.assert_allclose(np.asarray(l1), np.asarray(l4), rtol=0, atol=1e-5)
 
 
-def test_lowers_for_cuda():
-    args, kw = _case(4, 2, b=2, pages=8)
+@pytest.mark.parametrize("box", [None, 4])
+def test_page_table_in_shared_memory(monkeypatch, box):
+    """The split's page-table slice copied to shared memory: 6 pages a split (padded to a box of 32 entries, 128
+    bytes), or, with the box limit lowered to 4, as rows of 4 (the layout of slices past TMA's 256; 8 rows, 128
+    bytes); equal to reading it from global memory (`table_smem=False`) and to the reference. The table's unused
+    entries are -1 and out of range."""
+    if box:
+        monkeypatch.setattr(mg, "TABLE_BOX", box)
+        monkeypatch.setattr(mg, "TABLE_COLS", box)
+    args, kw = _case(4, 4, b=2, pages=6, lengths=[6 * PAGE - 5, 2 * PAGE], seed=13)
+    t = mg._split_table(args[7], 1)
+    assert t.shape == ((2, 1, 1, 32) if box is None else (2, 1, 8, 4))
+    np.testing.assert_array_equal(np.asarray(t).reshape(2, -1)[:, :6], np.asarray(args[7]))
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, num_splits=1, stages=2, interpret=not COMPILED)
+    old, old_lse = mg.paged_attention(*args, **kw, num_splits=1, stages=2, table_smem=False, interpret=not COMPILED)
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
+    np.testing.assert_allclose(lse, want_lse, atol=50 * TOL["high"])
+    np.testing.assert_array_equal(np.asarray(old), got)
+    np.testing.assert_array_equal(np.asarray(old_lse), lse)
+
+
+@pytest.mark.parametrize(
+    "pages,opts",
+    [(8, {}), (8, {"table_smem": False}), (300, {"num_splits": 1, "pages_per_step": 2}), (9, {"num_splits": 4})],
+)
+def test_lowers_for_cuda(pages, opts):
+    """Compiled lowering checks what the interpreter does not (e.g. copy sizes): the page table from shared memory
+    or global memory, a split past TMA's 256-entry box, ragged splits."""
+    args, kw = _case(4, 2, b=2, pages=pages)
 
     def f(*a):
-        return mg.paged_attention(*a, **kw)
+        return mg.paged_attention(*a, **kw, **opts)
 
     sds = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in args]
     assert "mosaic_gpu" in export.export(jax.jit(f), platforms=["cuda"])(*sds).mlir_module()
@@ -182,5 +217,5 @@ def test_refuses_prefill_and_wide_groups():
     wide = jnp.concatenate([q, q], axis=1)  # GQA group 16
     with pytest.raises(ValueError, match="GQA group 16"):
         mg.paged_attention(wide, *args[1:], **kw)
-    with pytest.raises(ValueError, match="num_splits=3"):
+    with pytest.raises(ValueError, match="num_splits=3: expected 1 to the page table's 2 pages"):
         mg.paged_attention(*args, **kw, num_splits=3)
