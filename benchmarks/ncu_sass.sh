@@ -12,7 +12,9 @@ name=$(echo "$cfg" | tr '/' 'x')
 mkdir -p "$out"
 run=(python3 benchmarks/attention.py --once "$cfg" --batches 32 --contexts 16384 --tuning "$tuning")
 common=(--clock-control none --kernel-name "${NCU_KERNEL:-regex:paged}" --launch-count 1)
-ncu "${common[@]}" --metrics sass__inst_executed_per_opcode,smsp__inst_executed.sum,launch__registers_per_thread \
+metrics=sass__inst_executed_per_opcode,smsp__inst_executed.sum,launch__registers_per_thread,launch__grid_size
+metrics+=,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,launch__waves_per_multiprocessor
+ncu "${common[@]}" --metrics "$metrics" \
     --print-metric-instances values "${run[@]}" >"$out/${name}_opcodes.txt" 2>&1
 ncu "${common[@]}" --section SourceCounters --section WarpStateStats --page source --print-source sass --csv \
     "${run[@]}" >"$out/${name}_sass.csv" 2>&1

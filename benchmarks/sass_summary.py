@@ -1,6 +1,7 @@
 """Summarize the SASS listing that `benchmarks/ncu_sass.sh` writes (Nsight Compute source page, CSV): executed
 instructions and warp-stall samples per opcode, normalized per warp and per 64-token block of one KV head, and the
-hot loop body (instructions executed at least `--min` times per warp-block) with their stall samples.
+hot loop body (instructions executed at least `--min` times per warp-block) with their stall samples; and the
+stall samples by reason.
 
     python3 benchmarks/sass_summary.py notes/ncu/h200_4x4_bf16_sass.csv.gz --blocks 65536
 """
@@ -43,6 +44,15 @@ def main(argv=None) -> None:
     print(f"{'opcode':10s} {'% inst':>7s} {'/warp/blk':>9s} {'% stalls':>8s}")
     for op, c in ops.most_common(30):
         print(f"{op:10s} {100 * c / total:7.1f} {c / norm:9.1f} {100 * ops_st[op] / stalls:8.1f}")
+    reasons = [(c, i) for i, c in enumerate(h) if c.startswith("stall_") and not c.endswith("(Not Issued)")]
+    by_reason = {c: sum(int(r[i] or 0) for r in data) for c, i in reasons}
+    if by_reason:
+        print(
+            "stall samples by reason: "
+            + ", ".join(
+                f"{c[6:]} {100 * n / stalls:.1f}%" for c, n in sorted(by_reason.items(), key=lambda x: -x[1]) if n
+            )
+        )
     if args.body:
         for k, r in enumerate(data):
             if int(r[ix]) / norm >= args.min:

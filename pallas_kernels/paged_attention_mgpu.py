@@ -58,6 +58,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import tile_attention as ta
@@ -96,12 +97,23 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     return None
 
 
-def field_permutation(head_dim: int, bits: int):
-    """perm[i] = the head dim that operand column i holds: column j*C + c is field j of code byte c (C bytes), i.e.
-    dim c * (8 / bits) + j (codes packed LSB first along the head dim)."""
+def field_permutation(head_dim: int, bits: int, words: bool = False):
+    """(perm, field): perm[i] = the head dim that operand column i holds, field[i] = which field of its code byte it
+    is (dim = byte * (8 / bits) + field: codes packed LSB first along the head dim).
+
+    Plain (`_operand`): column j*C + c is field j of byte c (C bytes a row). `words` (`_operand_words`): each thread
+    holds 4 bytes of a row at once (Mosaic GPU's 8-bit MMA layout: bytes 16i + 4m + b, b < 4, for lane m of a
+    quad) and needs its fields where the 16-bit MMA layout puts that lane's columns (8i' + 2m + e, e < 2): column
+    8i' + 2m + e, with i' = (2i + k) * (8 / bits) + j, is field j of byte 16i + 4m + 2k + e."""
     per = 8 // bits
-    nbytes = head_dim // per
-    return jnp.asarray([c * per + j for j in range(per) for c in range(nbytes)], jnp.int32)
+    col = np.arange(head_dim)
+    if words:
+        tile, m, e = col // 8, (col % 8) // 2, col % 2
+        j, pair = tile % per, tile // per
+        byte = 16 * (pair // 2) + 4 * m + 2 * (pair % 2) + e
+    else:
+        j, byte = col // (head_dim // per), col % (head_dim // per)
+    return jnp.asarray(byte * per + j, jnp.int32), jnp.asarray(j, jnp.int32)
 
 
 def _operand(codes, bits: int, f16: bool = False):
@@ -129,6 +141,70 @@ def _operand(codes, bits: int, f16: bool = False):
     return jnp.concatenate(fields, axis=1) - jnp.asarray(MAGIC_VALUE, jnp.bfloat16)
 
 
+def _operand_words(codes, bits: int, f16: bool = False):
+    """`_operand` for code bytes loaded four to a register (layout WGMMA_8BIT), columns as `field_permutation(...,
+    words=True)`, in jnp (how the interpreter runs it; compiled, `_operand_words_mgpu` does the same in registers)."""
+    rows, nbytes = codes.shape
+    per, mask = 8 // bits, (1 << bits) - 1
+    x = codes.astype(jnp.uint16).reshape(rows, nbytes // 16, 4, 2, 2)  # byte 16i + 4m + 2k + e: (i, m, k, e)
+    if f16:
+        fields = [(x & (mask << (bits * j))) | MAGIC_F16 for j in range(per)]
+    else:
+        fields = [((x >> (bits * j)) & mask) | MAGIC for j in range(per)]
+    f = jnp.stack(fields, axis=-1).transpose(0, 1, 3, 5, 2, 4).reshape(rows, nbytes * per)  # (i, k, j, m, e)
+    dt, magic = (jnp.float16, MAGIC_F16_VALUE) if f16 else (jnp.bfloat16, MAGIC_VALUE)
+    return jax.lax.bitcast_convert_type(f, dt) - jnp.asarray(magic, dt)
+
+
+def _operand_words_mgpu(ref, bits: int, f16: bool):
+    """Compiled `_operand_words`: a [64, C] code tile in shared memory -> the [64, C * 8/bits] operand in the MMA
+    layout. Per register of four code bytes: one mask (and one shift for bf16) per field for all four bytes, one
+    `prmt` per two output elements that puts two masked bytes under the magic exponent byte, one packed subtract:
+    ~1.4 instructions an element, where the element-wise form (`_operand`: bytes widened to 16 bits one by one,
+    shifted, masked, re-packed) took ~3 (Nsight, H100, 2026-12-06)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith
+
+    rows, nbytes = ref.shape
+    per, mask = 8 // bits, (1 << bits) - 1
+    dt = jnp.float16 if f16 else jnp.bfloat16
+    codes = plgpu.load(ref, layout=plgpu.Layout.WGMMA_8BIT)
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_8BIT,),
+        return_type=plgpu.ShapeDtypeStruct((rows, nbytes * per), dt, layout=plgpu.Layout.WGMMA),
+    )
+    def unpack(ctx, x):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        el = ir.F16Type.get() if f16 else ir.BF16Type.get()
+        pair = ir.VectorType.get((2,), el)
+        magic_byte = (MAGIC_F16 if f16 else MAGIC) >> 8
+        magic = mu.c(magic_byte * 0x01010101, i32)
+        sub = mu.c(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, pair)
+        regs = x.registers  # [row tiles, C / 16, 1, 1, 2 (row halves), 1, ...]: four bytes each
+        shape = list(regs.shape)
+        shape[1] *= 2 * per
+        out = np.empty(shape, dtype=object)
+        for idx in np.ndindex(regs.shape):
+            word = mu.bitcast(regs[idx], i32)
+            for j in range(per):
+                if f16:  # in place: field j of each byte is its code x 2^(bits j), a whole byte under the magic
+                    f = arith.andi(word, mu.c((mask << (bits * j)) * 0x01010101, i32))
+                else:
+                    shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
+                    f = arith.andi(shifted, mu.c(mask * 0x01010101, i32))
+                for k, sel in ((0, 0x4140), (1, 0x4342)):  # bytes 2k, 2k+1 -> the low bytes of two 16-bit lanes
+                    both = mu.bitcast(mu.prmt(f, magic, mu.c(sel, i32)), pair)
+                    out[(idx[0], (2 * idx[1] + k) * per + j, *idx[2:])] = arith.subf(both, sub)
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return unpack(codes)
+
+
 def paged_attention(
     q,
     k_codes,
@@ -154,24 +230,27 @@ def paged_attention(
     auto_barriers: bool = True,
     profile_dir: str | None = None,
     table_smem: bool = True,
+    word_unpack: bool = True,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
     [B, Hq, 1] base e), as `paged_attention_reference`.
 
     `num_splits`: programs per (sequence, KV head) along the pages, 1 to the page table's length; splits differ by
-    at most one page (default: enough programs for two per SM of an H100, dividing the pages). `table_smem`: read
-    the page table from shared memory (a copy of the split's slice) rather than global memory. `stages`: steps in flight per program. `pages_per_step`: 1 or 2 pages per step (two
-    share one chain of MMAs, waits and barriers). `swizzle_codes`: code tiles swizzled in shared memory (False:
-    plain rows). `softmax`: "fixed" (probabilities against each split's first-page maximum, no rescaling, the value
-    MMA left in flight under the next page's key work; a split that overflows is redone with "running") or
-    "running" (the online softmax, a maximum across the warps per page). `key_f16`: the key operand and q as f16
-    (fields masked in place, no shifts; see `_operand`). `approx_math`: Mosaic GPU's approximate exp2.
-    `auto_barriers=False`: Mosaic GPU's `unsafe_no_auto_barriers`, a timing probe only (what the barriers cost):
-    without them nothing stops the pipeline refilling a page slot while a warp still reads its codes.
-    `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions there (`benchmarks/mgpu_trace.py`
-    sums it). `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory
-    (the interpreter takes MMA operands only from there); compiled, it stays in registers."""
+    at most one page (default: `_default_splits`, ~3 waves of programs on an H100). `stages`: steps in flight per
+    program. `pages_per_step`: 1 or 2 pages per step (two share one chain of MMAs, waits and barriers).
+    `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
+    against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
+    work; a split that overflows is redone with "running") or "running" (the online softmax, a maximum across the
+    warps per page). `key_f16`: the key operand and q as f16 (fields masked in place, no shifts; see `_operand`).
+    `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers=False`: Mosaic GPU's `unsafe_no_auto_barriers`, a
+    timing probe only (what the barriers cost): without them nothing stops the pipeline refilling a page slot
+    while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
+    there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a copy of the
+    split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
+    (`_operand_words_mgpu`; False: element-wise, `_operand`). `interpret`: Mosaic GPU's interpreter on the CPU,
+    with the key operand staged through shared memory (the interpreter takes MMA operands only from there);
+    compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
     why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if why:
@@ -193,7 +272,7 @@ def paged_attention(
         raise ValueError(f"pages_per_step={pages_per_step}: expected 1 or 2")
 
     kb, vb = k_spec.bits, v_spec.bits
-    kperm, vperm = field_permutation(d, kb), field_permutation(d, vb)
+    (kperm, kfield), (vperm, _) = field_permutation(d, kb, word_unpack), field_permutation(d, vb, word_unpack)
     # q: [B, H, COLS, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
     # to GROUP columns, twice (columns c and GROUP + c are the same query head)
     qf = q[:, :, 0, :].astype(jnp.float32).reshape(b, h, group, d) * (sm_scale * LOG2E)
@@ -205,8 +284,7 @@ def paged_attention(
     if key_f16:
         # key field j comes out as code x 2^(kb j): q's column takes 2^-(kb j); then each row is scaled by a power
         # of two that puts its largest element near Q_F16_TOP (f16 range; small elements stay normal longer)
-        nbytes = d * kb // 8
-        qp = qp * jnp.exp2(-float(kb) * (jnp.arange(d) // nbytes)).astype(jnp.float32)
+        qp = qp * jnp.exp2(-float(kb) * kfield).astype(jnp.float32)
         top = jnp.max(jnp.abs(qp), axis=(-1, -2), keepdims=True)
         e = jnp.floor(jnp.log2(Q_F16_TOP / jnp.where(top > 0, top, 1.0)))
         gain = jnp.broadcast_to(jnp.exp2(e)[..., 0], qsum.shape)
@@ -247,6 +325,7 @@ def paged_attention(
         auto_barriers=auto_barriers,
         profile_dir=profile_dir,
         table_smem=table_smem,
+        word_unpack=word_unpack,
         table_pages=max_pages,
         interpret=interpret,
     )
@@ -298,24 +377,16 @@ def _split_table(table, splits: int):
     return table[:, idx].reshape(b, splits, rows, cols)
 
 
-def _default_splits(programs: int, max_pages: int, stages: int, target: int = 264) -> int:
-    """The fewest splits (dividing the pages, at least `stages` pages each where possible) that give `target`
-    programs (two per SM of an H100's 132)."""
-    best = 1
-    for s in range(1, max_pages + 1):
-        if max_pages % s:
-            continue
-        if max_pages // s < stages and s > 1:
-            break
-        best = s
-        if programs * s >= target:
-            break
-    return best
+def _default_splits(programs: int, max_pages: int, stages: int, target: int = 792) -> int:
+    """The fewest splits that give `target` programs (three waves of an H100's 132 SMs x 2), each split at least
+    `stages` pages where possible. Measured at batch 32 x 16K (H100, 2026-12-06; 3 programs fit an SM): 1 split
+    0.480 ms, 2 0.445, 3, 4 or 6 0.430, 8 0.437."""
+    return max(1, min(-(-target // programs), max_pages // stages, max_pages))
 
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "table_smem", "table_pages", "interpret",
+    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "interpret",
 )  # fmt: skip
 
 
@@ -345,6 +416,7 @@ def _call(
     auto_barriers,
     profile_dir,
     table_smem,
+    word_unpack,
     table_pages,
     interpret,
 ):
@@ -415,6 +487,13 @@ def _call(
             parts = [f(r) for r in refs]
             return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
 
+        def operand(r, bits, f16=False):  # a page's codes -> its MMA operand (`field_permutation` order)
+            if not word_unpack:
+                return _operand(plgpu.load(r, layout=tile), bits, f16)
+            if interpret:
+                return _operand_words(plgpu.load(r, layout=plgpu.Layout.WGMMA_8BIT), bits, f16)
+            return _operand_words_mgpu(r, bits, f16)
+
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
 
@@ -434,7 +513,7 @@ def _call(
             kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (by_name.get(n) for n in ("kc", "ks", "kz", "vc", "vs", "vz"))
             (i,) = idx
             with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
-                a = rows_of(kc_s, lambda r: _operand(plgpu.load(r, layout=tile), kb, key_f16))
+                a = rows_of(kc_s, lambda r: operand(r, kb, key_f16))
                 if interpret:  # the interpreter's MMA reads operands from shared memory only
                     scr["k_stage"][...] = a
                     plgpu.commit_smem()
@@ -446,7 +525,7 @@ def _call(
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
                 with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = rows_of(vc_s, lambda r: _operand(plgpu.load(r, layout=tile), vb))
+                    v_op = rows_of(vc_s, lambda r: operand(r, vb))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op

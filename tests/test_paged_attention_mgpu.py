@@ -57,7 +57,9 @@ def test_matches_reference(kb, vb, extra, precision):
     args, kw = _case(kb, vb, **extra)
     with jax.default_matmul_precision("highest"):
         want, want_lse = paged_attention_reference(*args, **kw)
-    got, lse = mg.paged_attention(*args, **kw, precision=precision, num_splits=2, interpret=not COMPILED)
+    # the element-wise unpacking (`word_unpack=False`) where the layout is the odd one out
+    plain = dict(word_unpack=False) if extra.get("symmetric") else {}
+    got, lse = mg.paged_attention(*args, **kw, precision=precision, num_splits=2, interpret=not COMPILED, **plain)
     got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
     assert got.shape == want.shape and lse.shape == want_lse.shape
     assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
@@ -65,6 +67,45 @@ def test_matches_reference(kb, vb, extra, precision):
     np.testing.assert_array_equal(np.isfinite(lse), seen)  # -inf exactly where a sequence has no pages
     assert np.all(got[~seen] == 0)
     np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+
+
+@pytest.mark.parametrize(
+    "bits,d,f16", [(4, 128, False), (2, 128, False), (4, 64, True), (2, 64, False), (2, 128, True)]
+)
+def test_word_unpack_columns(bits, d, f16):
+    """A page's codes unpacked four bytes a register (`_operand_words`; compiled, the register-level
+    `_operand_words_mgpu`) into MMA operand columns: column i holds the code of head dim perm[i] (times 2^(bits x
+    field[i]) for f16 operands), checked element by element against numpy on random code bytes."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    nbytes = d * bits // 8
+    codes = np.random.default_rng(bits * d + f16).integers(0, 256, (PAGE, nbytes), dtype=np.uint8)
+    dt = jnp.float16 if f16 else jnp.bfloat16
+
+    def kernel(c_ref, o_ref, c_smem, bar):
+        plgpu.copy_gmem_to_smem(c_ref, c_smem, bar.at[0])
+        plgpu.barrier_wait(bar.at[0])
+        if COMPILED:
+            o_ref[...] = mg._operand_words_mgpu(c_smem, bits, f16)
+        else:
+            o_ref[...] = mg._operand_words(plgpu.load(c_smem, layout=plgpu.Layout.WGMMA_8BIT), bits, f16)
+
+    swz = min(128, nbytes)
+    tf = (plgpu.TilingTransform((8, swz)), plgpu.SwizzleTransform(swz)) if swz >= 32 else ()
+    f = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((PAGE, d), dt),
+        scratch_types=[plgpu.SMEM((PAGE, nbytes), jnp.uint8, transforms=tf), plgpu.Barrier(num_barriers=1)],
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        **({} if COMPILED else {"interpret": plgpu.InterpretGPUParams()}),
+    )
+    got = np.asarray(f(jnp.asarray(codes)).astype(jnp.float32))
+    perm, field = (np.asarray(x) for x in mg.field_permutation(d, bits, words=True))
+    assert sorted(perm) == list(range(d))
+    per = 8 // bits
+    dims = (codes[:, :, None] >> (bits * np.arange(per))) & ((1 << bits) - 1)  # [rows, bytes, field]
+    want = dims.reshape(PAGE, d)[:, perm] * (2.0 ** (bits * field) if f16 else 1.0)
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kb,vb,extra", [(4, 4, {"seed": 6}), (2, 4, {"symmetric": True, "group": 3, "seed": 7})])
