@@ -8,9 +8,10 @@ runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b
 (shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
 with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) it is faster, as
 measured: a Mosaic GPU kernel for per-token 2/4-bit decode (`paged_attention_mgpu`, TMA page copies, codes unpacked
-into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an H100 (4/4 0.535 against
-0.328 ms, 2026-12-05), although TMA streams those pages at 85% of bandwidth (`benchmarks/tma_stream.py`): its
-per-page chain of unpacking, MMAs and softmax in one warpgroup is what needs the choreography (BENCHMARKS.md).
+into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an H100 at first (4/4 0.535
+against 0.328 ms, 2026-12-05) and is still 1.01-1.08x slower for 4/4, 2/2 and 4/2 (2026-12-06, e.g. 4/4 0.368
+against 0.351 ms), although TMA streams those pages at 85% of bandwidth (`benchmarks/tma_stream.py`): its per-page
+chain of unpacking, MMAs and softmax in one warpgroup is what needs the choreography (BENCHMARKS.md).
 BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
 Design (the tile math is in `tile_attention`, whose online-softmax step the TPU kernel runs too):

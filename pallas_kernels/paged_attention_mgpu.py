@@ -8,9 +8,10 @@ streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`)
 pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
 16K): correct, and slower than the Triton kernel: 1.6x at first (2026-12-05, 4/4 0.535 against 0.328 ms, the same
 for 2-, 4-bit and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the
-copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325 ms). Its profiler trace puts a
-third of each page outside the attention work (the page pipeline's six copies and their barriers), 30% in unpacking
-codes and 13% in staging V and p.
+copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325 ms), 1.05x since it unpacks four
+code bytes a register (2026-12-06, 4/4 0.368 against 0.351 ms; 2/2 and 4/2 1.01-1.06x): Nsight counted 787
+instructions per warp per page before that change, 586 after (the Triton kernel: 449). What limits it now is one
+warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3 warpgroups an SM.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -24,10 +25,13 @@ length is dynamic: pages past the sequence's length are never copied. Per page (
 
 - keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
   group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
-  operand in registers: each code byte is widened to 16 bits, split into its 8/b fields (shift, mask), each field
-  OR-ed into the mantissa of bf16 128.0 (`0x4300 | code` = 128 + code, no int-to-float instruction) and 128
-  subtracted (exact); the fields of all bytes, side by side, are the head's dims in a fixed permutation
-  (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point x sum(q);
+  operand in registers: the code tile is loaded four bytes of a row a register (Mosaic GPU's 8-bit MMA layout);
+  per register each field is masked out of all four bytes at once (after one shift for bf16), and one `prmt` puts
+  two masked bytes under bf16 128.0's exponent byte (`0x4300 | code` = 128 + code, no int-to-float instruction),
+  128 then subtracted (exact) (`_operand_words_mgpu`, inline Mosaic GPU; `word_unpack=False`: element by element,
+  `_operand`). The fields land where the 16-bit MMA layout puts each thread's columns, the head's dims in a fixed
+  permutation (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point
+  x sum(q);
 - softmax (`softmax="fixed"`, the default): probabilities against a fixed reference, each split's first-page
   maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; a
   split that overflows (a score ~127 above its reference, or sums of p from 2^64) makes the wrapper redo the call
