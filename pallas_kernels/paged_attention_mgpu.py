@@ -241,8 +241,8 @@ def paged_attention(
     [B, Hq, 1] base e), as `paged_attention_reference`.
 
     `num_splits`: programs per (sequence, KV head) along the pages, 1 to the page table's length; splits differ by
-    at most one page (default: `_default_splits`, ~3 waves of programs on an H100). `stages`: steps in flight per
-    program. `pages_per_step`: 1 or 2 pages per step (two share one chain of MMAs, waits and barriers).
+    at most one page (default: `_default_splits`, two or more waves of programs on an H100). `stages`: steps in
+    flight per program. `pages_per_step`: 1 or 2 pages per step (two share one chain of MMAs, waits and barriers).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
     work; a split that overflows is redone with "running") or "running" (the online softmax, a maximum across the
@@ -386,9 +386,9 @@ def _split_table(table, splits: int):
 
 
 def _default_splits(programs: int, max_pages: int, stages: int, target: int = 792) -> int:
-    """The fewest splits that give `target` programs (three waves of an H100's 132 SMs x 2), each split at least
-    `stages` pages where possible. Measured at batch 32 x 16K (H100, 2026-12-06; 3 programs fit an SM): 1 split
-    0.480 ms, 2 0.445, 3, 4 or 6 0.430, 8 0.437."""
+    """The fewest splits that give `target` programs (792: six per SM of an H100's 132, two waves of the three that
+    fit an SM), each split at least `stages` pages where possible. Measured at batch 32 x 16K (H100, 2026-12-06):
+    1 split 0.480 ms, 2 0.445, 3, 4 or 6 0.430, 8 0.437."""
     return max(1, min(-(-target // programs), max_pages // stages, max_pages))
 
 
