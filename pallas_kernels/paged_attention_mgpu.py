@@ -71,10 +71,9 @@ from pallas_kernels.paged_attention import KERNEL_PRECISIONS, validate
 PAGE = 64  # tokens per page this kernel supports (one MMA tile of rows)
 GROUP = 8  # query heads per KV head at most: the GQA group, padded to 8 columns
 COLS = 2 * GROUP  # MMA columns: the group twice, so that p's two bf16 terms sit side by side in the value MMA
-MAGIC = 0x4300  # bf16 128.0: OR-ing a code of up to 7 bits into its mantissa gives 128 + code
-MAGIC_VALUE = 128.0
-MAGIC_F16 = 0x6400  # f16 1024.0: its 10 mantissa bits hold a whole code byte, so fields need no shift
-MAGIC_F16_VALUE = 1024.0
+MAGIC, MAGIC_VALUE = ta.MAGIC_BITS, ta.MAGIC  # bf16 128.0: OR-ing a code of up to 7 bits into it gives 128 + code
+# f16 1024.0: its 10 mantissa bits hold a whole code byte, so fields need no shift
+MAGIC_F16, MAGIC_F16_VALUE = ta.MAGIC16_BITS, ta.MAGIC16
 Q_F16_TOP = 2.0**14  # f16 keys: each query row is scaled by a power of two to put its largest element near this
 LOG2E = math.log2(math.e)
 SOFTMAXES = ("fixed", "running")
@@ -150,14 +149,16 @@ def _operand_words(codes, bits: int, f16: bool = False):
     words=True)`, in jnp (how the interpreter runs it; compiled, `_operand_words_mgpu` does the same in registers)."""
     rows, nbytes = codes.shape
     per, mask = 8 // bits, (1 << bits) - 1
-    x = codes.astype(jnp.uint16).reshape(rows, nbytes // 16, 4, 2, 2)  # byte 16i + 4m + 2k + e: (i, m, k, e)
-    if f16:
-        fields = [(x & (mask << (bits * j))) | MAGIC_F16 for j in range(per)]
+    x = codes.reshape(rows, nbytes // 16, 4, 2, 2)  # byte 16i + 4m + 2k + e: (i, m, k, e)
+    if f16:  # fields in place (see `_operand`)
+        wide = x.astype(jnp.uint16)
+        fields = [
+            jax.lax.bitcast_convert_type((wide & (mask << (bits * j))) | MAGIC_F16, jnp.float16) for j in range(per)
+        ]
     else:
-        fields = [((x >> (bits * j)) & mask) | MAGIC for j in range(per)]
+        fields = [ta.magic_operand(x, bits, j) for j in range(per)]
     f = jnp.stack(fields, axis=-1).transpose(0, 1, 3, 5, 2, 4).reshape(rows, nbytes * per)  # (i, k, j, m, e)
-    dt, magic = (jnp.float16, MAGIC_F16_VALUE) if f16 else (jnp.bfloat16, MAGIC_VALUE)
-    return jax.lax.bitcast_convert_type(f, dt) - jnp.asarray(magic, dt)
+    return f - jnp.asarray(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, f.dtype)
 
 
 def _operand_words_mgpu(ref, bits: int, f16: bool):
