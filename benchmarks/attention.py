@@ -41,16 +41,21 @@ SCHEDULE = "configs/llama31_8b_kvtuner_3.25bit.json"
 PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi_KVTuner4_1.yaml"
 
 
-def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", kernel: str = "triton", **kw):
+def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", kernel: str = "auto", **kw):
     """The GPU kernel, taking the dispatcher's precision names: "auto" resolves per layer as the engine's does.
-    `kernel`: "triton" (the dispatcher's, `paged_attention_gpu`) or "mgpu" (the experimental Mosaic GPU kernel for
-    per-token 2/4-bit pages, `paged_attention_mgpu`; e.g. `--tunings '[{},{"kernel":"mgpu"}]'`)."""
+    `kernel`: "auto" (default: what the dispatcher runs, `paged_attention_gpu.mosaic_route`; since 2026-12-06 the
+    Mosaic GPU kernel for per-token layers with an 8-bit side on Hopper, else the Triton one), "triton" (the
+    Triton-lowered kernel, `paged_attention_gpu`, always) or "mgpu" (the Mosaic GPU kernel for per-token 2-, 4- and
+    8-bit pages, `paged_attention_mgpu`, with its own tunings; e.g. `--tunings
+    '[{"kernel":"triton"},{"kernel":"mgpu"}]'`)."""
     precision = resolve_precision(precision, k_spec, v_spec)
     if kernel == "mgpu":
         return paged_attention_mgpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
-    if kernel != "triton":
-        raise ValueError(f"kernel={kernel!r}: expected 'triton' or 'mgpu'")
-    return paged_attention_gpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
+    if kernel not in ("triton", "auto"):
+        raise ValueError(f"kernel={kernel!r}: expected 'triton', 'mgpu' or 'auto'")
+    return paged_attention_gpu.paged_attention(
+        *args, k_spec=k_spec, v_spec=v_spec, precision=precision, kernel=kernel, **kw
+    )
 
 
 def spec_pair(name: str) -> tuple[KVSpec, KVSpec]:

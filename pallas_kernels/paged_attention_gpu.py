@@ -1028,6 +1028,30 @@ P16_SCALE = 2.0**14  # probabilities (<= 1) times this as f16 operands: 2^-38 an
 P16_FIXED_SHIFT = -16
 P16_FIXED = P16_SCALE * 2.0**P16_FIXED_SHIFT
 EIGHT_BITS = ("nibbles", "f16")
+KERNELS = ("auto", "triton", "mgpu")
+
+
+def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec, interpret: bool, capability=None):
+    """Whether `kernel="auto"` runs the Mosaic GPU kernel: compiled on a Hopper GPU (compute capability 9.x;
+    `capability` overrides the default device's, for tests), a layer with an 8-bit per-token side that kernel reads
+    (`paged_attention_mgpu.unsupported`: decode, pages of 64 tokens, one group per head), and, for 8-bit values, f16
+    value scales (its f16 probabilities x a scale stay in f16's range). Measured on an H100 at batch 32 x 16K
+    (BENCHMARKS.md, 2026-12-06): 8/8 0.466 ms against this kernel's 0.609 (75% of copy bandwidth), 8/4 0.387 against
+    0.554; for 2- and 4-bit pairs this kernel is the faster (4/4 0.340 against 0.361)."""
+    from pallas_kernels import paged_attention_mgpu
+
+    if interpret or 8 not in (k_spec.bits, v_spec.bits):
+        return False
+    if v_spec.bits == 8 and v_scale.dtype != jnp.float16:
+        return False
+    if capability is None:
+        device = jax.devices()[0]
+        capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    if not str(capability or "").startswith("9."):
+        return False
+    return paged_attention_mgpu.unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec) is None
+
+
 SOFTMAXES = ("running", "fixed")
 FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is redone with the running softmax
 # `_variant` items (comma-separated): ablations for benchmarks (some give wrong values by design: see the kernel) and
@@ -1127,6 +1151,7 @@ def stack_plan(
         "unpack",
         "eight_bit",
         "softmax",
+        "kernel",
         "_variant",
     ),
 )
@@ -1159,9 +1184,14 @@ def paged_attention(
     unpack: str = "auto",
     eight_bit: str = "f16",
     softmax: str = "fixed",
+    kernel: str = "auto",
     _variant: str = "",
 ):
     """Paged attention of q [B, Hq, Tq, D] over packed pages; same contract as `paged_attention_reference`.
+
+    `kernel`: "auto" (default) runs the Mosaic GPU kernel (`paged_attention_mgpu`, its own defaults; the tuning
+    arguments below are this Triton kernel's) where `mosaic_route` says it is the faster one, else this kernel;
+    "triton" always this kernel; "mgpu" always the Mosaic GPU one (a ValueError naming what it cannot read).
 
     Returns (out [B, Hq, Tq, D] float32 normalized over the pages, lse [B, Hq, Tq] float32, base e); out = 0 and lse =
     -inf where num_tokens == 0. Tuning: `pages_per_block` pages per loop step (power of 2; default `default_config`'s
@@ -1203,6 +1233,18 @@ def paged_attention(
     `max(1, max_rows // group)` tokens, one kernel call each (every query token sees the same pages, so the pieces
     are independent).
     """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if kernel == "mgpu" or (
+        kernel == "auto"
+        and mosaic_route(q, k_codes, v_codes, v_scale, k_spec=k_spec, v_spec=v_spec, interpret=interpret)
+    ):
+        from pallas_kernels import paged_attention_mgpu
+
+        args = (q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens)
+        return paged_attention_mgpu.paged_attention(
+            *args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, precision=precision, interpret=interpret
+        )
     kw = dict(
         k_spec=k_spec,
         v_spec=v_spec,

@@ -84,8 +84,8 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     """Why this kernel cannot run these inputs, or None."""
     d = q.shape[-1]
     for name, spec in (("keys", k_spec), ("values", v_spec)):
-        if not spec.quantized or spec.bits not in (2, 4):
-            return f"{name}: {spec.bits}-bit; this kernel reads 2- and 4-bit codes only"
+        if not spec.quantized or spec.bits not in (2, 4, 8):
+            return f"{name}: {spec.bits}-bit; this kernel reads 2-, 4- and 8-bit codes only"
         if spec.axis != "token" or spec.group_size != d:
             return f"{name}: axis={spec.axis}, group_size={spec.group_size}; needs per-token groups of head_dim {d}"
     if q.shape[2] != 1:
@@ -197,7 +197,9 @@ def _operand_words_mgpu(ref, bits: int, f16: bool):
         for idx in np.ndindex(regs.shape):
             word = mu.bitcast(regs[idx], i32)
             for j in range(per):
-                if f16:  # in place: field j of each byte is its code x 2^(bits j), a whole byte under the magic
+                if f16 and bits == 8:  # the whole byte is the code: no mask
+                    f = word
+                elif f16:  # in place: field j of each byte is its code x 2^(bits j), a whole byte under the magic
                     f = arith.andi(word, mu.c((mask << (bits * j)) * 0x01010101, i32))
                 else:
                     shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
@@ -229,8 +231,9 @@ def paged_attention(
     stages: int = 4,
     pages_per_step: int = 1,
     swizzle_codes: bool = True,
-    softmax: str = "fixed",
-    key_f16: bool = False,
+    softmax: str | None = None,
+    key_f16: bool | None = None,
+    value_f16: bool | None = None,
     approx_math: bool = False,
     auto_barriers: bool = True,
     profile_dir: str | None = None,
@@ -238,7 +241,7 @@ def paged_attention(
     word_unpack: bool = True,
     interpret: bool = False,
 ):
-    """Decode attention of q [B, Hq, 1, D] over per-token 2/4-bit pages; returns (out [B, Hq, 1, D] float32, lse
+    """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
     [B, Hq, 1] base e), as `paged_attention_reference`.
 
     `num_splits`: programs per (sequence, KV head) along the pages, 1 to the page table's length; splits differ by
@@ -246,8 +249,15 @@ def paged_attention(
     flight per program. `pages_per_step`: 1 or 2 pages per step (two share one chain of MMAs, waits and barriers).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
-    work; a split that overflows is redone with "running") or "running" (the online softmax, a maximum across the
-    warps per page). `key_f16`: the key operand and q as f16 (fields masked in place, no shifts; see `_operand`).
+    work; if any split overflows, the whole call is redone with "running") or "running" (the online softmax, a
+    maximum across the warps per page); default "fixed" for bf16 probabilities, "running" for f16 ones (f16's range
+    leaves the fixed reference ~20 bits of headroom, and real scores rise further in some splits: on SmolLM2 0.2-2.5%
+    of splits at 18 bits, BENCHMARKS.md 2026-12-05, which would redo nearly every call). `key_f16`: the key
+    operand and q as f16 (fields masked in place, no shifts; see `_operand`); default: for 8-bit keys only, which
+    need it (bf16's 7 mantissa bits cannot hold a code byte). `value_f16`: the value operand and p as f16 (8-bit
+    values need it and default to it; 2- and 4-bit fields then come out times 2^(bits x field), taken off the
+    output's rows by the wrapper); p x a token's value scale must stay under f16's 65504: so it does with the
+    online softmax (p <= 1) and f16-stored scales, the pools' default.
     `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers=False`: Mosaic GPU's `unsafe_no_auto_barriers`, a
     timing probe only (what the barriers cost): without them nothing stops the pipeline refilling a page slot
     while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
@@ -262,7 +272,7 @@ def paged_attention(
         raise ValueError(f"paged_attention_mgpu: {why}")
     if precision not in KERNEL_PRECISIONS:
         raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
-    if softmax not in SOFTMAXES:
+    if softmax is not None and softmax not in SOFTMAXES:
         raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)  # Mosaic GPU writes its trace there but does not create it
@@ -281,7 +291,13 @@ def paged_attention(
         raise ValueError(f"pages_per_step={pages_per_step}: expected 1 or 2")
 
     kb, vb = k_spec.bits, v_spec.bits
-    (kperm, kfield), (vperm, _) = field_permutation(d, kb, word_unpack), field_permutation(d, vb, word_unpack)
+    key_f16 = kb == 8 if key_f16 is None else key_f16
+    value_f16 = vb == 8 if value_f16 is None else value_f16
+    for name, bits, f16 in (("key_f16", kb, key_f16), ("value_f16", vb, value_f16)):
+        if bits == 8 and not f16:
+            raise ValueError(f"{name}=False: 8-bit codes need f16 operands (a code byte does not fit bf16's mantissa)")
+    softmax = softmax or ("running" if value_f16 else "fixed")
+    (kperm, kfield), (vperm, vfield) = field_permutation(d, kb, word_unpack), field_permutation(d, vb, word_unpack)
     # q: [B, H, COLS, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
     # to GROUP columns, twice (columns c and GROUP + c are the same query head)
     qf = q[:, :, 0, :].astype(jnp.float32).reshape(b, h, group, d) * (sm_scale * LOG2E)
@@ -329,6 +345,7 @@ def paged_attention(
         pps=pages_per_step,
         swizzle_codes=swizzle_codes,
         key_f16=key_f16,
+        value_f16=value_f16,
         two_terms=precision == "high",
         approx_math=approx_math,
         auto_barriers=auto_barriers,
@@ -349,7 +366,10 @@ def paged_attention(
     # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, COLS]
     m, l, z = (x[..., :GROUP] for x in (m, l, z))
     m = jnp.where(l > 0, m, -jnp.inf)  # a split that saw no token (its fixed reference is 0) adds nothing
-    o = o[..., :GROUP] + o[..., GROUP:] + z[:, :, :, None, :]
+    o = o[..., :GROUP] + o[..., GROUP:]
+    if value_f16:  # f16 value field j came out as code x 2^(vb j) (exact powers of two)
+        o = o * jnp.exp2(-float(vb) * vfield).astype(jnp.float32)[:, None]
+    o = o + z[:, :, :, None, :]
     o = o[:, :, :, jnp.argsort(vperm), :]  # operand row i holds dim vperm[i]
     o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
     out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
@@ -394,7 +414,7 @@ def _default_splits(programs: int, max_pages: int, stages: int, target: int = 79
 
 
 STATIC = (
-    "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "two_terms", "fixed", "approx_math",
+    "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
     "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "interpret",
 )  # fmt: skip
 
@@ -419,6 +439,7 @@ def _call(
     pps,
     swizzle_codes,
     key_f16,
+    value_f16,
     two_terms,
     fixed,
     approx_math,
@@ -531,7 +552,7 @@ def _call(
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
                 with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = rows_of(vc_s, lambda r: operand(r, vb))
+                    v_op = rows_of(vc_s, lambda r: operand(r, vb, value_f16))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
@@ -560,8 +581,8 @@ def _call(
                 l_acc = (l_acc if fixed else rescale(l_acc)) + p
                 z_acc = (z_acc if fixed else rescale(z_acc)) + p * vzero
                 pv = p * vscale
-                p_hi = pv.astype(jnp.bfloat16)
-                p_lo = (pv - p_hi.astype(jnp.float32)).astype(jnp.bfloat16) if two_terms else jnp.zeros_like(p_hi)
+                p_hi = pv.astype(vdt)
+                p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt) if two_terms else jnp.zeros_like(p_hi)
             with jax.named_scope("stage"):
                 p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
                 v_stage[...] = v_op
@@ -616,6 +637,7 @@ def _call(
 
     f32 = jnp.float32
     kdt = jnp.float16 if key_f16 else jnp.bfloat16
+    vdt = jnp.float16 if value_f16 else jnp.bfloat16  # the value MMA's operands: V's and p's
     out_type = (
         jax.ShapeDtypeStruct((b, h, splits, d, cols), f32),
         jax.ShapeDtypeStruct((b, h, splits, cols), f32),
@@ -625,8 +647,8 @@ def _call(
     scratch = dict(
         q_smem=plgpu.SMEM((2 * cols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
-        v_stage=plgpu.SMEM((PAGE * pps, d), jnp.bfloat16, transforms=swizzled(2 * cols)),
-        p_smem=plgpu.SMEM((PAGE * pps, cols), jnp.bfloat16, transforms=swizzled(2 * cols)),
+        v_stage=plgpu.SMEM((PAGE * pps, d), vdt, transforms=swizzled(2 * cols)),
+        p_smem=plgpu.SMEM((PAGE * pps, cols), vdt, transforms=swizzled(2 * cols)),
         bar=plgpu.Barrier(num_barriers=2),
     )
     if table_smem:

@@ -70,7 +70,8 @@ def test_matches_reference(kb, vb, extra, precision):
 
 
 @pytest.mark.parametrize(
-    "bits,d,f16", [(4, 128, False), (2, 128, False), (4, 64, True), (2, 64, False), (2, 128, True)]
+    "bits,d,f16",
+    [(4, 128, False), (2, 128, False), (4, 64, True), (2, 64, False), (2, 128, True), (8, 128, True), (8, 64, True)],
 )
 def test_word_unpack_columns(bits, d, f16):
     """A page's codes unpacked four bytes a register (`_operand_words`; compiled, the register-level
@@ -135,6 +136,31 @@ def test_f16_keys_match_reference(kb, vb, extra, precision):
     got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
     assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
     seen = np.isfinite(want_lse)
+    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+
+
+@pytest.mark.parametrize(
+    "kb,vb,extra,opts,precision",
+    [
+        (8, 8, {"seed": 14}, {}, "high"),
+        (8, 8, {"symmetric": True, "group": 8, "d": 64, "seed": 15}, {"num_splits": 2, "softmax": "fixed"}, "bf16"),
+        (8, 4, {"group": 3, "seed": 16}, {}, "high"),
+        (2, 8, {"symmetric": True, "seed": 17}, {"word_unpack": False}, "high"),
+        (4, 2, {"seed": 18}, {"value_f16": True, "softmax": "fixed"}, "high"),
+    ],
+)
+def test_eight_bit_and_f16_values_match_reference(kb, vb, extra, opts, precision):
+    """8-bit codes (a whole byte under f16 1024.0's exponent: keys and q, values and p as f16 operands; f16
+    probabilities take the online softmax by default) and f16 value operands for 2-bit codes (each field comes out
+    times 2^(bits x field), taken off the output's rows)."""
+    args, kw = _case(kb, vb, **extra)
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, precision=precision, interpret=not COMPILED, **opts)
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
+    seen = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)
     np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
 
 
@@ -220,13 +246,19 @@ def test_page_table_in_shared_memory(monkeypatch, box):
 
 
 @pytest.mark.parametrize(
-    "pages,opts",
-    [(8, {}), (8, {"table_smem": False}), (300, {"num_splits": 1, "pages_per_step": 2}), (9, {"num_splits": 4})],
+    "bits,pages,opts",
+    [
+        ((4, 2), 8, {}),
+        ((4, 2), 8, {"table_smem": False}),
+        ((4, 2), 300, {"num_splits": 1, "pages_per_step": 2}),
+        ((4, 2), 9, {"num_splits": 4}),
+        ((8, 8), 8, {"stages": 2}),
+    ],
 )
-def test_lowers_for_cuda(pages, opts):
+def test_lowers_for_cuda(bits, pages, opts):
     """Compiled lowering checks what the interpreter does not (e.g. copy sizes): the page table from shared memory
-    or global memory, a split past TMA's 256-entry box, ragged splits."""
-    args, kw = _case(4, 2, b=2, pages=pages)
+    or global memory, a split past TMA's 256-entry box, ragged splits, 8-bit pages (128-byte code rows)."""
+    args, kw = _case(*bits, b=2, pages=pages)
 
     def f(*a):
         return mg.paged_attention(*a, **kw, **opts)
@@ -238,7 +270,7 @@ def test_lowers_for_cuda(pages, opts):
 @pytest.mark.parametrize(
     "change,match",
     [
-        (dict(ks=KVSpec(bits=8, axis="token", group_size=128)), "keys: 8-bit"),
+        (dict(ks=KVSpec(bits=16)), "keys: 16-bit"),
         (dict(vs=KVSpec(bits=4, axis="token", group_size=32)), "values: .*group_size=32"),
         (dict(ks=KVSpec(bits=4, axis="channel", group_size=32)), "keys: axis=channel"),
         (dict(vs=KVSpec(bits=16)), "values: 16-bit"),
@@ -260,3 +292,69 @@ def test_refuses_prefill_and_wide_groups():
         mg.paged_attention(wide, *args[1:], **kw)
     with pytest.raises(ValueError, match="num_splits=3: expected 1 to the page table's 2 pages"):
         mg.paged_attention(*args, **kw, num_splits=3)
+
+
+def test_refuses_bf16_operands_for_eight_bit_codes():
+    args, kw = _case(8, 8, b=2, pages=2)
+    for name in ("key_f16", "value_f16"):
+        with pytest.raises(ValueError, match=f"{name}=False: 8-bit codes need f16 operands"):
+            mg.paged_attention(*args, **kw, **{name: False})
+
+
+def test_softmax_default_follows_the_probabilities_type(monkeypatch):
+    """f16 probabilities (8-bit values) take the online softmax, bf16 ones the fixed reference."""
+    seen = []
+    real = mg._call
+    monkeypatch.setattr(mg, "_call", lambda *a, **kw: seen.append((kw["value_f16"], kw["fixed"])) or real(*a, **kw))
+    for kb, vb in ((8, 8), (8, 4)):
+        args, kw = _case(kb, vb, b=1, h=1, pages=1)
+        mg.paged_attention(*args, **kw, interpret=True)
+    assert seen == [(True, False), (False, True), (False, False)]  # the fixed pass traces its online redo too
+
+
+def test_mosaic_route():
+    """`kernel="auto"` picks the Mosaic GPU kernel for what it was measured faster on, and only what it reads."""
+    from pallas_kernels.paged_attention_gpu import mosaic_route
+
+    def route(kb, vb, capability="9.0", interpret=False, page=PAGE, tokens=1, v_scale_dtype=None):
+        args, kw = _case(kb, vb, b=1, h=1, pages=1)
+        q, kc, vc, vscale = args[0], args[1][:, :, :page], args[4][:, :, :page], args[5]
+        q = jnp.concatenate([q] * tokens, axis=2)
+        vscale = vscale.astype(v_scale_dtype or vscale.dtype)
+        assert vscale.dtype == (v_scale_dtype or jnp.float16)
+        return mosaic_route(q, kc, vc, vscale, k_spec=kw["k_spec"], v_spec=kw["v_spec"], interpret=interpret,
+                            capability=capability)  # fmt: skip
+
+    assert route(8, 8) and route(8, 4) and route(4, 8) and route(8, 2)
+    assert route(8, 4, v_scale_dtype=jnp.bfloat16)  # bf16 probabilities: no f16 range to keep
+    assert not route(8, 8, v_scale_dtype=jnp.bfloat16)
+    assert not route(4, 4) and not route(2, 2) and not route(4, 2)  # the Triton kernel is the faster there
+    assert not route(8, 8, capability="8.0") and not route(8, 8, capability="")
+    if jax.default_backend() == "cpu":  # capability None: the default device's (none on a CPU)
+        assert not route(8, 8, capability=None)
+    assert not route(8, 8, interpret=True)
+    assert not route(8, 8, page=32)  # pages of 64 tokens only
+    assert not route(8, 8, tokens=2)  # decode only
+
+
+def test_gpu_dispatcher_runs_the_mosaic_kernel():
+    """`paged_attention_gpu.paged_attention(kernel="mgpu")` (what `kernel="auto"` does where `mosaic_route` says so)
+    against the reference; compiled on a Hopper GPU, `kernel="auto"` routes 8/8 there."""
+    from pallas_kernels import paged_attention_gpu as pg
+
+    args, kw = _case(8, 8, seed=19)
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = pg.paged_attention(*args, **kw, kernel="mgpu", interpret=not COMPILED)
+    got, want = np.asarray(got), np.asarray(want)
+    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
+    if COMPILED:
+        assert pg.mosaic_route(args[0], args[1], args[4], args[5], k_spec=kw["k_spec"], v_spec=kw["v_spec"],
+                               interpret=False)  # fmt: skip
+        auto, _ = pg.paged_attention(*args, **kw)
+        np.testing.assert_array_equal(np.asarray(auto), got)
+    with pytest.raises(ValueError, match="kernel='cuda': expected one of"):
+        pg.paged_attention(*args, **kw, kernel="cuda")
+    args4, kw4 = _case(4, 4, b=2, pages=2)
+    with pytest.raises(ValueError, match="page size 32"):
+        pg.paged_attention(args4[0], *(x[:, :, :32] if x.ndim == 4 else x for x in args4[1:]), **kw4, kernel="mgpu")
