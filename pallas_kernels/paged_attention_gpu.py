@@ -6,12 +6,15 @@ Pallas with the Triton lowering (`pallas_call` + `plgpu.CompilerParams`); runs c
 Why Triton rather than Mosaic GPU: JAX 0.11 marks the Triton lowering deprecated, but it is the lowering that (a)
 runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b) gives register-level integer ops
 (shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
-with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) it is faster, as
-measured: a Mosaic GPU kernel for per-token 2/4-bit decode (`paged_attention_mgpu`, TMA page copies, codes unpacked
-into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an H100 at first (4/4 0.535
-against 0.328 ms, 2026-12-05) and is still 1.01-1.08x slower for 4/4, 2/2 and 4/2 (2026-12-06, e.g. 4/4 0.368
-against 0.351 ms), although TMA streams those pages at 85% of bandwidth (`benchmarks/tma_stream.py`): its per-page
-chain of unpacking, MMAs and softmax in one warpgroup is what needs the choreography (BENCHMARKS.md).
+with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) for 2- and 4-bit
+pairs it is faster, as measured: the Mosaic GPU kernel for per-token decode (`paged_attention_mgpu`, TMA page
+copies, codes unpacked into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an
+H100 at first (4/4 0.535 against 0.328 ms, 2026-12-05) and is still 1.01-1.08x slower for 4/4, 2/2 and 4/2
+(2026-12-06, e.g. 4/4 0.368 against 0.351 ms), although TMA streams those pages at 85% of bandwidth
+(`benchmarks/tma_stream.py`): its per-page chain of unpacking, MMAs and softmax in one warpgroup is what needs the
+choreography (BENCHMARKS.md). With an 8-bit side it is the faster one (8/8 0.46 against 0.59-0.66 ms, 76% of copy
+bandwidth, H100, 2026-12-06), so `paged_attention(kernel="auto")` hands per-token decode layers with an 8-bit side
+to it on Hopper (`mosaic_route`); this kernel runs everything else.
 BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
 Design (the tile math is in `tile_attention`, whose online-softmax step the TPU kernel runs too):

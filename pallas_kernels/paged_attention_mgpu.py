@@ -1,8 +1,13 @@
 """Paged decode attention on Mosaic GPU (Hopper): TMA page copies, codes unpacked into warpgroup-MMA operands.
 
-Experimental and opt-in (`paged_attention_mgpu.paged_attention`; `benchmarks/attention.py --tunings
-'[{"kernel":"mgpu"}]'`); the dispatcher runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every
-layout and, as measured, is faster. Why this one exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
+The GPU dispatcher runs it for per-token decode layers with an 8-bit side on Hopper (`paged_attention_gpu.mosaic_route`,
+`kernel="auto"`), where it is the faster kernel: on an H100 at batch 32 x 16K (2026-12-06, BENCHMARKS.md) 8/8 took
+0.459-0.466 ms against the Triton kernel's 0.59-0.66 (76% of copy bandwidth; issue 4's target is 70%), 8/4 0.39-0.41
+against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) and context (1K-32K) timed, and it
+runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. Everything else runs the
+Triton-lowered kernel (`paged_attention_gpu`), which covers every layout and is faster for 2- and 4-bit pairs.
+`kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
+reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
 and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
 streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
 pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
@@ -14,7 +19,7 @@ instructions per warp per page before that change, 586 after (the Triton kernel:
 warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3 warpgroups an SM.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
-keys and values of 2 or 4 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
+keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
 128, GQA groups up to 8, pages of 64 tokens; precision "high" (query and probabilities each two bf16 terms) or "bf16".
 Same contract as `paged_attention_reference` (pages only; `num_tokens` a multiple of the page size).
 
@@ -41,6 +46,11 @@ length is dynamic: pages past the sequence's length are never copied. Per page (
   first bf16 term in columns 0-7 and the second in 8-15 (summed by the wrapper); the zero-point term and the sum of
   p accumulate per row, reduced once. With the fixed reference the value MMA accumulates into one accumulator for
   the whole split and is left in flight: the next page's key work runs under it.
+
+8-bit codes: a code byte does not fit bf16's 7 mantissa bits, so 8-bit keys and q, and 8-bit values and p, are
+f16 operands (`key_f16`, `value_f16`, on by default there): one `prmt` puts two whole code bytes under f16 1024.0's
+exponent byte, one packed subtract leaves the codes, no mask or shift. f16 probabilities take the online softmax
+(f16's range leaves a fixed reference too little headroom on real scores; see `paged_attention`'s `softmax`).
 
 Options built to shorten that chain (2026-12-06; tested against the reference interpreted and compiled; on an H100
 all of them together took 4/4 from 0.452 to 0.445 ms, f16 keys unpack 19% faster; BENCHMARKS.md): `key_f16` (keys
