@@ -248,6 +248,12 @@ def run(cfg: InferenceConfig, out=sys.stdout, mesh=None) -> list[str]:
     for line in memory_lines(manifest, engine):
         print(line, file=out)
     print(precision_line(engine.specs, cfg.attention_precision, cfg.backend), file=out)
+    kernels = kernel_line(
+        engine.specs, heads=model_cfg.num_heads, kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+        page_size=engine.page_size, backend=cfg.backend,
+    )  # fmt: skip
+    if kernels:
+        print(kernels, file=out)
     t1 = time.perf_counter()
     outs = engine.generate(prompts, cfg.sampling)
     dt = time.perf_counter() - t1
@@ -287,6 +293,49 @@ def precision_line(specs, precision: str, backend: str) -> str:
     return f"attention precision {precision}: " + ", ".join(
         f"{p} in {n} layer{'' if n == 1 else 's'}" for p, n in sorted(counts.items())
     )
+
+
+def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: int, backend: str, capability=None):
+    """Which GPU kernel each layer's decode attention runs (`pallas_kernels.paged_attention_gpu.mosaic_route`), e.g.
+    "decode attention kernels: Mosaic GPU in 4 layers, Triton in 28 layers", and, where the page size keeps layers
+    with an 8-bit per-token side off the faster Mosaic GPU kernel, the page size that would not; None off a GPU
+    backend. `capability` overrides the device's compute capability (tests). Printed at start-up."""
+    import collections
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import layout
+    from pallas_kernels.paged_attention import resolve_backend
+    from pallas_kernels.paged_attention_gpu import mosaic_route
+
+    if resolve_backend(backend) != "gpu":
+        return None
+    mgpu_page = 64  # the Mosaic GPU kernel's page size (paged_attention_mgpu.PAGE)
+
+    def mosaic(spec, page):
+        def sds(x):
+            return None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
+
+        k, v = (layout.arrays(x, kv_heads, 1, page, head_dim) for x in (spec.k, spec.v))
+        q = jax.ShapeDtypeStruct((1, heads, 1, head_dim), jnp.bfloat16)
+        return mosaic_route(
+            q, sds(k.codes), sds(v.codes), sds(v.scale), k_spec=spec.k, v_spec=spec.v, interpret=False,
+            capability=capability,
+        )  # fmt: skip
+
+    counts = collections.Counter("Mosaic GPU" if mosaic(s, page_size) else "Triton" for s in specs)
+    line = "decode attention kernels: " + ", ".join(
+        f"{k} in {n} layer{'' if n == 1 else 's'}" for k, n in sorted(counts.items())
+    )
+    if page_size != mgpu_page and not counts["Mosaic GPU"]:
+        n = sum(mosaic(s, mgpu_page) for s in specs)
+        if n:
+            line += (
+                f"; with --page_size {mgpu_page} the {n} layer{'' if n == 1 else 's'} with an 8-bit per-token side "
+                "would run the Mosaic GPU kernel (8/8 decode attention 1.3x faster on an H100, BENCHMARKS.md)"
+            )
+    return line
 
 
 def main_guard(fn):

@@ -79,9 +79,10 @@ def test_store_scales_shrink_with_the_code_range():
 
 
 def test_kernel_choice_is_checked():
-    """`{"kernel": ...}` in a tuning picks the Triton or the Mosaic GPU kernel; anything else is refused by name."""
+    """`{"kernel": ...}` in a tuning picks the dispatcher's choice, the Triton or the Mosaic GPU kernel; anything
+    else is refused by name."""
     spec = KVSpec(bits=4, axis="token", group_size=bench.D)
     with pytest.raises(ValueError, match="kernel='cuda'"):
         bench.paged_attention(None, k_spec=spec, v_spec=spec, kernel="cuda")
-    with pytest.raises(ValueError, match="paged_attention_mgpu: keys: 8-bit"):
-        bench.check_small(KVSpec(bits=8, axis="token", group_size=bench.D), spec, 64, {"kernel": "mgpu"})
+    with pytest.raises(ValueError, match="paged_attention_mgpu: keys: 16-bit"):
+        bench.check_small(KVSpec(bits=16), spec, 64, {"kernel": "mgpu"})

@@ -159,3 +159,30 @@ def test_precision_line_says_what_each_layer_runs():
     assert inference.precision_line((kivi,), "auto", "gpu") == "attention precision auto: bf16 in 1 layer"
     assert "float32 reference" in inference.precision_line(specs, "bf16", "reference")
     assert "TPU kernel" in inference.precision_line(specs, "auto", "tpu")
+
+
+def test_kernel_line_says_which_gpu_kernel_each_layer_runs():
+    """On a Hopper GPU, per-token layers with an 8-bit side run the Mosaic GPU kernel at pages of 64; at other page
+    sizes the line says which page size would give it them; elsewhere everything is the Triton kernel."""
+    from kvtuner_jax.specs import KVSpec, LayerSpec
+
+    d = 64
+    eight = LayerSpec(KVSpec(8, group_size=d), KVSpec(8, group_size=d))
+    eight4 = LayerSpec(KVSpec(8, group_size=d), KVSpec(4, group_size=d))
+    four = LayerSpec(KVSpec(4, group_size=d), KVSpec(4, group_size=d))
+    kivi8 = LayerSpec(KVSpec(8, axis="channel", group_size=32), KVSpec(4, group_size=32))
+    specs = (eight, eight4, four, kivi8)
+
+    def line(page, capability="9.0", backend="gpu", specs=specs):
+        return inference.kernel_line(
+            specs, heads=12, kv_heads=4, head_dim=d, page_size=page, backend=backend, capability=capability
+        )
+
+    assert line(64) == "decode attention kernels: Mosaic GPU in 2 layers, Triton in 2 layers"
+    assert line(32) == (
+        "decode attention kernels: Triton in 4 layers; with --page_size 64 the 2 layers with an 8-bit per-token side "
+        "would run the Mosaic GPU kernel (8/8 decode attention 1.3x faster on an H100, BENCHMARKS.md)"
+    )
+    assert line(32, specs=(four, kivi8)) == "decode attention kernels: Triton in 2 layers"
+    assert line(64, capability="8.0") == "decode attention kernels: Triton in 4 layers"
+    assert line(64, backend="reference") is None
