@@ -94,6 +94,8 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     """Why this kernel cannot run these inputs, or None."""
     d = q.shape[-1]
     for name, spec in (("keys", k_spec), ("values", v_spec)):
+        if spec.quantized and spec.mode != "int":
+            return f"{name}: mode {spec.mode!r}; this kernel reads integer codes only"
         if not spec.quantized or spec.bits not in (2, 4, 8):
             return f"{name}: {spec.bits}-bit; this kernel reads 2-, 4- and 8-bit codes only"
         if spec.axis != "token" or spec.group_size != d:

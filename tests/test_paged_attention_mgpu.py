@@ -294,6 +294,18 @@ def test_refuses_prefill_and_wide_groups():
         mg.paged_attention(*args, **kw, num_splits=3)
 
 
+def test_refuses_fp8_codes():
+    """fp8 pools (8-bit, but floats) are not integer codes: refused here, and never routed here by `mosaic_route`."""
+    from pallas_kernels.paged_attention_gpu import mosaic_route
+
+    fp8 = KVSpec(bits=8, axis="token", group_size=128, mode="fp8")
+    args, kw = _case(8, 8, b=2, pages=2, ks=fp8)
+    with pytest.raises(ValueError, match="keys: mode 'fp8'; this kernel reads integer codes only"):
+        mg.paged_attention(*args, **kw)
+    q, kc, vc, vscale = args[0], args[1], args[4], args[5]
+    assert not mosaic_route(q, kc, vc, vscale, k_spec=fp8, v_spec=kw["v_spec"], interpret=False, capability="9.0")
+
+
 def test_refuses_bf16_operands_for_eight_bit_codes():
     args, kw = _case(8, 8, b=2, pages=2)
     for name in ("key_f16", "value_f16"):
