@@ -296,22 +296,30 @@ def precision_line(specs, precision: str, backend: str) -> str:
 
 
 def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: int, backend: str, capability=None):
-    """Which GPU kernel each layer's decode attention runs (`pallas_kernels.paged_attention_gpu.mosaic_route`), e.g.
-    "decode attention kernels: Mosaic GPU in 4 layers, Triton in 28 layers", and, where the page size keeps layers
-    with an 8-bit per-token side off the faster Mosaic GPU kernel, the page size that would not; None off a GPU
-    backend. `capability` overrides the device's compute capability (tests). Printed at start-up."""
+    """Which GPU kernel each layer's decode attention runs (`pallas_kernels.paged_attention_gpu.mosaic_route`; the
+    reference where neither storage mode offers a GPU kernel), e.g. "decode attention kernels: Mosaic GPU in 4
+    layers, Triton in 28 layers", and, where the page size keeps layers with an 8-bit per-token side off the faster
+    Mosaic GPU kernel, the page size that would not; None off a GPU backend. `capability` overrides the device's
+    compute capability (tests). Printed at start-up."""
     import collections
 
     import jax
     import jax.numpy as jnp
 
+    from kvtuner_jax import modes
     from pallas_kernels import layout
     from pallas_kernels.paged_attention import resolve_backend
     from pallas_kernels.paged_attention_gpu import mosaic_route
+    from pallas_kernels.paged_attention_mgpu import PAGE as mgpu_page
 
     if resolve_backend(backend) != "gpu":
         return None
-    mgpu_page = 64  # the Mosaic GPU kernel's page size (paged_attention_mgpu.PAGE)
+
+    def kind(spec):
+        km, vm = modes.mode_of(spec.k), modes.mode_of(spec.v)
+        if (km.attention_kernel("gpu", spec.k, spec.v) or vm.attention_kernel("gpu", spec.k, spec.v)) is None:
+            return "the reference"
+        return "Mosaic GPU" if mosaic(spec, page_size) else "Triton"
 
     def mosaic(spec, page):
         def sds(x):
@@ -324,7 +332,7 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
             capability=capability,
         )  # fmt: skip
 
-    counts = collections.Counter("Mosaic GPU" if mosaic(s, page_size) else "Triton" for s in specs)
+    counts = collections.Counter(kind(s) for s in specs)
     line = "decode attention kernels: " + ", ".join(
         f"{k} in {n} layer{'' if n == 1 else 's'}" for k, n in sorted(counts.items())
     )

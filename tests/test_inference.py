@@ -171,6 +171,7 @@ def test_kernel_line_says_which_gpu_kernel_each_layer_runs():
     eight4 = LayerSpec(KVSpec(8, group_size=d), KVSpec(4, group_size=d))
     four = LayerSpec(KVSpec(4, group_size=d), KVSpec(4, group_size=d))
     kivi8 = LayerSpec(KVSpec(8, axis="channel", group_size=32), KVSpec(4, group_size=32))
+    mixed = LayerSpec(KVSpec(4, group_size=d), KVSpec(8, group_size=d, mode="fp8"))  # no GPU kernel: the reference
     specs = (eight, eight4, four, kivi8)
 
     def line(page, capability="9.0", backend="gpu", specs=specs):
@@ -186,3 +187,4 @@ def test_kernel_line_says_which_gpu_kernel_each_layer_runs():
     assert line(32, specs=(four, kivi8)) == "decode attention kernels: Triton in 2 layers"
     assert line(64, capability="8.0") == "decode attention kernels: Triton in 4 layers"
     assert line(64, backend="reference") is None
+    assert line(64, specs=(eight, mixed)) == "decode attention kernels: Mosaic GPU in 1 layer, the reference in 1 layer"
