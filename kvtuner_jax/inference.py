@@ -306,9 +306,8 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     import jax
     import jax.numpy as jnp
 
-    from kvtuner_jax import modes
     from pallas_kernels import layout
-    from pallas_kernels.paged_attention import resolve_backend
+    from pallas_kernels.paged_attention import kernel_for, resolve_backend
     from pallas_kernels.paged_attention_gpu import mosaic_route
     from pallas_kernels.paged_attention_mgpu import PAGE as mgpu_page
 
@@ -316,8 +315,7 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
         return None
 
     def kind(spec):
-        km, vm = modes.mode_of(spec.k), modes.mode_of(spec.v)
-        if (km.attention_kernel("gpu", spec.k, spec.v) or vm.attention_kernel("gpu", spec.k, spec.v)) is None:
+        if kernel_for("gpu", spec.k, spec.v) is None:
             return "the reference"
         return "Mosaic GPU" if mosaic(spec, page_size) else "Triton"
 

@@ -145,9 +145,9 @@ def paged_attention(
     if backend == "reference":
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     validate(*args, k_spec, v_spec)
-    km, vm = modes.mode_of(k_spec), modes.mode_of(v_spec)
-    kernel = km.attention_kernel(backend, k_spec, v_spec) or vm.attention_kernel(backend, k_spec, v_spec)
+    kernel = kernel_for(backend, k_spec, v_spec)
     if kernel is None:
+        km, vm = modes.mode_of(k_spec), modes.mode_of(v_spec)
         modes.warn_once(
             (km.name, vm.name, "attention", backend),
             f"no {backend} paged-attention kernel for K mode {km.name!r} with V mode {vm.name!r}; this layer's "
@@ -164,6 +164,13 @@ def paged_attention(
         return paged_attention_reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale)
     kw = {"precision": precision} if "precision" in inspect.signature(kernel).parameters else {}
     return kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm_scale, interpret=interpret, **kw)
+
+
+def kernel_for(backend: str, k_spec: KVSpec, v_spec: KVSpec):
+    """The paged-attention kernel the storage modes offer for this (K, V) pair on `backend` (K's mode asked first,
+    then V's), or None (then the reference runs)."""
+    km, vm = modes.mode_of(k_spec), modes.mode_of(v_spec)
+    return km.attention_kernel(backend, k_spec, v_spec) or vm.attention_kernel(backend, k_spec, v_spec)
 
 
 def kernel_unsupported(kernel, *args, **kw) -> str | None:
