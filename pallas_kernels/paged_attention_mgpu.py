@@ -4,7 +4,9 @@ The GPU dispatcher runs it for per-token decode layers with an 8-bit side on Hop
 `kernel="auto"`), where it is the faster kernel: on an H100 at batch 32 x 16K (2026-12-06, BENCHMARKS.md) 8/8 took
 0.459-0.466 ms against the Triton kernel's 0.59-0.66 (76% of copy bandwidth; issue 4's target is 70%), 8/4 0.39-0.41
 against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) and context (1K-32K) timed, and it
-runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. Everything else runs the
+runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
+pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
+0.638. Everything else runs the
 Triton-lowered kernel (`paged_attention_gpu`), which covers every layout and is faster for 2- and 4-bit pairs.
 `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
 reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
@@ -20,13 +22,16 @@ warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
-128, GQA groups up to 8, pages of 64 tokens; precision "high" (query and probabilities each two bf16 terms) or "bf16".
-Same contract as `paged_attention_reference` (pages only; `num_tokens` a multiple of the page size).
+128, GQA groups up to 8, pages of 16, 32, 64 or 128 tokens; precision "high" (query and probabilities each two bf16
+terms) or "bf16". Same contract as `paged_attention_reference` (pages only).
 
 One program per (sequence, KV head, split of its pages), one warpgroup. Splits may differ by one page (any count
 from 1 to the table's pages), and each program copies its split's slice of the page table into shared memory
 first (`table_smem`; else every page copy's index is a global-memory read on the step's path). The page pipeline's
-length is dynamic: pages past the sequence's length are never copied. Per page (64 tokens):
+length is dynamic: pages past the sequence's length are never copied. The MMAs work on tiles of 64 token rows: a
+page of 128 tokens is two tiles, and pages of 16 or 32 share one (a step copies 4 or 2 pages, and each warp, whose 16
+rows lie in one page, loads its rows from that page's slot: `_load_pages_mgpu`; scale rows under TMA's 128-byte
+minimum are copied 128 bytes wide from a flat view of their pool). Per tile (64 tokens):
 
 - keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
   group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
@@ -78,7 +83,9 @@ from kvtuner_jax.specs import KVSpec
 from pallas_kernels import tile_attention as ta
 from pallas_kernels.paged_attention import KERNEL_PRECISIONS, validate
 
-PAGE = 64  # tokens per page this kernel supports (one MMA tile of rows)
+TILE = 64  # token rows of one MMA tile
+PAGES = (16, 32, 64, 128)  # page sizes it reads: pages under 64 tokens share a tile (each warp's 16 rows in one page)
+PAGE = 64  # the page size it was first built and measured for
 GROUP = 8  # query heads per KV head at most: the GQA group, padded to 8 columns
 COLS = 2 * GROUP  # MMA columns: the group twice, so that p's two bf16 terms sit side by side in the value MMA
 MAGIC, MAGIC_VALUE = ta.MAGIC_BITS, ta.MAGIC  # bf16 128.0: OR-ing a code of up to 7 bits into it gives 128 + code
@@ -107,8 +114,8 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     group = q.shape[1] // k_codes.shape[0]
     if group > GROUP:
         return f"GQA group {group}; needs at most {GROUP}"
-    if k_codes.shape[2] != PAGE:
-        return f"page size {k_codes.shape[2]}; needs {PAGE}"
+    if k_codes.shape[2] not in PAGES:
+        return f"page size {k_codes.shape[2]}; needs one of {PAGES}"
     return None
 
 
@@ -173,9 +180,9 @@ def _operand_words(codes, bits: int, f16: bool = False):
     return f - jnp.asarray(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, f.dtype)
 
 
-def _operand_words_mgpu(ref, bits: int, f16: bool):
-    """Compiled `_operand_words`: a [64, C] code tile in shared memory -> the [64, C * 8/bits] operand in the MMA
-    layout. Per register of four code bytes: one mask (and one shift for bf16) per field for all four bytes, one
+def _operand_words_mgpu(codes, bits: int, f16: bool):
+    """Compiled `_operand_words`: a [64, C] code tile loaded in layout WGMMA_8BIT -> the [64, C * 8/bits] operand in
+    the MMA layout. Per register of four code bytes: one mask (and one shift for bf16) per field for all four bytes, one
     `prmt` per two output elements that puts two masked bytes under the magic exponent byte, one packed subtract:
     ~1.4 instructions an element, where the element-wise form (`_operand`: bytes widened to 16 bits one by one,
     shifted, masked, re-packed) took ~3 (Nsight, H100, 2026-12-06)."""
@@ -185,10 +192,9 @@ def _operand_words_mgpu(ref, bits: int, f16: bool):
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith
 
-    rows, nbytes = ref.shape
+    rows, nbytes = codes.shape
     per, mask = 8 // bits, (1 << bits) - 1
     dt = jnp.float16 if f16 else jnp.bfloat16
-    codes = plgpu.load(ref, layout=plgpu.Layout.WGMMA_8BIT)
 
     @plgpu.inline_mgpu(
         arg_types=(plgpu.Layout.WGMMA_8BIT,),
@@ -224,6 +230,46 @@ def _operand_words_mgpu(ref, bits: int, f16: bool):
     return unpack(codes)
 
 
+def _load_pages_mgpu(refs, layout, transforms):
+    """Loads the pages `refs` (each [P, ...] in shared memory, P < 64 rows) as one [P x len(refs), ...] array in
+    `layout` (a WGMMA layout: warp w holds rows 16w to 16w + 15, all in one page). Each warp reads from its own
+    page's slot: the load runs over a view of the whole tile whose base is that slot's address less the page's offset
+    in the tile, so no rows are copied. The slots' swizzle is unchanged in the view: a page's bytes are a multiple of
+    the swizzle's 8-row block."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith
+
+    n, page = len(refs), refs[0].shape[0]
+    shape, dtype = (page * n, *refs[0].shape[1:]), refs[0].dtype
+    swizzle = next((t.swizzle for t in transforms if isinstance(t, plgpu.SwizzleTransform)), None)
+
+    @plgpu.inline_mgpu(
+        arg_types=tuple(plgpu.RefType(transforms) for _ in refs),
+        return_type=plgpu.ShapeDtypeStruct(shape, dtype, layout=layout),
+    )
+    def load(ctx, *mems):
+        del ctx
+        ty = ir.MemRefType(mems[0].type)
+        part = math.prod(ty.shape)  # elements a page
+        view_ty = ir.MemRefType.get([ty.shape[0] * n, *ty.shape[1:]], ty.element_type, memory_space=ty.memory_space)
+        warp = mu.warp_idx(sync=True)
+        base = mu.memref_ptr(mems[0])
+        for k in range(1, n):  # warps from 16w >= k x page on read page k (its rows k x page onwards in the view)
+            ptr = mu.getelementptr(mu.memref_ptr(mems[k]), [-k * part], ty.element_type)
+            first_warp = mu.c(k * page // 16, ir.IntegerType.get_signless(32))
+            base = arith.select(arith.cmpi(arith.CmpIPredicate.uge, warp, first_warp), ptr, base)
+        view = mu.ptr_as_memref(base, view_ty)
+        signed = mu.is_signed(dtype)
+        if swizzle:
+            return fa.FragmentedArray.load_tiled(view, swizzle, is_signed=signed, layout=layout.to_mgpu())
+        return fa.FragmentedArray.load_untiled(view, layout=layout.to_mgpu(), is_signed=signed)
+
+    return load(*refs)
+
+
 def paged_attention(
     q,
     k_codes,
@@ -257,8 +303,9 @@ def paged_attention(
     [B, Hq, 1] base e), as `paged_attention_reference`.
 
     `num_splits`: programs per (sequence, KV head) along the pages, 1 to the page table's length; splits differ by
-    at most one page (default: `_default_splits`, two or more waves of programs on an H100). `stages`: steps in
-    flight per program. `pages_per_step`: 1 or 2 pages per step (two share one chain of MMAs, waits and barriers).
+    at most one page (default: `_default_splits`, two or more waves of programs on an H100, the last one full).
+    `stages`: steps in flight per program. `pages_per_step`: 1 or 2 tiles of 64 token rows per step (two share one
+    chain of MMAs, waits and barriers; pages under 64 tokens: that many tiles of them).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
     work; if any split overflows, the whole call is redone with "running") or "running" (the online softmax, a
@@ -296,7 +343,10 @@ def paged_attention(
     # uses an entry as soon as it is read (Nsight: the clamp after the shared-memory read held 37% of the kernel's
     # short-scoreboard stalls), their tokens masked there
     table = jnp.clip(page_table.astype(jnp.int32), 0, k_codes.shape[1] - 1)
-    splits = num_splits or _default_splits(b * h, max_pages, stages)
+    step_pages = max(1, TILE // k_codes.shape[2]) * pages_per_step  # pages under 64 tokens share a step's MMA tile
+    per_sm = programs_per_sm((k_codes, k_scale, k_zero, v_codes, v_scale, v_zero), k_codes.shape[2], step_pages,
+                             stages, d)  # fmt: skip
+    splits = num_splits or _default_splits(b * h, max_pages, stages * step_pages, per_sm)
     if not 1 <= splits <= max_pages:
         raise ValueError(f"num_splits={splits}: expected 1 to the page table's {max_pages} pages")
     if pages_per_step not in (1, 2):
@@ -418,11 +468,39 @@ def _split_table(table, splits: int):
     return table[:, idx].reshape(b, splits, rows, cols)
 
 
-def _default_splits(programs: int, max_pages: int, stages: int, target: int = 792) -> int:
-    """The fewest splits that give `target` programs (792: six per SM of an H100's 132, two waves of the three that
-    fit an SM), each split at least `stages` pages where possible. Measured at batch 32 x 16K (H100, 2026-12-06):
-    1 split 0.480 ms, 2 0.445, 3, 4 or 6 0.430, 8 0.437."""
-    return max(1, min(-(-target // programs), max_pages // stages, max_pages))
+SMS = 132  # streaming multiprocessors of an H100 or H200
+SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per program)
+MAX_PER_SM = 3  # programs an SM holds by registers (~150 a thread, one warpgroup each; Nsight, H100)
+
+
+def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int) -> int:
+    """Programs of this kernel an SM holds at once: by shared memory (each step's page slots x `stages`, plus the
+    operand staging) and by registers (MAX_PER_SM). 4/4 pages of 64: ~61 KB, 3 an SM; 8/8: ~93 KB, 2."""
+    per_step = 0
+    for x in pools:
+        if x is not None:
+            row = math.prod(x.shape[3:]) * x.dtype.itemsize if x.ndim == 4 else x.dtype.itemsize
+            per_step += max(page * row, 128) * step_pages  # scale rows under 128 bytes are copied 128 wide
+    rows = max(page, TILE) * (step_pages // max(1, TILE // page))
+    fixed = 2 * COLS * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024  # q, V and p staging, the table slice
+    return max(1, min(MAX_PER_SM, SMEM_PER_SM // (stages * per_step + fixed + 1024)))
+
+
+def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int = MAX_PER_SM) -> int:
+    """Splits for `programs` (sequence, KV head) pairs: at least two waves of the `per_sm` x SMS programs that run at
+    once, each split at least `min_pages` pages (the pipeline's steps in flight) where possible; of the counts from
+    that to twice it, the one whose last wave is fullest (fewest splits on a tie). Measured at batch 32 x 16K (H100,
+    2026-12-06): 4/4 at pages of 64 (3 an SM): 1 split 0.480 ms, 2 0.445, 3, 4 or 6 0.430, 8 0.437; 8/8 at pages of
+    32 (2 an SM), batch 48: 3 splits (4.4 waves) 0.824 ms, 2 (2.9) 0.753, 6 0.765, 8 0.740, 12 0.762."""
+    slots = per_sm * SMS
+    cap = max(1, min(max_pages // min_pages, max_pages))
+    first = max(1, min(-(-2 * slots // programs), cap))
+
+    def waste(s):  # idle program slots of the last wave, as a fraction of all
+        n = programs * s
+        return -(-n // slots) * slots / n
+
+    return min(range(first, min(2 * first, cap) + 1), key=lambda s: (round(waste(s), 3), s))
 
 
 STATIC = (
@@ -469,9 +547,19 @@ def _call(
 
     b, h, cols, d = q2.shape
     cols //= 2
+    page = kc.shape[2]
+    pstep = max(1, TILE // page) * pps  # pages a step: pages under 64 tokens share one MMA tile
+    rows_ = page * pstep  # token rows a step
     per_split = -(-table_pages // splits)  # the longest split
     tcols, tsize = table.shape[-1], math.prod(table.shape[2:])
-    pools = [x for x in (kc, ks, kz, vc, vs, vz) if x is not None]
+
+    def copyable(x):  # a page's scale row under 128 bytes (pages under 64 tokens), which TMA copies refuse: the pool
+        # as one row per head, copied 128 bytes from the page's first scale (the rest belongs to other pages, unused)
+        if x is None or x.ndim != 3 or page * x.dtype.itemsize % 128 == 0:
+            return x
+        return x.reshape(x.shape[0], -1)
+
+    pools = [copyable(x) for x in (kc, ks, kz, vc, vs, vz) if x is not None]
     has = dict(kz=kz is not None, vz=vz is not None)
     tile = plgpu.Layout.WGMMA
     row = tile.reduce(1)  # one value per token row of a [64, n] tile
@@ -483,6 +571,9 @@ def _call(
         if s < 32:
             return ()
         return (plgpu.TilingTransform((8, s // item_bytes)), plgpu.SwizzleTransform(s))
+
+    def code_transforms(row_bytes: int):
+        return swizzled(row_bytes, 1) if swizzle_codes else ()
 
     def kernel(q_ref, qs_ref, *refs, **scr):
         ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
@@ -501,58 +592,69 @@ def _call(
         # the sequence's length are never copied; tokens from `limit` on are masked (mid-page, or a second page of
         # the last step that belongs to the next split)
         first, end = split_bounds(table_pages, splits, si)
-        steps = (jnp.clip(jnp.minimum(end, (length + PAGE - 1) // PAGE) - first, 0) + pps - 1) // pps
-        limit = jnp.minimum(length, end * PAGE)
-        rows_ = PAGE * pps  # token rows per step
+        steps = (jnp.clip(jnp.minimum(end, (length + page - 1) // page) - first, 0) + pstep - 1) // pstep
+        limit = jnp.minimum(length, end * page)
         second = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
-        def spec(ref, which):  # page `which` of each step's `pps`
+        def spec(ref, which):  # page `which` of each step's `pstep`
             codes = ref.ndim == 4
 
             def index(i):
                 if table_smem:  # entries in range (clamped by the wrapper)
-                    j = jnp.minimum(pps * i + which, tsize - 1)
+                    j = jnp.minimum(pstep * i + which, tsize - 1)
                     entry = scr["tab_smem"][j // tcols, j % tcols]
                 else:
-                    entry = tab_ref[bi, jnp.minimum(first + pps * i + which, table_pages - 1)]
+                    entry = tab_ref[bi, jnp.minimum(first + pstep * i + which, table_pages - 1)]
+                if ref.ndim == 2:  # a flat scale pool (`copyable`): the page's first scale's offset
+                    return hi, entry * page
                 return (hi, entry, 0, 0) if codes else (hi, entry, 0)
 
+            if ref.ndim == 2:
+                return plgpu.BlockSpec((None, pl.Element(128 // ref.dtype.itemsize)), index)
             if not codes:
-                return plgpu.BlockSpec((None, None, PAGE), index)
-            tf = swizzled(ref.shape[3], 1) if swizzle_codes else ()
-            return plgpu.BlockSpec((None, None, PAGE, ref.shape[3]), index, transforms=tf)
+                return plgpu.BlockSpec((None, None, page), index)
+            return plgpu.BlockSpec((None, None, page, ref.shape[3]), index, transforms=code_transforms(ref.shape[3]))
 
-        def rows_of(refs, f):  # f(ref) [64, ...] per page of the step, stacked into [rows_, ...]
-            parts = [f(r) for r in refs]
+        def load(refs, layout, transforms=()):  # the pages of one MMA tile as one array [max(page, 64), ...]
+            refs = [r.at[pl.ds(0, page)] if r.ndim == 1 and r.shape[0] > page else r for r in refs]  # `copyable`
+            if len(refs) == 1:
+                return plgpu.load(refs[0], layout=layout)
+            if interpret:
+                return jnp.concatenate([plgpu.load(r, layout=layout) for r in refs], axis=0)
+            return _load_pages_mgpu(refs, layout, transforms)
+
+        def rows_of(refs, f):  # f(pages of one tile) per tile of the step, stacked into [rows_, ...]
+            per = len(refs) // pps
+            parts = [f(refs[t * per : (t + 1) * per]) for t in range(pps)]
             return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
 
-        def operand(r, bits, f16=False):  # a page's codes -> its MMA operand (`field_permutation` order)
+        def operand(refs, bits, f16=False):  # a tile's codes -> its MMA operand (`field_permutation` order)
+            tf = code_transforms(refs[0].shape[-1])
             if not word_unpack:
-                return _operand(plgpu.load(r, layout=tile), bits, f16)
-            if interpret:
-                return _operand_words(plgpu.load(r, layout=plgpu.Layout.WGMMA_8BIT), bits, f16)
-            return _operand_words_mgpu(r, bits, f16)
+                return _operand(load(refs, tile, tf), bits, f16)
+            codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
+            return (_operand_words if interpret else _operand_words_mgpu)(codes, bits, f16)
 
         def bcast_row(x):
-            return jax.lax.broadcast_in_dim(x, (PAGE, cols), [0])
+            return jax.lax.broadcast_in_dim(x, (x.shape[0], cols), [0])
 
         def scale_zero(scale_s, zero_s, bits):  # the step's per-token scales and zero terms, float32 [rows_, cols]
-            scale = rows_of(scale_s, lambda r: bcast_row(plgpu.load(r, layout=row).astype(jnp.float32)))
+            scale = rows_of(scale_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
             if zero_s is None:  # symmetric: codes offset by 2^(b-1)
                 return scale, scale * -(2.0 ** (bits - 1))
-            return scale, rows_of(zero_s, lambda r: bcast_row(plgpu.load(r, layout=row).astype(jnp.float32)))
+            return scale, rows_of(zero_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
 
         def body(o_acc, idx, *args):
             smem, (m, l_acc, z_acc, o) = list(args[:-1]), args[-1]
             names = [n for n in ("kc", "ks", "kz", "vc", "vs", "vz") if has.get(n, True)]
             by_name = {n: [] for n in names}  # per pool, the step's pages' slots (in_specs: page-major)
-            for _ in range(pps):
+            for _ in range(pstep):
                 for n in names:
                     by_name[n].append(smem.pop(0))
             kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (by_name.get(n) for n in ("kc", "ks", "kz", "vc", "vs", "vz"))
             (i,) = idx
             with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
-                a = rows_of(kc_s, lambda r: operand(r, kb, key_f16))
+                a = rows_of(kc_s, lambda rs: operand(rs, kb, key_f16))
                 if interpret:  # the interpreter's MMA reads operands from shared memory only
                     scr["k_stage"][...] = a
                     plgpu.commit_smem()
@@ -564,7 +666,7 @@ def _call(
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
                 with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = rows_of(vc_s, lambda r: operand(r, vb, value_f16))
+                    v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
@@ -576,7 +678,7 @@ def _call(
                     raw = raw * jax.lax.broadcast_in_dim(ginv_c, (rows_, cols), [1])
                 kscale, kzero = scale_zero(ks_s, kz_s, kb)
                 s = kscale * raw + kzero * qsum
-                tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pps * i) * PAGE
+                tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pstep * i) * page
                 s = jnp.where(tok < limit, s, -jnp.inf)
                 # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
@@ -628,11 +730,11 @@ def _call(
             pipe = plgpu.emit_pipeline(
                 functools.partial(body, o_acc),
                 grid=(steps,),
-                in_specs=[spec(r, w) for w in range(pps) for r in ins],
+                in_specs=[spec(r, w) for w in range(pstep) for r in ins],
                 max_concurrent_steps=stages,
                 init_carry=init,
             )
-            m, l_acc, z_acc, o = pipe(*(ins * pps))  # each pool once per page of the step
+            m, l_acc, z_acc, o = pipe(*(ins * pstep))  # each pool once per page of the step
             if fixed:
                 plgpu.wgmma_wait(0)
                 o = o_acc[...]
@@ -659,14 +761,14 @@ def _call(
     scratch = dict(
         q_smem=plgpu.SMEM((2 * cols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
-        v_stage=plgpu.SMEM((PAGE * pps, d), vdt, transforms=swizzled(2 * cols)),
-        p_smem=plgpu.SMEM((PAGE * pps, cols), vdt, transforms=swizzled(2 * cols)),
+        v_stage=plgpu.SMEM((rows_, d), vdt, transforms=swizzled(2 * cols)),
+        p_smem=plgpu.SMEM((rows_, cols), vdt, transforms=swizzled(2 * cols)),
         bar=plgpu.Barrier(num_barriers=2),
     )
     if table_smem:
         scratch["tab_smem"] = plgpu.SMEM(table.shape[2:], jnp.int32)
     if interpret:
-        scratch["k_stage"] = plgpu.SMEM((PAGE * pps, d), kdt, transforms=swizzled(2 * d))
+        scratch["k_stage"] = plgpu.SMEM((rows_, d), kdt, transforms=swizzled(2 * d))
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
