@@ -23,7 +23,9 @@ Manifests: 16/16 (bf16 cache), 8/8, the upstream KVTuner 3.25-bit schedule (conf
 --uniform_layout=pertoken. Targets (reported, not asserted): at 16K the 3.25-bit schedule holds >= 3x the concurrent
 tokens of 16/16 and decodes >= 1.5x its tokens/s. `--kernel_options` (JSON) hands keyword options to every GPU
 attention kernel call of the run, to time options that are not defaults yet (one set per run; each run measures its
-own 16/16 baseline).
+own 16/16 baseline). `--trace_dir DIR` also runs `--steps` more (untimed) steps per manifest under JAX's profiler;
+`benchmarks/trace_summary.py DIR --steps N` then sums the GPU kernels of a step by name (e.g. how much of a step is
+decode attention).
 """
 
 from __future__ import annotations
@@ -101,9 +103,11 @@ def decode_engine(cfg, params, manifest, batch: int, max_len: int, page_size: in
                   eos_ids=(), **kw)  # fmt: skip
 
 
-def time_decode(cfg, params, manifest, batch, context, args) -> dict:
-    """Engine at `batch` sequences of `context` cached tokens: seconds per decode step (median of --repeats)."""
-    steps = args.warmup + args.steps * args.repeats
+def time_decode(cfg, params, manifest, batch, context, args, trace: str | None = None) -> dict:
+    """Engine at `batch` sequences of `context` cached tokens: seconds per decode step (median of --repeats).
+    `trace`: a folder for a JAX profiler trace of `--steps` more steps after the timed ones (not timed;
+    `benchmarks/trace_summary.py` sums its GPU kernels)."""
+    steps = args.warmup + args.steps * (args.repeats + bool(trace))
     max_len = context + steps + 2
     eng = decode_engine(
         cfg, params, manifest, batch, max_len, args.page_size, backend=args.backend, precision=args.precision
@@ -123,6 +127,10 @@ def time_decode(cfg, params, manifest, batch, context, args) -> dict:
             outs = eng.step()  # returns after the sampled tokens reached the host: the step is complete
         times.append((time.perf_counter() - t0) / args.steps)
         assert len(outs) == batch, (len(outs), batch)
+    if trace:
+        with jax.profiler.trace(trace):
+            for _ in range(args.steps):
+                eng.step()
     stats = eng.stats()
     assert eng.compiles == compiles, "a timed step recompiled"
     del eng
@@ -194,6 +202,7 @@ def main(argv=None) -> int:
         help="JSON keyword options for the GPU attention kernel in this run, e.g. "
         '\'{"eight_bit":"nibbles","_variant":"w32"}\' (A/B against the defaults; see BENCHMARKS.md)',
     )
+    p.add_argument("--trace_dir", default=None, help="also trace --steps more steps per manifest (not timed) here")
     p.add_argument("--out", default="e2e.json")
     args = p.parse_args(argv)
     try:
@@ -226,7 +235,7 @@ def main(argv=None) -> int:
             probe = kc.CacheConfig(
                 cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, args.page_size, 1, 1, dtype="bfloat16"
             )
-            longest = context + args.warmup + args.steps * args.repeats + 2
+            longest = context + args.warmup + args.steps * (args.repeats + bool(args.trace_dir)) + 2
             max_batch = planner.max_batch_for_budget(specs, probe, budget, longest)
             row = {
                 "manifest": name,
@@ -241,7 +250,8 @@ def main(argv=None) -> int:
                 rows.append(row)
                 continue
             row["note"] = "" if batch == args.batch else f"batch {args.batch} does not fit; ran {batch}"
-            row.update(time_decode(cfg, params, m, batch, context, args))
+            trace = args.trace_dir and f"{args.trace_dir}/{name.replace('/', 'x')}_{context}_b{batch}"
+            row.update(time_decode(cfg, params, m, batch, context, args, trace=trace))
             if args.measure_max_batch:
                 mb = min(max_batch, args.max_batch_cap)
                 if mb != batch:

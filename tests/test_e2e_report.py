@@ -68,3 +68,24 @@ def test_kernel_options_reach_the_gpu_kernel_through_the_dispatcher(rng):
     for bad in ({"eigth_bit": "f16"}, {"sm_scale": 1.0}):
         with pytest.raises(ValueError, match=f"unknown GPU kernel option.*{next(iter(bad))}"):
             e2e.use_kernel_options(bad)
+
+
+def test_trace_dir_traces_steps_after_the_timed_ones(tmp_path, capsys):
+    """`--trace_dir` writes a profiler trace of `--steps` more steps per manifest, after (and apart from) the timed
+    repeats, and `benchmarks/trace_summary.py` reads it (on the CPU the trace has no GPU kernels to sum)."""
+    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    summary = importlib.util.module_from_spec(tspec)
+    tspec.loader.exec_module(summary)
+    out = tmp_path / "e2e.json"
+    args = ["--shape", "tiny", "--contexts", "64", "--batch", "2", "--kv_budget_gb", "0.01", "--steps", "2",
+            "--repeats", "1", "--warmup", "1", "--manifests", "8/8", "--uniform_layout", "pertoken",
+            "--trace_dir", str(tmp_path / "trace"), "--out", str(out)]  # fmt: skip
+    e2e.main(args)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ms_per_step"] > 0 and row["batch"] == 2
+    traces = list((tmp_path / "trace").glob("8x8_64_b2/**/*.xplane.pb"))
+    assert len(traces) == 1
+    capsys.readouterr()
+    assert summary.main([str(tmp_path / "trace"), "--steps", "2"]) == 0
+    assert "0.000 ms of GPU kernels per step" in capsys.readouterr().out
+    assert summary.main([str(tmp_path / "none")]) == 2
