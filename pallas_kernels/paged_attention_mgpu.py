@@ -6,10 +6,9 @@ The GPU dispatcher runs it for per-token decode layers with an 8-bit side on Hop
 against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) and context (1K-32K) timed, and it
 runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
 pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
-0.638. Everything else runs the
-Triton-lowered kernel (`paged_attention_gpu`), which covers every layout and is faster for 2- and 4-bit pairs.
-`kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
-reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
+0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout and is
+faster for 2- and 4-bit pairs. `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`,
+runs this one for any pair it reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
 and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
 streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
 pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
