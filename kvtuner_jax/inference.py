@@ -308,8 +308,9 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
 
     from pallas_kernels import layout
     from pallas_kernels.paged_attention import kernel_for, resolve_backend
-    from pallas_kernels.paged_attention_gpu import MOSAIC_PAGES, mosaic_route
+    from pallas_kernels.paged_attention_gpu import mosaic_route
     from pallas_kernels.paged_attention_mgpu import PAGE as mgpu_page
+    from pallas_kernels.paged_attention_mgpu import PAGES as mgpu_pages
 
     if resolve_backend(backend) != "gpu":
         return None
@@ -334,7 +335,7 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     line = "decode attention kernels: " + ", ".join(
         f"{k} in {n} layer{'' if n == 1 else 's'}" for k, n in sorted(counts.items())
     )
-    if page_size not in MOSAIC_PAGES and not counts["Mosaic GPU"]:
+    if page_size not in mgpu_pages and not counts["Mosaic GPU"]:
         n = sum(mosaic(s, mgpu_page) for s in specs)
         if n:
             line += (

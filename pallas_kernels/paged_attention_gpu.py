@@ -1034,23 +1034,18 @@ EIGHT_BITS = ("nibbles", "f16")
 KERNELS = ("auto", "triton", "mgpu")
 
 
-# page sizes at which `kernel="auto"` runs the Mosaic GPU kernel, measured against this kernel (H100, batch 32 x 16K,
-# 2026-12-06, ms): 8/8 at pages of 16 0.630 vs 0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66, 128 0.483 vs
-# 0.574; 8/4 0.581 vs 0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502
-MOSAIC_PAGES = (16, 32, 64, 128)
-
-
 def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec, interpret: bool, capability=None):
     """Whether `kernel="auto"` runs the Mosaic GPU kernel: compiled on a Hopper GPU (compute capability 9.x;
     `capability` overrides the default device's, for tests), a layer with an 8-bit per-token side that kernel reads
-    (`paged_attention_mgpu.unsupported`: decode, pages of 16 to 128 tokens (`MOSAIC_PAGES`), one group per head),
-    and, for 8-bit values, f16 value scales (its f16 probabilities x a scale stay in f16's range). Measured on an
-    H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06): 8/8 0.466 ms against this kernel's 0.609 (75% of copy
-    bandwidth), 8/4 0.387 against 0.554, and at the other page sizes (`MOSAIC_PAGES`); for 2- and 4-bit pairs this
-    kernel is the faster (4/4 0.340 against 0.361, at pages of 32 0.387 against 0.426)."""
+    (`paged_attention_mgpu.unsupported`: decode, every page size it reads (`PAGES`, 16 to 128 tokens), one group per
+    head), and, for 8-bit values, f16 value scales (its f16 probabilities x a scale stay in f16's range). Measured
+    against this kernel on an H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06), ms: 8/8 at pages of 16 0.630 vs
+    0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth), 128 0.483 vs 0.574; 8/4 0.581 vs
+    0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. For 2- and 4-bit pairs this kernel is the faster
+    (4/4 0.340 against 0.361, at pages of 32 0.387 against 0.426)."""
     from pallas_kernels import paged_attention_mgpu
 
-    if interpret or 8 not in (k_spec.bits, v_spec.bits) or k_codes.shape[2] not in MOSAIC_PAGES:
+    if interpret or 8 not in (k_spec.bits, v_spec.bits):
         return False
     if v_spec.bits == 8 and v_scale.dtype != jnp.float16:
         return False
