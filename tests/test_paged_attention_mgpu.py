@@ -45,6 +45,22 @@ def _case(
 TOL = {"high": 1e-4, "bf16": 2e-2}
 
 
+def _check_against_reference(args, kw, precision="high", **opts):
+    """The kernel (interpreted, or compiled with KVTUNER_TEST_COMPILED=1) against the float64-precision reference:
+    the output within TOL of its largest element, lse -inf exactly where a sequence has no pages (and the output 0
+    there), lse close elsewhere."""
+    with jax.default_matmul_precision("highest"):
+        want, want_lse = paged_attention_reference(*args, **kw)
+    got, lse = mg.paged_attention(*args, **kw, precision=precision, interpret=not COMPILED, **opts)
+    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
+    assert got.shape == want.shape and lse.shape == want_lse.shape
+    assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
+    seen = np.isfinite(want_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), seen)  # -inf exactly where a sequence has no pages
+    assert np.all(got[~seen] == 0)
+    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+
+
 @pytest.mark.parametrize(
     "kb,vb,extra",
     [
@@ -57,18 +73,9 @@ TOL = {"high": 1e-4, "bf16": 2e-2}
 @pytest.mark.parametrize("precision", ["high", "bf16"])
 def test_matches_reference(kb, vb, extra, precision):
     args, kw = _case(kb, vb, **extra)
-    with jax.default_matmul_precision("highest"):
-        want, want_lse = paged_attention_reference(*args, **kw)
     # the element-wise unpacking (`word_unpack=False`) where the layout is the odd one out
     plain = dict(word_unpack=False) if extra.get("symmetric") else {}
-    got, lse = mg.paged_attention(*args, **kw, precision=precision, num_splits=2, interpret=not COMPILED, **plain)
-    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
-    assert got.shape == want.shape and lse.shape == want_lse.shape
-    assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
-    seen = np.isfinite(want_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), seen)  # -inf exactly where a sequence has no pages
-    assert np.all(got[~seen] == 0)
-    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+    _check_against_reference(args, kw, precision, num_splits=2, **plain)
 
 
 @pytest.mark.parametrize(
@@ -153,15 +160,7 @@ def test_eight_bit_and_f16_values_match_reference(kb, vb, extra, opts, precision
     """8-bit codes (a whole byte under f16 1024.0's exponent: keys and q, values and p as f16 operands; f16
     probabilities take the online softmax by default) and f16 value operands for 2-bit codes (each field comes out
     times 2^(bits x field), taken off the output's rows)."""
-    args, kw = _case(kb, vb, **extra)
-    with jax.default_matmul_precision("highest"):
-        want, want_lse = paged_attention_reference(*args, **kw)
-    got, lse = mg.paged_attention(*args, **kw, precision=precision, interpret=not COMPILED, **opts)
-    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
-    assert np.max(np.abs(got - want)) <= TOL[precision] * np.max(np.abs(want))
-    seen = np.isfinite(want_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), seen)
-    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL[precision])
+    _check_against_reference(*_case(kb, vb, **extra), precision, **opts)
 
 
 @pytest.mark.parametrize("softmax", ["fixed", "running"])
@@ -205,16 +204,7 @@ def test_page_sizes(kb, vb, page, pages, extra):
     # the pool's last page first in the table: its scale rows, copied 128 bytes wide, run past the pool's end
     table, last = args[7], args[1].shape[1] - 1
     table = jnp.where(table == last, table[0, 0], table).at[0, 0].set(last)
-    args = (*args[:7], table, args[8])
-    with jax.default_matmul_precision("highest"):
-        want, want_lse = paged_attention_reference(*args, **kw)
-    got, lse = mg.paged_attention(*args, **kw, interpret=not COMPILED, **opts)
-    got, lse, want, want_lse = map(np.asarray, (got, lse, want, want_lse))
-    assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
-    seen = np.isfinite(want_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), seen)
-    assert np.all(got[~seen] == 0)
-    np.testing.assert_allclose(lse[seen], want_lse[seen], atol=50 * TOL["high"])
+    _check_against_reference((*args[:7], table, args[8]), kw, **opts)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
