@@ -42,9 +42,10 @@ minimum are copied 128 bytes wide from a flat view of their pool). Per tile (64 
   permutation (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point
   x sum(q);
 - softmax (`softmax="fixed"`, the default): probabilities against a fixed reference, each split's first-page
-  maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; a
-  split that overflows (a score ~127 above its reference, or sums of p from 2^64) makes the wrapper redo the call
-  with `softmax="running"`, the online softmax (a maximum across the 64 rows per page and rescaled sums);
+  maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; the
+  splits that overflow (a score ~127 above the reference, or sums of p from 2^64) are redone by a second kernel
+  with `softmax="running"`, the online softmax (a maximum across the 64 rows per page and rescaled sums), whose
+  other programs return at once;
 - values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operand is built as K's while the score MMA runs and
   staged in shared memory (the MMA takes a transposed A only from there); P = p x the token's value scale, its
   first bf16 term in columns 0-7 and the second in 8-15 (summed by the wrapper); the zero-point term and the sum of
@@ -93,6 +94,7 @@ MAGIC_F16, MAGIC_F16_VALUE = ta.MAGIC16_BITS, ta.MAGIC16
 Q_F16_TOP = 2.0**14  # f16 keys: each query row is scaled by a power of two to put its largest element near this
 LOG2E = math.log2(math.e)
 SOFTMAXES = ("fixed", "running")
+REDOS = ("splits", "cond")  # how splits that overflowed a fixed reference are redone (`paged_attention`'s `redo`)
 FIXED_L_LIMIT = 2.0**64  # a fixed-reference split whose sum of p reaches this counts as overflowed
 
 
@@ -296,6 +298,8 @@ def paged_attention(
     profile_dir: str | None = None,
     table_smem: bool = True,
     word_unpack: bool = True,
+    v_early: bool = True,
+    redo: str = "splits",
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
@@ -307,7 +311,7 @@ def paged_attention(
     chain of MMAs, waits and barriers; pages under 64 tokens: that many tiles of them).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
-    work; if any split overflows, the whole call is redone with "running") or "running" (the online softmax, a
+    work; the splits that overflow are redone with "running", see `redo`) or "running" (the online softmax, a
     maximum across the warps per page); default "fixed" for bf16 probabilities, "running" for f16 ones (f16's range
     leaves the fixed reference ~20 bits of headroom, and real scores rise further in some splits: on SmolLM2 0.2-2.5%
     of splits at 18 bits, BENCHMARKS.md 2026-12-05, which would redo nearly every call). `key_f16`: the key
@@ -321,7 +325,12 @@ def paged_attention(
     while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
     there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a copy of the
     split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
-    (`_operand_words_mgpu`; False: element-wise, `_operand`). `interpret`: Mosaic GPU's interpreter on the CPU,
+    (`_operand_words_mgpu`; False: element-wise, `_operand`). `v_early`: build the value operand under the score MMA
+    (False: after its wait, so that the key and value operands, 32 registers a thread each at head_dim 128, are never
+    live together: a probe of whether fewer registers let a fourth program onto an SM). `redo`: how the fixed
+    softmax's overflowed splits are redone: "splits" (a second kernel whose programs run only where their split
+    overflowed, its results selected in) or "cond" (`lax.cond`: every split again if any overflowed; XLA on the GPU
+    reads the predicate on the host, a round trip each call). `interpret`: Mosaic GPU's interpreter on the CPU,
     with the key operand staged through shared memory (the interpreter takes MMA operands only from there);
     compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -332,6 +341,8 @@ def paged_attention(
         raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
     if softmax is not None and softmax not in SOFTMAXES:
         raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
+    if redo not in REDOS:
+        raise ValueError(f"redo={redo!r}: expected one of {REDOS}")
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)  # Mosaic GPU writes its trace there but does not create it
     b, hq, _, d = q.shape
@@ -413,14 +424,21 @@ def paged_attention(
         profile_dir=profile_dir,
         table_smem=table_smem,
         word_unpack=word_unpack,
+        v_early=v_early,
         table_pages=max_pages,
         interpret=interpret,
     )
     if softmax == "fixed":
         res = call(fixed=True)
-        # redo everything with the online softmax if any split overflowed against its fixed reference (a score ~127
-        # above it in base 2, or sums of p from FIXED_L_LIMIT): never seen on real scores, exact either way
-        res = jax.lax.cond(overflowed(*res), lambda: call(fixed=False), lambda: res)
+        # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
+        # FIXED_L_LIMIT; never seen on real scores) again with the online softmax: exact either way
+        bad = split_overflowed(*res)  # [B, H, S]
+        if redo == "cond":  # all splits again if any overflowed
+            res = jax.lax.cond(jnp.any(bad), lambda: call(fixed=False), lambda: res)
+        else:  # a second kernel whose programs run only where their split overflowed: no host round trip
+            again = call(fixed=False, only=bad.astype(jnp.int32))
+            pick = [bad.reshape(bad.shape + (1,) * (x.ndim - 3)) for x in res]
+            res = tuple(jnp.where(p, y, x) for p, x, y in zip(pick, res, again, strict=True))
     else:
         res = call(fixed=False)
     o, m, l, z = res
@@ -437,11 +455,12 @@ def paged_attention(
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
 
 
-def overflowed(o, m, l, z) -> jnp.ndarray:
-    """Whether any split of a fixed-reference result overflowed: a non-finite part or a sum of p from
+def split_overflowed(o, m, l, z) -> jnp.ndarray:
+    """Which splits [B, H, S] of a fixed-reference result overflowed: a non-finite part or a sum of p from
     FIXED_L_LIMIT (its p-weighted sums could then be past float32 range in the caller's combine)."""
-    bad = ~jnp.all(jnp.isfinite(o)) | ~jnp.all(jnp.isfinite(z)) | ~jnp.all(jnp.isfinite(l))
-    return bad | jnp.any(l >= FIXED_L_LIMIT)
+    del m
+    bad = ~jnp.all(jnp.isfinite(o), axis=(-1, -2)) | ~jnp.all(jnp.isfinite(z), axis=-1)
+    return bad | ~jnp.all(jnp.isfinite(l), axis=-1) | jnp.any(l >= FIXED_L_LIMIT, axis=-1)
 
 
 TABLE_BOX = 256  # TMA copies at most this many elements along each dimension
@@ -504,7 +523,7 @@ def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int =
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "interpret",
+    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "v_early", "table_pages", "interpret",
 )  # fmt: skip
 
 
@@ -520,6 +539,7 @@ def _call(
     vz,
     table,
     lengths,
+    only=None,
     *,
     kb,
     vb,
@@ -536,11 +556,13 @@ def _call(
     profile_dir,
     table_smem,
     word_unpack,
+    v_early,
     table_pages,
     interpret,
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
-    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`)."""
+    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). only: None, or
+    int32 [B, H, splits]: programs run where it is nonzero, the others write nothing (their outputs are undefined)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -575,6 +597,13 @@ def _call(
         return swizzled(row_bytes, 1) if swizzle_codes else ()
 
     def kernel(q_ref, qs_ref, *refs, **scr):
+        if only is None:
+            return program(q_ref, qs_ref, *refs, **scr)
+        only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
+        si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
+        pl.when(only_ref[bi, hi, si] != 0)(lambda: program(q_ref, qs_ref, *refs, **scr))
+
+    def program(q_ref, qs_ref, *refs, **scr):
         ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
         q_smem, v_stage, p_smem, bar = scr["q_smem"], scr["v_stage"], scr["p_smem"], scr["bar"]
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
@@ -664,8 +693,10 @@ def _call(
                     plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
-                with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
+                v_op = None
+                if v_early:
+                    with jax.named_scope("v_operand"):  # under the score MMA
+                        v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
@@ -698,6 +729,9 @@ def _call(
                 p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt) if two_terms else jnp.zeros_like(p_hi)
             with jax.named_scope("stage"):
                 p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
+                if v_op is None:  # `v_early=False`: built now, its registers never live beside the key operand's
+                    with jax.named_scope("v_operand"):
+                        v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 v_stage[...] = v_op
                 plgpu.commit_smem()
             if fixed:  # into the one accumulator, left in flight: the next page's wait retires it
@@ -783,4 +817,4 @@ def _call(
         ),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(q2, qaux, *pools, table, lengths)
+    return f(q2, qaux, *pools, table, lengths, *(() if only is None else (only,)))
