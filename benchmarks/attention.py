@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -135,11 +136,13 @@ def page_tables(key, b: int, pages_per_seq: int, copies: int):
     return perm.reshape(copies, b, pages_per_seq)
 
 
-def timed(fn, fixed, args_list, reps: int, trials: int) -> float:
+def timed(fn, fixed, args_list, reps: int, trials: int, trace: str | None = None) -> float:
     """Median seconds per call of fn(fixed, *args) over `trials` executables that each run `reps` calls.
 
     Call i uses args_list[i % len(args_list)] (rotating inputs so that repeated calls do not hit L2); `fixed` (the
-    pools) is passed as an argument, never closed over, so it is not baked into the executable.
+    pools) is passed as an argument, never closed over, so it is not baked into the executable. `trace`: a folder
+    for a JAX profiler trace of one more (untimed) run of `reps` calls (`benchmarks/trace_summary.py --steps reps`
+    sums its GPU kernels per call).
     """
     n = len(args_list)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *args_list)
@@ -160,7 +163,17 @@ def timed(fn, fixed, args_list, reps: int, trials: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(many(fixed, stacked))
         ts.append((time.perf_counter() - t0) / reps)
+    if trace:
+        with jax.profiler.trace(trace):
+            jax.block_until_ready(many(fixed, stacked))
     return float(np.median(ts))
+
+
+def trace_folder(args, label: str, b: int, ctx: int) -> str | None:
+    """Where `--trace_dir` puts one measurement's trace: a folder named by its config, tuning, batch and context."""
+    if not args.trace_dir:
+        return None
+    return os.path.join(args.trace_dir, f"{re.sub(r'[^A-Za-z0-9.=-]+', '_', label).strip('_')}_b{b}_{ctx}")
 
 
 def copy_bandwidth(trials: int = 7, nbytes: int = 2 * 2**30) -> dict:
@@ -282,14 +295,14 @@ def ab_summary(rows: list[dict], tunings: list[dict]) -> list[str]:
     return lines
 
 
-def bench_ours(b, ctx, k_spec, v_spec, page, kw, args) -> dict:
+def bench_ours(b, ctx, k_spec, v_spec, page, kw, args, trace=None) -> dict:
     try:
-        return _bench_ours(b, ctx, k_spec, v_spec, page, kw, args)
+        return _bench_ours(b, ctx, k_spec, v_spec, page, kw, args, trace)
     except Exception as e:  # a tuning that does not compile or fit: record it, keep sweeping
         return dict(error=repr(e)[:300])
 
 
-def _bench_ours(b, ctx, k_spec, v_spec, page, kw, args) -> dict:
+def _bench_ours(b, ctx, k_spec, v_spec, page, kw, args, trace=None) -> dict:
     pps = ctx // page
     per_tok = store_bytes_per_token(k_spec, page) + store_bytes_per_token(v_spec, page)
     nbytes = b * ctx * per_tok + b * pps * 4 + b * HQ * D * 2
@@ -308,7 +321,7 @@ def _bench_ours(b, ctx, k_spec, v_spec, page, kw, args) -> dict:
         k, v = fx
         return paged_attention(q, *k, *v, pt, nt, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5, **kw)
 
-    t = timed(fn, (ks, vs), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials)
+    t = timed(fn, (ks, vs), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials, trace)
     del ks, vs
     return dict(time_s=t, bytes=nbytes, copies=copies)
 
@@ -408,6 +421,12 @@ def main(argv=None):
     ap.add_argument("--once", default=None, help="run this config once at the first batch/context and exit (ncu)")
     ap.add_argument("--interpret", action="store_true", help="CPU dry run of this script (kernel in interpret mode)")
     ap.add_argument("--out", default="bench_out")
+    ap.add_argument(
+        "--trace_dir",
+        default=None,
+        help="also trace one more run of --reps calls per config (not the schedule) here, a folder each; "
+        "benchmarks/trace_summary.py DIR/<folder> --steps REPS sums its GPU kernels per call",
+    )
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     kw = json.loads(args.tuning)
@@ -498,7 +517,7 @@ def main(argv=None):
                     r["note"] = f"mean per layer over {len(pairs)} layers of {source}"
                 else:
                     ks, vs = spec_pair(c)
-                    r = bench_ours(b, ctx, ks, vs, args.page, kw, args)
+                    r = bench_ours(b, ctx, ks, vs, args.page, kw, args, trace_folder(args, label, b, ctx))
                 if "time_s" in r:
                     r["gbps"] = r["bytes"] / r["time_s"] / 1e9
                     r["pct_bw"] = 100 * r["bytes"] / r["time_s"] / best_bw

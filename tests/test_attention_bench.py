@@ -86,3 +86,29 @@ def test_kernel_choice_is_checked():
         bench.paged_attention(None, k_spec=spec, v_spec=spec, kernel="cuda")
     with pytest.raises(ValueError, match="paged_attention_mgpu: keys: 16-bit"):
         bench.check_small(KVSpec(bits=16), spec, 64, {"kernel": "mgpu"})
+
+
+def test_trace_dir_traces_one_more_run(tmp_path):
+    """`--trace_dir`: `timed` traces one more run of `reps` calls after the timed ones, in a folder named by the
+    measurement, and `benchmarks/trace_summary.py` reads it (the CPU trace has no GPU kernels to sum)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    summary = importlib.util.module_from_spec(tspec)
+    tspec.loader.exec_module(summary)
+
+    class Args:
+        trace_dir = str(tmp_path / "trace")
+
+    folder = bench.trace_folder(Args, '4/4@{"kernel":"mgpu"}', 32, 16384)
+    assert folder == str(tmp_path / "trace" / "4_4_kernel_mgpu_b32_16384")
+    Args.trace_dir = None
+    assert bench.trace_folder(Args, "4/4", 32, 16384) is None
+    rng = np.random.default_rng(0)
+    fixed = jnp.asarray(rng.standard_normal((64, 64)), jnp.float32)
+    args_list = [(jnp.asarray(rng.standard_normal((64,)), jnp.float32),) for _ in range(2)]
+    t = bench.timed(lambda m, v: m @ v, fixed, args_list, reps=3, trials=1, trace=folder)
+    assert t > 0
+    assert len(list(pathlib.Path(folder).glob("**/*.xplane.pb"))) == 1
+    assert summary.main([folder, "--steps", "3"]) == 0
