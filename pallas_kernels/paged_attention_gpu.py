@@ -9,8 +9,9 @@ runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b
 with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) for 2- and 4-bit
 pairs it is faster, as measured: the Mosaic GPU kernel for per-token decode (`paged_attention_mgpu`, TMA page
 copies, codes unpacked into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an
-H100 at first (4/4 0.535 against 0.328 ms, 2026-12-05) and is still 1.01-1.08x slower for 4/4, 2/2 and 4/2
-(2026-12-06, e.g. 4/4 0.368 against 0.351 ms), although TMA streams those pages at 85% of bandwidth
+H100 at first (4/4 0.535 against 0.328 ms, 2026-12-05); now it is faster for them at pages of 64 from batch 32
+(e.g. 4/4 0.337 against 0.361 ms) but slower at batch 8 and at the engine's default pages of 32 (4/4 0.407 against
+0.384; 2026-12-06, `mosaic_route`), although TMA streams those pages at 85% of bandwidth
 (`benchmarks/tma_stream.py`): its per-page chain of unpacking, MMAs and softmax in one warpgroup is what needs the
 choreography (BENCHMARKS.md). With an 8-bit side it is the faster one (8/8 0.46 against 0.59-0.66 ms, 76% of copy
 bandwidth, at pages of 32 0.51 against 0.61; H100, 2026-12-06), so `paged_attention(kernel="auto")` hands per-token
@@ -1041,8 +1042,10 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
     head), and, for 8-bit values, f16 value scales (its f16 probabilities x a scale stay in f16's range). Measured
     against this kernel on an H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06), ms: 8/8 at pages of 16 0.630 vs
     0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth), 128 0.483 vs 0.574; 8/4 0.581 vs
-    0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. For 2- and 4-bit pairs this kernel is the faster
-    (4/4 0.340 against 0.361, at pages of 32 0.387 against 0.426)."""
+    0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. 2- and 4-bit pairs stay here: neither kernel wins
+    everywhere (H100, 2026-12-06 11:45 UTC, one machine, Mosaic GPU's time over this kernel's): at pages of 64
+    0.88-0.97x at batch 32 and 128 but 1.03-1.09x at batch 8 (4/4, 4/2); at the engine's default pages of 32 4/4
+    takes 0.407 against 0.384 ms; at pages of 128 4/4 1.12x, 2/2 and 4/2 0.85-0.87x."""
     from pallas_kernels import paged_attention_mgpu
 
     if interpret or 8 not in (k_spec.bits, v_spec.bits):

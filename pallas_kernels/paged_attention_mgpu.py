@@ -6,9 +6,11 @@ The GPU dispatcher runs it for per-token decode layers with an 8-bit side on Hop
 against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) and context (1K-32K) timed, and it
 runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
 pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
-0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout and is
-faster for 2- and 4-bit pairs. `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`,
-runs this one for any pair it reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
+0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout; for 2-
+and 4-bit pairs neither kernel wins everywhere (this one 0.88-0.97x its time at pages of 64 from batch 32, 4/4
+0.334-0.337 ms against 0.345-0.361, but 1.03-1.09x at batch 8 and 1.06x at pages of 32; 2026-12-06).
+`kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
+reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
 and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
 streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
 pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
@@ -16,8 +18,12 @@ pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an 
 for 2-, 4-bit and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the
 copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325 ms), 1.05x since it unpacks four
 code bytes a register (2026-12-06, 4/4 0.368 against 0.351 ms; 2/2 and 4/2 1.01-1.06x): Nsight counted 787
-instructions per warp per page before that change, 586 after (the Triton kernel: 449). What limits it now is one
-warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3 warpgroups an SM.
+instructions per warp per page before that change, 586 after (the Triton kernel: 449); 0.97x since the splits
+that overflow the fixed softmax are redone by a second kernel rather than under a `lax.cond` over the whole call,
+whose predicate XLA reads on the host every call (2026-12-06, 4/4 0.362 -> 0.334 ms against 0.345). What limits it
+now is one warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3
+warpgroups an SM (147 registers a thread; building V's operand after the score wait, so that K's and V's operands
+are never live together, took 153, and 132 with 3 stages: still not the 128 a fourth needs).
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -94,7 +100,6 @@ MAGIC_F16, MAGIC_F16_VALUE = ta.MAGIC16_BITS, ta.MAGIC16
 Q_F16_TOP = 2.0**14  # f16 keys: each query row is scaled by a power of two to put its largest element near this
 LOG2E = math.log2(math.e)
 SOFTMAXES = ("fixed", "running")
-REDOS = ("splits", "cond")  # how splits that overflowed a fixed reference are redone (`paged_attention`'s `redo`)
 FIXED_L_LIMIT = 2.0**64  # a fixed-reference split whose sum of p reaches this counts as overflowed
 
 
@@ -298,8 +303,6 @@ def paged_attention(
     profile_dir: str | None = None,
     table_smem: bool = True,
     word_unpack: bool = True,
-    v_early: bool = True,
-    redo: str = "splits",
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
@@ -311,10 +314,11 @@ def paged_attention(
     chain of MMAs, waits and barriers; pages under 64 tokens: that many tiles of them).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
-    work; the splits that overflow are redone with "running", see `redo`) or "running" (the online softmax, a
+    work; the splits that overflow are redone with "running" by a second kernel) or "running" (the online softmax, a
     maximum across the warps per page); default "fixed" for bf16 probabilities, "running" for f16 ones (f16's range
     leaves the fixed reference ~20 bits of headroom, and real scores rise further in some splits: on SmolLM2 0.2-2.5%
-    of splits at 18 bits, BENCHMARKS.md 2026-12-05, which would redo nearly every call). `key_f16`: the key
+    of splits at 18 bits, BENCHMARKS.md 2026-12-05: nearly every call would then run a redo, each as long as a
+    whole split's pages). `key_f16`: the key
     operand and q as f16 (fields masked in place, no shifts; see `_operand`); default: for 8-bit keys only, which
     need it (bf16's 7 mantissa bits cannot hold a code byte). `value_f16`: the value operand and p as f16 (8-bit
     values need it and default to it; 2- and 4-bit fields then come out times 2^(bits x field), taken off the
@@ -325,12 +329,7 @@ def paged_attention(
     while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
     there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a copy of the
     split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
-    (`_operand_words_mgpu`; False: element-wise, `_operand`). `v_early`: build the value operand under the score MMA
-    (False: after its wait, so that the key and value operands, 32 registers a thread each at head_dim 128, are never
-    live together: a probe of whether fewer registers let a fourth program onto an SM). `redo`: how the fixed
-    softmax's overflowed splits are redone: "splits" (a second kernel whose programs run only where their split
-    overflowed, its results selected in) or "cond" (`lax.cond`: every split again if any overflowed; XLA on the GPU
-    reads the predicate on the host, a round trip each call). `interpret`: Mosaic GPU's interpreter on the CPU,
+    (`_operand_words_mgpu`; False: element-wise, `_operand`). `interpret`: Mosaic GPU's interpreter on the CPU,
     with the key operand staged through shared memory (the interpreter takes MMA operands only from there);
     compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -341,8 +340,6 @@ def paged_attention(
         raise ValueError(f"precision={precision!r}: expected one of {KERNEL_PRECISIONS}")
     if softmax is not None and softmax not in SOFTMAXES:
         raise ValueError(f"softmax={softmax!r}: expected one of {SOFTMAXES}")
-    if redo not in REDOS:
-        raise ValueError(f"redo={redo!r}: expected one of {REDOS}")
     if profile_dir:
         os.makedirs(profile_dir, exist_ok=True)  # Mosaic GPU writes its trace there but does not create it
     b, hq, _, d = q.shape
@@ -424,7 +421,6 @@ def paged_attention(
         profile_dir=profile_dir,
         table_smem=table_smem,
         word_unpack=word_unpack,
-        v_early=v_early,
         table_pages=max_pages,
         interpret=interpret,
     )
@@ -432,13 +428,12 @@ def paged_attention(
         res = call(fixed=True)
         # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
         # FIXED_L_LIMIT; never seen on real scores) again with the online softmax: exact either way
+        # by a second kernel whose programs run only where their split overflowed, its results selected in: no
+        # lax.cond, whose predicate XLA reads on the host each call (H100, 2026-12-06: 4/4 0.362 -> 0.334 ms)
         bad = split_overflowed(*res)  # [B, H, S]
-        if redo == "cond":  # all splits again if any overflowed
-            res = jax.lax.cond(jnp.any(bad), lambda: call(fixed=False), lambda: res)
-        else:  # a second kernel whose programs run only where their split overflowed: no host round trip
-            again = call(fixed=False, only=bad.astype(jnp.int32))
-            pick = [bad.reshape(bad.shape + (1,) * (x.ndim - 3)) for x in res]
-            res = tuple(jnp.where(p, y, x) for p, x, y in zip(pick, res, again, strict=True))
+        again = call(fixed=False, only=bad.astype(jnp.int32))
+        pick = [bad.reshape(bad.shape + (1,) * (x.ndim - 3)) for x in res]
+        res = tuple(jnp.where(p, y, x) for p, x, y in zip(pick, res, again, strict=True))
     else:
         res = call(fixed=False)
     o, m, l, z = res
@@ -523,7 +518,7 @@ def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int =
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "v_early", "table_pages", "interpret",
+    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "interpret",
 )  # fmt: skip
 
 
@@ -556,7 +551,6 @@ def _call(
     profile_dir,
     table_smem,
     word_unpack,
-    v_early,
     table_pages,
     interpret,
 ):
@@ -693,10 +687,8 @@ def _call(
                     plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
                     if two_terms:
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
-                v_op = None
-                if v_early:
-                    with jax.named_scope("v_operand"):  # under the score MMA
-                        v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
+                with jax.named_scope("v_operand"):  # under the score MMA
+                    v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
@@ -729,9 +721,6 @@ def _call(
                 p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt) if two_terms else jnp.zeros_like(p_hi)
             with jax.named_scope("stage"):
                 p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
-                if v_op is None:  # `v_early=False`: built now, its registers never live beside the key operand's
-                    with jax.named_scope("v_operand"):
-                        v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 v_stage[...] = v_op
                 plgpu.commit_smem()
             if fixed:  # into the one accumulator, left in flight: the next page's wait retires it

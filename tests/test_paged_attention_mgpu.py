@@ -190,15 +190,14 @@ def test_two_pages_per_step(softmax):
         (4, 4, 32, 7, {}),  # two pages a 64-row tile, the scale rows (64 bytes) copied 128 bytes wide
         (8, 8, 32, 5, {"num_splits": 2}),  # 8-bit: f16 operands, online softmax
         (4, 2, 16, 9, {"symmetric": True, "group": 1}),  # four pages a tile, one a warp
-        # a page of two tiles; 2-bit keys' 16-byte rows stay unswizzled; the value operand built after the score wait
-        (2, 4, 128, 3, {"d": 64, "group": 8, "v_early": False}),
+        (2, 4, 128, 3, {"d": 64, "group": 8}),  # a page of two tiles; 2-bit keys' 16-byte rows stay unswizzled
         (8, 4, 32, 8, {"pages_per_step": 2, "num_splits": 3}),  # two tiles (four pages) a step, ragged splits
     ],
 )
 def test_page_sizes(kb, vb, page, pages, extra):
     """Pages of 16, 32 and 128 tokens against the reference: pages under 64 tokens share one MMA tile, each warp
     reading its rows from its own page's slot (`_load_pages_mgpu` compiled); lengths end mid-page and mid-tile."""
-    opts = {k: extra.pop(k) for k in ("num_splits", "pages_per_step", "v_early") if k in extra}
+    opts = {k: extra.pop(k) for k in ("num_splits", "pages_per_step") if k in extra}
     lengths = [pages * page - 5, page + 3, 0]
     args, kw = _case(kb, vb, page=page, pages=pages, lengths=lengths, seed=20 + page + kb, **extra)
     assert args[1].shape[2] == page
@@ -209,8 +208,8 @@ def test_page_sizes(kb, vb, page, pages, extra):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("splits,redo", [(1, "splits"), (2, "splits"), (2, "cond")])
-def test_fixed_softmax_overflow_is_redone(monkeypatch, splits, redo):
+@pytest.mark.parametrize("splits", [1, 2])
+def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
     """Keys of a sequence's later pages ~100x its first page's: scores rise far more than 127 (base 2) above the
     fixed reference, the fixed pass overflows, and the result is the online softmax's, equal to the reference. With
     two splits only each sequence's first split overflows (the second's reference is a loud page): those splits are
@@ -230,7 +229,7 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits, redo):
     monkeypatch.setattr(mg, "split_overflowed", lambda *r: seen.append(np.asarray(real(*r))) or real(*r))
     with jax.default_matmul_precision("highest"):
         want, want_lse = paged_attention_reference(*args, **kw)
-    got, lse = mg.paged_attention(*args, **kw, num_splits=splits, redo=redo, interpret=not COMPILED)
+    got, lse = mg.paged_attention(*args, **kw, num_splits=splits, interpret=not COMPILED)
     # the fixed pass did overflow, in every split or (two splits) in each sequence's first only
     assert len(seen) == 1 and seen[0].shape == (2, h, splits)
     np.testing.assert_array_equal(seen[0], np.broadcast_to(np.arange(splits) == 0, (2, h, splits)))
@@ -238,8 +237,6 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits, redo):
     assert np.all(np.isfinite(got))
     assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5)
-    with pytest.raises(ValueError, match="redo='all'"):
-        mg.paged_attention(*args, **kw, redo="all")
 
 
 def test_splits_combine_exactly():
@@ -287,7 +284,6 @@ def test_page_table_in_shared_memory(monkeypatch, box):
         ((4, 2), 8, {"page": 16, "word_unpack": False}),
         ((2, 2), 8, {"page": 16, "d": 64}),
         ((4, 4), 8, {"page": 128}),
-        ((4, 4), 8, {"v_early": False, "stages": 3}),
     ],
 )
 def test_lowers_for_cuda(bits, pages, opts):
@@ -359,7 +355,7 @@ def test_softmax_default_follows_the_probabilities_type(monkeypatch):
     for kb, vb in ((8, 8), (8, 4)):
         args, kw = _case(kb, vb, b=1, h=1, pages=1)
         mg.paged_attention(*args, **kw, interpret=not COMPILED)
-    assert seen == [(True, False), (False, True), (False, False)]  # the fixed pass traces its online redo too
+    assert seen == [(True, False), (False, True), (False, False)]  # the fixed pass runs its online redo kernel too
 
 
 def test_mosaic_route():
