@@ -427,9 +427,9 @@ def paged_attention(
     if softmax == "fixed":
         res = call(fixed=True)
         # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
-        # FIXED_L_LIMIT; never seen on real scores) again with the online softmax: exact either way
-        # by a second kernel whose programs run only where their split overflowed, its results selected in: no
-        # lax.cond, whose predicate XLA reads on the host each call (H100, 2026-12-06: 4/4 0.362 -> 0.334 ms)
+        # FIXED_L_LIMIT; never seen on real scores) again with the online softmax, exact either way: a second kernel
+        # whose programs run only where their split overflowed, its results selected in. Not a lax.cond, whose
+        # predicate XLA reads on the host every call (H100, 2026-12-06: 4/4 0.362 -> 0.334 ms)
         bad = split_overflowed(*res)  # [B, H, S]
         again = call(fixed=False, only=bad.astype(jnp.int32))
         pick = [bad.reshape(bad.shape + (1,) * (x.ndim - 3)) for x in res]
