@@ -424,6 +424,8 @@ def paged_attention(
         table_pages=max_pages,
         interpret=interpret,
     )
+    if interpret:  # one interpreted kernel at a time (`_settled`)
+        call = functools.partial(lambda c, **kw: _settled(c(**kw)), call)
     if softmax == "fixed":
         res = call(fixed=True)
         # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
@@ -448,6 +450,17 @@ def paged_attention(
     o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
     out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+def _settled(res):
+    """`res` once computed, where it is concrete (eager calls; under a trace it is returned as is). Mosaic GPU's
+    interpreter runs each kernel's barriers and copies as host callbacks that dispatch JAX ops of their own; with a
+    second interpreted kernel or eager ops dispatched behind it, the CPU client's threads can all end up waiting on
+    one another: on 2 cores, two processes each calling this kernel eagerly hung within seconds (2026-12-06), where
+    one kernel at a time never did."""
+    leaves = [x for x in jax.tree.leaves(res) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
+    jax.block_until_ready(leaves)
+    return res
 
 
 def split_overflowed(o, m, l, z) -> jnp.ndarray:

@@ -239,6 +239,25 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5)
 
 
+@pytest.mark.skipif(COMPILED, reason="about Mosaic GPU's interpreter")
+def test_interpreted_kernels_run_one_at_a_time(monkeypatch):
+    """Interpreted, each kernel's results are waited for (`_settled`) before anything else is dispatched: the
+    interpreter's host callbacks dispatch JAX ops of their own, and with eager ops dispatched on a kernel still in
+    flight two pytest workers hung a 2-core machine (2026-12-06). Both kernels of the fixed softmax (its pass and
+    the redo) go through it, and the result still equals the reference."""
+    made, settled = [], []
+    real_call, real_settled = mg._call, mg._settled
+    monkeypatch.setattr(mg, "_call", lambda *a, **kw: made.append(real_call(*a, **kw)) or made[-1])
+    monkeypatch.setattr(mg, "_settled", lambda r: settled.append(real_settled(r)) or settled[-1])
+    args, kw = _case(4, 4, b=2, pages=2, seed=4)
+    got, _ = mg.paged_attention(*args, **kw, num_splits=2, interpret=True)
+    assert len(made) == 2 and [id(r) for r in settled] == [id(r) for r in made]  # the fixed pass and its redo
+    assert all(x.is_ready() for r in settled for x in jax.tree.leaves(r))
+    with jax.default_matmul_precision("highest"):
+        want, _ = paged_attention_reference(*args, **kw)
+    assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= TOL["high"] * np.max(np.abs(np.asarray(want)))
+
+
 def test_splits_combine_exactly():
     """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact."""
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=5)
