@@ -942,11 +942,11 @@ def _kernel(
     if fixed:
         lsum = jnp.sum(l, axis=0)
         # Overflow against the fixed reference (a score ~127 above it, or p-weighted sums past float32) shows as a
-        # non-finite result, and a sum of p past FIXED_L_LIMIT (a score ~64 above it) is taken as one too, so that
+        # non-finite result, and a sum of p past `ta.FIXED_L_LIMIT` (a score ~64 above it) is taken as one too, so that
         # the combine's sums over splits stay far from float32's limit; such a split reports m = +inf, and the redo
         # kernel (`_redo_kernel`) recomputes it with the running softmax. A split with no tokens reports m = -inf, as
         # the running softmax does.
-        bad = jnp.where(lsum < FIXED_L_LIMIT, 0.0, 1.0)  # NaN too
+        bad = jnp.where(lsum < ta.FIXED_L_LIMIT, 0.0, 1.0)  # NaN too
         bad = bad + sum(jnp.sum(jnp.where(jnp.isfinite(x), 0.0, 1.0), axis=0) for x in accs)
         bad = bad + sum(jnp.where(jnp.isfinite(z), 0.0, 1.0) for z in zsums)
         m = jnp.where(jnp.max(bad) > 0, jnp.inf, jnp.where(nblk > 0, m, -jnp.inf))
@@ -1061,7 +1061,6 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
 
 
 SOFTMAXES = ("running", "fixed")
-FIXED_L_LIMIT = 2.0**64  # a fixed-softmax split whose sum of p reaches this is redone with the running softmax
 # `_variant` items (comma-separated): ablations for benchmarks (some give wrong values by design: see the kernel) and
 # the A/B opposites of measured defaults.
 VARIANTS = (

@@ -100,7 +100,6 @@ MAGIC_F16, MAGIC_F16_VALUE = ta.MAGIC16_BITS, ta.MAGIC16
 Q_F16_TOP = 2.0**14  # f16 keys: each query row is scaled by a power of two to put its largest element near this
 LOG2E = math.log2(math.e)
 SOFTMAXES = ("fixed", "running")
-FIXED_L_LIMIT = 2.0**64  # a fixed-reference split whose sum of p reaches this counts as overflowed
 
 
 def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str | None:
@@ -429,7 +428,7 @@ def paged_attention(
     if softmax == "fixed":
         res = call(fixed=True)
         # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
-        # FIXED_L_LIMIT; never seen on real scores) again with the online softmax, exact either way: a second kernel
+        # ta.FIXED_L_LIMIT; never seen on real scores) again with the online softmax, exact either way: a second kernel
         # whose programs run only where their split overflowed, its results selected in. Not a lax.cond, whose
         # predicate XLA reads on the host every call (H100, 2026-12-06: 4/4 0.362 -> 0.334 ms)
         bad = split_overflowed(*res)  # [B, H, S]
@@ -465,10 +464,10 @@ def _settled(res):
 
 def split_overflowed(o, m, l, z) -> jnp.ndarray:
     """Which splits [B, H, S] of a fixed-reference result overflowed: a non-finite part or a sum of p from
-    FIXED_L_LIMIT (its p-weighted sums could then be past float32 range in the caller's combine)."""
+    `ta.FIXED_L_LIMIT` (its p-weighted sums could then be past float32 range in the caller's combine)."""
     del m
     bad = ~jnp.all(jnp.isfinite(o), axis=(-1, -2)) | ~jnp.all(jnp.isfinite(z), axis=-1)
-    return bad | ~jnp.all(jnp.isfinite(l), axis=-1) | jnp.any(l >= FIXED_L_LIMIT, axis=-1)
+    return bad | ~jnp.all(jnp.isfinite(l), axis=-1) | jnp.any(l >= ta.FIXED_L_LIMIT, axis=-1)
 
 
 TABLE_BOX = 256  # TMA copies at most this many elements along each dimension

@@ -323,13 +323,18 @@ def fixed_reference(s_tiles) -> jnp.ndarray:
     return jnp.where(jnp.isfinite(ref), ref, 0.0)
 
 
+# a fixed-reference split whose sum of p reaches this counts as overflowed and is redone with the running softmax (a
+# score ~64 above the reference; the combine's sums over splits stay far from float32's limit): both GPU kernels
+FIXED_L_LIMIT = 2.0**64
+
+
 def fixed_softmax_step(ref: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, exp2=jnp.exp2):
     """`online_softmax_step_deferred` against a fixed reference `ref [R]` instead of the running maximum: no maximum
     over the block's tokens and no rescaling (alpha = 1). Returns ([p per tile], l_acc).
 
     Exact as long as nothing overflows: a later score more than ~127 above `ref` makes p (or, with large values, the
-    p-weighted sums) inf, which the caller must detect on its results (the GPU kernel also treats sums of p from
-    2^64 up as overflow) and then redo the split with the running softmax. Scores below `ref` lose nothing the
+    p-weighted sums) inf, which the caller must detect on its results (the GPU kernels also treat sums of p from
+    FIXED_L_LIMIT up as overflow) and then redo the split with the running softmax. Scores below `ref` lose nothing the
     running form keeps (`ref` is at most the true maximum, so p of the largest score is >= 1 and p < 2^-126, flushed
     to 0, is below float32 resolution of the sum)."""
     ps = [exp2(_shift(s, ref, 0)) for s in s_tiles]
