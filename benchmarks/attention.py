@@ -136,27 +136,47 @@ def page_tables(key, b: int, pages_per_seq: int, copies: int):
     return perm.reshape(copies, b, pages_per_seq)
 
 
-def timed(fn, fixed, args_list, reps: int, trials: int, trace: str | None = None) -> float:
-    """Median seconds per call of fn(fixed, *args) over `trials` executables that each run `reps` calls.
+LOOPS = ("fori", "unrolled")
 
-    Call i uses args_list[i % len(args_list)] (rotating inputs so that repeated calls do not hit L2); `fixed` (the
-    pools) is passed as an argument, never closed over, so it is not baked into the executable. `trace`: a folder
-    for a JAX profiler trace of one more (untimed) run of `reps` calls (`benchmarks/trace_summary.py --steps reps`
-    sums its GPU kernels per call).
-    """
+
+def harness(fn, args_list, reps: int, loop: str = "fori"):
+    """(many, stacked) for `timed`: many(fixed, stacked) runs `reps` calls of fn and returns the float32 sum of each
+    call's first output element (which keeps every call live)."""
+    if loop not in LOOPS:
+        raise ValueError(f"loop={loop!r}: expected one of {LOOPS}")
     n = len(args_list)
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *args_list)
 
+    def step(fx, a, acc):
+        leaf = jax.tree.leaves(fn(fx, *a))[0]
+        return acc + leaf.reshape(-1)[0].astype(jnp.float32)
+
     @jax.jit
     def many(fx, st):
-        def body(i, acc):
-            a = jax.tree.map(lambda x: x[i % n], st)
-            out = fn(fx, *a)
-            leaf = jax.tree.leaves(out)[0]
-            return acc + leaf.reshape(-1)[0].astype(jnp.float32)
+        if loop == "fori":
+            return jax.lax.fori_loop(0, reps, lambda i, acc: step(fx, jax.tree.map(lambda x: x[i % n], st), acc),
+                                     jnp.float32(0))  # fmt: skip
+        acc = jnp.float32(0)
+        for i in range(reps):
+            a, acc = jax.lax.optimization_barrier((jax.tree.map(lambda x, i=i: x[i % n], st), acc))
+            acc = step(fx, a, acc)
+        return acc
 
-        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+    return many, stacked
 
+
+def timed(fn, fixed, args_list, reps: int, trials: int, trace: str | None = None, loop: str = "fori") -> float:
+    """Median seconds per call of fn(fixed, *args) over `trials` executables that each run `reps` calls.
+
+    Call i uses args_list[i % len(args_list)] (rotating inputs so that repeated calls do not hit L2); `fixed` (the
+    pools) is passed as an argument, never closed over, so it is not baked into the executable. `loop`: "fori" runs
+    the calls in a `fori_loop` (one body, its inputs sliced out per call); "unrolled" writes them out one after
+    another in the executable, as a decode step's layers are, each call's inputs passed through an optimization
+    barrier with the previous call's result (so XLA can neither merge equal calls nor reorder them). `trace`: a
+    folder for a JAX profiler trace of one more (untimed) run of `reps` calls (`benchmarks/trace_summary.py --steps
+    reps` sums its GPU kernels per call).
+    """
+    many, stacked = harness(fn, args_list, reps, loop)
     jax.block_until_ready(many(fixed, stacked))  # compile + warm up
     ts = []
     for _ in range(trials):
@@ -321,7 +341,7 @@ def _bench_ours(b, ctx, k_spec, v_spec, page, kw, args, trace=None) -> dict:
         k, v = fx
         return paged_attention(q, *k, *v, pt, nt, k_spec=k_spec, v_spec=v_spec, sm_scale=D**-0.5, **kw)
 
-    t = timed(fn, (ks, vs), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials, trace)
+    t = timed(fn, (ks, vs), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials, trace, args.loop)
     del ks, vs
     return dict(time_s=t, bytes=nbytes, copies=copies)
 
@@ -356,7 +376,14 @@ def bench_jax_bf16(b, ctx, page, args) -> dict:
                     return jpa.paged_attention(q, fx[0], fx[1], pt, lengths, **kw)
 
                 try:
-                    t = timed(fn, (kp, vp), [(qs[i], tables[i]) for i in range(copies)], args.reps, args.trials)
+                    t = timed(
+                        fn,
+                        (kp, vp),
+                        [(qs[i], tables[i]) for i in range(copies)],
+                        args.reps,
+                        args.trials,
+                        loop=args.loop,
+                    )
                 except Exception as e:  # a setting the kernel rejects
                     settings.append(dict(kw=kw, error=repr(e)[:120]))
                     continue
@@ -408,6 +435,12 @@ def main(argv=None):
     ap.add_argument("--jax-page", type=int, default=16, help="page size of JAX's bf16 kernel")
     ap.add_argument("--tuning", default="{}", help="JSON kwargs for our kernel (pages_per_block, num_splits, ...)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument(
+        "--loop",
+        default="fori",
+        choices=LOOPS,
+        help="timing harness: the calls in a fori_loop or written out (`timed`)",
+    )
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--max-copies", type=int, default=16)
     ap.add_argument("--mem-gb", type=float, default=60.0)

@@ -112,3 +112,49 @@ def test_trace_dir_traces_one_more_run(tmp_path):
     assert t > 0
     assert len(list(pathlib.Path(folder).glob("**/*.xplane.pb"))) == 1
     assert summary.main([folder, "--steps", "3"]) == 0
+
+
+@pytest.mark.parametrize("loop", ["fori", "unrolled"])
+def test_harness_runs_every_call_on_its_rotating_inputs(loop):
+    """Both timing loops sum each call's first output element over `reps` calls of args i % n: checked against
+    float64 numpy. Written out, XLA must keep all `reps` calls (equal inputs recur every n calls; a merged call would
+    make the timing a lie): the compiled executable holds one dot per call."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng()
+    m = rng.standard_normal((16, 16)).astype(np.float32)
+    vs = [rng.standard_normal((16,)).astype(np.float32) for _ in range(3)]
+    reps = 7
+    many, stacked = bench.harness(lambda a, v: a @ v, [(jnp.asarray(v),) for v in vs], reps, loop)
+    got = float(many(jnp.asarray(m), stacked))
+    want = sum((m.astype(np.float64) @ vs[i % 3].astype(np.float64))[0] for i in range(reps))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if loop == "unrolled":
+        hlo = jax.jit(many).lower(jnp.asarray(m), stacked).compile().as_text()
+        assert hlo.count(" dot(") == reps
+    with pytest.raises(ValueError, match="loop='scan'"):
+        bench.harness(lambda a, v: a @ v, [(jnp.asarray(vs[0]),)], reps, "scan")
+
+
+def test_trace_idle_time_between_kernels():
+    """trace_summary's gaps between kernels (overlapping kernels on several streams counted once) against a
+    nanosecond timeline in numpy, on random intervals."""
+    import numpy as np
+
+    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
+    summary = importlib.util.module_from_spec(tspec)
+    tspec.loader.exec_module(summary)
+    rng = np.random.default_rng()
+    for _ in range(20):
+        starts = rng.integers(0, 2000, size=rng.integers(1, 12))
+        spans = [(int(s), int(s + rng.integers(1, 300))) for s in starts]
+        busy = np.zeros(3000, bool)
+        for s, e in spans:
+            busy[s:e] = True
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        span, idle = summary.idle_between(spans)
+        assert span == last - first
+        assert idle == np.count_nonzero(~busy[first:last])
+    assert summary.idle_between([]) == (0.0, 0.0)
