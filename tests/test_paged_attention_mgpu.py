@@ -226,7 +226,7 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
     args = (q, *k, *args[4:])
     seen = []
     real = mg.split_overflowed
-    monkeypatch.setattr(mg, "split_overflowed", lambda *r: seen.append(np.asarray(real(*r))) or real(*r))
+    monkeypatch.setattr(mg, "split_overflowed", lambda *r, **o: seen.append(np.asarray(real(*r, **o))) or real(*r, **o))
     with jax.default_matmul_precision("highest"):
         want, want_lse = paged_attention_reference(*args, **kw)
     got, lse = mg.paged_attention(*args, **kw, num_splits=splits, interpret=not COMPILED)
@@ -237,6 +237,60 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
     assert np.all(np.isfinite(got))
     assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
     np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), rtol=1e-5)
+
+
+def test_overflow_flag_reads_the_sum_of_p_alone_where_it_bounds_the_sums():
+    """`split_overflowed(..., bounded=True)` (bf16 p, f16 value scales) reads l alone; unbounded it reads o and z
+    too. Both flag a sum of p from the limit, inf or NaN; on finite o and z they agree; a non-finite o or z under a
+    finite l is flagged only unbounded."""
+    rng = np.random.default_rng()
+    b, h, s, d = 2, 3, 4, 8
+    o = rng.standard_normal((b, h, s, d, mg.COLS)).astype(np.float32) * 1e3
+    z = rng.standard_normal((b, h, s, mg.COLS)).astype(np.float32)
+    l = rng.uniform(1.0, 2.0**40, (b, h, s, mg.COLS)).astype(np.float32)
+    want = np.zeros((b, h, s), bool)
+    for (bi, hi, si), x in zip([(0, 0, 1), (0, 2, 3), (1, 1, 0)], [mg.ta.FIXED_L_LIMIT, np.inf, np.nan], strict=True):
+        l[bi, hi, si, rng.integers(mg.COLS)] = x
+        want[bi, hi, si] = True
+    m = np.zeros_like(z)
+    for bounded in (False, True):
+        np.testing.assert_array_equal(np.asarray(mg.split_overflowed(o, m, l, z, bounded=bounded)), want)
+    o[1, 2, 2, 3, 5], z[0, 1, 0, 7] = np.inf, np.nan
+    np.testing.assert_array_equal(np.asarray(mg.split_overflowed(o, m, l, z, bounded=True)), want)
+    want[1, 2, 2] = want[0, 1, 0] = True
+    np.testing.assert_array_equal(np.asarray(mg.split_overflowed(o, m, l, z)), want)
+
+
+def test_f16_probabilities_overflow_under_a_finite_sum_of_p(monkeypatch):
+    """Later pages' scores ~20-40 (base 2) above the first page's: p x the value scale passes f16's 65504 while the
+    sum of p stays far under `ta.FIXED_L_LIMIT`. With f16 p forced onto the fixed softmax, only o's check sees the
+    overflow, and the split is redone: the result equals the reference. With bf16 p (the default for 4-bit values)
+    nothing overflows and nothing is redone, the flag reading l alone."""
+    args, kw = _case(4, 4, b=2, pages=2, lengths=[2 * PAGE, 2 * PAGE], seed=12)
+    key = jax.random.key(13)
+    d, h = 128, 2
+    table = args[7]
+    n = args[1].shape[1]
+    first = jnp.zeros((n,), bool).at[table[:, 0]].set(True)
+    k = quantize_pages(jax.random.normal(key, (h, n, PAGE, d)) * jnp.where(first, 0.05, 7.0)[None, :, None, None],
+                       kw["k_spec"])  # fmt: skip
+    args = (args[0], *k, *args[4:])
+    seen = []
+    real = mg.split_overflowed
+    monkeypatch.setattr(mg, "split_overflowed", lambda *r, **o: seen.append((r[2], o)) or real(*r, **o))
+    with jax.default_matmul_precision("highest"):
+        want, _ = paged_attention_reference(*args, **kw)
+    want = np.asarray(want)
+    for opts, redone in ((dict(value_f16=True, softmax="fixed"), True), ({}, False)):
+        seen.clear()
+        got, _ = mg.paged_attention(*args, **kw, num_splits=1, interpret=not COMPILED, **opts)
+        (l, flag_opts) = seen[0]
+        assert flag_opts == {"bounded": not redone}
+        assert np.all(np.asarray(l) < mg.ta.FIXED_L_LIMIT)  # l alone sees nothing
+        assert np.max(np.asarray(l)) > 2.0**20  # scores far above the fixed reference
+        got = np.asarray(got)
+        assert np.all(np.isfinite(got))
+        assert np.max(np.abs(got - want)) <= TOL["high"] * np.max(np.abs(want))
 
 
 @pytest.mark.skipif(COMPILED, reason="about Mosaic GPU's interpreter")
