@@ -1043,9 +1043,10 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
     against this kernel on an H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06), ms: 8/8 at pages of 16 0.630 vs
     0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth), 128 0.483 vs 0.574; 8/4 0.581 vs
     0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. 2- and 4-bit pairs stay here: neither kernel wins
-    everywhere (H100, 2026-12-06 11:45 UTC, one machine, Mosaic GPU's time over this kernel's): at pages of 64
-    0.88-0.97x at batch 32 and 128 but 1.03-1.09x at batch 8 (4/4, 4/2); at the engine's default pages of 32 4/4
-    takes 0.407 against 0.384 ms; at pages of 128 4/4 1.12x, 2/2 and 4/2 0.85-0.87x."""
+    everywhere (H100, 2026-12-06 15:25-15:31 UTC, one machine, Mosaic GPU's time over this kernel's, 4/4, 2/2, 4/2):
+    at pages of 64 and 16K 0.90-0.97x at batch 8, 32 and 128, but at 1K-4K 0.77-1.12x; at the engine's default
+    pages of 32 1.02-1.14x; at 128 1.09x (4/4) and 0.83-0.84x; at 16 1.20-1.56x. A route by the page table's width
+    would misplace short sequences in a table sized for long ones."""
     from pallas_kernels import paged_attention_mgpu
 
     if interpret or 8 not in (k_spec.bits, v_spec.bits):

@@ -7,8 +7,8 @@ against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) a
 runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
 pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
 0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout; for 2-
-and 4-bit pairs neither kernel wins everywhere (this one 0.88-0.97x its time at pages of 64 from batch 32, 4/4
-0.334-0.337 ms against 0.345-0.361, but 1.03-1.09x at batch 8 and 1.06x at pages of 32; 2026-12-06).
+and 4-bit pairs neither kernel wins everywhere (this one 0.90-0.97x its time at pages of 64 and 16K at batch 8 to
+128, 4/4 0.326 ms against 0.351, but 0.77-1.12x at 1K-4K and 1.02-1.14x at pages of 32; 2026-12-06 15:25 UTC).
 `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
 reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
 and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
@@ -20,7 +20,9 @@ copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325
 code bytes a register (2026-12-06, 4/4 0.368 against 0.351 ms; 2/2 and 4/2 1.01-1.06x): Nsight counted 787
 instructions per warp per page before that change, 586 after (the Triton kernel: 449); 0.97x since the splits
 that overflow the fixed softmax are redone by a second kernel rather than under a `lax.cond` over the whole call,
-whose predicate XLA reads on the host every call (2026-12-06, 4/4 0.362 -> 0.334 ms against 0.345). What limits it
+whose predicate XLA reads on the host every call (2026-12-06, 4/4 0.362 -> 0.334 ms against 0.345); 0.93x since
+the overflow flag reads the sum of p alone where that bounds the p-weighted sums (`split_overflowed`; traced, a
+4/4 call 0.326 -> 0.315 ms on the GPU, 0.326 ms timed against 0.351). What limits it
 now is one warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3
 warpgroups an SM (147 registers a thread; building V's operand after the score wait, so that K's and V's operands
 are never live together, took 153, and 132 with 3 stages: still not the 128 a fourth needs).
