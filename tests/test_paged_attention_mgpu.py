@@ -277,16 +277,17 @@ def test_f16_probabilities_overflow_under_a_finite_sum_of_p(monkeypatch):
     args = (args[0], *k, *args[4:])
     seen = []
     real = mg.split_overflowed
-    monkeypatch.setattr(mg, "split_overflowed", lambda *r, **o: seen.append((r[2], o)) or real(*r, **o))
+    monkeypatch.setattr(mg, "split_overflowed", lambda *r, **o: seen.append((r[2], o, real(*r, **o))) or seen[-1][2])
     with jax.default_matmul_precision("highest"):
         want, _ = paged_attention_reference(*args, **kw)
     want = np.asarray(want)
     for opts, redone in ((dict(value_f16=True, softmax="fixed"), True), ({}, False)):
         seen.clear()
         got, _ = mg.paged_attention(*args, **kw, num_splits=1, interpret=not COMPILED, **opts)
-        (l, flag_opts) = seen[0]
+        l, flag_opts, flags = seen[0]
         assert flag_opts == {"bounded": not redone}
         assert np.all(np.asarray(l) < mg.ta.FIXED_L_LIMIT)  # l alone sees nothing
+        assert np.asarray(flags).any() == redone  # f16 p: o's check does
         assert np.max(np.asarray(l)) > 2.0**20  # scores far above the fixed reference
         got = np.asarray(got)
         assert np.all(np.isfinite(got))
