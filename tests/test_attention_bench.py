@@ -13,9 +13,17 @@ import pytest
 from kvtuner_jax.specs import KVSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("attention_bench", ROOT / "benchmarks" / "attention.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
+
+
+def _load(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load("attention_bench", "attention.py")
+summary = _load("trace_summary", "trace_summary.py")
 
 BF16, F16 = {"precision": "bf16"}, {"precision": "bf16", "eight_bit": "f16"}
 
@@ -94,10 +102,6 @@ def test_trace_dir_traces_one_more_run(tmp_path):
     import jax.numpy as jnp
     import numpy as np
 
-    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
-    summary = importlib.util.module_from_spec(tspec)
-    tspec.loader.exec_module(summary)
-
     class Args:
         trace_dir = str(tmp_path / "trace")
 
@@ -143,9 +147,6 @@ def test_trace_idle_time_between_kernels():
     nanosecond timeline in numpy, on random intervals."""
     import numpy as np
 
-    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
-    summary = importlib.util.module_from_spec(tspec)
-    tspec.loader.exec_module(summary)
     rng = np.random.default_rng()
     for _ in range(20):
         starts = rng.integers(0, 2000, size=rng.integers(1, 12))
