@@ -1041,12 +1041,14 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
     (`paged_attention_mgpu.unsupported`: decode, every page size it reads (`PAGES`, 16 to 128 tokens), one group per
     head), and, for 8-bit values, f16 value scales (its f16 probabilities x a scale stay in f16's range). Measured
     against this kernel on an H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06), ms: 8/8 at pages of 16 0.630 vs
-    0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth), 128 0.483 vs 0.574; 8/4 0.581 vs
-    0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. 2- and 4-bit pairs stay here: neither kernel wins
-    everywhere (H100, 2026-12-06 15:25-15:31 UTC, one machine, Mosaic GPU's time over this kernel's, 4/4, 2/2, 4/2):
-    at pages of 64 and 16K 0.90-0.97x at batch 8, 32 and 128, but at 1K-4K 0.77-1.12x; at the engine's default
-    pages of 32 1.02-1.14x; at 128 1.09x (4/4) and 0.83-0.84x; at 16 1.20-1.56x. A route by the page table's width
-    would misplace short sequences in a table sized for long ones."""
+    0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth; 0.424-0.431, 81-83%, since its own
+    page pipeline, 2026-12-06 evening), 128 0.483 vs 0.574; 8/4 0.581 vs 0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55,
+    0.454 vs 0.502. 2- and 4-bit pairs stay here: neither kernel wins everywhere (H100, 2026-12-06 15:25-15:31 UTC,
+    one machine, Mosaic GPU's time over this kernel's, 4/4, 2/2, 4/2): at pages of 64 and 16K 0.90-0.97x at batch 8,
+    32 and 128, but at 1K-4K 0.77-1.12x; at the engine's default pages of 32 1.02-1.14x; at 128 1.09x (4/4) and
+    0.83-0.84x; at 16 1.20-1.56x. With its own page pipeline (18:22-18:28 UTC), batch 32 x 16K: 0.83-0.92x at pages
+    of 64, but 0.92x, 1.03x and 1.08x at 32 (other pages and contexts not timed again). A route by the page table's
+    width would misplace short sequences in a table sized for long ones."""
     from pallas_kernels import paged_attention_mgpu
 
     if interpret or 8 not in (k_spec.bits, v_spec.bits):

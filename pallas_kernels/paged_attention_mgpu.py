@@ -10,35 +10,38 @@ pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 
 and 4-bit pairs neither kernel wins everywhere (this one 0.90-0.97x its time at pages of 64 and 16K at batch 8 to
 128, 4/4 0.326 ms against 0.351, but 0.77-1.12x at 1K-4K and 1.02-1.14x at pages of 32; 2026-12-06 15:25 UTC).
 `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
-reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth
-and its stall profile shows each block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA
-streams the same pages through shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several
-pages deep (`plgpu.emit_pipeline`), and no fence waits for them. Measured on an H100 (BENCHMARKS.md, batch 32 x
-16K): correct, and slower than the Triton kernel: 1.6x at first (2026-12-05, 4/4 0.535 against 0.328 ms, the same
-for 2-, 4-bit and two or four pages in flight: the per-page chain below, in one warpgroup, is the limit, not the
-copies), 1.39x with the fixed softmax reference (2026-12-06, 0.452 against 0.325 ms), 1.05x since it unpacks four
-code bytes a register (2026-12-06, 4/4 0.368 against 0.351 ms; 2/2 and 4/2 1.01-1.06x): Nsight counted 787
-instructions per warp per page before that change, 586 after (the Triton kernel: 449); 0.97x since the splits
-that overflow the fixed softmax are redone by a second kernel rather than under a `lax.cond` over the whole call,
-whose predicate XLA reads on the host every call (2026-12-06, 4/4 0.362 -> 0.334 ms against 0.345); 0.93x since
-the overflow flag reads the sum of p alone where that bounds the p-weighted sums (`split_overflowed`; traced, a
-4/4 call 0.326 -> 0.315 ms on the GPU, 0.326 ms timed against 0.351). What limits it
-now is one warpgroup's serial chain per page (dependency waits, the MMA wait and copy-issue barriers) with 3
-warpgroups an SM (147 registers a thread; building V's operand after the score wait, so that K's and V's operands
-are never live together, took 153, and 132 with 3 stages: still not the 128 a fourth needs).
+reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth and its stall profile shows each
+block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA streams the same pages through
+shared memory at 85% (`benchmarks/tma_stream.py`). Here the copies are TMA's, several pages deep, and no fence waits
+for them. Measured on an H100 (BENCHMARKS.md, batch 32 x 16K): correct, and slower than the Triton kernel: 1.6x at
+first (2026-12-05, 4/4 0.535 against 0.328 ms, the same for 2-, 4-bit and two or four pages in flight: the per-page
+chain below, in one warpgroup, is the limit, not the copies), 1.39x with the fixed softmax reference (2026-12-06,
+0.452 against 0.325 ms), 1.05x since it unpacks four code bytes a register (2026-12-06, 4/4 0.368 against 0.351 ms;
+2/2 and 4/2 1.01-1.06x): Nsight counted 787 instructions per warp per page before that change, 586 after (the Triton
+kernel: 449); 0.97x since the splits that overflow the fixed softmax are redone by a second kernel rather than under
+a `lax.cond` over the whole call, whose predicate XLA reads on the host every call (2026-12-06, 4/4 0.362 -> 0.334
+ms against 0.345); 0.93x since the overflow flag reads the sum of p alone where that bounds the p-weighted sums
+(`split_overflowed`; traced, a 4/4 call 0.326 -> 0.315 ms on the GPU, 0.326 ms timed against 0.351); and since the
+page pipeline is written here rather than with `plgpu.emit_pipeline` (2026-12-06 evening, the old code timed in the
+same runs: 2/2 0.329 -> 0.291 ms, 8/8 0.441-0.448 -> 0.424-0.431, 4/4 0.315-0.333 -> 0.311-0.321; ptxas 133-139
+registers a thread instead of 147), at pages of 64 4/4 0.83-0.92x the Triton kernel's time, 2/2 0.83x, 4/2 0.88x
+(at pages of 32: 0.92x, 1.03x, 1.08x). What limits it now is one warpgroup's serial chain per page (dependency
+waits, the MMA wait and copy-issue barriers) with 3 warpgroups an SM. Four programs a block (`warpgroups=4`, 512
+threads) hold ptxas to 128 registers a thread, so that an SM runs 4 chains: 4/4 1.04x faster (0.306 against 0.319
+ms, 4 spilled registers' worth), but 2/2 and 4/2 1.4x slower (~50 registers' worth spilled); so it stays opt-in.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
 128, GQA groups up to 8, pages of 16, 32, 64 or 128 tokens; precision "high" (query and probabilities each two bf16
 terms) or "bf16". Same contract as `paged_attention_reference` (pages only).
 
-One program per (sequence, KV head, split of its pages), one warpgroup. Splits may differ by one page (any count
-from 1 to the table's pages), and each program copies its split's slice of the page table into shared memory
-first (`table_smem`; else every page copy's index is a global-memory read on the step's path). The page pipeline's
-length is dynamic: pages past the sequence's length are never copied. The MMAs work on tiles of 64 token rows: a
-page of 128 tokens is two tiles, and pages of 16 or 32 share one (a step copies 4 or 2 pages, and each warp, whose 16
-rows lie in one page, loads its rows from that page's slot: `_load_pages_mgpu`; scale rows under TMA's 128-byte
-minimum are copied 128 bytes wide from a flat view of their pool). Per tile (64 tokens):
+One program per (sequence, KV head, split of its pages), one warpgroup; one program a block, or four (`warpgroups`).
+Splits may differ by one page (any count from 1 to the table's pages), and each program copies its split's slice of the
+page table into shared memory first (`table_smem`; else every page copy's index is a global-memory read on the step's
+path). The page pipeline's length is dynamic: pages past the sequence's length are never copied. The MMAs work on tiles
+of 64 token rows: a page of 128 tokens is two tiles, and pages of 16 or 32 share one (a step copies 4 or 2 pages, and
+each warp, whose 16 rows lie in one page, loads its rows from that page's slot: `_load_pages_mgpu`; scale rows under
+TMA's 128-byte minimum are copied 128 bytes wide from a flat view of their pool). Per tile (64 tokens):
 
 - keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
   group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
@@ -262,11 +265,14 @@ def _load_pages_mgpu(refs, layout, transforms):
         ty = ir.MemRefType(mems[0].type)
         part = math.prod(ty.shape)  # elements a page
         view_ty = ir.MemRefType.get([ty.shape[0] * n, *ty.shape[1:]], ty.element_type, memory_space=ty.memory_space)
-        warp = mu.warp_idx(sync=True)
+        i32 = ir.IntegerType.get_signless(32)
+        # the warp's place in its warpgroup (`mu.warp_idx` counts the block's warps: with four programs a block the
+        # others' warps would all read the last page, as a compiled test showed, H100 2026-12-06)
+        warp = arith.remui(mu.warp_idx(sync=True), mu.c(4, i32))
         base = mu.memref_ptr(mems[0])
         for k in range(1, n):  # warps from 16w >= k x page on read page k (its rows k x page onwards in the view)
             ptr = mu.getelementptr(mu.memref_ptr(mems[k]), [-k * part], ty.element_type)
-            first_warp = mu.c(k * page // 16, ir.IntegerType.get_signless(32))
+            first_warp = mu.c(k * page // 16, i32)
             base = arith.select(arith.cmpi(arith.CmpIPredicate.uge, warp, first_warp), ptr, base)
         view = mu.ptr_as_memref(base, view_ty)
         signed = mu.is_signed(dtype)
@@ -275,6 +281,24 @@ def _load_pages_mgpu(refs, layout, transforms):
         return fa.FragmentedArray.load_untiled(view, layout=layout.to_mgpu(), is_signed=signed)
 
     return load(*refs)
+
+
+def _reduce_rows_mgpu(x, scratch, op: str):
+    """x [rows, n] (layout WGMMA) -> [n], its rows reduced by `op` ("add" or "max"), the step across the four warps
+    through `scratch` (a warpgroup's own float32 [REDUCE_SCRATCH] in shared memory). Pallas's own reduction goes
+    through one scratch region of the block, which a block's several warpgroups would share (compiled, four
+    programs a block gave wrong sums with it, H100 2026-12-06; the interpreter, which needs no scratch, did not)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((x.shape[1],), x.dtype, layout=plgpu.Layout.WGMMA.reduce(0)),
+    )
+    def reduce(ctx, arr, mem):
+        del ctx
+        return arr.reduce(op, 0, scratch=mem)
+
+    return reduce(x, scratch)
 
 
 def paged_attention(
@@ -304,6 +328,7 @@ def paged_attention(
     profile_dir: str | None = None,
     table_smem: bool = True,
     word_unpack: bool = True,
+    warpgroups: int = 1,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
@@ -330,9 +355,13 @@ def paged_attention(
     while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
     there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a copy of the
     split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
-    (`_operand_words_mgpu`; False: element-wise, `_operand`). `interpret`: Mosaic GPU's interpreter on the CPU,
-    with the key operand staged through shared memory (the interpreter takes MMA operands only from there);
-    compiled, it stays in registers."""
+    (`_operand_words_mgpu`; False: element-wise, `_operand`). `warpgroups`: programs a block, 1 or 4 (each
+    program one warpgroup with its own page slots, barriers, staging tiles and reduction scratch; a block of 4 is
+    512 threads, which ptxas must fit in 128 registers each, so an SM holds 4 programs where one-warpgroup blocks
+    take 133-139 registers and 3 fit; 4/4 at pages of 64 then needs 2 or 3 stages, for shared memory; H100
+    2026-12-06: 4/4 1.04x faster with 2 stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower). `interpret`: Mosaic
+    GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter takes MMA
+    operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
     why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if why:
@@ -352,8 +381,16 @@ def paged_attention(
     # short-scoreboard stalls), their tokens masked there
     table = jnp.clip(page_table.astype(jnp.int32), 0, k_codes.shape[1] - 1)
     step_pages = max(1, TILE // k_codes.shape[2]) * pages_per_step  # pages under 64 tokens share a step's MMA tile
-    per_sm = programs_per_sm((k_codes, k_scale, k_zero, v_codes, v_scale, v_zero), k_codes.shape[2], step_pages,
-                             stages, d)  # fmt: skip
+    if warpgroups not in WARPGROUPS:
+        raise ValueError(f"warpgroups={warpgroups}: expected one of {WARPGROUPS}")
+    pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
+    per_sm = programs_per_sm(pools, k_codes.shape[2], step_pages, stages, d, warpgroups)
+    if not per_sm:
+        need = program_smem(pools, k_codes.shape[2], step_pages, stages, d) * warpgroups // 1024
+        raise ValueError(
+            f"warpgroups={warpgroups}, stages={stages}: a block's shared memory ({need} KB) is over an SM's "
+            f"{SMEM_PER_SM // 1024 - 1} KB; use fewer stages or warpgroups"
+        )
     splits = num_splits or _default_splits(b * h, max_pages, stages * step_pages, per_sm)
     if not 1 <= splits <= max_pages:
         raise ValueError(f"num_splits={splits}: expected 1 to the page table's {max_pages} pages")
@@ -423,6 +460,7 @@ def paged_attention(
         table_smem=table_smem,
         word_unpack=word_unpack,
         table_pages=max_pages,
+        wgs=warpgroups,
         interpret=interpret,
     )
     if interpret:  # one interpreted kernel at a time (`_settled`)
@@ -512,21 +550,33 @@ def _split_table(table, splits: int):
 
 
 SMS = 132  # streaming multiprocessors of an H100 or H200
-SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per program)
-MAX_PER_SM = 3  # programs an SM holds by registers (~150 a thread, one warpgroup each; Nsight, H100)
+SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per block)
+MAX_PER_SM = 3  # one-warpgroup blocks an SM holds by registers (133-147 a thread; ptxas, Nsight, H100)
+# programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried: 96
+# registers, spills, 1.3x slower; H100 2026-12-06)
+WARPGROUPS = (1, 4)
+REDUCE_SCRATCH = 512  # float32 a warpgroup for its reductions across warps: two registers' worth at once
 
 
-def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int) -> int:
-    """Programs of this kernel an SM holds at once: by shared memory (each step's page slots x `stages`, plus the
-    operand staging) and by registers (MAX_PER_SM). 4/4 pages of 64: ~61 KB, 3 an SM; 8/8: ~93 KB, 2."""
+def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int) -> int:
+    """Shared memory of one program: each step's page slots x `stages`, the q, V and p staging, the table slice."""
     per_step = 0
     for x in pools:
         if x is not None:
             row = math.prod(x.shape[3:]) * x.dtype.itemsize if x.ndim == 4 else x.dtype.itemsize
             per_step += max(page * row, 128) * step_pages  # scale rows under 128 bytes are copied 128 wide
     rows = max(page, TILE) * (step_pages // max(1, TILE // page))
-    fixed = 2 * COLS * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024  # q, V and p staging, the table slice
-    return max(1, min(MAX_PER_SM, SMEM_PER_SM // (stages * per_step + fixed + 1024)))
+    return stages * per_step + 2 * COLS * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024 + REDUCE_SCRATCH * 4
+
+
+def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1) -> int:
+    """Programs of this kernel an SM holds at once, by shared memory (`program_smem`) and by registers: blocks of one
+    warpgroup take 133-147 registers a thread, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512
+    threads, which ptxas must fit in 128 registers each: one block, 4 programs an SM. 4/4 pages of 64: ~61 KB a
+    program, 3 an SM (4 stages), or 4 in one block (2 or 3 stages); 8/8: ~93 KB, 2. 0 where one block does not fit."""
+    block = program_smem(pools, page, step_pages, stages, head_dim) * warpgroups + 1024
+    by_regs = MAX_PER_SM if warpgroups == 1 else 1
+    return warpgroups * min(by_regs, SMEM_PER_SM // block)
 
 
 def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int = MAX_PER_SM) -> int:
@@ -548,7 +598,7 @@ def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int =
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "interpret",
+    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "wgs", "interpret",
 )  # fmt: skip
 
 
@@ -582,6 +632,7 @@ def _call(
     table_smem,
     word_unpack,
     table_pages,
+    wgs,
     interpret,
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
@@ -605,7 +656,9 @@ def _call(
         return x.reshape(x.shape[0], -1)
 
     pools = [copyable(x) for x in (kc, ks, kz, vc, vs, vz) if x is not None]
-    has = dict(kz=kz is not None, vz=vz is not None)
+    every = zip(("kc", "ks", "kz", "vc", "vs", "vz"), (kc, ks, kz, vc, vs, vz), strict=True)
+    names = [n for n, x in every if x is not None]
+    units = b * h * splits  # programs: one a (sequence, KV head, split)
     tile = plgpu.Layout.WGMMA
     row = tile.reduce(1)  # one value per token row of a [64, n] tile
     col = tile.reduce(0)  # one value per column
@@ -621,21 +674,34 @@ def _call(
         return swizzled(row_bytes, 1) if swizzle_codes else ()
 
     def kernel(q_ref, qs_ref, *refs, **scr):
-        if only is None:
-            return program(q_ref, qs_ref, *refs, **scr)
-        only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
-        si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
-        pl.when(only_ref[bi, hi, si] != 0)(lambda: program(q_ref, qs_ref, *refs, **scr))
+        # warpgroup `wg` of block `block` is program u: split fastest, then KV head, then sequence
+        wg = jax.lax.axis_index("wg") if wgs > 1 else 0
+        u = jax.lax.axis_index("block") * wgs + wg
+        # (bi, hi, si, wg); a spare warpgroup of the last block (u past the programs) reads sequence b - 1's entry
+        # of `only` and runs nothing
+        at = (jnp.minimum(u // (splits * h), b - 1), (u // splits) % h, u % splits, wg)
+        if only is not None:
+            only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
+        run = u < units if units % wgs else None  # the last block's spare warpgroups
+        if only is not None:
+            go = only_ref[at[0], at[1], at[2]] != 0
+            run = go if run is None else run & go
+        if run is None:
+            return program(at, q_ref, qs_ref, *refs, **scr)
+        pl.when(run)(lambda: program(at, q_ref, qs_ref, *refs, **scr))
 
-    def program(q_ref, qs_ref, *refs, **scr):
+    def program(at, q_ref, qs_ref, *refs, **scr):
         ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
-        q_smem, v_stage, p_smem, bar = scr["q_smem"], scr["v_stage"], scr["p_smem"], scr["bar"]
-        si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[0])
+        bi, hi, si, wg = at
+        # each warpgroup's own scratch and barriers: its q, staging tiles, table slice and page slots
+        q_smem, v_stage, p_smem = (scr[n].at[wg] for n in ("q_smem", "v_stage", "p_smem"))
+        bar, pbar = scr["bar"], scr["pbar"]
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[2 * wg])
         if table_smem:  # the split's slice of the page table, so that each copy's index is a shared-memory read
-            plgpu.copy_gmem_to_smem(tab_ref.at[bi, si], scr["tab_smem"], bar.at[1])
-            plgpu.barrier_wait(bar.at[1])
-        plgpu.barrier_wait(bar.at[0])
+            tab_smem = scr["tab_smem"].at[wg]
+            plgpu.copy_gmem_to_smem(tab_ref.at[bi, si], tab_smem, bar.at[2 * wg + 1])
+            plgpu.barrier_wait(bar.at[2 * wg + 1])
+        plgpu.barrier_wait(bar.at[2 * wg])
         qsum_c = plgpu.load(qs_ref.at[bi, hi, 0], layout=col, optimized=False)
         # f16 keys: 1 / each row's gain (see the wrapper); bf16 keys have none, and skip the multiply
         ginv_c = plgpu.load(qs_ref.at[bi, hi, 1], layout=col, optimized=False) if key_f16 else None
@@ -648,24 +714,19 @@ def _call(
         limit = jnp.minimum(length, end * page)
         second = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
-        def spec(ref, which):  # page `which` of each step's `pstep`
-            codes = ref.ndim == 4
-
-            def index(i):
+        def fetch(i, slot):  # step i's pages (pstep of them) of every pool into its page slots
+            for which in range(pstep):
                 if table_smem:  # entries in range (clamped by the wrapper)
                     j = jnp.minimum(pstep * i + which, tsize - 1)
-                    entry = scr["tab_smem"][j // tcols, j % tcols]
+                    entry = tab_smem[j // tcols, j % tcols]
                 else:
                     entry = tab_ref[bi, jnp.minimum(first + pstep * i + which, table_pages - 1)]
-                if ref.ndim == 2:  # a flat scale pool (`copyable`): the page's first scale's offset
-                    return hi, entry * page
-                return (hi, entry, 0, 0) if codes else (hi, entry, 0)
-
-            if ref.ndim == 2:
-                return plgpu.BlockSpec((None, pl.Element(128 // ref.dtype.itemsize)), index)
-            if not codes:
-                return plgpu.BlockSpec((None, None, page), index)
-            return plgpu.BlockSpec((None, None, page, ref.shape[3]), index, transforms=code_transforms(ref.shape[3]))
+                for n, ref in zip(names, ins, strict=True):
+                    if ref.ndim == 2:  # a flat scale pool (`copyable`): 128 bytes from the page's first scale
+                        src = ref.at[hi, pl.ds(entry * page, 128 // ref.dtype.itemsize)]
+                    else:
+                        src = ref.at[hi, entry]
+                    plgpu.copy_gmem_to_smem(src, scr[f"{n}{which}"].at[wg, slot], pbar.at[wg * stages + slot])
 
         def load(refs, layout, transforms=()):  # the pages of one MMA tile as one array [max(page, 64), ...]
             refs = [r.at[pl.ds(0, page)] if r.ndim == 1 and r.shape[0] > page else r for r in refs]  # `copyable`
@@ -687,6 +748,15 @@ def _call(
             codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
             return (_operand_words if interpret else _operand_words_mgpu)(codes, bits, f16)
 
+        def reduce_rows(x, op):  # [rows_, cols] -> [cols]; several programs a block: each through its own scratch
+            if wgs == 1 or interpret:
+                return x.sum(axis=0) if op == "add" else x.max(axis=0)
+            return _reduce_rows_mgpu(x, scr["red"].at[wg], op)
+
+        def colmax(x, axis, keepdims):
+            assert axis == 0 and not keepdims
+            return reduce_rows(x, "max")
+
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (x.shape[0], cols), [0])
 
@@ -696,21 +766,20 @@ def _call(
                 return scale, scale * -(2.0 ** (bits - 1))
             return scale, rows_of(zero_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
 
-        def body(o_acc, idx, *args):
-            smem, (m, l_acc, z_acc, o) = list(args[:-1]), args[-1]
-            names = [n for n in ("kc", "ks", "kz", "vc", "vs", "vz") if has.get(n, True)]
-            by_name = {n: [] for n in names}  # per pool, the step's pages' slots (in_specs: page-major)
-            for _ in range(pstep):
-                for n in names:
-                    by_name[n].append(smem.pop(0))
-            kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (by_name.get(n) for n in ("kc", "ks", "kz", "vc", "vs", "vz"))
-            (i,) = idx
+        def body(o_acc, i, slot, carry):
+            m, l_acc, z_acc, o = carry
+            # per pool, the step's pages' slots
+            kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (
+                [scr[f"{n}{w}"].at[wg, slot] for w in range(pstep)] if n in names else None
+                for n in ("kc", "ks", "kz", "vc", "vs", "vz")
+            )
             with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
                 a = rows_of(kc_s, lambda rs: operand(rs, kb, key_f16))
                 if interpret:  # the interpreter's MMA reads operands from shared memory only
-                    scr["k_stage"][...] = a
+                    k_stage = scr["k_stage"].at[wg]
+                    k_stage[...] = a
                     plgpu.commit_smem()
-                    a = scr["k_stage"]
+                    a = k_stage
 
             def scores(acc):
                 with jax.named_scope("scores"):
@@ -734,9 +803,9 @@ def _call(
                 s = jnp.where(tok < limit, s, -jnp.inf)
                 # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
-                    m_new = ref = jax.lax.cond(i == 0, lambda: ta.running_max(m, [s], 0)[1], lambda: m)
+                    m_new = ref = jax.lax.cond(i == 0, lambda: ta.running_max(m, [s], 0, colmax)[1], lambda: m)
                 else:
-                    m_new, ref = ta.running_max(m, [s], 0)
+                    m_new, ref = ta.running_max(m, [s], 0, colmax)
                     alpha = jnp.exp2(m - ref)
 
                     def rescale(x):
@@ -779,14 +848,20 @@ def _call(
                 zeros((rows_, cols), tile),
                 None if fixed else zeros((d, cols), tile),
             )
-            pipe = plgpu.emit_pipeline(
-                functools.partial(body, o_acc),
-                grid=(steps,),
-                in_specs=[spec(r, w) for w in range(pstep) for r in ins],
-                max_concurrent_steps=stages,
-                init_carry=init,
-            )
-            m, l_acc, z_acc, o = pipe(*(ins * pstep))  # each pool once per page of the step
+            # the page pipeline, `stages` steps in flight: each step's slot refilled with the step `stages` on as
+            # soon as its codes are in registers. Written here rather than with `plgpu.emit_pipeline`, whose slots
+            # are scoped allocations, which Mosaic GPU makes only for all of a block's warpgroups at once
+            for s in range(stages):
+                pl.when(s < steps)(functools.partial(fetch, s, s))
+
+            def step(i, carry):
+                slot = jax.lax.rem(i, stages)
+                plgpu.barrier_wait(pbar.at[wg * stages + slot])
+                carry = body(o_acc, i, slot, carry)
+                pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
+                return carry
+
+            m, l_acc, z_acc, o = jax.lax.fori_loop(0, steps, step, init)
             if fixed:
                 plgpu.wgmma_wait(0)
                 o = o_acc[...]
@@ -798,8 +873,8 @@ def _call(
             m, l_acc, z_acc, o = pages(None)
         o_ref[bi, hi, si] = o
         m_ref[bi, hi, si] = m
-        l_ref[bi, hi, si] = l_acc.sum(axis=0)
-        z_ref[bi, hi, si] = z_acc.sum(axis=0)
+        l_ref[bi, hi, si] = reduce_rows(l_acc, "add")
+        z_ref[bi, hi, si] = reduce_rows(z_acc, "add")
 
     f32 = jnp.float32
     kdt = jnp.float16 if key_f16 else jnp.bfloat16
@@ -810,23 +885,36 @@ def _call(
         jax.ShapeDtypeStruct((b, h, splits, cols), f32),
         jax.ShapeDtypeStruct((b, h, splits, cols), f32),
     )
+    w = (wgs,)  # every program's scratch: one of each a warpgroup
+
+    def slot_type(x):  # one pool's page slots, `stages` of them
+        if x.ndim == 4:
+            return plgpu.SMEM((*w, stages, page, x.shape[3]), x.dtype, transforms=code_transforms(x.shape[3]))
+        return plgpu.SMEM((*w, stages, page if x.ndim == 3 else 128 // x.dtype.itemsize), x.dtype)
+
     scratch = dict(
-        q_smem=plgpu.SMEM((2 * cols, d), kdt, transforms=swizzled(2 * d)),
+        q_smem=plgpu.SMEM((*w, 2 * cols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
-        v_stage=plgpu.SMEM((rows_, d), vdt, transforms=swizzled(2 * cols)),
-        p_smem=plgpu.SMEM((rows_, cols), vdt, transforms=swizzled(2 * cols)),
-        bar=plgpu.Barrier(num_barriers=2),
+        v_stage=plgpu.SMEM((*w, rows_, d), vdt, transforms=swizzled(2 * cols)),
+        p_smem=plgpu.SMEM((*w, rows_, cols), vdt, transforms=swizzled(2 * cols)),
+        bar=plgpu.Barrier(num_barriers=2 * wgs),
+        # a step's page copies all arrive on its slot's barrier
+        pbar=plgpu.Barrier(num_arrivals=len(pools) * pstep, num_barriers=wgs * stages),
+        **{f"{n}{which}": slot_type(x) for which in range(pstep) for n, x in zip(names, pools, strict=True)},
     )
     if table_smem:
-        scratch["tab_smem"] = plgpu.SMEM(table.shape[2:], jnp.int32)
+        scratch["tab_smem"] = plgpu.SMEM((*w, *table.shape[2:]), jnp.int32)
     if interpret:
-        scratch["k_stage"] = plgpu.SMEM((rows_, d), kdt, transforms=swizzled(2 * d))
+        scratch["k_stage"] = plgpu.SMEM((*w, rows_, d), kdt, transforms=swizzled(2 * d))
+    elif wgs > 1:
+        scratch["red"] = plgpu.SMEM((wgs, REDUCE_SCRATCH), jnp.float32)  # `_reduce_rows_mgpu`'s
     f = plgpu.kernel(
         kernel,
         out_type=out_type,
         scratch_types=scratch,
-        grid=(splits, h, b),
-        grid_names=("split", "head", "batch"),
+        grid=(-(-units // wgs),),
+        grid_names=("block",),
+        **(dict(num_threads=wgs, thread_name="wg") if wgs > 1 else {}),
         compiler_params=plgpu.CompilerParams(
             lowering_semantics=plgpu.LoweringSemantics.Lane,
             approx_math=approx_math,

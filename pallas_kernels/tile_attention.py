@@ -273,13 +273,15 @@ def fold_scores(dots: jnp.ndarray, scale: jnp.ndarray, zterm: jnp.ndarray, qsum:
     return dots * scale[:, None] + zterm[:, None] * qsum[None, :]
 
 
-def running_max(m: jnp.ndarray, s_tiles, axis: int):
+def running_max(m: jnp.ndarray, s_tiles, axis: int, tile_max=None):
     """(running max after these tiles, the same with -inf, i.e. nothing seen yet, as 0): m has the tiles' shape without
-    the token axis `axis`, or with it kept as 1."""
+    the token axis `axis`, or with it kept as 1. `tile_max(s, axis, keepdims)`: a kernel's own maximum (default
+    `jnp.max`)."""
     keep = m.ndim == s_tiles[0].ndim
+    tile_max = tile_max or (lambda s, axis, keepdims: jnp.max(s, axis=axis, keepdims=keepdims))
     m_new = m
     for s in s_tiles:
-        m_new = jnp.maximum(m_new, jnp.max(s, axis=axis, keepdims=keep))
+        m_new = jnp.maximum(m_new, tile_max(s, axis, keep))
     return m_new, jnp.where(m_new == -jnp.inf, 0.0, m_new)
 
 

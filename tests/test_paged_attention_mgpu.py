@@ -207,13 +207,36 @@ def test_page_sizes(kb, vb, page, pages, extra):
     _check_against_reference((*args[:7], table, args[8]), kw, **opts)
 
 
+@pytest.mark.parametrize(
+    "kb,vb,extra,opts",
+    [
+        # 6 programs: the second block's last two warpgroups are spare
+        (4, 2, {"seed": 30}, {"num_splits": 1, "stages": 2}),
+        # pages of 32 (two a tile), ragged splits, lengths mid-page; a program of an empty sequence
+        (2, 4, {"page": 32, "pages": 7, "lengths": [7 * 32 - 5, 40, 0], "seed": 31}, {"num_splits": 2, "stages": 3}),
+    ],
+)
+def test_four_warpgroups_a_block(kb, vb, extra, opts):
+    """Four programs a block (`warpgroups=4`, the block's 512 threads holding ptxas to 128 registers each), each
+    warpgroup with its own page slots, barriers and staging tiles, against the reference."""
+    _check_against_reference(*_case(kb, vb, **extra), warpgroups=4, **opts)
+
+
+def test_refuses_blocks_over_the_shared_memory():
+    args, kw = _case(4, 4, b=1, pages=2)
+    with pytest.raises(ValueError, match=r"warpgroups=4, stages=4: a block's shared memory \(2\d\d KB\)"):
+        mg.paged_attention(*args, **kw, warpgroups=4, stages=4)
+    with pytest.raises(ValueError, match="warpgroups=3: expected one of"):
+        mg.paged_attention(*args, **kw, warpgroups=3)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
-@pytest.mark.parametrize("splits", [1, 2])
-def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
+@pytest.mark.parametrize("splits,warpgroups", [(1, 1), (2, 1), (2, 4)])
+def test_fixed_softmax_overflow_is_redone(monkeypatch, splits, warpgroups):
     """Keys of a sequence's later pages ~100x its first page's: scores rise far more than 127 (base 2) above the
     fixed reference, the fixed pass overflows, and the result is the online softmax's, equal to the reference. With
     two splits only each sequence's first split overflows (the second's reference is a loud page): those splits are
-    redone, the others kept."""
+    redone, the others kept (also four programs a block, where a block's warpgroups run or return each on its own)."""
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=8)
     key = jax.random.key(9)
     d, h = 128, 2
@@ -229,7 +252,9 @@ def test_fixed_softmax_overflow_is_redone(monkeypatch, splits):
     monkeypatch.setattr(mg, "split_overflowed", lambda *r, **o: seen.append(np.asarray(real(*r, **o))) or real(*r, **o))
     with jax.default_matmul_precision("highest"):
         want, want_lse = paged_attention_reference(*args, **kw)
-    got, lse = mg.paged_attention(*args, **kw, num_splits=splits, interpret=not COMPILED)
+    got, lse = mg.paged_attention(
+        *args, **kw, num_splits=splits, warpgroups=warpgroups, stages=2, interpret=not COMPILED
+    )
     # the fixed pass did overflow, in every split or (two splits) in each sequence's first only
     assert len(seen) == 1 and seen[0].shape == (2, h, splits)
     np.testing.assert_array_equal(seen[0], np.broadcast_to(np.arange(splits) == 0, (2, h, splits)))
@@ -361,12 +386,15 @@ def test_page_table_in_shared_memory(monkeypatch, box):
         ((4, 2), 8, {"page": 16, "word_unpack": False}),
         ((2, 2), 8, {"page": 16, "d": 64}),
         ((4, 4), 8, {"page": 128}),
+        ((4, 4), 8, {"warpgroups": 4, "stages": 2}),
+        ((2, 4), 9, {"warpgroups": 4, "page": 32, "stages": 3, "num_splits": 3}),
     ],
 )
 def test_lowers_for_cuda(bits, pages, opts):
     """Compiled lowering checks what the interpreter does not (e.g. copy sizes): the page table from shared memory
     or global memory, a split past TMA's 256-entry box, ragged splits, 8-bit pages (128-byte code rows), pages of
-    16, 32 (a tile's pages loaded by `_load_pages_mgpu`; scale rows under TMA's 128 bytes) and 128 tokens."""
+    16, 32 (a tile's pages loaded by `_load_pages_mgpu`; scale rows under TMA's 128 bytes) and 128 tokens; four
+    programs a block (`warpgroups=4`)."""
     opts = dict(opts)
     shape = {k: opts.pop(k) for k in ("page", "d") if k in opts}
     args, kw = _case(*bits, b=2, pages=pages, **shape)
@@ -503,6 +531,10 @@ def test_default_splits_fill_the_last_wave():
     assert mg.programs_per_sm(pools(8, 8, 64), 64, 1, 4, 128) == 2
     assert mg.programs_per_sm(pools(8, 8, 32), 32, 2, 4, 128) == 2
     assert mg.programs_per_sm(pools(8, 8, 32), 32, 2, 2, 128) == 3  # two steps in flight: half the page slots
+    # four programs a block: one block an SM where four programs' slots fit (4/4 at 2 or 3 stages), else none
+    assert [mg.programs_per_sm(pools(4, 4, 64), 64, 1, s, 128, 4) for s in (2, 3, 4)] == [4, 4, 0]
+    assert mg.programs_per_sm(pools(2, 2, 64), 64, 1, 4, 128, 4) == 4
+    assert mg.programs_per_sm(pools(8, 8, 64), 64, 1, 2, 128, 4) == 0
     for programs, per_sm in ((384, 2), (256, 2), (256, 3), (64, 3), (8, 3), (4096, 2)):
         slots = per_sm * mg.SMS
         got = mg._default_splits(programs, 256, 8, per_sm)
