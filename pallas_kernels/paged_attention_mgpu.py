@@ -552,8 +552,8 @@ def _split_table(table, splits: int):
 SMS = 132  # streaming multiprocessors of an H100 or H200
 SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per block)
 MAX_PER_SM = 3  # one-warpgroup blocks an SM holds by registers (133-147 a thread; ptxas, Nsight, H100)
-# programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried: 96
-# registers, spills, 1.3x slower; H100 2026-12-06)
+# programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried while its
+# reductions were still wrong: 96 registers, spills, 1.3x slower; H100 2026-12-06)
 WARPGROUPS = (1, 4)
 REDUCE_SCRATCH = 512  # float32 a warpgroup for its reductions across warps: two registers' worth at once
 

@@ -5,25 +5,15 @@ time beside the first tuning's."""
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import pytest
+from _bench import load_benchmark
 
 from kvtuner_jax.specs import KVSpec
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("attention_bench", "attention.py")
-summary = _load("trace_summary", "trace_summary.py")
+bench = load_benchmark("attention.py", "attention_bench")
+summary = load_benchmark("trace_summary.py")
 
 BF16, F16 = {"precision": "bf16"}, {"precision": "bf16", "eight_bit": "f16"}
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
+from _bench import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("e2e_bench", ROOT / "benchmarks" / "e2e.py")
-e2e = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(e2e)
+e2e = load_benchmark("e2e.py", "e2e_bench")
 
 
 def test_ratios_at_the_benchmark_batch_and_at_each_largest_batch():
@@ -73,9 +71,7 @@ def test_kernel_options_reach_the_gpu_kernel_through_the_dispatcher(rng):
 def test_trace_dir_traces_steps_after_the_timed_ones(tmp_path, capsys):
     """`--trace_dir` writes a profiler trace of `--steps` more steps per manifest, after (and apart from) the timed
     repeats, and `benchmarks/trace_summary.py` reads it (on the CPU the trace has no GPU kernels to sum)."""
-    tspec = importlib.util.spec_from_file_location("trace_summary", ROOT / "benchmarks" / "trace_summary.py")
-    summary = importlib.util.module_from_spec(tspec)
-    tspec.loader.exec_module(summary)
+    summary = load_benchmark("trace_summary.py")
     out = tmp_path / "e2e.json"
     args = ["--shape", "tiny", "--contexts", "64", "--batch", "2", "--kv_budget_gb", "0.01", "--steps", "2",
             "--repeats", "1", "--warmup", "1", "--manifests", "8/8", "--uniform_layout", "pertoken",

@@ -3,17 +3,13 @@ against float64 numpy loops over splits and blocks, on random queries and keys."
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+from _bench import load_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("fixed_softmax_reach", ROOT / "benchmarks" / "fixed_softmax_reach.py")
-reach = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(reach)
+reach = load_benchmark("fixed_softmax_reach.py")
 
 
 def test_scores_and_split_excess_match_loops(rng):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import layout, paged_attention_tpu
@@ -150,13 +151,7 @@ def test_tpu_kernel_dequantizes_without_float32_matmuls():
     unpacked in place, so a per-token 4/4 or 2/2 layer runs only its attention dots (one per field), and what
     selection matmuls remain (group scales, channel-axis rows) are single-pass bf16, never a float32 HIGHEST matmul
     (~6 passes)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tpu_kernel_ops.py"
-    spec = importlib.util.spec_from_file_location("tpu_kernel_ops", path)
-    tpu_kernel_ops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tpu_kernel_ops)
+    tpu_kernel_ops = load_benchmark("tpu_kernel_ops.py")
     d = 128
     for kb, vb in ((4, 4), (2, 2)):
         ks, vs = (KVSpec(bits=b, axis="token", group_size=d) for b in (kb, vb))

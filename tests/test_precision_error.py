@@ -3,21 +3,17 @@ the reference's gather, and one small run on the embedded model (errors ordered 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
 
 import jax.numpy as jnp
 import numpy as np
+from _bench import load_benchmark
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels.paged_attention import gather_pages
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("precision_error", ROOT / "benchmarks" / "precision_error.py")
-pe = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(pe)
+pe = load_benchmark("precision_error.py")
 
 
 def test_exact_attention_matches_a_loop(rng):

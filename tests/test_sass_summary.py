@@ -6,16 +6,14 @@ The per-instruction counts of the SASS source page (what the summary adds up) an
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 
 import pytest
+from _bench import load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("sass_summary", ROOT / "benchmarks" / "sass_summary.py")
-sass_summary = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(sass_summary)
+sass_summary = load_benchmark("sass_summary.py")
 
 
 @pytest.mark.parametrize("name", ["h200_4x4_bf16", "h200_kivi4x2_bf16", "h200_kivi4x2_bf16_stack"])

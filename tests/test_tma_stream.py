@@ -4,20 +4,16 @@ was tested); and its driver runs end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _bench import load_benchmark
 from jax import export
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("tma_stream", ROOT / "benchmarks" / "tma_stream.py")
-tma = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tma)
+tma = load_benchmark("tma_stream.py")
 
 
 def _setup(config: str, b: int, m: int, extra: int, seed: int):

@@ -8,15 +8,11 @@ a split's first block, outside the loop.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
+from _bench import load_benchmark
 
 from kvtuner_jax.specs import KVSpec
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("triton_ir_ops", ROOT / "benchmarks" / "triton_ir_ops.py")
-triton_ir_ops = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(triton_ir_ops)
+triton_ir_ops = load_benchmark("triton_ir_ops.py")
 
 
 def _tok(bits: int) -> KVSpec:

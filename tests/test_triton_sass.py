@@ -9,17 +9,15 @@ pipeline (lowering, standalone compile, cuobjdump) runs only where .venv-triton 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import pathlib
 
 import pytest
+from _bench import load_benchmark
 
 from kvtuner_jax.specs import KVSpec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("triton_sass", ROOT / "benchmarks" / "triton_sass.py")
-triton_sass = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(triton_sass)
+triton_sass = load_benchmark("triton_sass.py")
 LISTING = ROOT / "notes" / "sass" / "triton38_sm90_4x4_bf16_b32_16k.sass.gz"
 
 
