@@ -223,6 +223,8 @@ def test_four_warpgroups_a_block(kb, vb, extra, opts):
 
 
 def test_refuses_blocks_over_the_shared_memory():
+    """Four 4/4 programs at 4 stages need more shared memory than an SM has: a ValueError naming the block's KB and
+    what to change, before anything is compiled; a count of programs a block it does not offer is named too."""
     args, kw = _case(4, 4, b=1, pages=2)
     with pytest.raises(ValueError, match=r"warpgroups=4, stages=4: a block's shared memory \(2\d\d KB\)"):
         mg.paged_attention(*args, **kw, warpgroups=4, stages=4)
