@@ -596,6 +596,8 @@ def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int =
     return min(range(first, min(2 * first, cap) + 1), key=lambda s: (round(waste(s), 3), s))
 
 
+POOL_NAMES = ("kc", "ks", "kz", "vc", "vs", "vz")  # key codes, scales, zero-points; the same for values
+
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
     "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "wgs", "interpret",
@@ -655,9 +657,9 @@ def _call(
             return x
         return x.reshape(x.shape[0], -1)
 
-    pools = [copyable(x) for x in (kc, ks, kz, vc, vs, vz) if x is not None]
-    every = zip(("kc", "ks", "kz", "vc", "vs", "vz"), (kc, ks, kz, vc, vs, vz), strict=True)
-    names = [n for n, x in every if x is not None]
+    # the pools present (symmetric specs have no zero-points), by name: kernel inputs and page-slot scratch alike
+    named = {n: copyable(x) for n, x in zip(POOL_NAMES, (kc, ks, kz, vc, vs, vz), strict=True) if x is not None}
+    pools, names = list(named.values()), list(named)
     units = b * h * splits  # programs: one a (sequence, KV head, split)
     tile = plgpu.Layout.WGMMA
     row = tile.reduce(1)  # one value per token row of a [64, n] tile
@@ -770,8 +772,7 @@ def _call(
             m, l_acc, z_acc, o = carry
             # per pool, the step's pages' slots
             kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (
-                [scr[f"{n}{w}"].at[wg, slot] for w in range(pstep)] if n in names else None
-                for n in ("kc", "ks", "kz", "vc", "vs", "vz")
+                [scr[f"{n}{w}"].at[wg, slot] for w in range(pstep)] if n in names else None for n in POOL_NAMES
             )
             with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
                 a = rows_of(kc_s, lambda rs: operand(rs, kb, key_f16))
@@ -900,7 +901,7 @@ def _call(
         bar=plgpu.Barrier(num_barriers=2 * wgs),
         # a step's page copies all arrive on its slot's barrier
         pbar=plgpu.Barrier(num_arrivals=len(pools) * pstep, num_barriers=wgs * stages),
-        **{f"{n}{which}": slot_type(x) for which in range(pstep) for n, x in zip(names, pools, strict=True)},
+        **{f"{n}{which}": slot_type(x) for which in range(pstep) for n, x in named.items()},
     )
     if table_smem:
         scratch["tab_smem"] = plgpu.SMEM((*w, *table.shape[2:]), jnp.int32)
