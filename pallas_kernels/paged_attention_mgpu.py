@@ -98,7 +98,7 @@ TILE = 64  # token rows of one MMA tile
 PAGES = (16, 32, 64, 128)  # page sizes it reads: pages under 64 tokens share a tile (each warp's 16 rows in one page)
 PAGE = 64  # the page size it was first built and measured for
 GROUP = 8  # query heads per KV head at most: the GQA group, padded to 8 columns
-COLS = 2 * GROUP  # MMA columns: the group twice, so that p's two bf16 terms sit side by side in the value MMA
+COLS = 2 * GROUP  # the value MMA's columns: p's two bf16 terms side by side (the score MMA's are the group's, GROUP)
 MAGIC, MAGIC_VALUE = ta.MAGIC_BITS, ta.MAGIC  # bf16 128.0: OR-ing a code of up to 7 bits into it gives 128 + code
 # f16 1024.0: its 10 mantissa bits hold a whole code byte, so fields need no shift
 MAGIC_F16, MAGIC_F16_VALUE = ta.MAGIC16_BITS, ta.MAGIC16
@@ -329,6 +329,7 @@ def paged_attention(
     table_smem: bool = True,
     word_unpack: bool = True,
     warpgroups: int = 1,
+    one_score_mma: bool = True,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
@@ -350,18 +351,20 @@ def paged_attention(
     values need it and default to it; 2- and 4-bit fields then come out times 2^(bits x field), taken off the
     output's rows by the wrapper); p x a token's value scale must stay under f16's 65504: so it does with the
     online softmax (p <= 1) and f16-stored scales, the pools' default.
-    `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers=False`: Mosaic GPU's `unsafe_no_auto_barriers`, a
-    timing probe only (what the barriers cost): without them nothing stops the pipeline refilling a page slot
-    while a warp still reads its codes. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the named regions
-    there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a copy of the
-    split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
-    (`_operand_words_mgpu`; False: element-wise, `_operand`). `warpgroups`: programs a block, 1 or 4 (each
-    program one warpgroup with its own page slots, barriers, staging tiles and reduction scratch; a block of 4 is
-    512 threads, which ptxas must fit in 128 registers each, so an SM holds 4 programs where one-warpgroup blocks
-    take 133-139 registers and 3 fit; 4/4 at pages of 64 then needs 2 or 3 stages, for shared memory; H100
-    2026-12-06: 4/4 1.04x faster with 2 stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower). `interpret`: Mosaic
-    GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter takes MMA
-    operands only from there); compiled, it stays in registers."""
+    `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers`: Pallas's automatic barriers (a warpgroup barrier
+    before every page copy and before and after every shared-memory store: 11 a page with 6 pools); False: the two a
+    page needs, placed by the kernel (`_call`'s "stage"), which timed the same within the run-to-run spread (H100
+    2026-12-06: 0.94-1.06x), so the automatic ones stay. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the
+    named regions there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a
+    copy of the split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
+    (`_operand_words_mgpu`; False: element-wise, `_operand`). `warpgroups`: programs a block, 1 or 4 (each program one
+    warpgroup with its own page slots, barriers, staging tiles and reduction scratch; a block of 4 is 512 threads, which
+    ptxas must fit in 128 registers each, so an SM holds 4 programs where one-warpgroup blocks take 133-139 registers
+    and 3 fit; 4/4 at pages of 64 then needs 2 or 3 stages, for shared memory; H100 2026-12-06: 4/4 1.04x faster with 2
+    stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower). `one_score_mma` (precision "high"): q's two bf16 terms side
+    by side in one score MMA of 16 columns, the halves summed after (False: two MMAs of 8 columns into one accumulator).
+    `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter
+    takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
     why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if why:
@@ -405,12 +408,11 @@ def paged_attention(
             raise ValueError(f"{name}=False: 8-bit codes need f16 operands (a code byte does not fit bf16's mantissa)")
     softmax = softmax or ("running" if value_f16 else "fixed")
     (kperm, kfield), (vperm, vfield) = field_permutation(d, kb, word_unpack), field_permutation(d, vb, word_unpack)
-    # q: [B, H, COLS, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
-    # to GROUP columns, twice (columns c and GROUP + c are the same query head)
+    # q: [B, H, GROUP, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
+    # to GROUP columns
     qf = q[:, :, 0, :].astype(jnp.float32).reshape(b, h, group, d) * (sm_scale * LOG2E)
     qf = jnp.pad(qf, ((0, 0), (0, 0), (0, GROUP - group), (0, 0)))
-    qf = jnp.concatenate([qf, qf], axis=2)
-    qsum = jnp.sum(qf, axis=-1)  # [B, H, COLS]: the zero-point term's weight
+    qsum = jnp.sum(qf, axis=-1)  # [B, H, GROUP]: the zero-point term's weight
     qp = qf[..., kperm]
     gain = jnp.ones_like(qsum)  # scores = kscale x (raw MMA result / gain) + kzero x qsum
     if key_f16:
@@ -435,8 +437,8 @@ def paged_attention(
 
     call = functools.partial(
         _call,
-        jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * COLS, D]: both terms in one copy
-        jnp.stack([qsum, 1.0 / gain], axis=2),  # [B, H, 2, COLS]
+        jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * GROUP, D]: both terms in one copy
+        jnp.stack([qsum, 1.0 / gain], axis=2),  # [B, H, 2, GROUP]
         k_codes,
         rows(k_scale),
         rows(k_zero),
@@ -454,6 +456,7 @@ def paged_attention(
         key_f16=key_f16,
         value_f16=value_f16,
         two_terms=precision == "high",
+        one_score_mma=one_score_mma,
         approx_math=approx_math,
         auto_barriers=auto_barriers,
         profile_dir=profile_dir,
@@ -479,8 +482,7 @@ def paged_attention(
     else:
         res = call(fixed=False)
     o, m, l, z = res
-    # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, COLS]
-    m, l, z = (x[..., :GROUP] for x in (m, l, z))
+    # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, GROUP]
     m = jnp.where(l > 0, m, -jnp.inf)  # a split that saw no token (its fixed reference is 0) adds nothing
     o = o[..., :GROUP] + o[..., GROUP:]
     if value_f16:  # f16 value field j came out as code x 2^(vb j) (exact powers of two)
@@ -566,7 +568,7 @@ def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int) 
             row = math.prod(x.shape[3:]) * x.dtype.itemsize if x.ndim == 4 else x.dtype.itemsize
             per_step += max(page * row, 128) * step_pages  # scale rows under 128 bytes are copied 128 wide
     rows = max(page, TILE) * (step_pages // max(1, TILE // page))
-    return stages * per_step + 2 * COLS * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024 + REDUCE_SCRATCH * 4
+    return stages * per_step + 2 * GROUP * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024 + REDUCE_SCRATCH * 4
 
 
 def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1) -> int:
@@ -599,8 +601,9 @@ def _default_splits(programs: int, max_pages: int, min_pages: int, per_sm: int =
 POOL_NAMES = ("kc", "ks", "kz", "vc", "vs", "vz")  # key codes, scales, zero-points; the same for values
 
 STATIC = (
-    "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "fixed", "approx_math",
-    "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "wgs", "interpret",
+    "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "one_score_mma",
+    "fixed", "approx_math", "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "wgs",
+    "interpret",
 )  # fmt: skip
 
 
@@ -627,6 +630,7 @@ def _call(
     key_f16,
     value_f16,
     two_terms,
+    one_score_mma,
     fixed,
     approx_math,
     auto_barriers,
@@ -643,8 +647,10 @@ def _call(
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    b, h, cols, d = q2.shape
-    cols //= 2
+    b, h, qcols, d = q2.shape
+    qcols //= 2  # the score MMA's columns: the GQA group (padded), each query head once
+    cols = 2 * qcols  # the value MMA's: p's two terms side by side
+    fused = two_terms and one_score_mma  # the score MMA: q's two terms side by side, 2 x qcols columns
     page = kc.shape[2]
     pstep = max(1, TILE // page) * pps  # pages a step: pages under 64 tokens share one MMA tile
     rows_ = page * pstep  # token rows a step
@@ -714,7 +720,6 @@ def _call(
         first, end = split_bounds(table_pages, splits, si)
         steps = (jnp.clip(jnp.minimum(end, (length + page - 1) // page) - first, 0) + pstep - 1) // pstep
         limit = jnp.minimum(length, end * page)
-        second = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 1, layout=tile) >= GROUP  # p's second bf16 term
 
         def fetch(i, slot):  # step i's pages (pstep of them) of every pool into its page slots
             for which in range(pstep):
@@ -750,7 +755,7 @@ def _call(
             codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
             return (_operand_words if interpret else _operand_words_mgpu)(codes, bits, f16)
 
-        def reduce_rows(x, op):  # [rows_, cols] -> [cols]; several programs a block: each through its own scratch
+        def reduce_rows(x, op):  # [rows_, qcols] -> [qcols]; several programs a block: each through its own scratch
             if wgs == 1 or interpret:
                 return x.sum(axis=0) if op == "add" else x.max(axis=0)
             return _reduce_rows_mgpu(x, scr["red"].at[wg], op)
@@ -760,9 +765,9 @@ def _call(
             return reduce_rows(x, "max")
 
         def bcast_row(x):
-            return jax.lax.broadcast_in_dim(x, (x.shape[0], cols), [0])
+            return jax.lax.broadcast_in_dim(x, (x.shape[0], qcols), [0])
 
-        def scale_zero(scale_s, zero_s, bits):  # the step's per-token scales and zero terms, float32 [rows_, cols]
+        def scale_zero(scale_s, zero_s, bits):  # the step's per-token scales and zero terms, float32 [rows_, qcols]
             scale = rows_of(scale_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
             if zero_s is None:  # symmetric: codes offset by 2^(b-1)
                 return scale, scale * -(2.0 ** (bits - 1))
@@ -784,23 +789,28 @@ def _call(
 
             def scores(acc):
                 with jax.named_scope("scores"):
-                    plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, cols)].T)
-                    if two_terms:
-                        plgpu.wgmma(acc, a, q_smem.at[pl.ds(cols, cols)].T)
+                    if fused:  # q's two terms side by side: one MMA of 2 x qcols columns, summed below
+                        plgpu.wgmma(acc, a, q_smem.T)
+                    else:
+                        plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, qcols)].T)
+                        if two_terms:
+                            plgpu.wgmma(acc, a, q_smem.at[pl.ds(qcols, qcols)].T)
                 with jax.named_scope("v_operand"):  # under the score MMA
                     v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
 
-            raw, v_op = pl.run_scoped(scores, plgpu.ACC((rows_, cols), jnp.float32))
+            raw, v_op = pl.run_scoped(scores, plgpu.ACC((rows_, cols if fused else qcols), jnp.float32))
+            if fused:
+                raw = raw[:, :qcols] + raw[:, qcols:]
             with jax.named_scope("softmax"):
-                qsum = jax.lax.broadcast_in_dim(qsum_c, (rows_, cols), [1])
+                qsum = jax.lax.broadcast_in_dim(qsum_c, (rows_, qcols), [1])
                 if key_f16:
-                    raw = raw * jax.lax.broadcast_in_dim(ginv_c, (rows_, cols), [1])
+                    raw = raw * jax.lax.broadcast_in_dim(ginv_c, (rows_, qcols), [1])
                 kscale, kzero = scale_zero(ks_s, kz_s, kb)
                 s = kscale * raw + kzero * qsum
-                tok = plgpu.broadcasted_iota(jnp.int32, (rows_, cols), 0, layout=tile) + (first + pstep * i) * page
+                tok = plgpu.broadcasted_iota(jnp.int32, (rows_, qcols), 0, layout=tile) + (first + pstep * i) * page
                 s = jnp.where(tok < limit, s, -jnp.inf)
                 # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
                 if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
@@ -810,17 +820,28 @@ def _call(
                     alpha = jnp.exp2(m - ref)
 
                     def rescale(x):
-                        return x * jax.lax.broadcast_in_dim(alpha, x.shape, [1])
+                        a = jax.lax.broadcast_in_dim(alpha, (x.shape[0], qcols), [1])
+                        if x.shape[1] != qcols:  # o's columns: p's two terms of each head, both rescaled alike
+                            a = jnp.concatenate([a, a], axis=1)
+                        return x * a
 
-                p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (rows_, cols), [1]))
+                p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (rows_, qcols), [1]))
                 vscale, vzero = scale_zero(vs_s, vz_s, vb)
                 l_acc = (l_acc if fixed else rescale(l_acc)) + p
                 z_acc = (z_acc if fixed else rescale(z_acc)) + p * vzero
                 pv = p * vscale
                 p_hi = pv.astype(vdt)
-                p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt) if two_terms else jnp.zeros_like(p_hi)
+                if two_terms:
+                    p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt)
+                else:  # in the MMA layout, as concatenate needs (a plain zeros array is a splat)
+                    p_lo = plgpu.layout_cast(jnp.zeros((rows_, qcols), vdt), tile)
             with jax.named_scope("stage"):
-                p_smem[...] = jnp.where(second, p_lo, p_hi)  # columns GROUP.. hold the second term of p
+                if not auto_barriers:
+                    # the staging tiles are rewritten only once every warp has passed its wait above, which retired
+                    # the previous step's value MMA (their reader); the commit below then orders the step's
+                    # last reads of its page slots before the slot's refill (`fetch`, after this step)
+                    plgpu.commit_smem()
+                p_smem[...] = jnp.concatenate([p_hi, p_lo], axis=1)  # [rows_, cols]: p's two terms side by side
                 v_stage[...] = v_op
                 plgpu.commit_smem()
             if fixed:  # into the one accumulator, left in flight: the next page's wait retires it
@@ -844,9 +865,9 @@ def _call(
 
         def pages(o_acc):
             init = (
-                plgpu.layout_cast(jnp.full((cols,), -jnp.inf, jnp.float32), col),
-                zeros((rows_, cols), tile),
-                zeros((rows_, cols), tile),
+                plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col),
+                zeros((rows_, qcols), tile),
+                zeros((rows_, qcols), tile),
                 None if fixed else zeros((d, cols), tile),
             )
             # the page pipeline, `stages` steps in flight: each step's slot refilled with the step `stages` on as
@@ -882,9 +903,9 @@ def _call(
     vdt = jnp.float16 if value_f16 else jnp.bfloat16  # the value MMA's operands: V's and p's
     out_type = (
         jax.ShapeDtypeStruct((b, h, splits, d, cols), f32),
-        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
-        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
-        jax.ShapeDtypeStruct((b, h, splits, cols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
     )
     w = (wgs,)  # every program's scratch: one of each a warpgroup
 
@@ -894,7 +915,7 @@ def _call(
         return plgpu.SMEM((*w, stages, page if x.ndim == 3 else 128 // x.dtype.itemsize), x.dtype)
 
     scratch = dict(
-        q_smem=plgpu.SMEM((*w, 2 * cols, d), kdt, transforms=swizzled(2 * d)),
+        q_smem=plgpu.SMEM((*w, 2 * qcols, d), kdt, transforms=swizzled(2 * d)),
         # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
         v_stage=plgpu.SMEM((*w, rows_, d), vdt, transforms=swizzled(2 * cols)),
         p_smem=plgpu.SMEM((*w, rows_, cols), vdt, transforms=swizzled(2 * cols)),

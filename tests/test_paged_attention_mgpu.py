@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -161,6 +162,13 @@ def test_eight_bit_and_f16_values_match_reference(kb, vb, extra, opts, precision
     probabilities take the online softmax by default) and f16 value operands for 2-bit codes (each field comes out
     times 2^(bits x field), taken off the output's rows)."""
     _check_against_reference(*_case(kb, vb, **extra), precision, **opts)
+
+
+@pytest.mark.parametrize("kb,vb,extra", [(4, 4, {"seed": 50}), (8, 4, {"group": 5, "seed": 51})])
+def test_two_score_mmas(kb, vb, extra):
+    """q's two bf16 terms as two score MMAs of 8 columns into one accumulator (`one_score_mma=False`; by default
+    one MMA of 16 columns whose halves are summed): the same result, fixed and online softmax alike."""
+    _check_against_reference(*_case(kb, vb, **extra), one_score_mma=False, num_splits=2)
 
 
 @pytest.mark.parametrize("softmax", ["fixed", "running"])
@@ -343,6 +351,42 @@ def test_interpreted_kernels_run_one_at_a_time(monkeypatch):
     assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= TOL["high"] * np.max(np.abs(np.asarray(want)))
 
 
+@pytest.mark.skipif(COMPILED, reason="about Mosaic GPU's interpreter")
+@pytest.mark.parametrize(
+    "warpgroups,extra,opts",
+    [
+        (1, {"pages": 6, "seed": 40}, {"num_splits": 1, "stages": 2}),  # each slot refilled twice
+        (4, {"pages": 5, "seed": 41}, {"num_splits": 1, "stages": 2}),  # four programs' slots in one block
+    ],
+)
+def test_no_races_without_automatic_barriers(monkeypatch, warpgroups, extra, opts):
+    """Without Pallas's automatic barriers (`auto_barriers=False`), Mosaic GPU's interpreter with its race detector
+    finds no race between the page copies (TMA) and the program's reads of its slots, nor between a block's
+    warpgroups: the refill of a slot comes after the step's last read of it, in every program. Both kernels of the
+    call (the fixed pass and the redo) are checked. The detector models a warpgroup as one thread, so what the
+    kernel's own barrier orders among a warpgroup's four warps is checked compiled (`KVTUNER_TEST_COMPILED=1`),
+    not here."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+
+    made = plgpu.InterpretGPUParams
+    monkeypatch.setattr(plgpu, "InterpretGPUParams", lambda **kw: made(**kw, detect_races=True))
+    found, real_settled = [], mg._settled
+
+    def settled(res):  # each kernel's result, once the detector has seen all of it
+        res = real_settled(res)
+        found.append(ipc.get_races().races_found)
+        return res
+
+    monkeypatch.setattr(mg, "_settled", settled)
+    mg._call.clear_cache()  # traced anew, with the detector
+    args, kw = _case(4, 2, b=2, lengths=[extra["pages"] * PAGE - 3, 2 * PAGE], **extra)
+    try:
+        mg.paged_attention(*args, **kw, warpgroups=warpgroups, auto_barriers=False, interpret=True, **opts)
+    finally:
+        mg._call.clear_cache()
+    assert found == [False, False]
+
+
 def test_splits_combine_exactly():
     """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact."""
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=5)
@@ -389,6 +433,7 @@ def test_page_table_in_shared_memory(monkeypatch, box):
         ((2, 2), 8, {"page": 16, "d": 64}),
         ((4, 4), 8, {"page": 128}),
         ((4, 4), 8, {"warpgroups": 4, "stages": 2}),
+        ((4, 2), 8, {"precision": "bf16"}),  # one term of q and of p
         ((2, 4), 9, {"warpgroups": 4, "page": 32, "stages": 3, "num_splits": 3}),
     ],
 )
@@ -396,7 +441,8 @@ def test_lowers_for_cuda(bits, pages, opts):
     """Compiled lowering checks what the interpreter does not (e.g. copy sizes): the page table from shared memory
     or global memory, a split past TMA's 256-entry box, ragged splits, 8-bit pages (128-byte code rows), pages of
     16, 32 (a tile's pages loaded by `_load_pages_mgpu`; scale rows under TMA's 128 bytes) and 128 tokens; four
-    programs a block (`warpgroups=4`)."""
+    programs a block (`warpgroups=4`); precision "bf16" (p's second term zeros, which must be in the MMA layout: a
+    compiled check found the plain zeros array refused, H100 2026-12-06)."""
     opts = dict(opts)
     shape = {k: opts.pop(k) for k in ("page", "d") if k in opts}
     args, kw = _case(*bits, b=2, pages=pages, **shape)
