@@ -1047,8 +1047,10 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
     one machine, Mosaic GPU's time over this kernel's, 4/4, 2/2, 4/2): at pages of 64 and 16K 0.90-0.97x at batch 8,
     32 and 128, but at 1K-4K 0.77-1.12x; at the engine's default pages of 32 1.02-1.14x; at 128 1.09x (4/4) and
     0.83-0.84x; at 16 1.20-1.56x. With its own page pipeline (18:22-18:28 UTC), batch 32 x 16K: 0.83-0.92x at pages
-    of 64, but 0.92x, 1.03x and 1.08x at 32 (other pages and contexts not timed again). A route by the page table's
-    width would misplace short sequences in a table sized for long ones."""
+    of 64, but 0.92x, 1.03x and 1.08x at 32 (other pages and contexts not timed again). Since its score tile has the
+    group's width (20:51 UTC, batch 32 x 16K, pages of 64): 0.69-0.81x, faster for all three, but only that shape was
+    timed, so the route waits for a sweep of batches, contexts and pages. A route by the page table's width would
+    misplace short sequences in a table sized for long ones."""
     from pallas_kernels import paged_attention_mgpu
 
     if interpret or 8 not in (k_spec.bits, v_spec.bits):

@@ -7,8 +7,11 @@ against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) a
 runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
 pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
 0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout; for 2-
-and 4-bit pairs neither kernel wins everywhere (this one 0.90-0.97x its time at pages of 64 and 16K at batch 8 to
-128, 4/4 0.326 ms against 0.351, but 0.77-1.12x at 1K-4K and 1.02-1.14x at pages of 32; 2026-12-06 15:25 UTC).
+and 4-bit pairs neither kernel won everywhere (this one 0.90-0.97x its time at pages of 64 and 16K at batch 8 to
+128, 4/4 0.326 ms against 0.351, but 0.77-1.12x at 1K-4K and 1.02-1.14x at pages of 32; 2026-12-06 15:25 UTC);
+since its score MMA has the GQA group's width (below) it is 1.24-1.45x faster than the Triton kernel for 4/4, 2/2
+and 4/2 at batch 32 x 16K and pages of 64 (H100, 2026-12-06 20:51 UTC), but other shapes and pages have not been
+timed again, so the route is unchanged.
 `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
 reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth and its stall profile shows each
 block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA streams the same pages through
@@ -25,10 +28,14 @@ ms against 0.345); 0.93x since the overflow flag reads the sum of p alone where 
 page pipeline is written here rather than with `plgpu.emit_pipeline` (2026-12-06 evening, the old code timed in the
 same runs: 2/2 0.329 -> 0.291 ms, 8/8 0.441-0.448 -> 0.424-0.431, 4/4 0.315-0.333 -> 0.311-0.321; ptxas 133-139
 registers a thread instead of 147), at pages of 64 4/4 0.83-0.92x the Triton kernel's time, 2/2 0.83x, 4/2 0.88x
-(at pages of 32: 0.92x, 1.03x, 1.08x). What limits it now is one warpgroup's serial chain per page (dependency
+(at pages of 32: 0.92x, 1.03x, 1.08x). What limits it is one warpgroup's serial chain per page (dependency
 waits, the MMA wait and copy-issue barriers) with 3 warpgroups an SM. Four programs a block (`warpgroups=4`, 512
 threads) hold ptxas to 128 registers a thread, so that an SM runs 4 chains: 4/4 1.04x faster (0.306 against 0.319
-ms, 4 spilled registers' worth), but 2/2 and 4/2 1.4x slower (~50 registers' worth spilled); so it stays opt-in.
+ms, 4 spilled registers' worth), but 2/2 and 4/2 1.4x slower (~50 registers' worth spilled). The score tile then
+held each query head twice (16 columns), so every per-page softmax step ran twice; with the group's 8 columns
+(2026-12-06 night, the old code in the same call) 4/4 0.324 -> 0.274-0.281 ms, 2/2 0.292 -> 0.246-0.254, 4/2
+0.304 -> 0.249-0.265, 8/8 unchanged, ptxas 104-117 registers a thread; four programs a block no longer spill and
+take 4/4 to 0.250 ms (72% of copy bandwidth), 2/2 the same as one, 4/2 1.08x slower: still opt-in.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -43,8 +50,9 @@ of 64 token rows: a page of 128 tokens is two tiles, and pages of 16 or 32 share
 each warp, whose 16 rows lie in one page, loads its rows from that page's slot: `_load_pages_mgpu`; scale rows under
 TMA's 128-byte minimum are copied 128 bytes wide from a flat view of their pool). Per tile (64 tokens):
 
-- keys, transposed orientation: scores^T [64 tokens, 16 columns] = K [64, D] @ q^T [D, 16]; the columns are the GQA
-  group padded to 8, twice (see values), so the MMA's 64 rows are tokens and no query row is padding. K is the A
+- keys, transposed orientation: scores^T [64 tokens, 8 columns] = K [64, D] @ q^T [D, 8]; the columns are the GQA
+  group padded to 8, so the MMA's 64 rows are tokens and no query row is padding (at "high" q's two bf16 terms side
+  by side, one MMA of 16 columns, its halves summed: `one_score_mma`). K is the A
   operand in registers: the code tile is loaded four bytes of a row a register (Mosaic GPU's 8-bit MMA layout);
   per register each field is masked out of all four bytes at once (after one shift for bf16), and one `prmt` puts
   two masked bytes under bf16 128.0's exponent byte (`0x4300 | code` = 128 + code, no int-to-float instruction),
@@ -359,10 +367,11 @@ def paged_attention(
     copy of the split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
     (`_operand_words_mgpu`; False: element-wise, `_operand`). `warpgroups`: programs a block, 1 or 4 (each program one
     warpgroup with its own page slots, barriers, staging tiles and reduction scratch; a block of 4 is 512 threads, which
-    ptxas must fit in 128 registers each, so an SM holds 4 programs where one-warpgroup blocks take 133-139 registers
+    ptxas must fit in 128 registers each, so that an SM holds 4 programs (one-warpgroup blocks took 133-147 registers
     and 3 fit; 4/4 at pages of 64 then needs 2 or 3 stages, for shared memory; H100 2026-12-06: 4/4 1.04x faster with 2
-    stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower). `one_score_mma` (precision "high"): q's two bf16 terms side
-    by side in one score MMA of 16 columns, the halves summed after (False: two MMAs of 8 columns into one accumulator).
+    stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower; since the group-width score tile 4/4 1.10x faster, 0.250 ms
+    against 0.274-0.281, 2/2 the same, 4/2 1.08x slower). `one_score_mma` (precision "high"): q's two bf16 terms side by
+    side in one score MMA of 16 columns, the halves summed after (False: two MMAs of 8 columns into one accumulator).
     `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter
     takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -553,7 +562,10 @@ def _split_table(table, splits: int):
 
 SMS = 132  # streaming multiprocessors of an H100 or H200
 SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per block)
-MAX_PER_SM = 3  # one-warpgroup blocks an SM holds by registers (133-147 a thread; ptxas, Nsight, H100)
+# one-warpgroup blocks an SM holds by registers, as the default splits count them: 3 at 133-147 registers a thread
+# (ptxas, Nsight, H100); since the score tile has the group's width ptxas takes 104-117, so the GPU holds 4 where
+# shared memory allows (2/2, 4/2), but splits chosen for 4 have not been timed: still 3
+MAX_PER_SM = 3
 # programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried while its
 # reductions were still wrong: 96 registers, spills, 1.3x slower; H100 2026-12-06)
 WARPGROUPS = (1, 4)
@@ -573,7 +585,7 @@ def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int) 
 
 def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1) -> int:
     """Programs of this kernel an SM holds at once, by shared memory (`program_smem`) and by registers: blocks of one
-    warpgroup take 133-147 registers a thread, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512
+    warpgroup, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512
     threads, which ptxas must fit in 128 registers each: one block, 4 programs an SM. 4/4 pages of 64: ~61 KB a
     program, 3 an SM (4 stages), or 4 in one block (2 or 3 stages); 8/8: ~93 KB, 2. 0 where one block does not fit."""
     block = program_smem(pools, page, step_pages, stages, head_dim) * warpgroups + 1024
