@@ -280,12 +280,13 @@ def test_overflow_flag_reads_the_sum_of_p_alone_where_it_bounds_the_sums():
     finite l is flagged only unbounded."""
     rng = np.random.default_rng()
     b, h, s, d = 2, 3, 4, 8
+    # the kernel's shapes: o has p's two terms side by side (COLS), the sums one column a query head (GROUP)
     o = rng.standard_normal((b, h, s, d, mg.COLS)).astype(np.float32) * 1e3
-    z = rng.standard_normal((b, h, s, mg.COLS)).astype(np.float32)
-    l = rng.uniform(1.0, 2.0**40, (b, h, s, mg.COLS)).astype(np.float32)
+    z = rng.standard_normal((b, h, s, mg.GROUP)).astype(np.float32)
+    l = rng.uniform(1.0, 2.0**40, (b, h, s, mg.GROUP)).astype(np.float32)
     want = np.zeros((b, h, s), bool)
     for (bi, hi, si), x in zip([(0, 0, 1), (0, 2, 3), (1, 1, 0)], [mg.ta.FIXED_L_LIMIT, np.inf, np.nan], strict=True):
-        l[bi, hi, si, rng.integers(mg.COLS)] = x
+        l[bi, hi, si, rng.integers(mg.GROUP)] = x
         want[bi, hi, si] = True
     m = np.zeros_like(z)
     for bounded in (False, True):
