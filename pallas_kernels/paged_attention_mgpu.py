@@ -585,9 +585,9 @@ def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int) 
 
 def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1) -> int:
     """Programs of this kernel an SM holds at once, by shared memory (`program_smem`) and by registers: blocks of one
-    warpgroup, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512
-    threads, which ptxas must fit in 128 registers each: one block, 4 programs an SM. 4/4 pages of 64: ~61 KB a
-    program, 3 an SM (4 stages), or 4 in one block (2 or 3 stages); 8/8: ~93 KB, 2. 0 where one block does not fit."""
+    warpgroup, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512 threads, which ptxas must fit in
+    128 registers each: one block, 4 programs an SM. 4/4 pages of 64: ~59 KB a program, 3 an SM (4 stages), or 4 in
+    one block (2 or 3 stages); 8/8: ~91 KB, 2. 0 where one block does not fit."""
     block = program_smem(pools, page, step_pages, stages, head_dim) * warpgroups + 1024
     by_regs = MAX_PER_SM if warpgroups == 1 else 1
     return warpgroups * min(by_regs, SMEM_PER_SM // block)
