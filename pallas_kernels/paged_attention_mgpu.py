@@ -362,7 +362,7 @@ def paged_attention(
     `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers`: Pallas's automatic barriers (a warpgroup barrier
     before every page copy and before and after every shared-memory store: 11 a page with 6 pools); False: the two a
     page needs, placed by the kernel (`_call`'s "stage"), which timed the same within the run-to-run spread (H100
-    2026-12-06: 0.94-1.06x), so the automatic ones stay. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the
+    2026-12-06: 0.96-1.06x), so the automatic ones stay. `profile_dir`: write Mosaic GPU's per-warpgroup trace of the
     named regions there (`benchmarks/mgpu_trace.py` sums it). `table_smem`: read the page table from shared memory (a
     copy of the split's slice) rather than global memory. `word_unpack`: unpack codes four bytes a register
     (`_operand_words_mgpu`; False: element-wise, `_operand`). `warpgroups`: programs a block, 1 or 4 (each program one
