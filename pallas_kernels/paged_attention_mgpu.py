@@ -700,10 +700,9 @@ def _call(
         # (bi, hi, si, wg); a spare warpgroup of the last block (u past the programs) reads sequence b - 1's entry
         # of `only` and runs nothing
         at = (jnp.minimum(u // (splits * h), b - 1), (u // splits) % h, u % splits, wg)
-        if only is not None:
-            only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
         run = u < units if units % wgs else None  # the last block's spare warpgroups
         if only is not None:
+            only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
             go = only_ref[at[0], at[1], at[2]] != 0
             run = go if run is None else run & go
         if run is None:
