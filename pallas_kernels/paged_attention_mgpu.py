@@ -35,7 +35,12 @@ ms, 4 spilled registers' worth), but 2/2 and 4/2 1.4x slower (~50 registers' wor
 held each query head twice (16 columns), so every per-page softmax step ran twice; with the group's 8 columns
 (2026-12-06 night, the old code in the same call) 4/4 0.324 -> 0.274-0.281 ms, 2/2 0.292 -> 0.246-0.254, 4/2
 0.304 -> 0.249-0.265, 8/8 unchanged, ptxas 104-117 registers a thread; four programs a block no longer spill and
-take 4/4 to 0.250 ms (72% of copy bandwidth), 2/2 the same as one, 4/2 1.08x slower: still opt-in.
+take 4/4 to 0.250 ms (72% of copy bandwidth), 2/2 the same as one, 4/2 1.08x slower: still opt-in. V's operand
+then went through shared memory (~400 of ~3,100 cycles a page); loaded straight into registers (`value_regs`, the
+same call on another H100) 4/4 0.265 -> 0.243 ms (75.5% of copy bandwidth, 3.64x JAX's bf16 kernel), 2/2 0.247 ->
+0.228, 4/2 0.249 -> 0.227, 8/8 the same, and four programs a block no faster (4/4 0.247, 2/2 0.226, 4/2 0.244);
+ptxas took 141-161 registers a thread (one program a block; counted before the wait that retires the previous
+page's value MMA ahead of V's unpack was added).
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -65,8 +70,12 @@ TMA's 128-byte minimum are copied 128 bytes wide from a flat view of their pool)
   splits that overflow (a score ~127 above the reference, or sums of p from 2^64) are redone by a second kernel
   with `softmax="running"`, the online softmax (a maximum across the 64 rows per page and rescaled sums), whose
   other programs return at once;
-- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V's operand is built as K's while the score MMA runs and
-  staged in shared memory (the MMA takes a transposed A only from there); P = p x the token's value scale, its
+- values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V^T's operand is loaded straight into the MMA's registers
+  (`value_regs`, `_value_operand_mgpu`): the head dims are permuted so that each thread's lie in one 16-bit word of
+  a token's code row, so `ldmatrix.trans` hands each thread its word of two consecutive tokens, the MMA register's
+  two columns, in one register, then unpacked as K's are (without `value_regs`: built as K's while the score MMA
+  runs and staged through shared memory, the only place the MMA takes a transposed A from); P = p x the token's
+  value scale, its
   first bf16 term in columns 0-7 and the second in 8-15 (summed by the wrapper); the zero-point term and the sum of
   p accumulate per row, reduced once. With the fixed reference the value MMA accumulates into one accumulator for
   the whole split and is left in flight: the next page's key work runs under it.
@@ -291,6 +300,222 @@ def _load_pages_mgpu(refs, layout, transforms):
     return load(*refs)
 
 
+# ---- V^T's operand straight into registers (`value_regs`) ----
+#
+# The value MMA is out^T [D, cols] += V^T [D, tokens] @ P [tokens, cols]. Its A operand in registers must be in the
+# MMA's own layout (warp w holds rows 16w to 16w + 15 of each 64-row tile; lane (g, q) = (lane // 4, lane % 4) rows
+# g and g + 8, tokens 2q, 2q + 1 (+ 8k)), so a thread holds D / 32 head dims of 16 tokens a tile. The rows of A may
+# be any permutation of the head dims (the wrapper un-permutes out's rows), so each thread's dims are chosen to lie in
+# one 16-bit word of a token's code row (two of them for 8-bit codes at D = 128): `ldmatrix.trans` then hands lane
+# (g, q) word g of token rows 2q and 2q + 1 in one register, exactly the two tokens of an MMA register, and one
+# `x4` instruction loads 4 token groups of 8. A word is 16 / bits dims; where a warp's dims take less than the 16
+# bytes of a row that one matrix spans (8 bytes: 2-bit codes at D = 128, 4-bit at 64), two warps share a column block
+# and each takes its byte of every word.
+
+
+def value_regs_supported(head_dim: int, bits: int, f16: bool) -> bool:
+    """Whether V's operand can be loaded straight into registers: a thread's code bytes per token (D x bits / 256) a
+    whole 1, 2 or 4, and f16 operands only for 8-bit codes (whose fields need no power-of-two correction)."""
+    return head_dim * bits in (256, 512, 1024) and (not f16 or bits == 8)
+
+
+def _vregs_thread_bytes(head_dim: int, bits: int) -> int:
+    return head_dim * bits // 256
+
+
+def value_rows(head_dim: int, bits: int):
+    """(perm, field) for `value_regs`: operand row i holds head dim perm[i], field[i] of its code byte. Row
+    64 mt + 16 w + 8 h + g (M tile mt, warp w, half h, lane group g) is the thread's element f = 2 mt + h: code byte
+    f // (8 / bits) of the thread's bytes, field f % (8 / bits)."""
+    per, tb = 8 // bits, _vregs_thread_bytes(head_dim, bits)
+    i = np.arange(head_dim)
+    mt, w, h, g = i // 64, (i % 64) // 16, (i % 16) // 8, i % 8
+    f = 2 * mt + h
+    t, j = f // per, f % per
+    if tb == 1:  # two warps share a column block of 16 bytes, each its byte of every 16-bit word
+        byte = 16 * (w // 2) + 2 * g + w % 2
+    elif tb == 2:
+        byte = 16 * w + 2 * g + t
+    else:  # two column blocks a warp
+        byte = 16 * (2 * w + t // 2) + 2 * g + t % 2
+    return jnp.asarray(byte * per + j, jnp.int32), jnp.asarray(j, jnp.int32)
+
+
+def _vregs_matrices(head_dim: int, bits: int, rows: int) -> list[list[tuple[int, int]]]:
+    """The `ldmatrix.x4` instructions of one step: each four (token group kt, column block u) matrices."""
+    tb = _vregs_thread_bytes(head_dim, bits)
+    mats = [(kt, u) for kt in range(rows // 8) for u in range(2 if tb == 4 else 1)]
+    return [mats[i : i + 4] for i in range(0, len(mats), 4)]
+
+
+def _vregs_address(lane, warp, instr: int, *, head_dim: int, bits: int, page: int):
+    """(page of the step, byte offset in that page's slot) of the row that `lane` gives `ldmatrix.x4` instruction
+    `instr`: lanes 8m to 8m + 7 give matrix m's 8 token rows. lane and warp are ints, or `_I32`s in the kernel (the
+    same arithmetic, one formula for both). Slots hold rows of C = D x bits / 8 bytes, swizzled over S = min(128, C)
+    bytes as TMA writes them: the 16-byte chunk c of token row r at (c ^ (r S / 128 mod S / 16)) x 16."""
+    tb, row_bytes = _vregs_thread_bytes(head_dim, bits), head_dim * bits // 8
+    m, r = lane // 8, lane % 8
+    if tb == 4:
+        kt, block = 2 * instr + m // 2, 2 * warp + m % 2
+    else:
+        kt, block = 4 * instr + m, (warp // 2 if tb == 1 else warp)
+    token = 8 * kt + r
+    swz = min(128, row_bytes)
+    xor = (r * swz // 128) % (swz // 16)  # token % 8 == r: the swizzle's row term depends on r alone
+    return token // page, (token % page) * row_bytes + (block ^ xor) * 16
+
+
+def _vregs_sources(head_dim: int, bits: int):
+    """For the thread's element f (rows 2 mt + h): (position of its matrix among a token group's, byte of the
+    16-bit word, field); byte None: the warp's byte, warp % 2 (`value_rows`, two warps a column block)."""
+    per, tb = 8 // bits, _vregs_thread_bytes(head_dim, bits)
+    out = []
+    for f in range(head_dim // 32):
+        t, j = f // per, f % per
+        out.append((t // 2, t % 2, j) if tb == 4 else (0, None if tb == 1 else t, j))
+    return out
+
+
+def _value_operand(codes, bits: int, head_dim: int, f16: bool):
+    """V^T's operand in jnp (how the interpreter runs it): code bytes [rows, C] -> [D, rows], row i the codes of
+    head dim `value_rows(...)[0][i]`, as bf16 (f16) numbers. Written with reshapes, not a gather by `value_rows`'s
+    permutation: a Pallas kernel may not close over an array."""
+    per, mask, tb = 8 // bits, (1 << bits) - 1, _vregs_thread_bytes(head_dim, bits)
+    rows, r = codes.shape[0], head_dim // 32  # r: a thread's elements f = 2 mt + h
+    f = jnp.stack([(codes >> (bits * j)) & mask for j in range(per)], axis=-1)  # [rows, byte, field]
+    if tb == 1:  # byte 16 (w // 2) + 2 g + w % 2, element f = field
+        x = f.reshape(rows, 2, 8, 2, r // 2, 2).transpose(0, 4, 1, 3, 5, 2)  # (mt, w // 2, w % 2, h, g)
+    elif tb == 2:  # byte 16 w + 2 g + t, element f = t x per + field
+        x = f.reshape(rows, 4, 8, r // 2, 2).transpose(0, 3, 1, 4, 2)  # (mt, w, h, g)
+    else:  # byte 16 (2 w + u) + 2 g + e, element f = 2 u + e
+        x = f.reshape(rows, 4, 2, 8, 2).transpose(0, 2, 1, 4, 3)  # (u = mt, w, e = h, g)
+    return x.reshape(rows, head_dim).T.astype(jnp.float16 if f16 else jnp.bfloat16)
+
+
+class _I32:
+    """An i32 ir.Value with the integer operators `_vregs_address` uses (powers of two for // and %)."""
+
+    def __init__(self, v):
+        self.v = v
+
+    @staticmethod
+    def _c(x):
+        from jax.experimental.mosaic.gpu import utils as mu
+        from jaxlib.mlir import ir
+
+        return x.v if isinstance(x, _I32) else mu.c(int(x), ir.IntegerType.get_signless(32))
+
+    def _op(self, other, fn):
+        return _I32(fn(self.v, self._c(other)))
+
+    def __add__(self, o):
+        from jaxlib.mlir.dialects import arith
+
+        return self._op(o, arith.addi)
+
+    __radd__ = __add__
+
+    def __mul__(self, o):
+        from jaxlib.mlir.dialects import arith
+
+        return self._op(o, arith.muli)
+
+    __rmul__ = __mul__
+
+    def __floordiv__(self, o):
+        from jaxlib.mlir.dialects import arith
+
+        assert isinstance(o, int) and o & (o - 1) == 0
+        return self._op(o.bit_length() - 1, arith.shrui)
+
+    def __mod__(self, o):
+        from jaxlib.mlir.dialects import arith
+
+        assert isinstance(o, int) and o & (o - 1) == 0
+        return self._op(o - 1, arith.andi)
+
+    def __xor__(self, o):
+        from jaxlib.mlir.dialects import arith
+
+        return self._op(o, arith.xori)
+
+    __rxor__ = __xor__
+
+
+def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
+    """Compiled V^T operand, [D, rows] in the MMA layout, from the step's code page slots `refs` (each [P, C] in
+    shared memory, swizzled by `transforms`; the step's P x len(refs) tokens in order): per `ldmatrix.x4.trans` four
+    token groups' words, then per register of two tokens' words: per field one shift and one mask (bf16), one `prmt`
+    per output register putting the two tokens' code bytes under the magic exponent byte, one packed subtract."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm, nvvm
+
+    page = refs[0].shape[0]
+    rows = page * len(refs)
+    mask, tb = (1 << bits) - 1, _vregs_thread_bytes(head_dim, bits)
+    dt = jnp.float16 if f16 else jnp.bfloat16
+    instrs = _vregs_matrices(head_dim, bits, rows)
+    sources = _vregs_sources(head_dim, bits)
+
+    @plgpu.inline_mgpu(
+        arg_types=tuple(plgpu.RefType(transforms) for _ in refs),
+        return_type=plgpu.ShapeDtypeStruct((head_dim, rows), dt, layout=plgpu.Layout.WGMMA),
+    )
+    def build(ctx, *mems):
+        del ctx
+        i32, i8 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(8)
+        el = ir.F16Type.get() if f16 else ir.BF16Type.get()
+        pair = ir.VectorType.get((2,), el)
+        magic = mu.c(((MAGIC_F16 if f16 else MAGIC) >> 8) * 0x01010101, i32)
+        sub = mu.c(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, pair)
+        tid = mu.thread_idx()
+        lane = _I32(arith.remui(tid, mu.c(32, i32)))
+        warp = _I32(arith.remui(mu.warp_idx(sync=True), mu.c(4, i32)))  # its place in its warpgroup
+        bases = [mu.memref_ptr(mem) for mem in mems]
+        regs = {}  # (kt, u) -> the i32 register of that matrix
+        for n, mats in enumerate(instrs):
+            which, off = _vregs_address(lane, warp, n, head_dim=head_dim, bits=bits, page=page)
+            pages = sorted({8 * kt // page for kt, _ in mats})
+            ptr = mu.getelementptr(bases[pages[0]], [off.v], i8)
+            for p in pages[1:]:
+                there = mu.getelementptr(bases[p], [off.v], i8)
+                ptr = llvm.select(arith.cmpi(arith.CmpIPredicate.eq, which.v, mu.c(p, i32)), there, ptr)
+            res = nvvm.ldmatrix(
+                ptr,
+                layout=nvvm.MMALayout.col,
+                num=len(mats),
+                shape=ir.Attribute.parse("#nvvm.ld_st_matrix_shape<m=8, n=8>"),
+                elt_type=nvvm.LdStMatrixEltType.B16,
+            )
+            for k, mat in enumerate(mats):
+                regs[mat] = llvm.extractvalue(i32, res, [k]) if len(mats) > 1 else res
+        if tb == 1:  # the warp's byte of each word, bytes s and 2 + s of the register: a selector per thread
+            sel_dyn = arith.addi(mu.c(0x4240, i32), arith.muli((warp % 2).v, mu.c(0x0101, i32)))
+        fields = {}
+        shape = fa.WGMMA_LAYOUT.registers_shape((head_dim, rows))
+        out = np.empty(shape, dtype=object)
+        for idx in np.ndindex(shape):
+            mt, kt, h = idx[0], idx[1], idx[4]
+            u, e, j = sources[2 * mt + h]
+            key = (kt, u, j)
+            if key not in fields:
+                word = regs[(kt, u)]
+                if f16:  # 8-bit codes: the whole byte, no mask
+                    fields[key] = word
+                else:
+                    shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
+                    fields[key] = arith.andi(shifted, mu.c(mask * 0x01010101, i32))
+            sel = sel_dyn if e is None else mu.c(0x4240 + 0x0101 * e, i32)
+            both = mu.bitcast(mu.prmt(fields[key], magic, sel), pair)  # bytes e, 2 + e: tokens 2q, 2q + 1
+            out[idx] = arith.subf(both, sub)
+        return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
+
+    return build(*refs)
+
+
 def _reduce_rows_mgpu(x, scratch, op: str):
     """x [rows, n] (layout WGMMA) -> [n], its rows reduced by `op` ("add" or "max"), the step across the four warps
     through `scratch` (a warpgroup's own float32 [REDUCE_SCRATCH] in shared memory). Pallas's own reduction goes
@@ -338,6 +563,7 @@ def paged_attention(
     word_unpack: bool = True,
     warpgroups: int = 1,
     one_score_mma: bool = True,
+    value_regs: bool | None = None,
     interpret: bool = False,
 ):
     """Decode attention of q [B, Hq, 1, D] over per-token 2-, 4- or 8-bit pages; returns (out [B, Hq, 1, D] float32, lse
@@ -372,6 +598,11 @@ def paged_attention(
     stages, 2/2 and 4/2 1.4x slower, 3 stages 1.5x slower; since the group-width score tile 4/4 1.10x faster, 0.250 ms
     against 0.274-0.281, 2/2 the same, 4/2 1.08x slower). `one_score_mma` (precision "high"): q's two bf16 terms side by
     side in one score MMA of 16 columns, the halves summed after (False: two MMAs of 8 columns into one accumulator).
+    `value_regs`: V^T's operand loaded straight into the value MMA's registers (`ldmatrix.trans`, `value_rows`) rather
+    than built as K's and staged through shared memory: no staging stores, fence or barrier for V, 16 KB less
+    shared memory a program; on an H100 at batch 32 x 16K, pages of 64 (2026-12-06): 4/4 0.265 -> 0.243 ms, 2/2
+    0.247 -> 0.228, 4/2 0.249 -> 0.227, 8/8 the same. Default where `value_regs_supported` (2- and 4-bit values at
+    bf16, 8-bit at f16, head_dim 64 or 128, except 2-bit at 64) at the pages compiled-checked (`VALUE_REGS_PAGES`).
     `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter
     takes MMA operands only from there); compiled, it stays in registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
@@ -395,10 +626,24 @@ def paged_attention(
     step_pages = max(1, TILE // k_codes.shape[2]) * pages_per_step  # pages under 64 tokens share a step's MMA tile
     if warpgroups not in WARPGROUPS:
         raise ValueError(f"warpgroups={warpgroups}: expected one of {WARPGROUPS}")
+    kb, vb = k_spec.bits, v_spec.bits
+    key_f16 = kb == 8 if key_f16 is None else key_f16
+    value_f16 = vb == 8 if value_f16 is None else value_f16
+    for name, bits, f16 in (("key_f16", kb, key_f16), ("value_f16", vb, value_f16)):
+        if bits == 8 and not f16:
+            raise ValueError(f"{name}=False: 8-bit codes need f16 operands (a code byte does not fit bf16's mantissa)")
+    can_regs = value_regs_supported(d, vb, value_f16)
+    if value_regs and not can_regs:
+        raise ValueError(
+            f"value_regs=True: V's operand goes straight to registers for head_dim x value bits of 256, 512 or 1024 "
+            f"and f16 operands only for 8-bit values; got head_dim {d}, {vb}-bit values, value_f16={value_f16}"
+        )
+    if value_regs is None:
+        value_regs = can_regs and k_codes.shape[2] in VALUE_REGS_PAGES
     pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
-    per_sm = programs_per_sm(pools, k_codes.shape[2], step_pages, stages, d, warpgroups)
+    per_sm = programs_per_sm(pools, k_codes.shape[2], step_pages, stages, d, warpgroups, value_regs)
     if not per_sm:
-        need = program_smem(pools, k_codes.shape[2], step_pages, stages, d) * warpgroups // 1024
+        need = program_smem(pools, k_codes.shape[2], step_pages, stages, d, value_regs) * warpgroups // 1024
         raise ValueError(
             f"warpgroups={warpgroups}, stages={stages}: a block's shared memory ({need} KB) is over an SM's "
             f"{SMEM_PER_SM // 1024 - 1} KB; use fewer stages or warpgroups"
@@ -409,14 +654,9 @@ def paged_attention(
     if pages_per_step not in (1, 2):
         raise ValueError(f"pages_per_step={pages_per_step}: expected 1 or 2")
 
-    kb, vb = k_spec.bits, v_spec.bits
-    key_f16 = kb == 8 if key_f16 is None else key_f16
-    value_f16 = vb == 8 if value_f16 is None else value_f16
-    for name, bits, f16 in (("key_f16", kb, key_f16), ("value_f16", vb, value_f16)):
-        if bits == 8 and not f16:
-            raise ValueError(f"{name}=False: 8-bit codes need f16 operands (a code byte does not fit bf16's mantissa)")
     softmax = softmax or ("running" if value_f16 else "fixed")
-    (kperm, kfield), (vperm, vfield) = field_permutation(d, kb, word_unpack), field_permutation(d, vb, word_unpack)
+    kperm, kfield = field_permutation(d, kb, word_unpack)
+    vperm, vfield = value_rows(d, vb) if value_regs else field_permutation(d, vb, word_unpack)
     # q: [B, H, GROUP, D] in the key operand's dim order, scaled so that scores come out in base 2; the group padded
     # to GROUP columns
     qf = q[:, :, 0, :].astype(jnp.float32).reshape(b, h, group, d) * (sm_scale * LOG2E)
@@ -466,6 +706,7 @@ def paged_attention(
         value_f16=value_f16,
         two_terms=precision == "high",
         one_score_mma=one_score_mma,
+        value_regs=value_regs,
         approx_math=approx_math,
         auto_barriers=auto_barriers,
         profile_dir=profile_dir,
@@ -564,31 +805,39 @@ SMS = 132  # streaming multiprocessors of an H100 or H200
 SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved per block)
 # one-warpgroup blocks an SM holds by registers, as the default splits count them: 3 at 133-147 registers a thread
 # (ptxas, Nsight, H100); since the score tile has the group's width ptxas takes 104-117, so the GPU holds 4 where
-# shared memory allows (2/2, 4/2), but splits chosen for 4 have not been timed: still 3
+# shared memory allows (2/2, 4/2), but splits chosen for 4 have not been timed; with V's operand in registers
+# (`value_regs`) 141-161 again: 3
 MAX_PER_SM = 3
 # programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried while its
 # reductions were still wrong: 96 registers, spills, 1.3x slower; H100 2026-12-06)
 WARPGROUPS = (1, 4)
+# page sizes where V's operand goes to registers by default (`value_regs`): those compiled-checked (H100, 2026-12-06:
+# pages of 16, 32 and 64 against the reference); pages of 128 only when asked for until checked
+VALUE_REGS_PAGES = (16, 32, 64)
 REDUCE_SCRATCH = 512  # float32 a warpgroup for its reductions across warps: two registers' worth at once
 
 
-def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int) -> int:
-    """Shared memory of one program: each step's page slots x `stages`, the q, V and p staging, the table slice."""
+def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int, value_regs: bool = False) -> int:
+    """Shared memory of one program: each step's page slots x `stages`, the q, V and p staging (V's not with
+    `value_regs`), the table slice."""
     per_step = 0
     for x in pools:
         if x is not None:
             row = math.prod(x.shape[3:]) * x.dtype.itemsize if x.ndim == 4 else x.dtype.itemsize
             per_step += max(page * row, 128) * step_pages  # scale rows under 128 bytes are copied 128 wide
     rows = max(page, TILE) * (step_pages // max(1, TILE // page))
-    return stages * per_step + 2 * GROUP * head_dim * 2 + rows * (head_dim + COLS) * 2 + 1024 + REDUCE_SCRATCH * 4
+    staged = COLS if value_regs else head_dim + COLS
+    return stages * per_step + 2 * GROUP * head_dim * 2 + rows * staged * 2 + 1024 + REDUCE_SCRATCH * 4
 
 
-def programs_per_sm(pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1) -> int:
+def programs_per_sm(
+    pools, page: int, step_pages: int, stages: int, head_dim: int, warpgroups: int = 1, value_regs: bool = False
+) -> int:
     """Programs of this kernel an SM holds at once, by shared memory (`program_smem`) and by registers: blocks of one
     warpgroup, 3 an SM (MAX_PER_SM); a block of 4 warpgroups (`warpgroups=4`) is 512 threads, which ptxas must fit in
     128 registers each: one block, 4 programs an SM. 4/4 pages of 64: ~59 KB a program, 3 an SM (4 stages), or 4 in
     one block (2 or 3 stages); 8/8: ~91 KB, 2. 0 where one block does not fit."""
-    block = program_smem(pools, page, step_pages, stages, head_dim) * warpgroups + 1024
+    block = program_smem(pools, page, step_pages, stages, head_dim, value_regs) * warpgroups + 1024
     by_regs = MAX_PER_SM if warpgroups == 1 else 1
     return warpgroups * min(by_regs, SMEM_PER_SM // block)
 
@@ -614,8 +863,8 @@ POOL_NAMES = ("kc", "ks", "kz", "vc", "vs", "vz")  # key codes, scales, zero-poi
 
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "one_score_mma",
-    "fixed", "approx_math", "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages", "wgs",
-    "interpret",
+    "value_regs", "fixed", "approx_math", "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages",
+    "wgs", "interpret",
 )  # fmt: skip
 
 
@@ -643,6 +892,7 @@ def _call(
     value_f16,
     two_terms,
     one_score_mma,
+    value_regs,
     fixed,
     approx_math,
     auto_barriers,
@@ -713,7 +963,8 @@ def _call(
         ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
         bi, hi, si, wg = at
         # each warpgroup's own scratch and barriers: its q, staging tiles, table slice and page slots
-        q_smem, v_stage, p_smem = (scr[n].at[wg] for n in ("q_smem", "v_stage", "p_smem"))
+        q_smem, p_smem = scr["q_smem"].at[wg], scr["p_smem"].at[wg]
+        v_stage = scr["v_stage"].at[wg] if "v_stage" in scr else None  # not with `value_regs` (compiled)
         bar, pbar = scr["bar"], scr["pbar"]
         plgpu.copy_gmem_to_smem(q_ref.at[bi, hi], q_smem, bar.at[2 * wg])
         if table_smem:  # the split's slice of the page table, so that each copy's index is a shared-memory read
@@ -766,6 +1017,14 @@ def _call(
             codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
             return (_operand_words if interpret else _operand_words_mgpu)(codes, bits, f16)
 
+        def value_operand(refs):  # the step's V codes -> [rows_, D] to stage, or with `value_regs` V^T [D, rows_]
+            if not value_regs:
+                return rows_of(refs, lambda rs: operand(rs, vb, value_f16))
+            tf = code_transforms(refs[0].shape[-1])
+            if interpret:
+                return _value_operand(rows_of(refs, lambda rs: load(rs, tile, tf)), vb, d, value_f16)
+            return _value_operand_mgpu(refs, vb, d, value_f16, tf)
+
         def reduce_rows(x, op):  # [rows_, qcols] -> [qcols]; several programs a block: each through its own scratch
             if wgs == 1 or interpret:
                 return x.sum(axis=0) if op == "add" else x.max(axis=0)
@@ -806,8 +1065,15 @@ def _call(
                         plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, qcols)].T)
                         if two_terms:
                             plgpu.wgmma(acc, a, q_smem.at[pl.ds(qcols, qcols)].T)
+                if value_regs and fixed:
+                    # the previous step's value MMA, left in flight, reads V's operand from registers, which the
+                    # next lines rewrite (the same registers every step): retire it first, the score MMA stays in
+                    # flight (compiled without this wait, the registers were overwritten under it: wrong outputs,
+                    # H100 2026-12-06)
+                    with jax.named_scope("value_wait"):
+                        plgpu.wgmma_wait(2 if two_terms and not fused else 1)
                 with jax.named_scope("v_operand"):  # under the score MMA
-                    v_op = rows_of(vc_s, lambda rs: operand(rs, vb, value_f16))
+                    v_op = value_operand(vc_s)
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op
@@ -853,15 +1119,19 @@ def _call(
                     # last reads of its page slots before the slot's refill (`fetch`, after this step)
                     plgpu.commit_smem()
                 p_smem[...] = jnp.concatenate([p_hi, p_lo], axis=1)  # [rows_, cols]: p's two terms side by side
-                v_stage[...] = v_op
+                if not value_regs:
+                    v_stage[...] = v_op
+                elif interpret:  # the interpreter's MMA reads operands from shared memory only
+                    v_stage[...] = v_op.T
                 plgpu.commit_smem()
+            v_a = v_op if value_regs and not interpret else v_stage.T
             if fixed:  # into the one accumulator, left in flight: the next page's wait retires it
                 with jax.named_scope("values"):
-                    plgpu.wgmma(o_acc, v_stage.T, p_smem)
+                    plgpu.wgmma(o_acc, v_a, p_smem)
                 return m_new, l_acc, z_acc, o
 
             def values(acc):
-                plgpu.wgmma(acc, v_stage.T, p_smem)
+                plgpu.wgmma(acc, v_a, p_smem)
                 plgpu.wgmma_wait(0)
                 return acc[...]
 
@@ -927,8 +1197,6 @@ def _call(
 
     scratch = dict(
         q_smem=plgpu.SMEM((*w, 2 * qcols, d), kdt, transforms=swizzled(2 * d)),
-        # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
-        v_stage=plgpu.SMEM((*w, rows_, d), vdt, transforms=swizzled(2 * cols)),
         p_smem=plgpu.SMEM((*w, rows_, cols), vdt, transforms=swizzled(2 * cols)),
         bar=plgpu.Barrier(num_barriers=2 * wgs),
         # a step's page copies all arrive on its slot's barrier
@@ -937,6 +1205,8 @@ def _call(
     )
     if table_smem:
         scratch["tab_smem"] = plgpu.SMEM((*w, *table.shape[2:]), jnp.int32)
+    if not value_regs or interpret:  # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
+        scratch["v_stage"] = plgpu.SMEM((*w, rows_, d), vdt, transforms=swizzled(2 * cols))
     if interpret:
         scratch["k_stage"] = plgpu.SMEM((*w, rows_, d), kdt, transforms=swizzled(2 * d))
     elif wgs > 1:

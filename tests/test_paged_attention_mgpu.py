@@ -117,6 +117,65 @@ def test_word_unpack_columns(bits, d, f16):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize(
+    "bits,d,page,npages",
+    [(4, 128, 64, 1), (2, 128, 64, 1), (8, 128, 64, 1), (4, 64, 64, 1), (8, 64, 64, 1), (4, 128, 16, 4),
+     (2, 128, 32, 2), (8, 128, 128, 1), (4, 128, 64, 2), (4, 64, 32, 4)],
+)  # fmt: skip
+def test_value_regs_load_v_transposed(bits, d, page, npages):
+    """`value_regs`'s plan, simulated lane by lane in numpy: code rows written into page slots where TMA's swizzle puts
+    them (byte address a of a row-major slot at a ^ ((a >> 7) mod S/16) << 4, S = min(128, row bytes)); each lane's
+    `ldmatrix.x4.trans` row addresses from `_vregs_address`, the instruction emulated (lane (g, q) of matrix m gets
+    16-bit word g of rows 2q and 2q + 1, the lower one in the low half); each register unpacked as
+    `_vregs_sources` says into the MMA layout's places (row 64 mt + 16 w + 8 h + g, tokens 8 kt + 2q + e). The result
+    must be V^T with row i the codes of head dim `value_rows(...)[0][i]`, and so must the jnp form the interpreter
+    runs (`_value_operand`). The compiled builder (`_value_operand_mgpu`) follows the same plan; the compiled tests
+    check it on the GPU."""
+    rng = np.random.default_rng(bits * d + page)
+    row_bytes, rows = d * bits // 8, page * npages
+    swz, per, mask = min(128, row_bytes), 8 // bits, (1 << bits) - 1
+    codes = rng.integers(0, 256, (rows, row_bytes), dtype=np.uint8)
+    slots = np.zeros((npages, page * row_bytes), np.uint8)
+    for t in range(rows):
+        a = (t % page) * row_bytes + np.arange(row_bytes)
+        slots[t // page, a ^ (((a >> 7) % (swz // 16)) << 4)] = codes[t]
+    instrs = mg._vregs_matrices(d, bits, rows)
+    sources = mg._vregs_sources(d, bits)
+    got = np.full((d, rows), -1)
+    for w in range(4):
+        regs = [{} for _ in range(32)]
+        for n, mats in enumerate(instrs):
+            rows_at = [mg._vregs_address(lane, w, n, head_dim=d, bits=bits, page=page) for lane in range(32)]
+            for m, mat in enumerate(mats):
+                for lane in range(32):
+                    g, q = lane // 4, lane % 4
+                    words = []
+                    for r in (2 * q, 2 * q + 1):
+                        pg, off = rows_at[8 * m + r]
+                        lo, hi = slots[pg, off + 2 * g : off + 2 * g + 2]
+                        words.append(int(lo) | int(hi) << 8)
+                    regs[lane][mat] = words[0] | words[1] << 16
+        for lane in range(32):
+            g, q = lane // 4, lane % 4
+            for mt in range(d // 64):
+                for kt in range(rows // 8):
+                    for h in range(2):
+                        u, e, j = sources[2 * mt + h]
+                        e = w % 2 if e is None else e
+                        f = regs[lane][(kt, u)] >> (bits * j)
+                        for half in range(2):
+                            got[64 * mt + 16 * w + 8 * h + g, 8 * kt + 2 * q + half] = (
+                                f >> (8 * (e + 2 * half))
+                            ) & mask
+    perm, field = (np.asarray(x) for x in mg.value_rows(d, bits))
+    assert sorted(perm) == list(range(d))
+    np.testing.assert_array_equal(field, perm % per)
+    natural = ((codes[:, :, None] >> (bits * np.arange(per))) & mask).reshape(rows, d)  # dim = byte x per + field
+    np.testing.assert_array_equal(got, natural[:, perm].T)
+    jnp_form = mg._value_operand(jnp.asarray(codes), bits, d, bits == 8)
+    np.testing.assert_array_equal(np.asarray(jnp_form.astype(jnp.float32)), natural[:, perm].T)
+
+
 @pytest.mark.parametrize("kb,vb,extra", [(4, 4, {"seed": 6}), (2, 4, {"symmetric": True, "group": 3, "seed": 7})])
 def test_running_softmax_matches_reference(kb, vb, extra):
     """The online-softmax kernel (the fixed one's redo) on its own."""
@@ -162,6 +221,33 @@ def test_eight_bit_and_f16_values_match_reference(kb, vb, extra, opts, precision
     probabilities take the online softmax by default) and f16 value operands for 2-bit codes (each field comes out
     times 2^(bits x field), taken off the output's rows)."""
     _check_against_reference(*_case(kb, vb, **extra), precision, **opts)
+
+
+@pytest.mark.parametrize(
+    "kb,vb,extra,opts",
+    [
+        (4, 4, {"seed": 60, "lengths": [4 * PAGE, 2 * PAGE + 5, 3]}, {"value_regs": False}),
+        (2, 2, {"seed": 61, "group": 6}, {"value_regs": False, "softmax": "running"}),
+        (4, 2, {"seed": 62, "lengths": [4 * PAGE, 3 * PAGE - 9, PAGE]}, {"value_regs": True}),
+        (8, 8, {"seed": 63, "d": 64, "group": 2}, {"value_regs": True}),
+    ],
+)
+def test_value_operand_staged_or_in_registers(kb, vb, extra, opts):
+    """V^T's operand either way: built as K's and staged through shared memory (`value_regs=False`), or loaded into
+    the value MMA's registers (`value_regs`, the default where supported; dims in `value_rows`'s order, un-permuted
+    by the wrapper), several pages a split, so that compiled the value MMA is left in flight under the next page's
+    unpacking (compiled without the wait before V's unpack, the 4/4 reference case gave errors of 10x the output,
+    H100 2026-12-06)."""
+    _check_against_reference(*_case(kb, vb, **extra), num_splits=2, **opts)
+
+
+def test_refuses_value_registers_where_not_supported():
+    args, kw = _case(2, 2, d=64, b=1, pages=1)
+    with pytest.raises(ValueError, match="value_regs=True: .* got head_dim 64, 2-bit values"):
+        mg.paged_attention(*args, **kw, value_regs=True, interpret=True)
+    args, kw = _case(4, 4, b=1, pages=1)
+    with pytest.raises(ValueError, match="value_regs=True: .*value_f16=True"):
+        mg.paged_attention(*args, **kw, value_regs=True, value_f16=True, interpret=True)
 
 
 @pytest.mark.parametrize("kb,vb,extra", [(4, 4, {"seed": 50}), (8, 4, {"group": 5, "seed": 51})])
@@ -231,11 +317,12 @@ def test_four_warpgroups_a_block(kb, vb, extra, opts):
 
 
 def test_refuses_blocks_over_the_shared_memory():
-    """Four 4/4 programs at 4 stages need more shared memory than an SM has: a ValueError naming the block's KB and
-    what to change, before anything is compiled; a count of programs a block it does not offer is named too."""
-    args, kw = _case(4, 4, b=1, pages=2)
-    with pytest.raises(ValueError, match=r"warpgroups=4, stages=4: a block's shared memory \(2\d\d KB\)"):
-        mg.paged_attention(*args, **kw, warpgroups=4, stages=4)
+    """Four 8/8 programs at 3 stages need more shared memory than an SM has (with V's operand in registers too): a
+    ValueError naming the block's KB and what to change, before anything is compiled; a count of programs a block it
+    does not offer is named too."""
+    args, kw = _case(8, 8, b=1, pages=2)
+    with pytest.raises(ValueError, match=r"warpgroups=4, stages=3: a block's shared memory \(2\d\d KB\)"):
+        mg.paged_attention(*args, **kw, warpgroups=4, stages=3)
     with pytest.raises(ValueError, match="warpgroups=3: expected one of"):
         mg.paged_attention(*args, **kw, warpgroups=3)
 
@@ -436,6 +523,8 @@ def test_page_table_in_shared_memory(monkeypatch, box):
         ((4, 4), 8, {"warpgroups": 4, "stages": 2}),
         ((4, 2), 8, {"precision": "bf16"}),  # one term of q and of p
         ((2, 4), 9, {"warpgroups": 4, "page": 32, "stages": 3, "num_splits": 3}),
+        ((4, 4), 8, {"page": 128, "value_regs": True}),  # V's operand in registers, where it is not the default
+        ((4, 4), 8, {"value_regs": False, "softmax": "running"}),
     ],
 )
 def test_lowers_for_cuda(bits, pages, opts):
@@ -584,6 +673,13 @@ def test_default_splits_fill_the_last_wave():
     assert [mg.programs_per_sm(pools(4, 4, 64), 64, 1, s, 128, 4) for s in (2, 3, 4)] == [4, 4, 0]
     assert mg.programs_per_sm(pools(2, 2, 64), 64, 1, 4, 128, 4) == 4
     assert mg.programs_per_sm(pools(8, 8, 64), 64, 1, 2, 128, 4) == 0
+    # V's operand in registers (`value_regs`): no V staging tile, 16 KB less a program at D = 128 and pages of 64
+    assert mg.program_smem(pools(4, 4, 64), 64, 1, 4, 128) - mg.program_smem(pools(4, 4, 64), 64, 1, 4, 128, True) == (
+        64 * 128 * 2
+    )
+    assert mg.programs_per_sm(pools(8, 8, 64), 64, 1, 4, 128, 1, True) == 3
+    assert mg.programs_per_sm(pools(8, 8, 64), 64, 1, 2, 128, 4, True) == 4
+    assert mg.programs_per_sm(pools(4, 4, 64), 64, 1, 4, 128, 4, True) == 4
     for programs, per_sm in ((384, 2), (256, 2), (256, 3), (64, 3), (8, 3), (4096, 2)):
         slots = per_sm * mg.SMS
         got = mg._default_splits(programs, 256, 8, per_sm)
