@@ -44,8 +44,9 @@ PRESET = "/work/shared/reference/kvtuner_presets/Meta-Llama-3.1-8B-Instruct_kivi
 
 def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "high", kernel: str = "auto", **kw):
     """The GPU kernel, taking the dispatcher's precision names: "auto" resolves per layer as the engine's does.
-    `kernel`: "auto" (default: what the dispatcher runs, `paged_attention_gpu.mosaic_route`; since 2026-12-06 the
-    Mosaic GPU kernel for per-token layers with an 8-bit side on Hopper, else the Triton one), "triton" (the
+    `kernel`: "auto" (default: what the dispatcher runs, `paged_attention_gpu.mosaic_route`: on Hopper the Mosaic
+    GPU kernel for per-token layers with an 8-bit side, and for 2- and 4-bit ones at pages of 32 and 64 (since
+    2026-12-06 night), else the Triton one), "triton" (the
     Triton-lowered kernel, `paged_attention_gpu`, always) or "mgpu" (the Mosaic GPU kernel for per-token 2-, 4- and
     8-bit pages, `paged_attention_mgpu`, with its own tunings; e.g. `--tunings
     '[{"kernel":"triton"},{"kernel":"mgpu"}]'`)."""

@@ -298,8 +298,8 @@ def precision_line(specs, precision: str, backend: str) -> str:
 def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: int, backend: str, capability=None):
     """Which GPU kernel each layer's decode attention runs (`pallas_kernels.paged_attention_gpu.mosaic_route`; the
     reference where neither storage mode offers a GPU kernel), e.g. "decode attention kernels: Mosaic GPU in 4
-    layers, Triton in 28 layers", and, where the page size keeps layers with an 8-bit per-token side off the faster
-    Mosaic GPU kernel, the page size that would not; None off a GPU backend. `capability` overrides the device's
+    layers, Triton in 28 layers", and, where the page size keeps every per-token layer off the faster Mosaic GPU
+    kernel, the page size that would not; None off a GPU backend. `capability` overrides the device's
     compute capability (tests). Printed at start-up."""
     import collections
 
@@ -339,8 +339,8 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
         n = sum(mosaic(s, mgpu_page) for s in specs)
         if n:
             line += (
-                f"; with --page_size {mgpu_page} the {n} layer{'' if n == 1 else 's'} with an 8-bit per-token side "
-                "would run the Mosaic GPU kernel (8/8 decode attention 1.3x faster on an H100, BENCHMARKS.md)"
+                f"; with --page_size {mgpu_page} {n} per-token layer{'' if n == 1 else 's'} would run the Mosaic GPU "
+                "kernel (decode attention 1.2-1.5x faster on an H100, BENCHMARKS.md)"
             )
     return line
 

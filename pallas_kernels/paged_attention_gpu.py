@@ -3,19 +3,20 @@
 Pallas with the Triton lowering (`pallas_call` + `plgpu.CompilerParams`); runs compiled on NVIDIA GPUs and with
 `interpret=True` on CPU (tests). Semantics are exactly `paged_attention.paged_attention_reference`.
 
-Why Triton rather than Mosaic GPU: JAX 0.11 marks the Triton lowering deprecated, but it is the lowering that (a)
-runs the same kernel under `interpret=True` on CPU, which is how CI tests it, (b) gives register-level integer ops
-(shift / mask of packed codes), gathers from a page table and `tl.dot` on small, oddly shaped tiles (16 query rows)
-with no hand-written warpgroup choreography, and (c) runs on Ampere as well as Hopper. And (d) for 2- and 4-bit
-pairs it is faster, as measured: the Mosaic GPU kernel for per-token decode (`paged_attention_mgpu`, TMA page
-copies, codes unpacked into warpgroup-MMA operands; tested in Mosaic GPU's CPU interpreter) ran 1.6x slower on an
-H100 at first (4/4 0.535 against 0.328 ms, 2026-12-05); now it is faster for them at pages of 64 from batch 32
-(e.g. 4/4 0.337 against 0.361 ms) but slower at batch 8 and at the engine's default pages of 32 (4/4 0.407 against
-0.384; 2026-12-06, `mosaic_route`), although TMA streams those pages at 85% of bandwidth
-(`benchmarks/tma_stream.py`): its per-page chain of unpacking, MMAs and softmax in one warpgroup is what needs the
-choreography (BENCHMARKS.md). With an 8-bit side it is the faster one (8/8 0.46 against 0.59-0.66 ms, 76% of copy
-bandwidth, at pages of 32 0.51 against 0.61; H100, 2026-12-06), so `paged_attention(kernel="auto")` hands per-token
-decode layers with an 8-bit side to it on Hopper (`mosaic_route`); this kernel runs everything else.
+Why the Triton lowering here, and where the Mosaic GPU kernel runs instead: JAX 0.11 marks the Triton lowering
+deprecated, but it is the lowering that (a) runs the same kernel under `interpret=True` on CPU, which is how CI tests
+it, (b) gives register-level integer ops (shift / mask of packed codes), gathers from a page table and `tl.dot` on
+small, oddly shaped tiles (16 query rows) with no hand-written warpgroup choreography, and (c) runs on Ampere as well
+as Hopper, and it covers every layout. On Hopper the Mosaic GPU
+kernel for per-token decode (`paged_attention_mgpu`: TMA page copies, codes unpacked into warpgroup-MMA operands;
+tested in Mosaic GPU's CPU interpreter) is now the faster one, and `paged_attention(kernel="auto")` hands it the
+layers it reads (`mosaic_route`): it ran 1.6x slower at first (H100, 4/4 0.535 against 0.328 ms, 2026-12-05),
+faster with an 8-bit side from 2026-12-06 (8/8 0.41-0.46 against 0.59-0.66 ms), and since its score tile has the
+GQA group's width and V's operand goes straight to registers, 0.67-0.83x this kernel's time for 4/4, 2/2 and 4/2
+at pages of 64 at the 21 shapes timed, batches 8-128 and contexts 1K-32K (4/4 at batch 32 x 16K 0.246 against
+0.333 ms; 2026-12-06 night), and at 34 of 36 shapes at pages of 32. This kernel runs everything else: per-channel
+(KIVI) keys, several groups per head, 16-bit sides, prefill chunks, fp8 pools, other GPUs, and 2- and 4-bit pairs at
+pages of 16 or 128.
 BENCHMARKS.md has the measured numbers behind the tuning defaults.
 
 Design (the tile math is in `tile_attention`, whose online-softmax step the TPU kernel runs too):
@@ -1035,25 +1036,33 @@ EIGHT_BITS = ("nibbles", "f16")
 KERNELS = ("auto", "triton", "mgpu")
 
 
+# page sizes where `mosaic_route` sends layers with no 8-bit side (2- and 4-bit pairs) to the Mosaic GPU kernel
+MOSAIC_NARROW_PAGES = (32, 64)
+
+
 def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec, interpret: bool, capability=None):
     """Whether `kernel="auto"` runs the Mosaic GPU kernel: compiled on a Hopper GPU (compute capability 9.x;
-    `capability` overrides the default device's, for tests), a layer with an 8-bit per-token side that kernel reads
-    (`paged_attention_mgpu.unsupported`: decode, every page size it reads (`PAGES`, 16 to 128 tokens), one group per
-    head), and, for 8-bit values, f16 value scales (its f16 probabilities x a scale stay in f16's range). Measured
-    against this kernel on an H100 at batch 32 x 16K (BENCHMARKS.md, 2026-12-06), ms: 8/8 at pages of 16 0.630 vs
-    0.638, 32 0.508 vs 0.611, 64 0.456-0.466 vs 0.59-0.66 (75% of copy bandwidth; 0.424-0.431, 81-83%, since its own
-    page pipeline, 2026-12-06 evening), 128 0.483 vs 0.574; 8/4 0.581 vs 0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55,
-    0.454 vs 0.502. 2- and 4-bit pairs stay here: neither kernel wins everywhere (H100, 2026-12-06 15:25-15:31 UTC,
-    one machine, Mosaic GPU's time over this kernel's, 4/4, 2/2, 4/2): at pages of 64 and 16K 0.90-0.97x at batch 8,
-    32 and 128, but at 1K-4K 0.77-1.12x; at the engine's default pages of 32 1.02-1.14x; at 128 1.09x (4/4) and
-    0.83-0.84x; at 16 1.20-1.56x. With its own page pipeline (18:22-18:28 UTC), batch 32 x 16K: 0.83-0.92x at pages
-    of 64, but 0.92x, 1.03x and 1.08x at 32 (other pages and contexts not timed again). Since its score tile has the
-    group's width (20:51 UTC, batch 32 x 16K, pages of 64): 0.69-0.81x, faster for all three, but only that shape was
-    timed, so the route waits for a sweep of batches, contexts and pages. A route by the page table's width would
-    misplace short sequences in a table sized for long ones."""
+    `capability` overrides the default device's, for tests), a layer that kernel reads (`paged_attention_mgpu.
+    unsupported`: decode, per-token keys and values of 2, 4 or 8 bits, one group per head, pages of 16 to 128
+    tokens), for 8-bit values f16 value scales (its f16 probabilities x a scale stay in f16's range), and for layers
+    with no 8-bit side pages of 32 or 64 tokens, where it was timed faster.
+
+    Measured against this kernel on an H100 (BENCHMARKS.md, 2026-12-06). With an 8-bit side, at batch 32 x 16K, ms:
+    8/8 at pages of 16 0.630 vs 0.638, 32 0.508 vs 0.611, 64 0.41-0.43 vs 0.59-0.66 (81-87% of copy bandwidth), 128
+    0.483 vs 0.574; 8/4 0.581 vs 0.689, 0.476 vs 0.565, 0.387-0.411 vs 0.55, 0.454 vs 0.502. 2- and 4-bit pairs
+    (4/4, 2/2, 4/2) once V's operand went to registers (`value_regs`, 23:23-23:29 UTC): at pages of 64 0.67-0.83x
+    this kernel's time at each of batch 8 and 32 x 1K, 16K and 32K and batch 128 x 16K (4/4 at 32 x 16K 0.246 vs
+    0.333); at the
+    engine's default pages of 32 (22:51 UTC, the same kernel but for the wait before V's unpack, not timed on its
+    own) 0.64-0.98x at 34 of 36 shapes (batch 8, 32, 128 x 1K, 4K, 16K, 32K), 1.10x at 4/2 batch 8 x 4K. Pages
+    of 16 and 128 were last timed before those changes (1.20-1.56x slower at 16, 0.83-1.09x at 128), so 2- and
+    4-bit pairs stay here for them. A route by the page table's width would misplace short sequences in a table
+    sized for long ones."""
     from pallas_kernels import paged_attention_mgpu
 
-    if interpret or 8 not in (k_spec.bits, v_spec.bits):
+    if interpret:
+        return False
+    if 8 not in (k_spec.bits, v_spec.bits) and k_codes.shape[2] not in MOSAIC_NARROW_PAGES:
         return False
     if v_spec.bits == 8 and v_scale.dtype != jnp.float16:
         return False

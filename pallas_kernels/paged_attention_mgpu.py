@@ -1,17 +1,15 @@
 """Paged decode attention on Mosaic GPU (Hopper): TMA page copies, codes unpacked into warpgroup-MMA operands.
 
-The GPU dispatcher runs it for per-token decode layers with an 8-bit side on Hopper (`paged_attention_gpu.mosaic_route`,
-`kernel="auto"`), where it is the faster kernel: on an H100 at batch 32 x 16K (2026-12-06, BENCHMARKS.md) 8/8 took
-0.459-0.466 ms against the Triton kernel's 0.59-0.66 (76% of copy bandwidth; issue 4's target is 70%), 8/4 0.39-0.41
-against 0.55, and 4/8, 8/2, 2/8 1.4-1.8x faster; faster at every batch (8-128) and context (1K-32K) timed, and it
-runs batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse. At the engine's default
-pages of 32 tokens 8/8 took 0.508 ms against 0.611 (69%), at pages of 128 0.483 against 0.574, at 16 0.630 against
-0.638. Everything else runs the Triton-lowered kernel (`paged_attention_gpu`), which covers every layout; for 2-
-and 4-bit pairs neither kernel won everywhere (this one 0.90-0.97x its time at pages of 64 and 16K at batch 8 to
-128, 4/4 0.326 ms against 0.351, but 0.77-1.12x at 1K-4K and 1.02-1.14x at pages of 32; 2026-12-06 15:25 UTC);
-since its score MMA has the GQA group's width (below) it is 1.24-1.45x faster than the Triton kernel for 4/4, 2/2
-and 4/2 at batch 32 x 16K and pages of 64 (H100, 2026-12-06 20:51 UTC), but other shapes and pages have not been
-timed again, so the route is unchanged.
+The GPU dispatcher runs it for the per-token decode layers it reads on Hopper (`paged_attention_gpu.mosaic_route`,
+`kernel="auto"`), where it is the faster kernel: with an 8-bit side at every page size it reads (on an H100 at batch
+32 x 16K, 2026-12-06, BENCHMARKS.md: 8/8 0.41-0.46 ms against the Triton kernel's 0.59-0.66, 81-87% of copy
+bandwidth; 8/4 0.39-0.41 against 0.55; 4/8, 8/2, 2/8 1.4-1.8x faster; at every batch, 8-128, and context, 1K-32K,
+timed; and batch 128 x 32K, whose 4 GiB 8-bit pool the Triton lowering's 32-bit offsets refuse), and for 2- and
+4-bit pairs at pages of 32 and 64 (since its score tile has the GQA group's width and V's operand goes straight to
+registers: 0.67-0.83x the Triton kernel's time at pages of 64 at the 21 shapes timed (batches 8-128, contexts
+1K-32K), 4/4 at batch 32 x 16K 0.243-0.246 ms against 0.333, 75% of copy bandwidth; 0.64-0.98x at 34 of 36 shapes
+at pages of 32). 2- and 4-bit pairs at pages of 16 and 128 stay on the Triton kernel (last timed before those
+changes: 1.20-1.56x slower at 16). The Triton kernel covers every other layout.
 `kernel="mgpu"` there, or `benchmarks/attention.py --tunings '[{"kernel":"mgpu"}]'`, runs this one for any pair it
 reads. Why it exists: the Triton kernel reads 4/4 pages at ~55% of copy bandwidth and its stall profile shows each
 block's MMA fences waiting on loads that land in registers, while Mosaic GPU's TMA streams the same pages through
