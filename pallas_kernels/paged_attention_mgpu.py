@@ -91,8 +91,9 @@ power of two folded into q), `pages_per_step=2` (two pages share one step's MMA 
 `benchmarks/mgpu_trace.py` sums it).
 
 The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`). Under `interpret`
-(Mosaic GPU's CPU interpreter, how the tests run it) the key operand goes through shared memory, as the interpreter
-takes MMA operands only from there.
+(Mosaic GPU's CPU interpreter, how the tests run it) the key operand and V^T's go through shared memory, as the
+interpreter takes MMA operands only from there; V^T's `ldmatrix` plan is checked on the CPU by a lane-by-lane numpy
+simulation instead (`tests/test_paged_attention_mgpu.py`).
 """
 
 from __future__ import annotations
@@ -601,8 +602,9 @@ def paged_attention(
     shared memory a program; on an H100 at batch 32 x 16K, pages of 64 (2026-12-06): 4/4 0.265 -> 0.243 ms, 2/2
     0.247 -> 0.228, 4/2 0.249 -> 0.227, 8/8 the same. Default where `value_regs_supported` (2- and 4-bit values at
     bf16, 8-bit at f16, head_dim 64 or 128, except 2-bit at 64) at the pages compiled-checked (`VALUE_REGS_PAGES`).
-    `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand staged through shared memory (the interpreter
-    takes MMA operands only from there); compiled, it stays in registers."""
+    `interpret`: Mosaic GPU's interpreter on the CPU, with the key operand and V^T's staged through shared memory (the
+    interpreter takes MMA operands only from there; V^T's built in jnp, `_value_operand`); compiled, they stay in
+    registers."""
     validate(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, page_table, num_tokens, k_spec, v_spec)
     why = unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec)
     if why:
