@@ -913,6 +913,7 @@ def _call(
     qcols //= 2  # the score MMA's columns: the GQA group (padded), each query head once
     cols = 2 * qcols  # the value MMA's: p's two terms side by side
     fused = two_terms and one_score_mma  # the score MMA: q's two terms side by side, 2 x qcols columns
+    terms = 2 if two_terms else 1  # q's bf16 terms
     page = kc.shape[2]
     pstep = max(1, TILE // page) * pps  # pages a step: pages under 64 tokens share one MMA tile
     rows_ = page * pstep  # token rows a step
@@ -1059,19 +1060,18 @@ def _call(
 
             def scores(acc):
                 with jax.named_scope("scores"):
-                    if fused:  # q's two terms side by side: one MMA of 2 x qcols columns, summed below
-                        plgpu.wgmma(acc, a, q_smem.T)
-                    else:
-                        plgpu.wgmma(acc, a, q_smem.at[pl.ds(0, qcols)].T)
-                        if two_terms:
-                            plgpu.wgmma(acc, a, q_smem.at[pl.ds(qcols, qcols)].T)
+                    # q's two terms side by side (`fused`: one MMA of 2 x qcols columns, summed below), or one MMA
+                    # of qcols columns a term; each MMA is one commit group
+                    q_ops = [q_smem.T] if fused else [q_smem.at[pl.ds(t * qcols, qcols)].T for t in range(terms)]
+                    for q_op in q_ops:
+                        plgpu.wgmma(acc, a, q_op)
                 if value_regs and fixed:
                     # the previous step's value MMA, left in flight, reads V's operand from registers, which the
-                    # next lines rewrite (the same registers every step): retire it first, the score MMA stays in
+                    # next lines rewrite (the same registers every step): retire it first, the score MMAs stay in
                     # flight (compiled without this wait, the registers were overwritten under it: wrong outputs,
                     # H100 2026-12-06)
                     with jax.named_scope("value_wait"):
-                        plgpu.wgmma_wait(2 if two_terms and not fused else 1)
+                        plgpu.wgmma_wait(len(q_ops))
                 with jax.named_scope("v_operand"):  # under the score MMA
                     v_op = value_operand(vc_s)
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
