@@ -397,48 +397,32 @@ class _I32:
     def __init__(self, v):
         self.v = v
 
-    @staticmethod
-    def _c(x):
+    def _op(self, other, name: str):
         from jax.experimental.mosaic.gpu import utils as mu
         from jaxlib.mlir import ir
+        from jaxlib.mlir.dialects import arith
 
-        return x.v if isinstance(x, _I32) else mu.c(int(x), ir.IntegerType.get_signless(32))
-
-    def _op(self, other, fn):
-        return _I32(fn(self.v, self._c(other)))
+        o = other.v if isinstance(other, _I32) else mu.c(int(other), ir.IntegerType.get_signless(32))
+        return _I32(getattr(arith, name)(self.v, o))
 
     def __add__(self, o):
-        from jaxlib.mlir.dialects import arith
-
-        return self._op(o, arith.addi)
-
-    __radd__ = __add__
+        return self._op(o, "addi")
 
     def __mul__(self, o):
-        from jaxlib.mlir.dialects import arith
-
-        return self._op(o, arith.muli)
-
-    __rmul__ = __mul__
-
-    def __floordiv__(self, o):
-        from jaxlib.mlir.dialects import arith
-
-        assert isinstance(o, int) and o & (o - 1) == 0
-        return self._op(o.bit_length() - 1, arith.shrui)
-
-    def __mod__(self, o):
-        from jaxlib.mlir.dialects import arith
-
-        assert isinstance(o, int) and o & (o - 1) == 0
-        return self._op(o - 1, arith.andi)
+        return self._op(o, "muli")
 
     def __xor__(self, o):
-        from jaxlib.mlir.dialects import arith
+        return self._op(o, "xori")
 
-        return self._op(o, arith.xori)
+    __radd__, __rmul__, __rxor__ = __add__, __mul__, __xor__
 
-    __rxor__ = __xor__
+    def __floordiv__(self, o):
+        assert isinstance(o, int) and o & (o - 1) == 0
+        return self._op(o.bit_length() - 1, "shrui")
+
+    def __mod__(self, o):
+        assert isinstance(o, int) and o & (o - 1) == 0
+        return self._op(o - 1, "andi")
 
 
 def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
