@@ -38,7 +38,13 @@ then went through shared memory (~400 of ~3,100 cycles a page); loaded straight 
 same call on another H100) 4/4 0.265 -> 0.243 ms (75.5% of copy bandwidth, 3.64x JAX's bf16 kernel), 2/2 0.247 ->
 0.228, 4/2 0.249 -> 0.227, 8/8 the same, and four programs a block no faster (4/4 0.247, 2/2 0.226, 4/2 0.244);
 ptxas took 141-161 registers a thread (one program a block; counted before the wait that retires the previous
-page's value MMA ahead of V's unpack was added).
+page's value MMA ahead of V's unpack was added). Then a call was two kernels (the fixed pass, and the redo of the
+splits that overflowed, whose other programs returned at once) and nine other launches a timed call (the benchmark
+loop's own included), one of which read the partial outputs of both; as one kernel that redoes its own splits and
+writes its [group, D] output in head-dim order, and six other launches (2026-12-07, the old code in the same call
+on one H100): 4/4 0.253 -> 0.240 ms (76.6% of copy bandwidth, 3.74x JAX's bf16 kernel; the kernel alone 0.213 ms,
+86% of copy bandwidth on its bytes), 2/2 0.237 -> 0.232, 4/2 0.235 -> 0.231, 8/8 0.424 both (its online softmax
+never had a redo); 147 registers a thread, no spills.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -64,17 +70,19 @@ TMA's 128-byte minimum are copied 128 bytes wide from a flat view of their pool)
   permutation (`field_permutation`), which the wrapper applies to q instead. Scores = scale x the dot + zero-point
   x sum(q);
 - softmax (`softmax="fixed"`, the default): probabilities against a fixed reference, each split's first-page
-  maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; the
-  splits that overflow (a score ~127 above the reference, or sums of p from 2^64) are redone by a second kernel
-  with `softmax="running"`, the online softmax (a maximum across the 64 rows per page and rescaled sums), whose
-  other programs return at once;
+  maximum (base 2), so after the first page there is no maximum across the four warps and nothing to rescale; each
+  thread also keeps the largest of its own scores (one max an element a page). A split that overflows (a score
+  ~127 above the reference, or sums of p from 2^64; never seen on real scores) is run again by its own program
+  against the split's largest score (p <= 1), the same code with the reference given: no second kernel, overflow
+  flag or select on the call's path (`softmax="running"`: the online softmax, a maximum across the 64 rows per
+  page and rescaled sums);
 - values: out^T [D, 16] += V^T [D, 64] @ P [64, 16]: V^T's operand is loaded straight into the MMA's registers
   (`value_regs`, `_value_operand_mgpu`): the head dims are permuted so that each thread's lie in one 16-bit word of
   a token's code row, so `ldmatrix.trans` hands each thread its word of two consecutive tokens, the MMA register's
   two columns, in one register, then unpacked as K's are (without `value_regs`: built as K's while the score MMA
   runs and staged through shared memory, the only place the MMA takes a transposed A from); P = p x the token's
   value scale, its
-  first bf16 term in columns 0-7 and the second in 8-15 (summed by the wrapper); the zero-point term and the sum of
+  first bf16 term in columns 0-7 and the second in 8-15 (summed at the end); the zero-point term and the sum of
   p accumulate per row, reduced once. With the fixed reference the value MMA accumulates into one accumulator for
   the whole split and is left in flight: the next page's key work runs under it.
 
@@ -90,7 +98,10 @@ power of two folded into q), `pages_per_step=2` (two pages share one step's MMA 
 `approx_math`, and Mosaic GPU's profiler over the named regions of the chain (`profile_dir`;
 `benchmarks/mgpu_trace.py` sums it).
 
-The wrapper un-permutes the dims and combines splits exactly (`tile_attention.combine_splits`). Under `interpret`
+Each program ends by summing p's two terms' columns, adding the zero-point term, and storing its [group, D] output
+with the rows put back in head-dim order and transposed (each thread its own elements, `_store_rows_mgpu`); the
+wrapper combines the splits exactly, element-wise for up to 16 splits (`_combine_unrolled`). So a call is the
+kernel and a few small XLA launches (q's two terms, its sums, the page table's slices, the combine). Under `interpret`
 (Mosaic GPU's CPU interpreter, how the tests run it) the key operand and V^T's go through shared memory, as the
 interpreter takes MMA operands only from there; V^T's `ldmatrix` plan is checked on the CPU by a lane-by-lane numpy
 simulation instead (`tests/test_paged_attention_mgpu.py`).
@@ -304,7 +315,7 @@ def _load_pages_mgpu(refs, layout, transforms):
 # The value MMA is out^T [D, cols] += V^T [D, tokens] @ P [tokens, cols]. Its A operand in registers must be in the
 # MMA's own layout (warp w holds rows 16w to 16w + 15 of each 64-row tile; lane (g, q) = (lane // 4, lane % 4) rows
 # g and g + 8, tokens 2q, 2q + 1 (+ 8k)), so a thread holds D / 32 head dims of 16 tokens a tile. The rows of A may
-# be any permutation of the head dims (the wrapper un-permutes out's rows), so each thread's dims are chosen to lie in
+# be any permutation of the head dims (the kernel puts out's rows back at the end), so each thread's dims lie in
 # one 16-bit word of a token's code row (two of them for 8-bit codes at D = 128): `ldmatrix.trans` then hands lane
 # (g, q) word g of token rows 2q and 2q + 1 in one register, exactly the two tokens of an MMA register, and one
 # `x4` instruction loads 4 token groups of 8. A word is 16 / bits dims; where a warp's dims take less than the 16
@@ -517,6 +528,34 @@ def _reduce_rows_mgpu(x, scratch, op: str):
     return reduce(x, scratch)
 
 
+def _store_rows_mgpu(x, rows, dst):
+    """x [R, n] (layout WGMMA) -> dst [c, R] (global memory, c <= n): dst[j, rows[i]] = x[i, j] for j < c, i.e. x
+    transposed with its rows put in the order `rows` (layout WGMMA_ROW: each thread holds its rows' entries) names.
+    Each thread stores its own elements, 4 bytes each (the kernel's 4 KB of output a program, once)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, memref, vector
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1), plgpu.RefType()))
+    def store(ctx, arr, idx, mem):
+        del ctx
+        i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+        c = ir.MemRefType(mem.type).shape[0]
+        quad = arith.remui(mu.thread_idx(), mu.c(4, i32))  # lane % 4: the thread's columns 2 (lane % 4) + e
+        for reg_idx in np.ndindex(arr.registers.shape):
+            mt, nt, h = reg_idx[0], reg_idx[1], reg_idx[4]
+            row = vector.extract(idx.registers[mt, 0, h, 0, 0], [], [0])
+            for e in range(2):
+                column = arith.addi(arith.muli(quad, mu.c(2, i32)), mu.c(8 * nt + e, i32))
+                value = vector.extract(arr.registers[reg_idx], [], [e])
+                with mu.when(arith.cmpi(arith.CmpIPredicate.ult, column, mu.c(c, i32))):
+                    cast = [arith.index_cast(index, v) for v in (column, row)]
+                    memref.store(value, mem, cast)
+
+    store(x, rows, dst)
+
+
 def paged_attention(
     q,
     k_codes,
@@ -558,15 +597,15 @@ def paged_attention(
     chain of MMAs, waits and barriers; pages under 64 tokens: that many tiles of them).
     `swizzle_codes`: code tiles swizzled in shared memory (False: plain rows). `softmax`: "fixed" (probabilities
     against each split's first-page maximum, no rescaling, the value MMA left in flight under the next page's key
-    work; the splits that overflow are redone with "running" by a second kernel) or "running" (the online softmax, a
-    maximum across the warps per page); default "fixed" for bf16 probabilities, "running" for f16 ones (f16's range
-    leaves the fixed reference ~20 bits of headroom, and real scores rise further in some splits: on SmolLM2 0.2-2.5%
-    of splits at 18 bits, BENCHMARKS.md 2026-12-05: nearly every call would then run a redo, each as long as a
-    whole split's pages). `key_f16`: the key
+    work; a split that overflows is run again by its own program against its largest score) or "running" (the
+    online softmax, a maximum across the warps per page); default "fixed" for bf16 probabilities, "running" for
+    f16 ones (f16's range leaves the fixed reference ~20 bits of headroom, and real scores rise further in some
+    splits: on SmolLM2 0.2-2.5% of splits at 18 bits, BENCHMARKS.md 2026-12-05: nearly every call would then run a
+    redo, each as long as a whole split's pages). `key_f16`: the key
     operand and q as f16 (fields masked in place, no shifts; see `_operand`); default: for 8-bit keys only, which
     need it (bf16's 7 mantissa bits cannot hold a code byte). `value_f16`: the value operand and p as f16 (8-bit
     values need it and default to it; 2- and 4-bit fields then come out times 2^(bits x field), taken off the
-    output's rows by the wrapper); p x a token's value scale must stay under f16's 65504: so it does with the
+    output's rows at the end of the kernel); p x a token's value scale must stay under f16's 65504: so it does with the
     online softmax (p <= 1) and f16-stored scales, the pools' default.
     `approx_math`: Mosaic GPU's approximate exp2. `auto_barriers`: Pallas's automatic barriers (a warpgroup barrier
     before every page copy and before and after every shared-memory store: 11 a page with 6 pools); False: the two a
@@ -664,6 +703,10 @@ def paged_attention(
     q_lo, _ = split(qp - hi32)
     if precision == "bf16":
         q_lo = jnp.zeros_like(q_lo)
+    if key_f16:  # [B, H, 2, GROUP]: qsum and 1 / gain
+        qaux = jnp.stack([qsum, 1.0 / gain], axis=2)
+    else:  # the same (gain 1) as one reduction, which XLA runs as one launch (sum and stack were two): D x 1/D is 1
+        qaux = jnp.sum(jnp.stack([qf, jnp.full_like(qf, 1.0 / d)], axis=2), axis=-1)
 
     def rows(x):  # per-token scale/zero [H, N, P, 1] -> [H, N, P], the same bytes (no copy of the pool)
         return None if x is None else x.reshape(x.shape[:3])
@@ -671,7 +714,7 @@ def paged_attention(
     call = functools.partial(
         _call,
         jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * GROUP, D]: both terms in one copy
-        jnp.stack([qsum, 1.0 / gain], axis=2),  # [B, H, 2, GROUP]
+        qaux,
         k_codes,
         rows(k_scale),
         rows(k_zero),
@@ -680,6 +723,13 @@ def paged_attention(
         rows(v_zero),
         _split_table(table, splits) if table_smem else table,
         num_tokens.astype(jnp.int32),
+        vperm.astype(jnp.int32),
+        # f16 value field j comes out as code x 2^(vb j) (exact powers of two), taken off its rows in the kernel
+        jnp.exp2(-float(vb) * vfield).astype(jnp.float32) if value_f16 and vb < 8 else None,
+        group=group,
+        # p bf16 (float32's range) and the values' scales and zero-points f16 (at most 65504): every p-weighted sum
+        # is then bounded by the sum of p, and the overflow check reads l alone
+        bounded=not value_f16 and all(x is None or x.dtype == jnp.float16 for x in (v_scale, v_zero)),
         kb=kb,
         vb=vb,
         splits=splits,
@@ -702,30 +752,34 @@ def paged_attention(
     )
     if interpret:  # one interpreted kernel at a time (`_settled`)
         call = functools.partial(lambda c, **kw: _settled(c(**kw)), call)
-    if softmax == "fixed":
-        res = call(fixed=True)
-        # the splits that overflowed against their fixed reference (a score ~127 above it in base 2, or sums of p from
-        # ta.FIXED_L_LIMIT; never seen on real scores) again with the online softmax, exact either way: a second kernel
-        # whose programs run only where their split overflowed, its results selected in. Not a lax.cond, whose
-        # predicate XLA reads on the host every call (H100, 2026-12-06: 4/4 0.362 -> 0.334 ms)
-        bounded = not value_f16 and all(x is None or x.dtype == jnp.float16 for x in (v_scale, v_zero))
-        bad = split_overflowed(*res, bounded=bounded)  # [B, H, S] int32
-        again = call(fixed=False, only=bad)
-        pick = [bad.reshape(bad.shape + (1,) * (x.ndim - 3)) != 0 for x in res]
-        res = tuple(jnp.where(p, y, x) for p, x, y in zip(pick, res, again, strict=True))
-    else:
-        res = call(fixed=False)
-    o, m, l, z = res
-    # o: [B, H, S, D, COLS] (dims permuted as V's operand, p's two terms side by side); m, l, z: [B, H, S, GROUP]
-    m = jnp.where(l > 0, m, -jnp.inf)  # a split that saw no token (its fixed reference is 0) adds nothing
-    o = o[..., :GROUP] + o[..., GROUP:]
-    if value_f16:  # f16 value field j came out as code x 2^(vb j) (exact powers of two)
-        o = o * jnp.exp2(-float(vb) * vfield).astype(jnp.float32)[:, None]
-    o = o + z[:, :, :, None, :]
-    o = o[:, :, :, jnp.argsort(vperm), :]  # operand row i holds dim vperm[i]
-    o = jnp.swapaxes(o, -1, -2)[:, :, :, :group]  # [B, H, S, group, D]
-    out, lse = ta.combine_splits(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
+    # the splits that overflow against their fixed reference (a score ~127 above it in base 2, or sums of p from
+    # ta.FIXED_L_LIMIT; never seen on real scores) are redone by their own program, against the split's largest score
+    # (each thread keeps the largest of its own): no second kernel, flag or select on the step's path
+    o, m, l, _ = call(fixed=softmax == "fixed")
+    # o: [B, H, S, group, D]; m (-inf where a split saw no token), l: [B, H, S, GROUP]
+    combine = _combine_unrolled if splits <= UNROLL_COMBINE else ta.combine_splits
+    out, lse = combine(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
+
+
+UNROLL_COMBINE = 16  # splits up to this many are combined by `_combine_unrolled`
+
+
+def _combine_unrolled(o, m, l):
+    """`ta.combine_splits` (o [..., S, R, D], m, l [..., S, R]) written split by split, with no reduction over S:
+    element-wise, so that XLA runs the combine as one launch (and lse as one more) where its reductions took three
+    (the maximum, the sums of p, the output), each of a few microseconds on a decode step's path."""
+    parts = range(o.shape[-3])
+    mx = functools.reduce(jnp.maximum, [m[..., s, :] for s in parts])
+    mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
+    w = [jnp.exp2(m[..., s, :] - mx_safe) for s in parts]  # 0 for splits that saw nothing
+    lsum = functools.reduce(jnp.add, [w[s] * l[..., s, :] for s in parts])
+    osum = functools.reduce(jnp.add, [o[..., s, :, :] * w[s][..., None] for s in parts])
+    ok = lsum > 0
+    denom = jnp.where(ok, lsum, 1.0)
+    out = jnp.where(ok[..., None], osum / denom[..., None], 0.0)
+    lse = jnp.where(ok, (mx_safe + jnp.log2(denom)) * ta.LN2, -jnp.inf)
+    return out, lse
 
 
 def _settled(res):
@@ -737,29 +791,6 @@ def _settled(res):
     leaves = [x for x in jax.tree.leaves(res) if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)]
     jax.block_until_ready(leaves)
     return res
-
-
-def split_overflowed(o, m, l, z, *, bounded: bool = False) -> jnp.ndarray:
-    """Which splits of a fixed-reference result overflowed, int32 [B, H, S] (1 where it did; int32 as the redo
-    kernel reads it, reduced as such so that no conversion is a launch of its own): a sum of p from
-    `ta.FIXED_L_LIMIT` or not finite (its p-weighted sums could then be past float32 range in the caller's
-    combine), or a non-finite part.
-
-    `bounded`: p is rounded to bf16 (float32's range) and the values' scales and zero-points are f16 (at most 65504).
-    Then every p-weighted sum is bounded by the sum of p: |o| <= l x 65504 x 15 (4-bit fields; 2-bit 3) and
-    |z| <= l x 65504 x 8 (a zero-point, or a symmetric zero term: the scale x 2^(bits - 1)), under 2^84 wherever
-    l < 2^64, so o and z are finite wherever l is below the limit and the flag reads l alone (one small reduction;
-    reading o's [B, H, S, D, COLS] again took 6 us of a 0.31 ms 4/4 call, H100 2026-12-06). f16 p (`value_f16`) or
-    bf16 scales have no such bound: o and z are read too."""
-    del m
-
-    def any_of(x, axis):
-        return jnp.max(x.astype(jnp.int32), axis=axis)
-
-    bad = any_of(~(l < ta.FIXED_L_LIMIT), -1)  # NaN too
-    if bounded:
-        return bad
-    return bad | any_of(~jnp.isfinite(o), (-1, -2)) | any_of(~jnp.isfinite(z), -1)
 
 
 TABLE_BOX = 256  # TMA copies at most this many elements along each dimension
@@ -790,14 +821,15 @@ SMEM_PER_SM = 228 * 1024  # shared memory of a Hopper SM (1 KB of it reserved pe
 # one-warpgroup blocks an SM holds by registers, as the default splits count them: 3 at 133-147 registers a thread
 # (ptxas, Nsight, H100); since the score tile has the group's width ptxas takes 104-117, so the GPU holds 4 where
 # shared memory allows (2/2, 4/2), but splits chosen for 4 have not been timed; with V's operand in registers
-# (`value_regs`) 141-161 again: 3
+# (`value_regs`) 141-161 again: 3 (147 with the redo in the same kernel, 2026-12-07)
 MAX_PER_SM = 3
 # programs a block: 4 warpgroups (512 threads) hold ptxas to 128 registers a thread, 4 an SM (5, tried while its
 # reductions were still wrong: 96 registers, spills, 1.3x slower; H100 2026-12-06)
 WARPGROUPS = (1, 4)
 # page sizes where V's operand goes to registers by default (`value_regs`): those compiled-checked (H100, 2026-12-06:
-# pages of 16, 32 and 64 against the reference); pages of 128 only when asked for until checked
-VALUE_REGS_PAGES = (16, 32, 64)
+# pages of 16, 32 and 64 against the reference; pages of 128, two tiles a page, 2026-12-07). Timed at 64 (equal or
+# faster for every pair), not at 128
+VALUE_REGS_PAGES = (16, 32, 64, 128)
 REDUCE_SCRATCH = 512  # float32 a warpgroup for its reductions across warps: two registers' worth at once
 
 
@@ -848,7 +880,7 @@ POOL_NAMES = ("kc", "ks", "kz", "vc", "vs", "vz")  # key codes, scales, zero-poi
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "one_score_mma",
     "value_regs", "fixed", "approx_math", "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages",
-    "wgs", "interpret",
+    "wgs", "interpret", "group", "bounded",
 )  # fmt: skip
 
 
@@ -864,8 +896,11 @@ def _call(
     vz,
     table,
     lengths,
-    only=None,
+    vrows,
+    vrow_scale=None,
     *,
+    group,
+    bounded,
     kb,
     vb,
     splits,
@@ -888,8 +923,13 @@ def _call(
     interpret,
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
-    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). only: None, or
-    int32 [B, H, splits]: programs run where it is nonzero, the others write nothing (their outputs are undefined)."""
+    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). vrows: int32 [D],
+    the head dim of each row of V's operand (out's rows come out in that order and are put back in the kernel);
+    vrow_scale: None, or float32 [D], a factor per operand row (f16 value fields' powers of two).
+
+    Returns (o [B, H, splits, group, D], m, l, redone [B, H, splits, GROUP]): each split's unnormalized output
+    (zero-point term included, dims in order), its softmax reference (base 2; -inf where it saw no token) and sum of
+    p, and 1 in the columns whose fixed pass overflowed (`fixed`: that split was then redone in the same program)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -932,20 +972,18 @@ def _call(
         # warpgroup `wg` of block `block` is program u: split fastest, then KV head, then sequence
         wg = jax.lax.axis_index("wg") if wgs > 1 else 0
         u = jax.lax.axis_index("block") * wgs + wg
-        # (bi, hi, si, wg); a spare warpgroup of the last block (u past the programs) reads sequence b - 1's entry
-        # of `only` and runs nothing
+        # (bi, hi, si, wg); a spare warpgroup of the last block (u past the programs) runs nothing
         at = (jnp.minimum(u // (splits * h), b - 1), (u // splits) % h, u % splits, wg)
         run = u < units if units % wgs else None  # the last block's spare warpgroups
-        if only is not None:
-            only_ref, refs = refs[len(pools) + 2], refs[: len(pools) + 2] + refs[len(pools) + 3 :]
-            go = only_ref[at[0], at[1], at[2]] != 0
-            run = go if run is None else run & go
         if run is None:
             return program(at, q_ref, qs_ref, *refs, **scr)
         pl.when(run)(lambda: program(at, q_ref, qs_ref, *refs, **scr))
 
     def program(at, q_ref, qs_ref, *refs, **scr):
-        ins, (tab_ref, len_ref), (o_ref, m_ref, l_ref, z_ref) = refs[: len(pools)], refs[-6:-4], refs[-4:]
+        ins, rest = refs[: len(pools)], refs[len(pools) :]
+        tab_ref, len_ref, vrows_ref = rest[:3]
+        vrow_scale_ref = rest[3] if vrow_scale is not None else None
+        o_ref, m_ref, l_ref, redone_ref = rest[-4:]
         bi, hi, si, wg = at
         # each warpgroup's own scratch and barriers: its q, staging tiles, table slice and page slots
         q_smem, p_smem = scr["q_smem"].at[wg], scr["p_smem"].at[wg]
@@ -1028,8 +1066,10 @@ def _call(
                 return scale, scale * -(2.0 ** (bits - 1))
             return scale, rows_of(zero_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
 
-        def body(o_acc, i, slot, carry):
-            m, l_acc, z_acc, o = carry
+        def body(o_acc, known, i, slot, carry):
+            # known: the reference is given (the redo pass); else the first page sets it (fixed) and each thread
+            # keeps the largest of its own scores (mx, one max an element a page) for a redo's reference
+            m, l_acc, z_acc, o, mx = carry
             # per pool, the step's pages' slots
             kc_s, ks_s, kz_s, vc_s, vs_s, vz_s = (
                 [scr[f"{n}{w}"].at[wg, slot] for w in range(pstep)] if n in names else None for n in POOL_NAMES
@@ -1074,8 +1114,11 @@ def _call(
                 tok = plgpu.broadcasted_iota(jnp.int32, (rows_, qcols), 0, layout=tile) + (first + pstep * i) * page
                 s = jnp.where(tok < limit, s, -jnp.inf)
                 # ref: the running maximum with -inf (nothing seen yet) as 0, so masked scores give p = 0, never NaN
-                if fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
+                if fixed and known:  # the redo pass: the split's largest score, no maximum, no rescaling
+                    m_new = ref = m
+                elif fixed:  # the split's first page sets the reference; no maximum, no rescaling after it
                     m_new = ref = jax.lax.cond(i == 0, lambda: ta.running_max(m, [s], 0, colmax)[1], lambda: m)
+                    mx = jnp.maximum(mx, s)
                 else:
                     m_new, ref = ta.running_max(m, [s], 0, colmax)
                     alpha = jnp.exp2(m - ref)
@@ -1112,7 +1155,7 @@ def _call(
             if fixed:  # into the one accumulator, left in flight: the next page's wait retires it
                 with jax.named_scope("values"):
                     plgpu.wgmma(o_acc, v_a, p_smem)
-                return m_new, l_acc, z_acc, o
+                return m_new, l_acc, z_acc, o, mx
 
             def values(acc):
                 plgpu.wgmma(acc, v_a, p_smem)
@@ -1123,17 +1166,22 @@ def _call(
             # interpreter runs no MMA into an initialized accumulator)
             with jax.named_scope("values"):
                 o = rescale(o) + pl.run_scoped(values, plgpu.ACC((d, cols), jnp.float32))
-            return m_new, l_acc, z_acc, o
+            return m_new, l_acc, z_acc, o, mx
 
         def zeros(shape, lay):
             return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), lay)
 
-        def pages(o_acc):
+        def pages(o_acc, ref=None):
+            """One pass over the split's pages: (m, l_acc, z_acc, o, mx); `ref`: the fixed reference, given."""
+            known = ref is not None
             init = (
-                plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col),
+                ref if known else plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col),
                 zeros((rows_, qcols), tile),
                 zeros((rows_, qcols), tile),
                 None if fixed else zeros((d, cols), tile),
+                plgpu.layout_cast(jnp.full((rows_, qcols), -jnp.inf, jnp.float32), tile)
+                if fixed and not known
+                else None,
             )
             # the page pipeline, `stages` steps in flight: each step's slot refilled with the step `stages` on as
             # soon as its codes are in registers. Written here rather than with `plgpu.emit_pipeline`, whose slots
@@ -1144,33 +1192,70 @@ def _call(
             def step(i, carry):
                 slot = jax.lax.rem(i, stages)
                 plgpu.barrier_wait(pbar.at[wg * stages + slot])
-                carry = body(o_acc, i, slot, carry)
+                carry = body(o_acc, known, i, slot, carry)
                 pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
                 return carry
 
-            m, l_acc, z_acc, o = jax.lax.fori_loop(0, steps, step, init)
+            m, l_acc, z_acc, o, mx = jax.lax.fori_loop(0, steps, step, init)
             if fixed:
                 plgpu.wgmma_wait(0)
                 o = o_acc[...]
-            return m, l_acc, z_acc, o
+            return m, l_acc, z_acc, o, mx
 
-        if fixed:
-            m, l_acc, z_acc, o = pl.run_scoped(pages, plgpu.ACC((d, cols), jnp.float32))
-        else:
-            m, l_acc, z_acc, o = pages(None)
-        o_ref[bi, hi, si] = o
-        m_ref[bi, hi, si] = m
-        l_ref[bi, hi, si] = reduce_rows(l_acc, "add")
-        z_ref[bi, hi, si] = reduce_rows(z_acc, "add")
+        def finish(m, l_acc, z_acc, o):
+            """The split's results out (`_call`'s): p's two terms' columns summed, the zero-point term added, the
+            rows put back in head-dim order and transposed, m -inf where no token was seen. Returns (l, out) with
+            out [D, qcols] as summed, before the rows are put back."""
+            l, z = reduce_rows(l_acc, "add"), reduce_rows(z_acc, "add")
+            out = o[:, :qcols] + o[:, qcols:]
+            if vrow_scale_ref is not None:  # the codes' powers of two, not the zero-point term's
+                out = out * jax.lax.broadcast_in_dim(
+                    plgpu.load(vrow_scale_ref, layout=row, optimized=False), (d, qcols), [0]
+                )
+            out = out + jax.lax.broadcast_in_dim(z, (d, qcols), [1])
+            with jax.named_scope("store_out"):
+                if interpret:
+                    o_ref[bi, hi, si] = jnp.zeros((qcols, d), jnp.float32).at[:, vrows_ref[...]].set(out.T)[:group]
+                else:
+                    _store_rows_mgpu(out, plgpu.load(vrows_ref, layout=row, optimized=False), o_ref.at[bi, hi, si])
+            m_ref[bi, hi, si] = jnp.where(l > 0, m, -jnp.inf)
+            l_ref[bi, hi, si] = l
+            return l, out
+
+        if not fixed:
+            m, l_acc, z_acc, o, _ = pages(None)
+            finish(m, l_acc, z_acc, o)
+            redone_ref[bi, hi, si] = plgpu.layout_cast(jnp.zeros((qcols,), jnp.int32), col)
+            return
+        m, l_acc, z_acc, o, mx = pl.run_scoped(pages, plgpu.ACC((d, cols), jnp.float32))
+        l, out = finish(m, l_acc, z_acc, o)
+        # the overflow check, per column: a sum of p from ta.FIXED_L_LIMIT, or NaN (where p is bf16 and the values'
+        # scales f16, `bounded`, every p-weighted sum is bounded by l: |o| <= l x 65504 x 15, |z| <= l x 65504 x 8,
+        # finite wherever l < 2^64); else also an inf or NaN in out (o's or z's)
+        ok = l < ta.FIXED_L_LIMIT
+        if not bounded:
+            ok = ok & (reduce_rows(out * 0.0, "add") == 0.0)  # NaN in the columns with an inf or NaN
+        flags = jnp.where(ok, 0, 1).astype(jnp.int32)
+        redone_ref[bi, hi, si] = flags
+        flag_smem = scr["flag_smem"].at[wg]
+        flag_smem[...] = flags
+        plgpu.commit_smem()
+        bad = functools.reduce(jnp.bitwise_or, [flag_smem[c] for c in range(qcols)])
+
+        @pl.when(bad != 0)
+        def _redo():
+            # again against the split's largest score (each column's): p <= 1, the sums bounded by the tokens'
+            ref = ta.running_max(plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col), [mx], 0, colmax)[1]
+            finish(*pl.run_scoped(lambda acc: pages(acc, ref)[:4], plgpu.ACC((d, cols), jnp.float32)))
 
     f32 = jnp.float32
     kdt = jnp.float16 if key_f16 else jnp.bfloat16
     vdt = jnp.float16 if value_f16 else jnp.bfloat16  # the value MMA's operands: V's and p's
     out_type = (
-        jax.ShapeDtypeStruct((b, h, splits, d, cols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, group, d), f32),
         jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
         jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
-        jax.ShapeDtypeStruct((b, h, splits, qcols), f32),
+        jax.ShapeDtypeStruct((b, h, splits, qcols), jnp.int32),
     )
     w = (wgs,)  # every program's scratch: one of each a warpgroup
 
@@ -1187,6 +1272,8 @@ def _call(
         pbar=plgpu.Barrier(num_arrivals=len(pools) * pstep, num_barriers=wgs * stages),
         **{f"{n}{which}": slot_type(x) for which in range(pstep) for n, x in named.items()},
     )
+    if fixed:  # the overflow check's flags, read back as scalars
+        scratch["flag_smem"] = plgpu.SMEM((*w, qcols), jnp.int32)
     if table_smem:
         scratch["tab_smem"] = plgpu.SMEM((*w, *table.shape[2:]), jnp.int32)
     if not value_regs or interpret:  # the value MMA's operands share one swizzle: p's rows are 2 * cols bytes
@@ -1211,4 +1298,4 @@ def _call(
         ),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(q2, qaux, *pools, table, lengths, *(() if only is None else (only,)))
+    return f(q2, qaux, *pools, table, lengths, vrows, *(() if vrow_scale is None else (vrow_scale,)))
