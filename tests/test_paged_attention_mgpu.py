@@ -473,8 +473,11 @@ def test_no_races_without_automatic_barriers(monkeypatch, warpgroups, extra, opt
     assert np.asarray(seen[0][1][3]).any() == loud  # the programs did redo their splits
 
 
-def test_splits_combine_exactly():
-    """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact."""
+@pytest.mark.parametrize("unroll", [mg.UNROLL_COMBINE, 1])
+def test_splits_combine_exactly(monkeypatch, unroll):
+    """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact, written
+    split by split (`_combine_unrolled`, up to UNROLL_COMBINE splits) or as reductions over the splits (past it)."""
+    monkeypatch.setattr(mg, "UNROLL_COMBINE", unroll)
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=5)
     one, l1 = mg.paged_attention(*args, **kw, num_splits=1, stages=2, interpret=not COMPILED)
     four, l4 = mg.paged_attention(*args, **kw, num_splits=4, stages=1, interpret=not COMPILED)
