@@ -767,8 +767,9 @@ UNROLL_COMBINE = 16  # splits up to this many are combined by `_combine_unrolled
 
 def _combine_unrolled(o, m, l):
     """`ta.combine_splits` (o [..., S, R, D], m, l [..., S, R]) written split by split, with no reduction over S:
-    element-wise, so that XLA runs the combine as one launch (and lse as one more) where its reductions took three
-    (the maximum, the sums of p, the output), each of a few microseconds on a decode step's path."""
+    element-wise, so that XLA may fuse it into one or two launches, where a reduction over S feeding another (the
+    maximum, then the sums) takes a launch each, a few microseconds apiece on a decode step's path (traced on an
+    H100 with the kernel's epilogue, 2026-12-07: a 4/4 call's other launches 9 -> 6, the timing loop's included)."""
     parts = range(o.shape[-3])
     mx = functools.reduce(jnp.maximum, [m[..., s, :] for s in parts])
     mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
