@@ -428,6 +428,8 @@ def test_interpreted_kernels_run_one_at_a_time(monkeypatch):
     assert np.max(np.abs(np.asarray(got) - np.asarray(want))) <= TOL["high"] * np.max(np.abs(np.asarray(want)))
 
 
+# the loud case's overflowing fixed pass carries inf into the interpreter's MMA (what its check is for)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.skipif(COMPILED, reason="about Mosaic GPU's interpreter")
 @pytest.mark.parametrize(
     "warpgroups,extra,opts",
