@@ -100,11 +100,11 @@ power of two folded into q), `pages_per_step=2` (two pages share one step's MMA 
 
 Each program ends by summing p's two terms' columns, adding the zero-point term, and storing its [group, D] output
 with the rows put back in head-dim order and transposed (each thread its own elements, `_store_rows_mgpu`); the
-wrapper combines the splits exactly, element-wise for up to 16 splits (`_combine_unrolled`). So a call is the
-kernel and a few small XLA launches (q's two terms, its sums, the page table's slices, the combine). Under `interpret`
-(Mosaic GPU's CPU interpreter, how the tests run it) the key operand and V^T's go through shared memory, as the
-interpreter takes MMA operands only from there; V^T's `ldmatrix` plan is checked on the CPU by a lane-by-lane numpy
-simulation instead (`tests/test_paged_attention_mgpu.py`).
+wrapper combines the splits exactly, element-wise for up to 16 splits (`ta.combine_splits`, `split_by_split`). So a
+call is the kernel and a few small XLA launches (q's two terms, its sums, the page table's slices, the combine).
+Under `interpret` (Mosaic GPU's CPU interpreter, how the tests run it) the key operand and V^T's go through shared
+memory, as the interpreter takes MMA operands only from there; V^T's `ldmatrix` plan is checked on the CPU by a
+lane-by-lane numpy simulation instead (`tests/test_paged_attention_mgpu.py`).
 """
 
 from __future__ import annotations
@@ -757,30 +757,12 @@ def paged_attention(
     # (each thread keeps the largest of its own): no second kernel, flag or select on the step's path
     o, m, l, _ = call(fixed=softmax == "fixed")
     # o: [B, H, S, group, D]; m (-inf where a split saw no token), l: [B, H, S, GROUP]
-    combine = _combine_unrolled if splits <= UNROLL_COMBINE else ta.combine_splits
-    out, lse = combine(o, m[..., :group], l[..., :group])  # [B, H, group, D], [B, H, group]
+    # [B, H, group, D], [B, H, group]
+    out, lse = ta.combine_splits(o, m[..., :group], l[..., :group], split_by_split=splits <= UNROLL_COMBINE)
     return out.reshape(b, hq, 1, d), lse.reshape(b, hq, 1)
 
 
-UNROLL_COMBINE = 16  # splits up to this many are combined by `_combine_unrolled`
-
-
-def _combine_unrolled(o, m, l):
-    """`ta.combine_splits` (o [..., S, R, D], m, l [..., S, R]) written split by split, with no reduction over S:
-    element-wise, so that XLA may fuse it into one or two launches, where a reduction over S feeding another (the
-    maximum, then the sums) takes a launch each, a few microseconds apiece on a decode step's path (traced on an
-    H100 with the kernel's epilogue, 2026-12-07: a 4/4 call's other launches 9 -> 6, the timing loop's included)."""
-    parts = range(o.shape[-3])
-    mx = functools.reduce(jnp.maximum, [m[..., s, :] for s in parts])
-    mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
-    w = [jnp.exp2(m[..., s, :] - mx_safe) for s in parts]  # 0 for splits that saw nothing
-    lsum = functools.reduce(jnp.add, [w[s] * l[..., s, :] for s in parts])
-    osum = functools.reduce(jnp.add, [o[..., s, :, :] * w[s][..., None] for s in parts])
-    ok = lsum > 0
-    denom = jnp.where(ok, lsum, 1.0)
-    out = jnp.where(ok[..., None], osum / denom[..., None], 0.0)
-    lse = jnp.where(ok, (mx_safe + jnp.log2(denom)) * ta.LN2, -jnp.inf)
-    return out, lse
+UNROLL_COMBINE = 16  # splits up to this many are combined split by split (`ta.combine_splits`)
 
 
 def _settled(res):

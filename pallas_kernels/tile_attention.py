@@ -345,19 +345,31 @@ def fixed_softmax_step(ref: jnp.ndarray, l_acc: jnp.ndarray, s_tiles, exp2=jnp.e
     return ps, l_acc
 
 
-def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray):
+def combine_splits(o: jnp.ndarray, m: jnp.ndarray, l: jnp.ndarray, split_by_split: bool = False):
     """Exact flash-decoding combine of unnormalized partial results over splits S.
 
     o: [..., S, R, D] partial outputs (sum of p * v); m, l: [..., S, R] base-2 running max and sum of p.
     Returns (out [..., R, D] normalized, lse [..., R] in base e); out = 0 and lse = -inf where no split saw a token.
+    `split_by_split`: written out one split at a time, with no reduction over S: element-wise, so that XLA may fuse
+    it into one or two launches, where a reduction over S feeding another (the maximum, then the sums) takes a launch
+    each, a few microseconds apiece on a decode step's path (for a few splits; the Mosaic GPU wrapper's, up to 16).
     """
-    mx = jnp.max(m, axis=-2, keepdims=True)
-    mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
-    w = jnp.exp2(m - mx_safe)  # [.., S, R]; 0 for splits that saw nothing
-    lsum = jnp.sum(w * l, axis=-2)  # [.., R]
-    osum = jnp.sum(o * w[..., None], axis=-3)  # [.., R, D]
+    if split_by_split:
+        parts = range(o.shape[-3])
+        mx = functools.reduce(jnp.maximum, [m[..., s, :] for s in parts])
+        mx_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
+        w = [jnp.exp2(m[..., s, :] - mx_safe) for s in parts]  # 0 for splits that saw nothing
+        lsum = functools.reduce(jnp.add, [w[s] * l[..., s, :] for s in parts])
+        osum = functools.reduce(jnp.add, [o[..., s, :, :] * w[s][..., None] for s in parts])
+    else:
+        mx = jnp.max(m, axis=-2, keepdims=True)
+        ref = jnp.where(mx == -jnp.inf, 0.0, mx)  # [.., 1, R]
+        w = jnp.exp2(m - ref)  # [.., S, R]; 0 for splits that saw nothing
+        lsum = jnp.sum(w * l, axis=-2)  # [.., R]
+        osum = jnp.sum(o * w[..., None], axis=-3)  # [.., R, D]
+        mx_safe = ref[..., 0, :]
     ok = lsum > 0
     denom = jnp.where(ok, lsum, 1.0)
     out = jnp.where(ok[..., None], osum / denom[..., None], 0.0)
-    lse = jnp.where(ok, (mx_safe[..., 0, :] + jnp.log2(denom)) * LN2, -jnp.inf)
+    lse = jnp.where(ok, (mx_safe + jnp.log2(denom)) * LN2, -jnp.inf)
     return out, lse

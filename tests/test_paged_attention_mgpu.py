@@ -478,7 +478,7 @@ def test_no_races_without_automatic_barriers(monkeypatch, warpgroups, extra, opt
 @pytest.mark.parametrize("unroll", [mg.UNROLL_COMBINE, 1])
 def test_splits_combine_exactly(monkeypatch, unroll):
     """One split or four give the same result (up to float32 rounding): the flash-decoding combine is exact, written
-    split by split (`_combine_unrolled`, up to UNROLL_COMBINE splits) or as reductions over the splits (past it)."""
+    split by split (up to UNROLL_COMBINE splits) or as reductions over the splits (past it)."""
     monkeypatch.setattr(mg, "UNROLL_COMBINE", unroll)
     args, kw = _case(4, 4, b=2, pages=4, lengths=[4 * PAGE, 3 * PAGE], seed=5)
     one, l1 = mg.paged_attention(*args, **kw, num_splits=1, stages=2, interpret=not COMPILED)
@@ -489,8 +489,9 @@ def test_splits_combine_exactly(monkeypatch, unroll):
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
 def test_combine_written_split_by_split_equals_the_reduction(splits):
-    """`_combine_unrolled` (the wrapper's combine for up to UNROLL_COMBINE splits, element-wise) against a float64
-    numpy combine, on fresh random partials with some splits empty (m -inf, l 0) and a row with no token at all."""
+    """`ta.combine_splits(..., split_by_split=True)` (the wrapper's combine for up to UNROLL_COMBINE splits) against
+    a float64 numpy combine, on fresh random partials with some splits empty (m -inf, l 0) and a row with no token at
+    all."""
     rng = np.random.default_rng()
     b, h, r, d = 2, 3, 4, 16
     o = rng.standard_normal((b, h, splits, r, d)).astype(np.float32) * 10
@@ -499,7 +500,9 @@ def test_combine_written_split_by_split_equals_the_reduction(splits):
     empty = rng.random((b, h, splits, r)) < 0.3
     empty[0, 1, :, 2] = True  # a query row that no split saw a token for
     m[empty], l[empty], o[empty] = -np.inf, 0.0, 0.0
-    out, lse = map(np.asarray, mg._combine_unrolled(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l)))
+    out, lse = map(
+        np.asarray, mg.ta.combine_splits(jnp.asarray(o), jnp.asarray(m), jnp.asarray(l), split_by_split=True)
+    )
     mx = np.max(m.astype(np.float64), axis=2, keepdims=True)
     w = np.where(np.isfinite(m), np.exp2(m - np.where(np.isfinite(mx), mx, 0.0)), 0.0)
     lsum = np.sum(w * l, axis=2)
