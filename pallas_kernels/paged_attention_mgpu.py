@@ -217,6 +217,42 @@ def _operand_words(codes, bits: int, f16: bool = False):
     return f - jnp.asarray(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, f.dtype)
 
 
+def _magic_mgpu(f16: bool):
+    """(pair, magic, sub) for inline Mosaic GPU unpacking: the vector<2 x bf16/f16> type, the magic exponent byte in
+    all four bytes of an i32 (`prmt`'s second source), and the magic value in both lanes (subtracted after)."""
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+
+    pair = ir.VectorType.get((2,), ir.F16Type.get() if f16 else ir.BF16Type.get())
+    magic = mu.c(((MAGIC_F16 if f16 else MAGIC) >> 8) * 0x01010101, ir.IntegerType.get_signless(32))
+    return pair, magic, mu.c(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, pair)
+
+
+def _field_mgpu(word, bits: int, j: int, f16: bool):
+    """Field j of each of the four code bytes of the i32 `word`, masked: bf16 shifted down to the byte's low bits
+    first; f16 in place (the code x 2^(bits j), a whole byte under the magic); 8-bit f16 the whole byte, no mask."""
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith
+
+    i32, mask = ir.IntegerType.get_signless(32), (1 << bits) - 1
+    if f16 and bits == 8:
+        return word
+    if f16:
+        return arith.andi(word, mu.c((mask << (bits * j)) * 0x01010101, i32))
+    shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
+    return arith.andi(shifted, mu.c(mask * 0x01010101, i32))
+
+
+def _magic_pair_mgpu(field, sel, magic, sub, pair):
+    """Two of `field`'s bytes, chosen by the `prmt` selector `sel`, under the magic exponent byte, less the magic:
+    the two codes as one register of the 16-bit MMA operand."""
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir.dialects import arith
+
+    return arith.subf(mu.bitcast(mu.prmt(field, magic, sel), pair), sub)
+
+
 def _operand_words_mgpu(codes, bits: int, f16: bool):
     """Compiled `_operand_words`: a [64, C] code tile loaded in layout WGMMA_8BIT -> the [64, C * 8/bits] operand in
     the MMA layout. Per register of four code bytes: one mask (and one shift for bf16) per field for all four bytes, one
@@ -227,10 +263,9 @@ def _operand_words_mgpu(codes, bits: int, f16: bool):
     from jax.experimental.mosaic.gpu import fragmented_array as fa
     from jax.experimental.mosaic.gpu import utils as mu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith
 
     rows, nbytes = codes.shape
-    per, mask = 8 // bits, (1 << bits) - 1
+    per = 8 // bits
     dt = jnp.float16 if f16 else jnp.bfloat16
 
     @plgpu.inline_mgpu(
@@ -240,11 +275,7 @@ def _operand_words_mgpu(codes, bits: int, f16: bool):
     def unpack(ctx, x):
         del ctx
         i32 = ir.IntegerType.get_signless(32)
-        el = ir.F16Type.get() if f16 else ir.BF16Type.get()
-        pair = ir.VectorType.get((2,), el)
-        magic_byte = (MAGIC_F16 if f16 else MAGIC) >> 8
-        magic = mu.c(magic_byte * 0x01010101, i32)
-        sub = mu.c(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, pair)
+        pair, magic, sub = _magic_mgpu(f16)
         regs = x.registers  # [row tiles, C / 16, 1, 1, 2 (row halves), 1, ...]: four bytes each
         shape = list(regs.shape)
         shape[1] *= 2 * per
@@ -252,16 +283,11 @@ def _operand_words_mgpu(codes, bits: int, f16: bool):
         for idx in np.ndindex(regs.shape):
             word = mu.bitcast(regs[idx], i32)
             for j in range(per):
-                if f16 and bits == 8:  # the whole byte is the code: no mask
-                    f = word
-                elif f16:  # in place: field j of each byte is its code x 2^(bits j), a whole byte under the magic
-                    f = arith.andi(word, mu.c((mask << (bits * j)) * 0x01010101, i32))
-                else:
-                    shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
-                    f = arith.andi(shifted, mu.c(mask * 0x01010101, i32))
+                f = _field_mgpu(word, bits, j, f16)
                 for k, sel in ((0, 0x4140), (1, 0x4342)):  # bytes 2k, 2k+1 -> the low bytes of two 16-bit lanes
-                    both = mu.bitcast(mu.prmt(f, magic, mu.c(sel, i32)), pair)
-                    out[(idx[0], (2 * idx[1] + k) * per + j, *idx[2:])] = arith.subf(both, sub)
+                    out[(idx[0], (2 * idx[1] + k) * per + j, *idx[2:])] = _magic_pair_mgpu(
+                        f, mu.c(sel, i32), magic, sub, pair
+                    )
         return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
     return unpack(codes)
@@ -449,7 +475,7 @@ def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
 
     page = refs[0].shape[0]
     rows = page * len(refs)
-    mask, tb = (1 << bits) - 1, _vregs_thread_bytes(head_dim, bits)
+    tb = _vregs_thread_bytes(head_dim, bits)
     dt = jnp.float16 if f16 else jnp.bfloat16
     instrs = _vregs_matrices(head_dim, bits, rows)
     sources = _vregs_sources(head_dim, bits)
@@ -461,10 +487,7 @@ def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
     def build(ctx, *mems):
         del ctx
         i32, i8 = ir.IntegerType.get_signless(32), ir.IntegerType.get_signless(8)
-        el = ir.F16Type.get() if f16 else ir.BF16Type.get()
-        pair = ir.VectorType.get((2,), el)
-        magic = mu.c(((MAGIC_F16 if f16 else MAGIC) >> 8) * 0x01010101, i32)
-        sub = mu.c(MAGIC_F16_VALUE if f16 else MAGIC_VALUE, pair)
+        pair, magic, sub = _magic_mgpu(f16)
         tid = mu.thread_idx()
         lane = _I32(arith.remui(tid, mu.c(32, i32)))
         warp = _I32(arith.remui(mu.warp_idx(sync=True), mu.c(4, i32)))  # its place in its warpgroup
@@ -495,16 +518,10 @@ def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
             mt, kt, h = idx[0], idx[1], idx[4]
             u, e, j = sources[2 * mt + h]
             key = (kt, u, j)
-            if key not in fields:
-                word = regs[(kt, u)]
-                if f16:  # 8-bit codes: the whole byte, no mask
-                    fields[key] = word
-                else:
-                    shifted = arith.shrui(word, mu.c(bits * j, i32)) if j else word
-                    fields[key] = arith.andi(shifted, mu.c(mask * 0x01010101, i32))
+            if key not in fields:  # f16 only for 8-bit codes (`value_regs_supported`): the whole byte
+                fields[key] = _field_mgpu(regs[(kt, u)], bits, j, f16)
             sel = sel_dyn if e is None else mu.c(0x4240 + 0x0101 * e, i32)
-            both = mu.bitcast(mu.prmt(fields[key], magic, sel), pair)  # bytes e, 2 + e: tokens 2q, 2q + 1
-            out[idx] = arith.subf(both, sub)
+            out[idx] = _magic_pair_mgpu(fields[key], sel, magic, sub, pair)  # bytes e, 2 + e: tokens 2q, 2q + 1
         return fa.FragmentedArray(_registers=out, _layout=fa.WGMMA_LAYOUT, _is_signed=None)
 
     return build(*refs)
