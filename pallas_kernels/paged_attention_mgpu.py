@@ -1066,6 +1066,9 @@ def _call(
                 return scale, scale * -(2.0 ** (bits - 1))
             return scale, rows_of(zero_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
 
+        def full(shape, lay, value=0.0, dtype=jnp.float32):  # a splat in a register layout
+            return plgpu.layout_cast(jnp.full(shape, value, dtype), lay)
+
         def body(o_acc, known, i, slot, carry):
             # known: the reference is given (the redo pass); else the first page sets it (fixed) and each thread
             # keeps the largest of its own scores (mx, one max an element a page) for a redo's reference
@@ -1138,7 +1141,7 @@ def _call(
                 if two_terms:
                     p_lo = (pv - p_hi.astype(jnp.float32)).astype(vdt)
                 else:  # in the MMA layout, as concatenate needs (a plain zeros array is a splat)
-                    p_lo = plgpu.layout_cast(jnp.zeros((rows_, qcols), vdt), tile)
+                    p_lo = full((rows_, qcols), tile, dtype=vdt)
             with jax.named_scope("stage"):
                 if not auto_barriers:
                     # the staging tiles are rewritten only once every warp has passed its wait above, which retired
@@ -1168,20 +1171,15 @@ def _call(
                 o = rescale(o) + pl.run_scoped(values, plgpu.ACC((d, cols), jnp.float32))
             return m_new, l_acc, z_acc, o, mx
 
-        def zeros(shape, lay):
-            return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), lay)
-
         def pages(o_acc, ref=None):
             """One pass over the split's pages: (m, l_acc, z_acc, o, mx); `ref`: the fixed reference, given."""
             known = ref is not None
             init = (
-                ref if known else plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col),
-                zeros((rows_, qcols), tile),
-                zeros((rows_, qcols), tile),
-                None if fixed else zeros((d, cols), tile),
-                plgpu.layout_cast(jnp.full((rows_, qcols), -jnp.inf, jnp.float32), tile)
-                if fixed and not known
-                else None,
+                ref if known else full((qcols,), col, -jnp.inf),
+                full((rows_, qcols), tile),
+                full((rows_, qcols), tile),
+                None if fixed else full((d, cols), tile),
+                full((rows_, qcols), tile, -jnp.inf) if fixed and not known else None,
             )
             # the page pipeline, `stages` steps in flight: each step's slot refilled with the step `stages` on as
             # soon as its codes are in registers. Written here rather than with `plgpu.emit_pipeline`, whose slots
@@ -1225,7 +1223,7 @@ def _call(
         if not fixed:
             m, l_acc, z_acc, o, _ = pages(None)
             finish(m, l_acc, z_acc, o)
-            redone_ref[bi, hi, si] = plgpu.layout_cast(jnp.zeros((qcols,), jnp.int32), col)
+            redone_ref[bi, hi, si] = full((qcols,), col, dtype=jnp.int32)
             return
         m, l_acc, z_acc, o, mx = pl.run_scoped(pages, plgpu.ACC((d, cols), jnp.float32))
         l, out = finish(m, l_acc, z_acc, o)
@@ -1245,7 +1243,7 @@ def _call(
         @pl.when(bad != 0)
         def _redo():
             # again against the split's largest score (each column's): p <= 1, the sums bounded by the tokens'
-            ref = ta.running_max(plgpu.layout_cast(jnp.full((qcols,), -jnp.inf, jnp.float32), col), [mx], 0, colmax)[1]
+            ref = ta.running_max(full((qcols,), col, -jnp.inf), [mx], 0, colmax)[1]
             finish(*pl.run_scoped(lambda acc: pages(acc, ref)[:4], plgpu.ACC((d, cols), jnp.float32)))
 
     f32 = jnp.float32
