@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import itertools
 import json
 import math
 import pathlib
@@ -53,10 +54,12 @@ def as_words(codes):
 def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: bool = False):
     """Streams every page of `page_table` `[B, M]` for every KV head through shared memory with TMA.
 
-    `stores`: a list of pools (uint32 code words `[H, N, P, W]` from `as_words`, or `[H, N, P]` scales/zeros), all
-    indexed by the same physical pages. Returns, per (sequence, head, split): the OR of each codes pool's words over
-    the split's pages (`[B, H, S, P, W]` uint32) and the float32 sum of each scale pool over them (`[B, H, S, P]`), so
+    `stores`: a list of pools (uint32 code words `[H, N, P, W]` from `as_words`, or `[H, N, k*P]` rows of k f16 vectors
+    a page: a scale or zero-point row, or `pools(paired=True)`'s scale and zero-point side by side), all indexed by
+    the same physical pages. Returns, per (sequence, head, split): the OR of each codes pool's words over the split's
+    pages (`[B, H, S, P, W]` uint32) and the float32 sum of each row pool's k vectors over them (`[B, H, S, P]`), so
     each byte copied is also read."""
+    import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     b, m = page_table.shape
@@ -81,8 +84,8 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
                 page = table_ref[bi, si * per_split + i]
                 return (hi, page, 0, 0) if is_codes else (hi, page, 0)
 
-            if not is_codes:
-                return plgpu.BlockSpec((None, None, p), index)
+            if not is_codes:  # one copy of a page's k vectors
+                return plgpu.BlockSpec((None, None, x.shape[2]), index)
             # rows of 128 bytes or more are swizzled, as TMA lays out MMA operands: read back in the MMA tile layout
             # they have no conflict-free plan unswizzled (Mosaic GPU refuses them); narrower rows timed the same
             # either way (BENCHMARKS.md) and stay plain
@@ -105,9 +108,12 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
             smem, carry = args[:-1], args[-1]
             new = []
             for s, acc, c in zip(smem, carry, codes, strict=True):
-                new.append(
-                    acc | plgpu.load(s, layout=tile) if c else acc + plgpu.load(s, layout=row).astype(jnp.float32)
-                )
+                if c:
+                    new.append(acc | plgpu.load(s, layout=tile))
+                    continue
+                for j in range(s.shape[0] // p):  # a row pool's vectors, each one per row of the tile
+                    acc = acc + plgpu.load(s.at[pl.ds(j * p, p)], layout=row).astype(jnp.float32)
+                new.append(acc)
             return tuple(new)
 
         pipe = plgpu.emit_pipeline(
@@ -142,26 +148,34 @@ def reference(stores, page_table, splits: int):
         g = a[:, tab]  # [H, B, S, per_split, P, ...]
         g = np.moveaxis(g, 0, 2)  # [B, S, H, per_split, P, ...]
         g = np.swapaxes(g, 1, 2)  # [B, H, S, per_split, P, ...]
-        outs.append(np.bitwise_or.reduce(g, axis=3) if a.ndim == 4 else g.astype(np.float64).sum(axis=3))
+        if a.ndim == 4:
+            outs.append(np.bitwise_or.reduce(g, axis=3))
+        else:  # [..., per_split, k*P]: the k vectors and the pages summed
+            p = stores[0].shape[2]
+            outs.append(g.reshape(*g.shape[:-1], -1, p).astype(np.float64).sum(axis=(3, 4)))
     return outs
 
 
-def pools(config: str, pages: int, page: int, key):
+def pools(config: str, pages: int, page: int, key, paired: bool = False):
     """The K and V pools of a per-token config, as benchmarks/attention.py makes them: codes as words, scale/zero
-    rows squeezed."""
+    rows squeezed. `paired`: each page's scale and zero-point rows side by side in one `[H, N, 2P]` pool (one copy
+    a page where the stored layout takes two): the layout `--layouts paired` times."""
     k_spec, v_spec = bench.spec_pair(config)
     out = []
     for i, spec in enumerate((k_spec, v_spec)):
         c, s, z = bench.make_store(jax.random.fold_in(key, i), spec, pages, page)
-        out += [as_words(c)] + [_squeeze_page(x) for x in (s, z) if x is not None]
+        rows = [_squeeze_page(x) for x in (s, z) if x is not None]
+        if paired and len(rows) == 2:
+            rows = [jnp.concatenate(rows, axis=2)]
+        out += [as_words(c)] + rows
     return out
 
 
-def check(config: str, splits: int, stages: int, page: int, interpret: bool) -> float:
+def check(config: str, splits: int, stages: int, page: int, interpret: bool, paired: bool = False) -> float:
     """Largest relative error of the sums (the ORs must be equal) at a small shape; raises on a mismatch."""
     key = jax.random.key(3)
     b, m = 2, 4 * splits
-    stores = pools(config, b * m + 3, page, key)
+    stores = pools(config, b * m + 3, page, key, paired)
     table = jax.random.permutation(jax.random.fold_in(key, 9), b * m + 3)[: b * m].reshape(b, m).astype(jnp.int32)
     got = stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret)
     worst = 0.0
@@ -184,6 +198,12 @@ def main(argv=None):
     ap.add_argument("--configs", default="4/4,2/2,8/8,16/16")
     ap.add_argument("--splits", default="4", help="comma-separated splits per sequence to time")
     ap.add_argument("--stages", default="4", help="comma-separated TMA ring depths to time")
+    ap.add_argument(
+        "--layouts",
+        default="stored",
+        help="comma-separated: `stored` (scales and zero-points in rows of their own, as the cache keeps them) and/or "
+        "`paired` (each page's scale and zero-point rows side by side, one copy for both)",
+    )
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--max-copies", type=int, default=8)
@@ -196,6 +216,11 @@ def main(argv=None):
         "--interpret", action="store_true", help="GPU interpret mode on the CPU (tests; times mean nothing)"
     )
     args = ap.parse_args(argv)
+    layouts = args.layouts.split(",")
+    split_counts = [int(x) for x in args.splits.split(",")]
+    depths = [int(x) for x in args.stages.split(",")]
+    if set(layouts) - {"stored", "paired"}:
+        raise SystemExit(f"--layouts {args.layouts}: expected `stored` and/or `paired`")
 
     bw = bench.copy_bandwidth(nbytes=2**20 if args.interpret else 2 * 2**30)
     best_bw = max(v for k, v in bw.items() if not k.endswith("error"))
@@ -216,16 +241,19 @@ def main(argv=None):
         nbytes = b * args.context * per_tok + b * pps * 4  # codes, scales and zeros of K and V; the page table
         copies = max(1, min(args.max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
         key = jax.random.key(b * 7919 + args.context)
-        stores = pools(config, copies * b * pps, args.page, key)
         tables = bench.page_tables(jax.random.fold_in(key, 3), b, pps, copies)
-        for splits in (int(x) for x in args.splits.split(",")):
-            for stages in (int(x) for x in args.stages.split(",")):
+        for layout in layouts:
+            paired = layout == "paired"
+            stores = pools(config, copies * b * pps, args.page, key, paired)
+            for splits, stages in itertools.product(split_counts, depths):
                 # what the probe writes (an OR or sum per split) counts as bytes moved too
-                written = b * splits * sum(4 * math.prod(x.shape[2:]) * x.shape[0] for x in stores)
-                row = dict(config=config, batch=b, context=args.context, splits=splits, stages=stages)
+                # (a codes pool's OR is its page's words, a row pool's sum one float32 a token)
+                out_words = [math.prod(x.shape[2:]) if x.ndim == 4 else args.page for x in stores]
+                written = b * splits * sum(4 * w * x.shape[0] for w, x in zip(out_words, stores, strict=True))
+                row = dict(config=config, layout=layout, batch=b, context=args.context, splits=splits, stages=stages)
                 row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
                 try:
-                    row["check_rel_err"] = check(config, splits, stages, args.page, interpret=args.interpret)
+                    row["check_rel_err"] = check(config, splits, stages, args.page, args.interpret, paired)
                     fn = functools.partial(stream_pages, splits=splits, stages=stages, interpret=args.interpret)
                     t = bench.timed(fn, stores, [(tables[i],) for i in range(copies)], args.reps, args.trials)
                     row.update(time_s=t, gbps=row["bytes"] / t / 1e9, pct_bw=100 * row["bytes"] / t / best_bw)
@@ -233,6 +261,7 @@ def main(argv=None):
                     row["error"] = repr(e)[:400]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+            del stores
         if not args.no_triton:
             r = bench.bench_ours(b, args.context, k_spec, v_spec, args.page, {}, _bench_args(args))
             row = dict(config=config, kernel="triton attention (default tuning)", batch=b, context=args.context, **r)
@@ -240,7 +269,6 @@ def main(argv=None):
                 row.update(pct_bw=100 * r["bytes"] / r["time_s"] / best_bw)
             print(json.dumps(row), flush=True)
             rows.append(row)
-        del stores
     for r in rows:
         if jax_s and "time_s" in r:
             r["x_jax"] = jax_s / r["time_s"]
@@ -248,7 +276,7 @@ def main(argv=None):
         pathlib.Path(args.out).write_text(json.dumps(dict(copy_bandwidth=bw, rows=rows), indent=1))
     print(f"\n{'config':8} {'kernel':34} {'ms':>8} {'% bw':>6} {'x JAX':>6}")
     for r in rows:
-        name = r.get("kernel") or f"TMA stream, {r['splits']} splits, {r['stages']} stages"
+        name = r.get("kernel") or f"TMA stream, {r['layout']}, {r['splits']} splits, {r['stages']} st"
         ms = f"{r['time_s'] * 1e3:.3f}" if "time_s" in r else "-"
         pct = f"{r['pct_bw']:.1f}" if "pct_bw" in r else r.get("error", r.get("skipped", ""))[:60]
         xj = f"{r['x_jax']:.2f}" if "x_jax" in r else ""

@@ -16,16 +16,19 @@ from jax import export
 tma = load_benchmark("tma_stream.py")
 
 
-def _setup(config: str, b: int, m: int, extra: int, seed: int):
+def _setup(config: str, b: int, m: int, extra: int, seed: int, paired: bool = False):
     key = jax.random.key(seed)
-    stores = tma.pools(config, b * m + extra, 64, key)
+    stores = tma.pools(config, b * m + extra, 64, key, paired)
     perm = jax.random.permutation(jax.random.fold_in(key, 1), b * m + extra)[: b * m]
     return stores, perm.reshape(b, m).astype(jnp.int32)
 
 
-@pytest.mark.parametrize("config,splits,stages", [("4/4", 2, 3), ("2/2", 1, 2), ("16/16", 3, 2)])
-def test_streams_the_named_pages(config, splits, stages):
-    stores, table = _setup(config, 2, 3 * splits, 5, seed=len(config) + splits)
+@pytest.mark.parametrize(
+    "config,splits,stages,paired",
+    [("4/4", 2, 3, False), ("2/2", 1, 2, False), ("16/16", 3, 2, False), ("4/4", 2, 2, True)],
+)
+def test_streams_the_named_pages(config, splits, stages, paired):
+    stores, table = _setup(config, 2, 3 * splits, 5, seed=len(config) + splits, paired=paired)
     got = tma.stream_pages(stores, table, splits=splits, stages=stages, interpret=True)
     want = tma.reference(stores, table, splits)
     assert len(got) == len(want) == len(stores)
@@ -42,8 +45,18 @@ def test_streams_the_named_pages(config, splits, stages):
     assert not np.array_equal(np.asarray(got[0]), other[0])
 
 
+def test_paired_layout_holds_the_same_rows():
+    """`paired`: K's and V's scale and zero-point rows side by side, one pool each, the same values page by page."""
+    stored, _ = _setup("4/4", 2, 3, 1, seed=2)
+    paired, _ = _setup("4/4", 2, 3, 1, seed=2, paired=True)
+    assert [x.ndim for x in stored] == [4, 3, 3, 4, 3, 3] and [x.ndim for x in paired] == [4, 3, 4, 3]
+    for s, z, both in ((stored[1], stored[2], paired[1]), (stored[4], stored[5], paired[3])):
+        np.testing.assert_array_equal(np.asarray(both), np.concatenate([np.asarray(s), np.asarray(z)], axis=2))
+        assert not np.array_equal(np.asarray(s), np.asarray(z))
+
+
 def test_lowers_for_cuda():
-    stores, table = _setup("4/4", 2, 8, 1, seed=5)
+    stores, table = _setup("4/4", 2, 8, 1, seed=5, paired=True)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stores], jax.ShapeDtypeStruct(table.shape, table.dtype))
     exp = export.export(jax.jit(lambda s, t: tma.stream_pages(s, t, splits=2, stages=4)), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exp.mlir_module()
@@ -52,8 +65,12 @@ def test_lowers_for_cuda():
 def test_driver_end_to_end(tmp_path):
     out = tmp_path / "tma.json"
     argv = "--batch 2 --context 256 --configs 4/4 --splits 2 --stages 2 --no-triton --no-jax --trials 1 --reps 1"
+    argv += " --layouts stored,paired"
     argv += " --interpret"
     tma.main(argv.split() + ["--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 1 and "error" not in rows[0], rows
-    assert rows[0]["check_rel_err"] <= 1e-5 and rows[0]["bytes_written"] > 0
+    assert [r["layout"] for r in rows] == ["stored", "paired"] and not any("error" in r for r in rows), rows
+    for r in rows:
+        assert r["check_rel_err"] <= 1e-5 and r["bytes_written"] > 0
+    # the same bytes read either way (only the number of copies differs); paired writes one sum where stored writes two
+    assert rows[0]["bytes_read"] == rows[1]["bytes_read"] and rows[0]["bytes_written"] > rows[1]["bytes_written"]
