@@ -14,7 +14,9 @@ on these pools, next to the Triton kernel's time on the same data, in the same r
     PYTHONPATH=. python3 benchmarks/tma_stream.py --batch 32 --context 16384 --configs 4/4,2/2,8/8,16/16
 
 Layout: per-token quantized stores (codes `[H, N, P, D*b/8]`, one f16 scale and zero per token-head; `16/16` is bf16
-`[H, N, P, D]`), as `benchmarks/attention.py` builds them. Every output is checked against numpy before timing.
+`[H, N, P, D]`), as `benchmarks/attention.py` builds them. `--layouts stored,paired` also times each page's scale and
+zero-point rows side by side in one pool (one copy for both, where the cache makes two): whether fewer, larger copies
+raise the ceiling, before the cache's layout is changed. Every output is checked against numpy before timing.
 """
 
 from __future__ import annotations
