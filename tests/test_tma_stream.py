@@ -55,8 +55,9 @@ def test_paired_layout_holds_the_same_rows():
         assert not np.array_equal(np.asarray(s), np.asarray(z))
 
 
-def test_lowers_for_cuda():
-    stores, table = _setup("4/4", 2, 8, 1, seed=5, paired=True)
+@pytest.mark.parametrize("paired", [False, True])
+def test_lowers_for_cuda(paired):
+    stores, table = _setup("4/4", 2, 8, 1, seed=5, paired=paired)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stores], jax.ShapeDtypeStruct(table.shape, table.dtype))
     exp = export.export(jax.jit(lambda s, t: tma.stream_pages(s, t, splits=2, stages=4)), platforms=["cuda"])(*args)
     assert "mosaic_gpu" in exp.mlir_module()
