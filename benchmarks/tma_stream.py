@@ -247,11 +247,11 @@ def main(argv=None):
         for layout in layouts:
             paired = layout == "paired"
             stores = pools(config, copies * b * pps, args.page, key, paired)
+            # what the probe writes (an OR or sum per split) counts as bytes moved too: per split, a codes pool's OR
+            # is its page's words and a row pool's sum one float32 a token, for every head
+            per_split = sum(4 * (math.prod(x.shape[2:]) if x.ndim == 4 else args.page) * x.shape[0] for x in stores)
             for splits, stages in itertools.product(split_counts, depths):
-                # what the probe writes (an OR or sum per split) counts as bytes moved too
-                # (a codes pool's OR is its page's words, a row pool's sum one float32 a token)
-                out_words = [math.prod(x.shape[2:]) if x.ndim == 4 else args.page for x in stores]
-                written = b * splits * sum(4 * w * x.shape[0] for w, x in zip(out_words, stores, strict=True))
+                written = b * splits * per_split
                 row = dict(config=config, layout=layout, batch=b, context=args.context, splits=splits, stages=stages)
                 row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
                 try:
