@@ -44,7 +44,12 @@ loop's own included), one of which read the partial outputs of both; as one kern
 writes its [group, D] output in head-dim order, and six other launches (2026-12-07, the old code in the same call
 on one H100): 4/4 0.253 -> 0.240 ms (76.6% of copy bandwidth, 3.74x JAX's bf16 kernel; the kernel alone 0.213 ms,
 86% of copy bandwidth on its bytes), 2/2 0.237 -> 0.232, 4/2 0.235 -> 0.231, 8/8 0.424 both (its online softmax
-never had a redo); 147 registers a thread, no spills.
+never had a redo); 147 registers a thread, no spills. The step's scale and zero-point rows then read from shared
+memory under the score MMA, beside V's unpack, rather than after its wait (2026-12-07, the old code in the same call
+on one H100, 100 calls a timing): 4/4 0.224 -> 0.222 ms (81% of copy bandwidth, 3.76x JAX's bf16 kernel at 0.834
+ms), 2/2 0.222 -> 0.215 (3.88x). Retiring the value MMA at the end of its own step instead of leaving it in flight
+was no faster (0.223 and 0.216). The stream alone (`benchmarks/tma_stream.py`, no attention, same call) takes 0.208
+ms for 4/4 and 0.129 for 2/2, whether a page's scale and zero-point rows are two copies or one.
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
@@ -1060,11 +1065,22 @@ def _call(
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (x.shape[0], qcols), [0])
 
-        def scale_zero(scale_s, zero_s, bits):  # the step's per-token scales and zero terms, float32 [rows_, qcols]
-            scale = rows_of(scale_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
-            if zero_s is None:  # symmetric: codes offset by 2^(b-1)
+        def scale_rows(scale_s, zero_s):  # the step's per-token scales and zero-points as stored, one array a tile
+            per = len(scale_s) // pps
+            tiles = lambda refs: (
+                None if refs is None else [load(refs[t * per : (t + 1) * per], row) for t in range(pps)]
+            )
+            return tiles(scale_s), tiles(zero_s)
+
+        def scale_zero(stored, bits):  # `scale_rows`'s -> the per-token scales and zero terms, float32 [rows_, qcols]
+            def rows(tiles):
+                parts = [bcast_row(x.astype(jnp.float32)) for x in tiles]
+                return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
+
+            scale = rows(stored[0])
+            if stored[1] is None:  # symmetric: codes offset by 2^(b-1)
                 return scale, scale * -(2.0 ** (bits - 1))
-            return scale, rows_of(zero_s, lambda rs: bcast_row(load(rs, row).astype(jnp.float32)))
+            return scale, rows(stored[1])
 
         def full(shape, lay, value=0.0, dtype=jnp.float32):  # a splat in a register layout
             return plgpu.layout_cast(jnp.full(shape, value, dtype), lay)
@@ -1101,18 +1117,22 @@ def _call(
                         plgpu.wgmma_wait(len(q_ops))
                 with jax.named_scope("v_operand"):  # under the score MMA
                     v_op = value_operand(vc_s)
+                with jax.named_scope("scales"):  # the step's scales and zero-points read, also under the score MMA
+                    sz = (scale_rows(ks_s, kz_s), scale_rows(vs_s, vz_s))
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
-                return acc[...], v_op
+                return acc[...], v_op, sz
 
-            raw, v_op = pl.run_scoped(scores, plgpu.ACC((rows_, cols if fused else qcols), jnp.float32))
+            raw, v_op, (k_stored, v_stored) = pl.run_scoped(
+                scores, plgpu.ACC((rows_, cols if fused else qcols), jnp.float32)
+            )
             if fused:
                 raw = raw[:, :qcols] + raw[:, qcols:]
             with jax.named_scope("softmax"):
                 qsum = jax.lax.broadcast_in_dim(qsum_c, (rows_, qcols), [1])
                 if key_f16:
                     raw = raw * jax.lax.broadcast_in_dim(ginv_c, (rows_, qcols), [1])
-                kscale, kzero = scale_zero(ks_s, kz_s, kb)
+                kscale, kzero = scale_zero(k_stored, kb)
                 s = kscale * raw + kzero * qsum
                 tok = plgpu.broadcasted_iota(jnp.int32, (rows_, qcols), 0, layout=tile) + (first + pstep * i) * page
                 s = jnp.where(tok < limit, s, -jnp.inf)
@@ -1133,7 +1153,7 @@ def _call(
                         return x * a
 
                 p = jnp.exp2(s - jax.lax.broadcast_in_dim(ref, (rows_, qcols), [1]))
-                vscale, vzero = scale_zero(vs_s, vz_s, vb)
+                vscale, vzero = scale_zero(v_stored, vb)
                 l_acc = (l_acc if fixed else rescale(l_acc)) + p
                 z_acc = (z_acc if fixed else rescale(z_acc)) + p * vzero
                 pv = p * vscale
