@@ -1209,9 +1209,11 @@ def _call(
 
             def step(i, carry):
                 slot = jax.lax.rem(i, stages)
-                plgpu.barrier_wait(pbar.at[wg * stages + slot])
+                with jax.named_scope("copy_wait"):  # the step's pages landed
+                    plgpu.barrier_wait(pbar.at[wg * stages + slot])
                 carry = body(o_acc, known, i, slot, carry)
-                pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
+                with jax.named_scope("fetch"):  # the slot refilled, `stages` steps on
+                    pl.when(i + stages < steps)(lambda: fetch(i + stages, slot))
                 return carry
 
             m, l_acc, z_acc, o, mx = jax.lax.fori_loop(0, steps, step, init)
@@ -1311,8 +1313,9 @@ def _call(
             lowering_semantics=plgpu.LoweringSemantics.Lane,
             approx_math=approx_math,
             unsafe_no_auto_barriers=not auto_barriers,
-            # one range per named region per page, a few more
-            **(dict(profile_space=8 * per_split + 16, profile_dir=profile_dir) if profile_dir else {}),
+            # one range per named region per page (11 of them), a few more; past that the profiler overwrites
+            # shared memory (with 8 a page and the two loop regions added, the process aborted, H100 2026-12-07)
+            **(dict(profile_space=16 * per_split + 32, profile_dir=profile_dir) if profile_dir else {}),
         ),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
