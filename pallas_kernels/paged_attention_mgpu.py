@@ -49,7 +49,10 @@ memory under the score MMA, beside V's unpack, rather than after its wait (2026-
 on one H100, 100 calls a timing): 4/4 0.224 -> 0.222 ms (81% of copy bandwidth, 3.76x JAX's bf16 kernel at 0.834
 ms), 2/2 0.222 -> 0.215 (3.88x). Retiring the value MMA at the end of its own step instead of leaving it in flight
 was no faster (0.223 and 0.216). The stream alone (`benchmarks/tma_stream.py`, no attention, same call) takes 0.208
-ms for 4/4 and 0.129 for 2/2, whether a page's scale and zero-point rows are two copies or one.
+ms for 4/4 and 0.129 for 2/2, whether a page's scale and zero-point rows are two copies or one. Traced with the
+loop's copy wait and refill named (b32 x 8K): ~2,600 cycles a page for both pairs; the refill's six copies take
+~250-350 of them on warp 0, the copy wait ~100 (2/2) to ~200 (4/4); one barrier arrival a step instead of Pallas's
+128 a copy was correct and no faster (BENCHMARKS.md, "Where a page's cycles go").
 
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
