@@ -1070,9 +1070,10 @@ def _call(
 
         def scale_rows(scale_s, zero_s):  # the step's per-token scales and zero-points as stored, one array a tile
             per = len(scale_s) // pps
-            tiles = lambda refs: (
-                None if refs is None else [load(refs[t * per : (t + 1) * per], row) for t in range(pps)]
-            )
+
+            def tiles(refs):
+                return None if refs is None else [load(refs[t * per : (t + 1) * per], row) for t in range(pps)]
+
             return tiles(scale_s), tiles(zero_s)
 
         def scale_zero(stored, bits):  # `scale_rows`'s -> the per-token scales and zero terms, float32 [rows_, qcols]
