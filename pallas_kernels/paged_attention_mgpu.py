@@ -1036,10 +1036,15 @@ def _call(
                 return jnp.concatenate([plgpu.load(r, layout=layout) for r in refs], axis=0)
             return _load_pages_mgpu(refs, layout, transforms)
 
-        def rows_of(refs, f):  # f(pages of one tile) per tile of the step, stacked into [rows_, ...]
+        def tiles_of(refs, f):  # f(pages of one tile) per tile of the step, as a list
             per = len(refs) // pps
-            parts = [f(refs[t * per : (t + 1) * per]) for t in range(pps)]
+            return [f(refs[t * per : (t + 1) * per]) for t in range(pps)]
+
+        def stacked(parts):  # the step's tiles' arrays as one [rows_, ...]
             return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
+
+        def rows_of(refs, f):  # f(pages of one tile) per tile of the step, stacked into [rows_, ...]
+            return stacked(tiles_of(refs, f))
 
         def operand(refs, bits, f16=False):  # a tile's codes -> its MMA operand (`field_permutation` order)
             tf = code_transforms(refs[0].shape[-1])
@@ -1069,17 +1074,13 @@ def _call(
             return jax.lax.broadcast_in_dim(x, (x.shape[0], qcols), [0])
 
         def scale_rows(scale_s, zero_s):  # the step's per-token scales and zero-points as stored, one array a tile
-            per = len(scale_s) // pps
-
-            def tiles(refs):
-                return None if refs is None else [load(refs[t * per : (t + 1) * per], row) for t in range(pps)]
-
-            return tiles(scale_s), tiles(zero_s)
+            return tuple(
+                None if refs is None else tiles_of(refs, lambda rs: load(rs, row)) for refs in (scale_s, zero_s)
+            )
 
         def scale_zero(stored, bits):  # `scale_rows`'s -> the per-token scales and zero terms, float32 [rows_, qcols]
             def rows(tiles):
-                parts = [bcast_row(x.astype(jnp.float32)) for x in tiles]
-                return parts[0] if pps == 1 else jnp.concatenate(parts, axis=0)
+                return stacked([bcast_row(x.astype(jnp.float32)) for x in tiles])
 
             scale = rows(stored[0])
             if stored[1] is None:  # symmetric: codes offset by 2^(b-1)
