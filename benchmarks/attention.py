@@ -427,7 +427,8 @@ def bench_quantize_write(b, page, args) -> dict:
     return out
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
+    """The command line; `benchmarks/tma_stream.py` takes its defaults for the timing helpers it shares."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", default="8,32,128")
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
@@ -461,7 +462,11 @@ def main(argv=None):
         help="also trace one more run of --reps calls per config (not the schedule) here, a folder each; "
         "benchmarks/trace_summary.py DIR/<folder> --steps REPS sums its GPU kernels per call",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     kw = json.loads(args.tuning)
     if args.interpret:

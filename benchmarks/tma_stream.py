@@ -17,6 +17,18 @@ Layout: per-token quantized stores (codes `[H, N, P, D*b/8]`, one f16 scale and 
 `[H, N, P, D]`), as `benchmarks/attention.py` builds them. `--layouts stored,paired` also times each page's scale and
 zero-point rows side by side in one pool (one copy for both, where the cache makes two): whether fewer, larger copies
 raise the ceiling, before the cache's layout is changed. Every output is checked against numpy before timing.
+
+`--layouts joined` goes to the end of that road: each page of each KV head is one contiguous block (K codes, K scale
+and zero-point rows, V codes, V scale and zero-point rows, as uint32 words `[H, N, R, C]`), so a page is ONE TMA copy
+of ~8.5 KB (4/4) where the stored layout makes six (two 4 KB code blocks, four 128-byte rows). It measures whether
+fewer, larger copies raise the streaming ceiling above the stored layout's. The cache has no such layout (it keeps
+K and V, codes and rows, in pools of their own): the row bounds what relaying the cache out could buy.
+`--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and zero-point rows) but copies it in
+those three parts, so that an attention kernel's code tiles keep their own swizzled copies: whether contiguity or
+the number of copies is what `joined` gains.
+
+Each row's `pct_bw` is against the best of `benchmarks/attention.py`'s bandwidth figures: with torch on the device,
+its read-only sum (`torch_sum_read`), the nearer model of a kernel that reads pages and writes almost nothing.
 """
 
 from __future__ import annotations
@@ -53,14 +65,18 @@ def as_words(codes):
     return jax.lax.bitcast_convert_type(codes.reshape(h, n, p, w // per, per), jnp.uint32)
 
 
-def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: bool = False):
+def stream_pages(
+    stores, page_table, *, splits: int, stages: int, joined: bool = False, parts=None, interpret: bool = False
+):
     """Streams every page of `page_table` `[B, M]` for every KV head through shared memory with TMA.
 
     `stores`: a list of pools (uint32 code words `[H, N, P, W]` from `as_words`, or `[H, N, k*P]` rows of k f16 vectors
     a page: a scale or zero-point row, or `pools(paired=True)`'s scale and zero-point side by side), all indexed by
-    the same physical pages. Returns, per (sequence, head, split): the OR of each codes pool's words over the split's
-    pages (`[B, H, S, P, W]` uint32) and the float32 sum of each row pool's k vectors over them (`[B, H, S, P]`), so
-    each byte copied is also read."""
+    the same physical pages; with `joined`, the one pool `[H, N, R, C]` of `join_pages`, a page a copy. Returns, per
+    (sequence, head, split): the OR of each 4-D pool's words over the split's pages (`[B, H, S, P, W]` or
+    `[B, H, S, R, C]` uint32) and the float32 sum of each row pool's k vectors over them (`[B, H, S, P]`), so each
+    byte copied is also read. `parts` ((first row, rows) a copy, `first` a multiple of `rows`): the one pool
+    `[H, N, R, W]` of `split_pages`, copied a page in those parts (each a 4-D pool of its own in the result)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -68,50 +84,74 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
     h, _, p = stores[0].shape[:3]
     if m % splits:
         raise ValueError(f"pages per sequence {m} must be a multiple of --splits {splits}")
+    if joined and (len(stores) != 1 or stores[0].ndim != 4):
+        raise ValueError(f"joined: expected the one [H, N, R, C] pool of join_pages, got {[x.shape for x in stores]}")
     per_split = m // splits
-    codes = [x.ndim == 4 for x in stores]
+    pool = stores[0]
+    if parts is not None:
+        if len(stores) != 1 or pool.ndim != 4 or any(first % rows for first, rows in parts):
+            raise ValueError(f"parts {parts}: expected one [H, N, R, W] pool and parts at multiples of their rows")
+        stores = [jax.ShapeDtypeStruct((*pool.shape[:2], rows, pool.shape[3]), pool.dtype) for _, rows in parts]
+    firsts = [0] * len(stores) if parts is None else [first // rows for first, rows in parts]  # in blocks
+    codes = [len(x.shape) == 4 for x in stores]
     out_types = []
     for x, is_codes in zip(stores, codes, strict=True):
         if is_codes:
-            out_types.append(jax.ShapeDtypeStruct((b, h, splits, p, x.shape[3]), x.dtype))
+            out_types.append(jax.ShapeDtypeStruct((b, h, splits, *x.shape[2:]), x.dtype))
         else:
             out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.float32))
 
     def kernel(table_ref, *refs):
-        in_refs, out_refs = refs[: len(stores)], refs[len(stores) :]
+        n_in = 1 if parts is not None else len(stores)
+        in_refs, out_refs = refs[:n_in], refs[n_in:]
+        if parts is not None:  # the one pool, once a part
+            in_refs = in_refs * len(parts)
         si, hi, bi = (jax.lax.axis_index(n) for n in ("split", "head", "batch"))
 
-        def spec(x, is_codes):
+        def spec(x, is_codes, first):
             def index(i):
                 page = table_ref[bi, si * per_split + i]
-                return (hi, page, 0, 0) if is_codes else (hi, page, 0)
+                return (hi, page, first, 0) if is_codes else (hi, page, 0)
 
             if not is_codes:  # one copy of a page's k vectors
                 return plgpu.BlockSpec((None, None, x.shape[2]), index)
+            if joined or x.shape[2] % 64:  # one copy of a whole page, or a part of rows that is not MMA tiles:
+                # unswizzled, read back strided
+                return plgpu.BlockSpec((None, None, *x.shape[2:]), index)
             # rows of 128 bytes or more are swizzled, as TMA lays out MMA operands: read back in the MMA tile layout
             # they have no conflict-free plan unswizzled (Mosaic GPU refuses them); narrower rows timed the same
             # either way (BENCHMARKS.md) and stay plain
             if 4 * x.shape[3] < 128:
-                return plgpu.BlockSpec((None, None, p, x.shape[3]), index)
+                return plgpu.BlockSpec((None, None, *x.shape[2:]), index)
             tf = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
-            return plgpu.BlockSpec((None, None, p, x.shape[3]), index, transforms=tf)
+            return plgpu.BlockSpec((None, None, *x.shape[2:]), index, transforms=tf)
 
         # read as an attention kernel over [tokens, *] tiles would: codes in the warpgroup MMA's tile layout, scales
         # one per row of it
-        tile, row = plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)
+        row = plgpu.Layout.WGMMA.reduce(1)
+
+        def tile_of(x):  # a block of R rows that is not whole MMA tiles (64 rows): each thread reads every 128th
+            # vector of up to 4 words (128-bit loads where R allows), conflict-free in shared memory
+            if not joined and x.shape[2] % 64 == 0:
+                return plgpu.Layout.WGMMA
+            words = math.prod(x.shape[2:])
+            vec = next(v for v in (4, 2, 1) if words % (128 * v) == 0)
+            return plgpu.Layout.WG_STRIDED(tuple(x.shape[2:]), vec_size=vec)
+
+        tiles = [tile_of(x) if c else None for x, c in zip(stores, codes, strict=True)]
         init = tuple(
-            plgpu.layout_cast(jnp.zeros((p, x.shape[3]), x.dtype), tile)
+            plgpu.layout_cast(jnp.zeros(x.shape[2:], x.dtype), t)
             if c
             else plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row)
-            for x, c in zip(stores, codes, strict=True)
+            for x, c, t in zip(stores, codes, tiles, strict=True)
         )
 
         def body(_, *args):
             smem, carry = args[:-1], args[-1]
             new = []
-            for s, acc, c in zip(smem, carry, codes, strict=True):
+            for s, acc, c, t in zip(smem, carry, codes, tiles, strict=True):
                 if c:
-                    new.append(acc | plgpu.load(s, layout=tile))
+                    new.append(acc | plgpu.load(s, layout=t))
                     continue
                 for j in range(s.shape[0] // p):  # a row pool's vectors, each one per row of the tile
                     acc = acc + plgpu.load(s.at[pl.ds(j * p, p)], layout=row).astype(jnp.float32)
@@ -121,7 +161,7 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
         pipe = plgpu.emit_pipeline(
             body,
             grid=(per_split,),
-            in_specs=[spec(x, c) for x, c in zip(stores, codes, strict=True)],
+            in_specs=[spec(x, c, f) for x, c, f in zip(stores, codes, firsts, strict=True)],
             max_concurrent_steps=stages,
             init_carry=init,
         )
@@ -137,7 +177,7 @@ def stream_pages(stores, page_table, *, splits: int, stages: int, interpret: boo
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(page_table, *stores)
+    return f(page_table, *([pool] if parts is not None else stores))
 
 
 def reference(stores, page_table, splits: int):
@@ -173,15 +213,91 @@ def pools(config: str, pages: int, page: int, key, paired: bool = False):
     return out
 
 
-def check(config: str, splits: int, stages: int, page: int, interpret: bool, paired: bool = False) -> float:
+JOIN_WIDTH = 128  # words a row of a joined block (512 bytes, < TMA's 256-element box): a warpgroup's 128 threads
+# then read whole rows, one word each, which the strided register layout needs (R * C a multiple of 128)
+
+
+def join_pages(stores, width: int = JOIN_WIDTH):
+    """`pools()`'s stored pools of one config as one pool of uint32 words `[H, N, R, width]`: page n of head h is one
+    block holding, in order, K codes, K scale row, K zero row, V codes, V scale row, V zero row (whichever the config
+    has), zero-padded to a whole number of rows. The same bytes as `stores`, plus the padding."""
+    h, n = stores[0].shape[:2]
+    parts = []
+    for x in stores:
+        flat = x.reshape(h, n, -1)  # a page's values, in the order the pool holds them
+        per = 4 // flat.dtype.itemsize
+        if flat.dtype != jnp.uint32:  # f16 rows: two values a word (a page's row has an even number of tokens)
+            if flat.shape[2] % per:
+                raise ValueError(f"a page's row of {flat.shape[2]} {flat.dtype} values is not whole 32-bit words")
+            flat = jax.lax.bitcast_convert_type(flat.reshape(h, n, -1, per), jnp.uint32)
+        parts.append(flat)
+    block = jnp.concatenate(parts, axis=2)  # [H, N, words]
+    pad = -block.shape[2] % width
+    block = jnp.pad(block, ((0, 0), (0, 0), (0, pad)))
+    return block.reshape(h, n, -1, width)  # [H, N, R, C]
+
+
+def split_pages(stores):
+    """`pools()`'s stored pools of one config as one pool of uint32 words `[H, N, 2P + R, W]` (W: a code row's words,
+    the same for K and V): page n of head h is one block of K's P code rows, V's P code rows, then the scale and
+    zero-point rows' words in R rows of W (zero-padded). Copied in those three parts (`parts_of`), so that the code
+    tiles keep their own copies and swizzle: contiguous pages with half the copies of the stored layout."""
+    kc, vc = stores[0], next(x for x in stores[1:] if x.ndim == 4)
+    if kc.shape[3] != vc.shape[3]:
+        raise ValueError(f"parts: K's code rows ({kc.shape[3]} words) and V's ({vc.shape[3]}) must be as wide")
+    h, n, p, w = kc.shape
+    rows = [x for x in stores if x.ndim != 4]
+    if not rows:
+        return jnp.concatenate([kc, vc], axis=2)
+    tail = join_pages(rows, width=w)  # [H, N, R, W]
+    if (2 * p) % tail.shape[2]:
+        raise ValueError(f"parts: {tail.shape[2]} rows of scales do not start at a multiple of their count")
+    return jnp.concatenate([kc, vc, tail], axis=2)
+
+
+def parts_of(pool, page: int):
+    """`split_pages`'s copies a page: (first row, rows) of K's codes, V's, and the scale rows if any."""
+    r = pool.shape[2] - 2 * page
+    return ((0, page), (page, page)) + (((2 * page, r),) if r else ())
+
+
+LAYOUTS = ("stored", "paired", "joined", "parts")
+
+
+def layout_pools(config: str, pages: int, page: int, key, layout: str):
+    """The pools `--layouts <layout>` streams, all from the same stored pools."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: expected one of {LAYOUTS}")
+    stores = pools(config, pages, page, key, paired=layout == "paired")
+    if layout == "joined":
+        return [join_pages(stores)]
+    return [split_pages(stores)] if layout == "parts" else stores
+
+
+def stream_kw(stores, layout: str, page: int) -> dict:
+    """`stream_pages`' keywords for `layout_pools`' pools."""
+    if layout == "parts":
+        return dict(parts=parts_of(stores[0], page))
+    return dict(joined=layout == "joined")
+
+
+def views(stores, kw):
+    """The pools as `stream_pages` returns one result each: `parts` as slices of the one pool."""
+    if kw.get("parts") is None:
+        return stores
+    return [stores[0][:, :, first : first + rows] for first, rows in kw["parts"]]
+
+
+def check(config: str, splits: int, stages: int, page: int, interpret: bool, layout: str = "stored") -> float:
     """Largest relative error of the sums (the ORs must be equal) at a small shape; raises on a mismatch."""
     key = jax.random.key(3)
     b, m = 2, 4 * splits
-    stores = pools(config, b * m + 3, page, key, paired)
+    stores = layout_pools(config, b * m + 3, page, key, layout)
     table = jax.random.permutation(jax.random.fold_in(key, 9), b * m + 3)[: b * m].reshape(b, m).astype(jnp.int32)
-    got = stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret)
+    kw = stream_kw(stores, layout, page)
+    got = stream_pages(stores, table, splits=splits, stages=stages, interpret=interpret, **kw)
     worst = 0.0
-    for g, r in zip(got, reference(stores, table, splits), strict=True):
+    for g, r in zip(got, reference(views(stores, kw), table, splits), strict=True):
         g = np.asarray(g)
         if r.dtype == np.float64:
             worst = max(worst, float(np.max(np.abs(g - r) / np.maximum(np.abs(r), 1e-3))))
@@ -190,6 +306,15 @@ def check(config: str, splits: int, stages: int, page: int, interpret: bool, pai
     if worst > 1e-5:
         raise AssertionError(f"{config}: sums off by {worst:.2e} relative")
     return worst
+
+
+def _stream_bytes(config: str, b: int, context: int, page: int, max_copies: int) -> tuple[float, int]:
+    """(bytes one call of the stored layout reads: codes, scales and zeros of K and V and the page table; how many
+    copies of the pools, each with its own page table, the timing rotates through so that they are ~3x L2)."""
+    k_spec, v_spec = bench.spec_pair(config)
+    per_tok = bench.store_bytes_per_token(k_spec, page) + bench.store_bytes_per_token(v_spec, page)
+    nbytes = b * context * per_tok + b * (context // page) * 4
+    return nbytes, max(1, min(max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
 
 
 def main(argv=None):
@@ -203,8 +328,10 @@ def main(argv=None):
     ap.add_argument(
         "--layouts",
         default="stored",
-        help="comma-separated: `stored` (scales and zero-points in rows of their own, as the cache keeps them) and/or "
-        "`paired` (each page's scale and zero-point rows side by side, one copy for both)",
+        help="comma-separated, any of: `stored` (scales and zero-points in rows of their own, as the cache keeps "
+        "them), `paired` (each page's scale and zero-point rows side by side, one copy for both), `joined` (each "
+        "page of a KV head one block: K and V codes and rows, one copy a page), `parts` (the same contiguous page as "
+        "K's code rows, V's, then the scale rows: three copies a page, the code tiles swizzled as stored)",
     )
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)
@@ -221,32 +348,36 @@ def main(argv=None):
     layouts = args.layouts.split(",")
     split_counts = [int(x) for x in args.splits.split(",")]
     depths = [int(x) for x in args.stages.split(",")]
-    if set(layouts) - {"stored", "paired"}:
-        raise SystemExit(f"--layouts {args.layouts}: expected `stored` and/or `paired`")
+    if set(layouts) - set(LAYOUTS):
+        raise SystemExit(f"--layouts {args.layouts}: expected some of {', '.join(LAYOUTS)}")
 
+    b, pps = args.batch, args.context // args.page
     bw = bench.copy_bandwidth(nbytes=2**20 if args.interpret else 2 * 2**30)
     best_bw = max(v for k, v in bw.items() if not k.endswith("error"))
-    print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {best_bw / 1e12:.3f} TB/s ({bw})", flush=True)
+    print(f"device: {jax.devices()[0].device_kind}; bandwidth {best_bw / 1e12:.3f} TB/s ({bw})", flush=True)
+
+    def add_pcts(row):  # a timed row's fraction of the bandwidth
+        row.update(pct_bw=100 * row["bytes"] / row["time_s"] / best_bw)
+
     rows = []
-    b, pps = args.batch, args.context // args.page
     jax_s = None
     if not args.no_jax:  # the issue's baseline, timed in this run: every row's x JAX is against it
         r = bench.bench_jax_bf16(b, args.context, args.jax_page, _bench_args(args))
         jax_s = r.get("time_s")
         rows.append(dict(config="16/16", kernel="JAX bf16 paged attention", batch=b, context=args.context, **r))
         if jax_s:
-            rows[-1].update(pct_bw=100 * r["bytes"] / jax_s / best_bw)
+            add_pcts(rows[-1])
         print(json.dumps(rows[-1]), flush=True)
     for config in args.configs.split(","):
         k_spec, v_spec = bench.spec_pair(config)
-        per_tok = bench.store_bytes_per_token(k_spec, args.page) + bench.store_bytes_per_token(v_spec, args.page)
-        nbytes = b * args.context * per_tok + b * pps * 4  # codes, scales and zeros of K and V; the page table
-        copies = max(1, min(args.max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
+        _, copies = _stream_bytes(config, b, args.context, args.page, args.max_copies)
         key = jax.random.key(b * 7919 + args.context)
         tables = bench.page_tables(jax.random.fold_in(key, 3), b, pps, copies)
         for layout in layouts:
-            paired = layout == "paired"
-            stores = pools(config, copies * b * pps, args.page, key, paired)
+            stores = layout_pools(config, copies * b * pps, args.page, key, layout)
+            # bytes a call reads: its pages of every pool (joined's padding included: TMA copies it too) and the
+            # page table
+            nbytes = b * pps * sum(x.nbytes // x.shape[1] for x in stores) + b * pps * 4
             # what the probe writes (an OR or sum per split) counts as bytes moved too: per split, a codes pool's OR
             # is its page's words and a row pool's sum one float32 a token, for every head
             per_split = sum(4 * (math.prod(x.shape[2:]) if x.ndim == 4 else args.page) * x.shape[0] for x in stores)
@@ -255,10 +386,12 @@ def main(argv=None):
                 row = dict(config=config, layout=layout, batch=b, context=args.context, splits=splits, stages=stages)
                 row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
                 try:
-                    row["check_rel_err"] = check(config, splits, stages, args.page, args.interpret, paired)
-                    fn = functools.partial(stream_pages, splits=splits, stages=stages, interpret=args.interpret)
+                    row["check_rel_err"] = check(config, splits, stages, args.page, args.interpret, layout)
+                    kw = stream_kw(stores, layout, args.page)
+                    fn = functools.partial(stream_pages, splits=splits, stages=stages, interpret=args.interpret, **kw)
                     t = bench.timed(fn, stores, [(tables[i],) for i in range(copies)], args.reps, args.trials)
-                    row.update(time_s=t, gbps=row["bytes"] / t / 1e9, pct_bw=100 * row["bytes"] / t / best_bw)
+                    row.update(time_s=t, gbps=row["bytes"] / t / 1e9)
+                    add_pcts(row)
                 except Exception as e:  # a depth that does not fit shared memory: record it, keep going
                     row["error"] = repr(e)[:400]
                 print(json.dumps(row), flush=True)
@@ -268,7 +401,7 @@ def main(argv=None):
             r = bench.bench_ours(b, args.context, k_spec, v_spec, args.page, {}, _bench_args(args))
             row = dict(config=config, kernel="triton attention (default tuning)", batch=b, context=args.context, **r)
             if "time_s" in r:
-                row.update(pct_bw=100 * r["bytes"] / r["time_s"] / best_bw)
+                add_pcts(row)
             print(json.dumps(row), flush=True)
             rows.append(row)
     for r in rows:
@@ -286,10 +419,11 @@ def main(argv=None):
 
 
 def _bench_args(args):
-    """The namespace benchmarks/attention.py's timing helpers read."""
-    return argparse.Namespace(
-        max_copies=args.max_copies, mem_gb=60.0, reps=args.reps, trials=args.trials, jax_grid=args.jax_grid
-    )
+    """The namespace benchmarks/attention.py's timing helpers read: its own defaults, with this run's settings."""
+    ns = bench.parser().parse_args([])
+    for name in ("max_copies", "reps", "trials", "jax_grid", "jax_page"):
+        setattr(ns, name, getattr(args, name))
+    return ns
 
 
 if __name__ == "__main__":
