@@ -22,7 +22,7 @@ raise the ceiling, before the cache's layout is changed. Every output is checked
 and zero-point rows, V codes, V scale and zero-point rows, as uint32 words `[H, N, R, C]`), so a page is ONE TMA copy
 of ~8.5 KB (4/4) where the stored layout makes six (two 4 KB code blocks, four 128-byte rows). It measures whether
 fewer, larger copies raise the streaming ceiling above the stored layout's. The cache has no such layout (it keeps
-K and V, codes and rows, in pools of their own): the row bounds what relaying the cache out could buy.
+K and V, codes and rows, in pools of their own): its rows bound what laying the cache out anew could buy.
 `--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and zero-point rows) but copies it in
 those three parts, so that an attention kernel's code tiles keep their own swizzled copies: whether contiguity or
 the number of copies is what `joined` gains.
@@ -308,13 +308,13 @@ def check(config: str, splits: int, stages: int, page: int, interpret: bool, lay
     return worst
 
 
-def _stream_bytes(config: str, b: int, context: int, page: int, max_copies: int) -> tuple[float, int]:
-    """(bytes one call of the stored layout reads: codes, scales and zeros of K and V and the page table; how many
-    copies of the pools, each with its own page table, the timing rotates through so that they are ~3x L2)."""
+def _pool_copies(config: str, b: int, context: int, page: int, max_copies: int) -> int:
+    """How many copies of the pools, each with its own page table, the timing rotates through so that they are ~3x
+    L2 (from the bytes a call of the stored layout reads: codes, scales and zeros of K and V and the page table)."""
     k_spec, v_spec = bench.spec_pair(config)
     per_tok = bench.store_bytes_per_token(k_spec, page) + bench.store_bytes_per_token(v_spec, page)
     nbytes = b * context * per_tok + b * (context // page) * 4
-    return nbytes, max(1, min(max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
+    return max(1, min(max_copies, math.ceil(3 * bench.L2_BYTES / nbytes)))
 
 
 def main(argv=None):
@@ -370,7 +370,7 @@ def main(argv=None):
         print(json.dumps(rows[-1]), flush=True)
     for config in args.configs.split(","):
         k_spec, v_spec = bench.spec_pair(config)
-        _, copies = _stream_bytes(config, b, args.context, args.page, args.max_copies)
+        copies = _pool_copies(config, b, args.context, args.page, args.max_copies)
         key = jax.random.key(b * 7919 + args.context)
         tables = bench.page_tables(jax.random.fold_in(key, 3), b, pps, copies)
         for layout in layouts:
