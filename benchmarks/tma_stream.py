@@ -135,7 +135,9 @@ def stream_pages(
             if not joined and x.shape[2] % 64 == 0:
                 return plgpu.Layout.WGMMA
             words = math.prod(x.shape[2:])
-            vec = next(v for v in (4, 2, 1) if words % (128 * v) == 0)
+            vec = next((v for v in (4, 2, 1) if words % (128 * v) == 0), None)
+            if vec is None:
+                raise ValueError(f"a block of {x.shape[2:]} words is not a multiple of the warpgroup's 128 threads")
             return plgpu.Layout.WG_STRIDED(tuple(x.shape[2:]), vec_size=vec)
 
         tiles = [tile_of(x) if c else None for x, c in zip(stores, codes, strict=True)]

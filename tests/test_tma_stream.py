@@ -145,3 +145,11 @@ def test_timing_helpers_get_every_setting_attention_reads():
     defaults = vars(tma.bench.parser().parse_args([]))
     assert set(defaults) <= set(vars(ns)), set(defaults) - set(vars(ns))
     assert (ns.max_copies, ns.reps, ns.trials, ns.jax_grid, ns.loop) == (3, 7, 2, "8:32", "fori")
+
+
+def test_refuses_a_block_the_warpgroup_cannot_read_evenly():
+    """4/4 pages of 32 as `parts`: the scale rows are 64 words, fewer than the warpgroup's 128 threads; a clear error
+    names the block, where Python used to stop the driver with a bare StopIteration."""
+    stores, table = _setup("4/4", 2, 2, 1, seed=7, layout="parts", page=32)
+    with pytest.raises(ValueError, match=r"block of \(4, 16\) words"):
+        tma.stream_pages(stores, table, splits=1, stages=2, interpret=True, **tma.stream_kw(stores, "parts", 32))
