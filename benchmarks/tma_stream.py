@@ -25,7 +25,9 @@ fewer, larger copies raise the streaming ceiling above the stored layout's. The 
 K and V, codes and rows, in pools of their own): its rows bound what laying the cache out anew could buy.
 `--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and zero-point rows) but copies it in
 those three parts, so that an attention kernel's code tiles keep their own swizzled copies: whether contiguity or
-the number of copies is what `joined` gains.
+the number of copies is what `joined` gains. `--layouts rowloads` keeps the stored pools but copies only the codes
+with TMA (two copies a page) and loads the scale and zero-point rows from global memory straight into registers, two
+pages ahead: whether a kernel could shed the small copies without a new cache layout.
 
 Each row's `pct_bw` is against the best of `benchmarks/attention.py`'s bandwidth figures: with torch on the device,
 its read-only sum (`torch_sum_read`), the nearer model of a kernel that reads pages and writes almost nothing.
@@ -66,7 +68,15 @@ def as_words(codes):
 
 
 def stream_pages(
-    stores, page_table, *, splits: int, stages: int, joined: bool = False, parts=None, interpret: bool = False
+    stores,
+    page_table,
+    *,
+    splits: int,
+    stages: int,
+    joined: bool = False,
+    parts=None,
+    row_loads: int = 0,
+    interpret: bool = False,
 ):
     """Streams every page of `page_table` `[B, M]` for every KV head through shared memory with TMA.
 
@@ -76,7 +86,9 @@ def stream_pages(
     (sequence, head, split): the OR of each 4-D pool's words over the split's pages (`[B, H, S, P, W]` or
     `[B, H, S, R, C]` uint32) and the float32 sum of each row pool's k vectors over them (`[B, H, S, P]`), so each
     byte copied is also read. `parts` ((first row, rows) a copy, `first` a multiple of `rows`): the one pool
-    `[H, N, R, W]` of `split_pages`, copied a page in those parts (each a 4-D pool of its own in the result)."""
+    `[H, N, R, W]` of `split_pages`, copied a page in those parts (each a 4-D pool of its own in the result).
+    `row_loads` (> 0: the stored pools, one f16 vector a page a row pool): the row pools are not copied with TMA but
+    loaded from global memory straight into registers, `row_loads` pages ahead of the step that reads them."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -94,6 +106,9 @@ def stream_pages(
         stores = [jax.ShapeDtypeStruct((*pool.shape[:2], rows, pool.shape[3]), pool.dtype) for _, rows in parts]
     firsts = [0] * len(stores) if parts is None else [first // rows for first, rows in parts]  # in blocks
     codes = [len(x.shape) == 4 for x in stores]
+    wide_rows = any(not c and x.shape[2] != p for x, c in zip(stores, codes, strict=True))
+    if row_loads and (joined or parts is not None or wide_rows):
+        raise ValueError("row_loads: expected the stored pools (one vector a page a row pool)")
     out_types = []
     for x, is_codes in zip(stores, codes, strict=True):
         if is_codes:
@@ -148,26 +163,40 @@ def stream_pages(
             for x, c, t in zip(stores, codes, tiles, strict=True)
         )
 
-        def body(_, *args):
-            smem, carry = args[:-1], args[-1]
+        piped = [c or not row_loads for c in codes]  # pools the TMA pipeline copies
+        row_refs = [r for r, q in zip(in_refs, piped, strict=True) if not q]
+
+        def rows_at(j):  # with `row_loads`: page j's row vectors from global memory (a split's last, past its end)
+            page = table_ref[bi, si * per_split + jnp.minimum(j, per_split - 1)]
+            return tuple(plgpu.load(r.at[hi, page], (), layout=row, optimized=False) for r in row_refs)
+
+        def body(idx, *args):
+            smem, (carry, queue) = args[:-1], args[-1]
+            smem = iter(smem)
             new = []
-            for s, acc, c, t in zip(smem, carry, codes, tiles, strict=True):
+            for acc, c, t, q in zip(carry, codes, tiles, piped, strict=True):
                 if c:
-                    new.append(acc | plgpu.load(s, layout=t))
+                    new.append(acc | plgpu.load(next(smem), layout=t))
                     continue
+                if not q:  # this page's vector, loaded row_loads steps ago
+                    new.append(acc + queue[0][len(new) - sum(codes[: len(new)])].astype(jnp.float32))
+                    continue
+                s = next(smem)
                 for j in range(s.shape[0] // p):  # a row pool's vectors, each one per row of the tile
                     acc = acc + plgpu.load(s.at[pl.ds(j * p, p)], layout=row).astype(jnp.float32)
                 new.append(acc)
-            return tuple(new)
+            if row_loads:
+                queue = (*queue[1:], rows_at(idx[0] + row_loads))
+            return tuple(new), queue
 
         pipe = plgpu.emit_pipeline(
             body,
             grid=(per_split,),
-            in_specs=[spec(x, c, f) for x, c, f in zip(stores, codes, firsts, strict=True)],
+            in_specs=[spec(x, c, f) for x, c, f, q in zip(stores, codes, firsts, piped, strict=True) if q],
             max_concurrent_steps=stages,
-            init_carry=init,
+            init_carry=(init, tuple(rows_at(j) for j in range(row_loads))),
         )
-        final = pipe(*in_refs)
+        final, _ = pipe(*[r for r, q in zip(in_refs, piped, strict=True) if q])
         for o, v in zip(out_refs, final, strict=True):
             o[bi, hi, si] = v
 
@@ -263,7 +292,8 @@ def parts_of(pool, page: int):
     return ((0, page), (page, page)) + (((2 * page, r),) if r else ())
 
 
-LAYOUTS = ("stored", "paired", "joined", "parts")
+LAYOUTS = ("stored", "paired", "joined", "parts", "rowloads")
+ROW_LOADS_AHEAD = 2  # `rowloads`: pages ahead of its step that a page's scale rows are loaded
 
 
 def layout_pools(config: str, pages: int, page: int, key, layout: str):
@@ -280,6 +310,8 @@ def stream_kw(stores, layout: str, page: int) -> dict:
     """`stream_pages`' keywords for `layout_pools`' pools."""
     if layout == "parts":
         return dict(parts=parts_of(stores[0], page))
+    if layout == "rowloads":
+        return dict(row_loads=ROW_LOADS_AHEAD)
     return dict(joined=layout == "joined")
 
 
@@ -333,7 +365,8 @@ def main(argv=None):
         help="comma-separated, any of: `stored` (scales and zero-points in rows of their own, as the cache keeps "
         "them), `paired` (each page's scale and zero-point rows side by side, one copy for both), `joined` (each "
         "page of a KV head one block: K and V codes and rows, one copy a page), `parts` (the same contiguous page as "
-        "K's code rows, V's, then the scale rows: three copies a page, the code tiles swizzled as stored)",
+        "K's code rows, V's, then the scale rows: three copies a page, the code tiles swizzled as stored), `rowloads` "
+        "(stored; the codes' two copies a page with TMA, the four scale rows loaded into registers two pages ahead)",
     )
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--reps", type=int, default=20)

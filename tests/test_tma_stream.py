@@ -1,7 +1,7 @@
 """benchmarks/tma_stream.py, the Mosaic GPU page-streaming probe: on the CPU (GPU interpret mode) it reads exactly the
 pages the page table names, for every split and head, as numpy does, in every layout (stored, paired, joined,
-parts); the paired, joined and parts pools hold the stored bytes; it lowers for CUDA (so the GPU run compiles what was
-tested); its driver runs end to end with the timing helpers it shares with benchmarks/attention.py."""
+parts, rowloads); the paired, joined and parts pools hold the stored bytes; it lowers for CUDA (so the GPU run
+compiles what was tested); its driver runs end to end with the timing helpers it shares with benchmarks/attention.py."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ def _setup(config: str, b: int, m: int, extra: int, seed: int, layout: str = "st
         ("4/4", 2, 3, "parts"),
         ("2/2", 1, 2, "parts"),
         ("16/16", 1, 2, "parts"),
+        ("4/4", 2, 3, "rowloads"),
+        ("2/2", 1, 4, "rowloads"),
+        ("16/16", 1, 2, "rowloads"),
     ],
 )
 def test_streams_the_named_pages(config, splits, stages, layout):
@@ -105,7 +108,7 @@ def test_parts_layout_holds_the_same_bytes(config, page):
     assert not tail[:, :, rows.shape[2] :].any()
 
 
-@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "parts"])
+@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "parts", "rowloads"])
 def test_lowers_for_cuda(layout):
     stores, table = _setup("4/4", 2, 8, 1, seed=5, layout=layout)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stores], jax.ShapeDtypeStruct(table.shape, table.dtype))
@@ -118,12 +121,12 @@ def test_lowers_for_cuda(layout):
 def test_driver_end_to_end(tmp_path):
     out = tmp_path / "tma.json"
     argv = "--batch 2 --context 256 --configs 4/4 --splits 2 --stages 2 --no-triton --no-jax --trials 1 --reps 1"
-    argv += " --layouts stored,paired,joined,parts"
+    argv += " --layouts stored,paired,joined,parts,rowloads"
     argv += " --interpret"
     tma.main(argv.split() + ["--out", str(out)])
     res = json.loads(out.read_text())
     rows = res["rows"]
-    layouts = ["stored", "paired", "joined", "parts"]
+    layouts = ["stored", "paired", "joined", "parts", "rowloads"]
     assert [r["layout"] for r in rows] == layouts and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["check_rel_err"] <= 1e-5 and r["bytes_written"] > 0 and r["pct_bw"] > 0
@@ -132,6 +135,7 @@ def test_driver_end_to_end(tmp_path):
     # paired writes
     assert len({r["bytes_read"] for r in rows}) == 1
     assert rows[0]["bytes_written"] > rows[1]["bytes_written"] == rows[2]["bytes_written"] == rows[3]["bytes_written"]
+    assert rows[4]["bytes_written"] == rows[0]["bytes_written"]  # rowloads: the stored pools, read another way
 
 
 def test_timing_helpers_get_every_setting_attention_reads():
