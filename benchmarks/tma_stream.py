@@ -172,14 +172,14 @@ def stream_pages(
 
         def body(idx, *args):
             smem, (carry, queue) = args[:-1], args[-1]
-            smem = iter(smem)
+            smem, loaded = iter(smem), iter(queue[0] if row_loads else ())  # this page's row vectors, loaded ahead
             new = []
             for acc, c, t, q in zip(carry, codes, tiles, piped, strict=True):
                 if c:
                     new.append(acc | plgpu.load(next(smem), layout=t))
                     continue
                 if not q:  # this page's vector, loaded row_loads steps ago
-                    new.append(acc + queue[0][len(new) - sum(codes[: len(new)])].astype(jnp.float32))
+                    new.append(acc + next(loaded).astype(jnp.float32))
                     continue
                 s = next(smem)
                 for j in range(s.shape[0] // p):  # a row pool's vectors, each one per row of the tile
@@ -255,13 +255,12 @@ def join_pages(stores, width: int = JOIN_WIDTH):
     h, n = stores[0].shape[:2]
     parts = []
     for x in stores:
-        flat = x.reshape(h, n, -1)  # a page's values, in the order the pool holds them
-        per = 4 // flat.dtype.itemsize
+        flat = x.reshape(h, n, 1, -1)  # a page's values, in the order the pool holds them
         if flat.dtype != jnp.uint32:  # f16 rows: two values a word (a page's row has an even number of tokens)
-            if flat.shape[2] % per:
-                raise ValueError(f"a page's row of {flat.shape[2]} {flat.dtype} values is not whole 32-bit words")
-            flat = jax.lax.bitcast_convert_type(flat.reshape(h, n, -1, per), jnp.uint32)
-        parts.append(flat)
+            if flat.shape[3] % (4 // flat.dtype.itemsize):
+                raise ValueError(f"a page's row of {flat.shape[3]} {flat.dtype} values is not whole 32-bit words")
+            flat = as_words(flat)
+        parts.append(flat.reshape(h, n, -1))
     block = jnp.concatenate(parts, axis=2)  # [H, N, words]
     pad = -block.shape[2] % width
     block = jnp.pad(block, ((0, 0), (0, 0), (0, pad)))
