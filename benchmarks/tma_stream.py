@@ -23,11 +23,13 @@ and zero-point rows, V codes, V scale and zero-point rows, as uint32 words `[H, 
 of ~8.5 KB (4/4) where the stored layout makes six (two 4 KB code blocks, four 128-byte rows). It measures whether
 fewer, larger copies raise the streaming ceiling above the stored layout's. The cache has no such layout (it keeps
 K and V, codes and rows, in pools of their own): its rows bound what laying the cache out anew could buy.
-`--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and zero-point rows) but copies it in
-those three parts, so that an attention kernel's code tiles keep their own swizzled copies: whether contiguity or
-the number of copies is what `joined` gains. `--layouts rowloads` keeps the stored pools but copies only the codes
-with TMA (two copies a page) and loads the scale and zero-point rows from global memory straight into registers, two
-pages ahead: whether a kernel could shed the small copies without a new cache layout.
+`--layouts kvblocks` stops halfway: K's page (codes, scale and zero-point rows) is one block and V's another, two copies
+a page, with K and V in pools of their own as the cache keeps them: whether a layout change inside each pool gets what
+joining the whole page does. `--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and
+zero-point rows) but copies it in those three parts, so that an attention kernel's code tiles keep their own swizzled
+copies: whether contiguity or the number of copies is what `joined` gains. `--layouts rowloads` keeps the stored pools
+but copies only the codes with TMA (two copies a page) and loads the scale and zero-point rows from global memory
+straight into registers, two pages ahead: whether a kernel could shed the small copies without a new cache layout.
 
 Each row's `pct_bw` is against the best of `benchmarks/attention.py`'s bandwidth figures: with torch on the device,
 its read-only sum (`torch_sum_read`), the nearer model of a kernel that reads pages and writes almost nothing.
@@ -67,6 +69,17 @@ def as_words(codes):
     return jax.lax.bitcast_convert_type(codes.reshape(h, n, p, w // per, per), jnp.uint32)
 
 
+def read_regions(shape, joined: bool) -> list[tuple[int, int]]:
+    """(first row, rows) of a 4-D pool's block that the probe reads back, each into a result of its own: the whole
+    block, or for a joined block whose words the warpgroup's 128 threads cannot share evenly (an odd number of rows
+    of 64 words: `kvblocks`) all rows but the last, then the last two (the second to last read twice, which an OR
+    does not see)."""
+    r, w = shape[2:]
+    if joined and (r * w) % 128 and r > 1 and ((r - 1) * w) % 128 == 0 and (2 * w) % 128 == 0:
+        return [(0, r - 1), (r - 2, 2)]
+    return [(0, r)]
+
+
 def stream_pages(
     stores,
     page_table,
@@ -96,8 +109,8 @@ def stream_pages(
     h, _, p = stores[0].shape[:3]
     if m % splits:
         raise ValueError(f"pages per sequence {m} must be a multiple of --splits {splits}")
-    if joined and (len(stores) != 1 or stores[0].ndim != 4):
-        raise ValueError(f"joined: expected the one [H, N, R, C] pool of join_pages, got {[x.shape for x in stores]}")
+    if joined and any(x.ndim != 4 for x in stores):
+        raise ValueError(f"joined: expected [H, N, R, C] pools of join_pages, got {[x.shape for x in stores]}")
     per_split = m // splits
     pool = stores[0]
     if parts is not None:
@@ -109,10 +122,11 @@ def stream_pages(
     wide_rows = any(not c and x.shape[2] != p for x, c in zip(stores, codes, strict=True))
     if row_loads and (joined or parts is not None or wide_rows):
         raise ValueError("row_loads: expected the stored pools (one vector a page a row pool)")
+    regions = [read_regions(x.shape, joined) if c else None for x, c in zip(stores, codes, strict=True)]
     out_types = []
-    for x, is_codes in zip(stores, codes, strict=True):
+    for x, is_codes, reg in zip(stores, codes, regions, strict=True):
         if is_codes:
-            out_types.append(jax.ShapeDtypeStruct((b, h, splits, *x.shape[2:]), x.dtype))
+            out_types += [jax.ShapeDtypeStruct((b, h, splits, rows, x.shape[3]), x.dtype) for _, rows in reg]
         else:
             out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.float32))
 
@@ -145,23 +159,32 @@ def stream_pages(
         # one per row of it
         row = plgpu.Layout.WGMMA.reduce(1)
 
-        def tile_of(x):  # a block of R rows that is not whole MMA tiles (64 rows): each thread reads every 128th
-            # vector of up to 4 words (128-bit loads where R allows), conflict-free in shared memory
+        def tile_of(x, rows):  # a block of R rows that is not whole MMA tiles (64 rows): each thread reads every
+            # 128th vector of up to 4 words (128-bit loads where R allows), conflict-free in shared memory
             if not joined and x.shape[2] % 64 == 0:
                 return plgpu.Layout.WGMMA
-            words = math.prod(x.shape[2:])
+            words = rows * x.shape[3]
             vec = next((v for v in (4, 2, 1) if words % (128 * v) == 0), None)
             if vec is None:
-                raise ValueError(f"a block of {x.shape[2:]} words is not a multiple of the warpgroup's 128 threads")
-            return plgpu.Layout.WG_STRIDED(tuple(x.shape[2:]), vec_size=vec)
+                raise ValueError(
+                    f"a block of {(rows, x.shape[3])} words is not a multiple of the warpgroup's 128 threads"
+                )
+            return plgpu.Layout.WG_STRIDED((rows, x.shape[3]), vec_size=vec)
 
-        tiles = [tile_of(x) if c else None for x, c in zip(stores, codes, strict=True)]
-        init = tuple(
-            plgpu.layout_cast(jnp.zeros(x.shape[2:], x.dtype), t)
-            if c
-            else plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row)
-            for x, c, t in zip(stores, codes, tiles, strict=True)
-        )
+        tiles = [
+            [tile_of(x, rows) for _, rows in reg] if c else None
+            for x, c, reg in zip(stores, codes, regions, strict=True)
+        ]
+        init = []
+        for x, c, t, reg in zip(stores, codes, tiles, regions, strict=True):
+            if c:
+                init += [
+                    plgpu.layout_cast(jnp.zeros((rows, x.shape[3]), x.dtype), tr)
+                    for (_, rows), tr in zip(reg, t, strict=True)
+                ]
+            else:
+                init.append(plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row))
+        init = tuple(init)
 
         piped = [c or not row_loads for c in codes]  # pools the TMA pipeline copies
         row_refs = [r for r, q in zip(in_refs, piped, strict=True) if not q]
@@ -173,11 +196,15 @@ def stream_pages(
         def body(idx, *args):
             smem, (carry, queue) = args[:-1], args[-1]
             smem, loaded = iter(smem), iter(queue[0] if row_loads else ())  # this page's row vectors, loaded ahead
-            new = []
-            for acc, c, t, q in zip(carry, codes, tiles, piped, strict=True):
+            carry, new = iter(carry), []
+            for c, t, q, reg in zip(codes, tiles, piped, regions, strict=True):
                 if c:
-                    new.append(acc | plgpu.load(next(smem), layout=t))
+                    s = next(smem)
+                    for (first, rows), tr in zip(reg, t, strict=True):
+                        whole = first == 0 and rows == s.shape[0]
+                        new.append(next(carry) | plgpu.load(s if whole else s.at[pl.ds(first, rows)], layout=tr))
                     continue
+                acc = next(carry)
                 if not q:  # this page's vector, loaded row_loads steps ago
                     new.append(acc + next(loaded).astype(jnp.float32))
                     continue
@@ -291,7 +318,19 @@ def parts_of(pool, page: int):
     return ((0, page), (page, page)) + (((2 * page, r),) if r else ())
 
 
-LAYOUTS = ("stored", "paired", "joined", "parts", "rowloads")
+KV_WIDTH = 64  # words a row of a `kvblocks` block (256 bytes): every K or V page of the per-token configs is whole
+# rows of it (codes 256 x bits words, each f16 row 32 words), so its blocks need no padding
+
+
+def kv_blocks(stores, width: int = KV_WIDTH):
+    """`pools()`'s stored pools as two pools of uint32 words `[H, N, R, width]`: K's page (codes, scale row, zero-point
+    row) one block, V's another (`join_pages` of each side): two copies a page, K and V kept apart as the cache keeps
+    them."""
+    second = next(i for i, x in enumerate(stores) if i and x.ndim == 4)  # V's codes
+    return [join_pages(stores[:second], width), join_pages(stores[second:], width)]
+
+
+LAYOUTS = ("stored", "paired", "joined", "kvblocks", "parts", "rowloads")
 ROW_LOADS_AHEAD = 2  # `rowloads`: pages ahead of its step that a page's scale rows are loaded
 
 
@@ -302,6 +341,8 @@ def layout_pools(config: str, pages: int, page: int, key, layout: str):
     stores = pools(config, pages, page, key, paired=layout == "paired")
     if layout == "joined":
         return [join_pages(stores)]
+    if layout == "kvblocks":
+        return kv_blocks(stores)
     return [split_pages(stores)] if layout == "parts" else stores
 
 
@@ -311,14 +352,19 @@ def stream_kw(stores, layout: str, page: int) -> dict:
         return dict(parts=parts_of(stores[0], page))
     if layout == "rowloads":
         return dict(row_loads=ROW_LOADS_AHEAD)
-    return dict(joined=layout == "joined")
+    return dict(joined=layout in ("joined", "kvblocks"))
 
 
 def views(stores, kw):
-    """The pools as `stream_pages` returns one result each: `parts` as slices of the one pool."""
-    if kw.get("parts") is None:
-        return stores
-    return [stores[0][:, :, first : first + rows] for first, rows in kw["parts"]]
+    """The pools as `stream_pages` returns one result each: `parts` as slices of the one pool, a joined block read
+    in two regions (`read_regions`) as its two slices."""
+    if kw.get("parts") is not None:
+        return [stores[0][:, :, first : first + rows] for first, rows in kw["parts"]]
+    out = []
+    for x in stores:
+        regions = read_regions(x.shape, kw.get("joined", False)) if x.ndim == 4 else [(0, None)]
+        out += [x if rows is None or rows == x.shape[2] else x[:, :, first : first + rows] for first, rows in regions]
+    return out
 
 
 def check(config: str, splits: int, stages: int, page: int, interpret: bool, layout: str = "stored") -> float:
@@ -363,7 +409,8 @@ def main(argv=None):
         default="stored",
         help="comma-separated, any of: `stored` (scales and zero-points in rows of their own, as the cache keeps "
         "them), `paired` (each page's scale and zero-point rows side by side, one copy for both), `joined` (each "
-        "page of a KV head one block: K and V codes and rows, one copy a page), `parts` (the same contiguous page as "
+        "page of a KV head one block: K and V codes and rows, one copy a page), `kvblocks` (K's page one block of its "
+        "codes and rows, V's another: two copies a page), `parts` (the same contiguous page as "
         "K's code rows, V's, then the scale rows: three copies a page, the code tiles swizzled as stored), `rowloads` "
         "(stored; the codes' two copies a page with TMA, the four scale rows loaded into registers two pages ahead)",
     )
@@ -413,15 +460,18 @@ def main(argv=None):
             # page table
             nbytes = b * pps * sum(x.nbytes // x.shape[1] for x in stores) + b * pps * 4
             # what the probe writes (an OR or sum per split) counts as bytes moved too: per split, a codes pool's OR
-            # is its page's words and a row pool's sum one float32 a token, for every head
-            per_split = sum(4 * (math.prod(x.shape[2:]) if x.ndim == 4 else args.page) * x.shape[0] for x in stores)
+            # is its page's words (each region read back, `views`) and a row pool's sum one float32 a token, for
+            # every head
+            kw = stream_kw(stores, layout, args.page)
+            per_split = sum(
+                4 * (math.prod(x.shape[2:]) if x.ndim == 4 else args.page) * x.shape[0] for x in views(stores, kw)
+            )
             for splits, stages in itertools.product(split_counts, depths):
                 written = b * splits * per_split
                 row = dict(config=config, layout=layout, batch=b, context=args.context, splits=splits, stages=stages)
                 row.update(bytes_read=nbytes, bytes_written=written, bytes=nbytes + written)
                 try:
                     row["check_rel_err"] = check(config, splits, stages, args.page, args.interpret, layout)
-                    kw = stream_kw(stores, layout, args.page)
                     fn = functools.partial(stream_pages, splits=splits, stages=stages, interpret=args.interpret, **kw)
                     t = bench.timed(fn, stores, [(tables[i],) for i in range(copies)], args.reps, args.trials)
                     row.update(time_s=t, gbps=row["bytes"] / t / 1e9)

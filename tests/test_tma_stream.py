@@ -1,6 +1,6 @@
 """benchmarks/tma_stream.py, the Mosaic GPU page-streaming probe: on the CPU (GPU interpret mode) it reads exactly the
 pages the page table names, for every split and head, as numpy does, in every layout (stored, paired, joined,
-parts, rowloads); the paired, joined and parts pools hold the stored bytes; it lowers for CUDA (so the GPU run
+kvblocks, parts, rowloads); the paired, joined, kvblocks and parts pools hold the stored bytes; it lowers for CUDA (so the GPU run
 compiles what was tested); its driver runs end to end with the timing helpers it shares with benchmarks/attention.py."""
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def _setup(config: str, b: int, m: int, extra: int, seed: int, layout: str = "st
         ("4/4", 2, 2, "paired"),
         ("4/4", 2, 3, "joined"),
         ("2/2", 1, 2, "joined"),
+        ("4/4", 2, 3, "kvblocks"),
+        ("2/2", 1, 2, "kvblocks"),
+        ("4/2", 1, 2, "kvblocks"),
         ("4/4", 2, 3, "parts"),
         ("2/2", 1, 2, "parts"),
         ("16/16", 1, 2, "parts"),
@@ -88,6 +91,24 @@ def test_joined_layout_holds_the_same_bytes(config, page, expect_pad):
     assert not got[:, :, want.shape[2] :].any()
 
 
+@pytest.mark.parametrize("config", ["4/4", "2/2", "8/8", "4/2"])
+def test_kvblocks_layout_holds_the_same_bytes(config):
+    """`kvblocks`: page n of head h is one block of K's codes, scale and zero-point rows, and one of V's, with no
+    padding at pages of 64 (whole rows of KV_WIDTH words); an odd number of rows is read back in two regions that
+    together cover every row."""
+    stored, _ = _setup(config, 2, 3, 1, seed=8)
+    blocks = tma.layout_pools(config, 7, 64, jax.random.key(8), "kvblocks")
+    assert len(blocks) == 2 and [x.ndim for x in stored] == [4, 3, 3, 4, 3, 3]
+    for block, side in zip(blocks, (stored[:3], stored[3:]), strict=True):
+        h, n, r, c = block.shape
+        assert c == tma.KV_WIDTH and r <= 256
+        want = np.concatenate([np.ascontiguousarray(x).reshape(h, n, -1).view(np.uint32) for x in side], axis=2)
+        np.testing.assert_array_equal(np.asarray(block).reshape(h, n, -1), want)
+        regions = tma.read_regions(block.shape, joined=True)
+        covered = set().union(*(range(first, first + rows) for first, rows in regions))
+        assert covered == set(range(r)) and all((rows * c) % 128 == 0 for _, rows in regions)
+
+
 @pytest.mark.parametrize("config,page", [("4/4", 64), ("2/2", 64), ("8/8", 32)])
 def test_parts_layout_holds_the_same_bytes(config, page):
     """`parts`: page n of head h is K's code rows, V's, then the scale and zero-point rows' words (as `joined` orders
@@ -108,7 +129,7 @@ def test_parts_layout_holds_the_same_bytes(config, page):
     assert not tail[:, :, rows.shape[2] :].any()
 
 
-@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "parts", "rowloads"])
+@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "kvblocks", "parts", "rowloads"])
 def test_lowers_for_cuda(layout):
     stores, table = _setup("4/4", 2, 8, 1, seed=5, layout=layout)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stores], jax.ShapeDtypeStruct(table.shape, table.dtype))
@@ -121,12 +142,12 @@ def test_lowers_for_cuda(layout):
 def test_driver_end_to_end(tmp_path):
     out = tmp_path / "tma.json"
     argv = "--batch 2 --context 256 --configs 4/4 --splits 2 --stages 2 --no-triton --no-jax --trials 1 --reps 1"
-    argv += " --layouts stored,paired,joined,parts,rowloads"
+    argv += " --layouts stored,paired,joined,parts,rowloads,kvblocks"
     argv += " --interpret"
     tma.main(argv.split() + ["--out", str(out)])
     res = json.loads(out.read_text())
     rows = res["rows"]
-    layouts = ["stored", "paired", "joined", "parts", "rowloads"]
+    layouts = ["stored", "paired", "joined", "parts", "rowloads", "kvblocks"]
     assert [r["layout"] for r in rows] == layouts and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["check_rel_err"] <= 1e-5 and r["bytes_written"] > 0 and r["pct_bw"] > 0
@@ -136,6 +157,8 @@ def test_driver_end_to_end(tmp_path):
     assert len({r["bytes_read"] for r in rows}) == 1
     assert rows[0]["bytes_written"] > rows[1]["bytes_written"] == rows[2]["bytes_written"] == rows[3]["bytes_written"]
     assert rows[4]["bytes_written"] == rows[0]["bytes_written"]  # rowloads: the stored pools, read another way
+    # kvblocks: K's and V's blocks each read back as 16 rows and the last 2 (one row twice) of 64 words a page
+    assert rows[5]["bytes_written"] == rows[2]["bytes_written"] * 36 // 34
 
 
 def test_timing_helpers_get_every_setting_attention_reads():
