@@ -424,6 +424,10 @@ def bench_quantize_write(b, page, args) -> dict:
             pool = jax.block_until_ready(many(pool, pg, ds))
             ts.append((time.perf_counter() - t0) / args.reps)
         out[f"k{name}_token_G{D}"] = float(np.median(ts))
+        trace = trace_folder(args, f"quantize_write_k{name}", b, page)
+        if trace:
+            with jax.profiler.trace(trace):
+                pool = jax.block_until_ready(many(pool, pg, ds))
     return out
 
 
@@ -459,7 +463,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--trace_dir",
         default=None,
-        help="also trace one more run of --reps calls per config (not the schedule) here, a folder each; "
+        help="also trace one more run of --reps calls per config (not the schedule; with --quantize-write, per "
+        "write width too) here, a folder each; "
         "benchmarks/trace_summary.py DIR/<folder> --steps REPS sums its GPU kernels per call",
     )
     return ap
