@@ -89,6 +89,7 @@ def stream_pages(
     joined: bool = False,
     parts=None,
     row_loads: int = 0,
+    block_rows: int = 0,
     interpret: bool = False,
 ):
     """Streams every page of `page_table` `[B, M]` for every KV head through shared memory with TMA.
@@ -101,7 +102,10 @@ def stream_pages(
     byte copied is also read. `parts` ((first row, rows) a copy, `first` a multiple of `rows`): the one pool
     `[H, N, R, W]` of `split_pages`, copied a page in those parts (each a 4-D pool of its own in the result).
     `row_loads` (> 0: the stored pools, one f16 vector a page a row pool): the row pools are not copied with TMA but
-    loaded from global memory straight into registers, `row_loads` pages ahead of the step that reads them."""
+    loaded from global memory straight into registers, `row_loads` pages ahead of the step that reads them.
+    `block_rows` (> 0: `kv_parts`' blocks `[H, N, P + r, W]`): each block copied a page in two parts, its first
+    `block_rows` rows (the code tile) and the rest as one vector of words (read back 64 words at a time: the OR of
+    those `[B, H, S, 64]`)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -112,26 +116,46 @@ def stream_pages(
     if joined and any(x.ndim != 4 for x in stores):
         raise ValueError(f"joined: expected [H, N, R, C] pools of join_pages, got {[x.shape for x in stores]}")
     per_split = m // splits
+    firsts, inputs = None, stores
+    if block_rows:
+        if any(x.ndim != 4 or x.shape[2] <= block_rows for x in stores):
+            raise ValueError(f"block_rows: expected [H, N, R, W] blocks of more than {block_rows} rows")
+        split, firsts, blocks = [], [], []  # the kernel's inputs; the blocks a page copies of them
+        for x in stores:
+            rest = (x.shape[2] - block_rows) * x.shape[3]  # the rows' words, after the code tile's
+            if (block_rows * x.shape[3]) % rest or rest % 64:
+                raise ValueError(f"block_rows: {rest} words of rows after a {block_rows}-row tile of {x.shape}")
+            split += [x, x.reshape(*x.shape[:2], -1)]  # the same bytes as a vector of words a page (no copy in jit)
+            firsts += [0, block_rows * x.shape[3] // rest]
+            blocks += [
+                jax.ShapeDtypeStruct((*x.shape[:2], block_rows, x.shape[3]), x.dtype),
+                jax.ShapeDtypeStruct((*x.shape[:2], rest), x.dtype),
+            ]
+        inputs, stores = split, blocks
+        p = 64  # the row vectors are read 64 words at a time
     pool = stores[0]
     if parts is not None:
         if len(stores) != 1 or pool.ndim != 4 or any(first % rows for first, rows in parts):
             raise ValueError(f"parts {parts}: expected one [H, N, R, W] pool and parts at multiples of their rows")
         stores = [jax.ShapeDtypeStruct((*pool.shape[:2], rows, pool.shape[3]), pool.dtype) for _, rows in parts]
-    firsts = [0] * len(stores) if parts is None else [first // rows for first, rows in parts]  # in blocks
+        inputs = [pool]
+    if firsts is None:
+        firsts = [0] * len(stores) if parts is None else [first // rows for first, rows in parts]  # in blocks
     codes = [len(x.shape) == 4 for x in stores]
     wide_rows = any(not c and x.shape[2] != p for x, c in zip(stores, codes, strict=True))
-    if row_loads and (joined or parts is not None or wide_rows):
+    if row_loads and (joined or parts is not None or block_rows or wide_rows):
         raise ValueError("row_loads: expected the stored pools (one vector a page a row pool)")
     regions = [read_regions(x.shape, joined) if c else None for x, c in zip(stores, codes, strict=True)]
     out_types = []
     for x, is_codes, reg in zip(stores, codes, regions, strict=True):
         if is_codes:
             out_types += [jax.ShapeDtypeStruct((b, h, splits, rows, x.shape[3]), x.dtype) for _, rows in reg]
-        else:
-            out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.float32))
+        else:  # a row pool's sum (f16 rows) or OR (words)
+            words = x.dtype == jnp.uint32
+            out_types.append(jax.ShapeDtypeStruct((b, h, splits, p), jnp.uint32 if words else jnp.float32))
 
     def kernel(table_ref, *refs):
-        n_in = 1 if parts is not None else len(stores)
+        n_in = len(inputs)
         in_refs, out_refs = refs[:n_in], refs[n_in:]
         if parts is not None:  # the one pool, once a part
             in_refs = in_refs * len(parts)
@@ -140,9 +164,9 @@ def stream_pages(
         def spec(x, is_codes, first):
             def index(i):
                 page = table_ref[bi, si * per_split + i]
-                return (hi, page, first, 0) if is_codes else (hi, page, 0)
+                return (hi, page, first, 0) if is_codes else (hi, page, first)
 
-            if not is_codes:  # one copy of a page's k vectors
+            if not is_codes:  # one copy of a page's k vectors (`block_rows`: a block's words after its code tile)
                 return plgpu.BlockSpec((None, None, x.shape[2]), index)
             if joined or x.shape[2] % 64:  # one copy of a whole page, or a part of rows that is not MMA tiles:
                 # unswizzled, read back strided
@@ -183,7 +207,8 @@ def stream_pages(
                     for (_, rows), tr in zip(reg, t, strict=True)
                 ]
             else:
-                init.append(plgpu.layout_cast(jnp.zeros((p,), jnp.float32), row))
+                words = x.dtype == jnp.uint32
+                init.append(plgpu.layout_cast(jnp.zeros((p,), jnp.uint32 if words else jnp.float32), row))
         init = tuple(init)
 
         piped = [c or not row_loads for c in codes]  # pools the TMA pipeline copies
@@ -210,7 +235,8 @@ def stream_pages(
                     continue
                 s = next(smem)
                 for j in range(s.shape[0] // p):  # a row pool's vectors, each one per row of the tile
-                    acc = acc + plgpu.load(s.at[pl.ds(j * p, p)], layout=row).astype(jnp.float32)
+                    v = plgpu.load(s.at[pl.ds(j * p, p)], layout=row)
+                    acc = acc | v if v.dtype == jnp.uint32 else acc + v.astype(jnp.float32)
                 new.append(acc)
             if row_loads:
                 queue = (*queue[1:], rows_at(idx[0] + row_loads))
@@ -235,7 +261,7 @@ def stream_pages(
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         **({"interpret": plgpu.InterpretGPUParams()} if interpret else {}),
     )
-    return f(page_table, *([pool] if parts is not None else stores))
+    return f(page_table, *inputs)
 
 
 def reference(stores, page_table, splits: int):
@@ -250,6 +276,8 @@ def reference(stores, page_table, splits: int):
         g = np.swapaxes(g, 1, 2)  # [B, H, S, per_split, P, ...]
         if a.ndim == 4:
             outs.append(np.bitwise_or.reduce(g, axis=3))
+        elif a.dtype == np.uint32:  # [..., per_split, words]: a block's row words (`block_rows`), 64 at a time, OR-ed
+            outs.append(np.bitwise_or.reduce(g.reshape(*g.shape[:-1], -1, 64), axis=(3, 4)))
         else:  # [..., per_split, k*P]: the k vectors and the pages summed
             p = stores[0].shape[2]
             outs.append(g.reshape(*g.shape[:-1], -1, p).astype(np.float64).sum(axis=(3, 4)))
@@ -330,7 +358,15 @@ def kv_blocks(stores, width: int = KV_WIDTH):
     return [join_pages(stores[:second], width), join_pages(stores[second:], width)]
 
 
-LAYOUTS = ("stored", "paired", "joined", "kvblocks", "parts", "rowloads")
+def kv_parts(stores):
+    """`kv_blocks` with rows as wide as a code row (`[H, N, P + r, W]`, W a code row's words): each block's code tile
+    and its scale and zero-point rows can be copied apart (`--layouts kvparts`, four copies a page, each pool's page
+    contiguous), so that the code tile keeps a copy of its own, as an attention kernel's MMA tiles want."""
+    second = next(i for i, x in enumerate(stores) if i and x.ndim == 4)
+    return [join_pages(side, width=side[0].shape[3]) for side in (stores[:second], stores[second:])]
+
+
+LAYOUTS = ("stored", "paired", "joined", "kvblocks", "kvparts", "parts", "rowloads")
 ROW_LOADS_AHEAD = 2  # `rowloads`: pages ahead of its step that a page's scale rows are loaded
 
 
@@ -343,6 +379,8 @@ def layout_pools(config: str, pages: int, page: int, key, layout: str):
         return [join_pages(stores)]
     if layout == "kvblocks":
         return kv_blocks(stores)
+    if layout == "kvparts":
+        return kv_parts(stores)
     return [split_pages(stores)] if layout == "parts" else stores
 
 
@@ -352,6 +390,8 @@ def stream_kw(stores, layout: str, page: int) -> dict:
         return dict(parts=parts_of(stores[0], page))
     if layout == "rowloads":
         return dict(row_loads=ROW_LOADS_AHEAD)
+    if layout == "kvparts":
+        return dict(block_rows=page)
     return dict(joined=layout in ("joined", "kvblocks"))
 
 
@@ -360,6 +400,9 @@ def views(stores, kw):
     in two regions (`read_regions`) as its two slices."""
     if kw.get("parts") is not None:
         return [stores[0][:, :, first : first + rows] for first, rows in kw["parts"]]
+    if kw.get("block_rows"):
+        n = kw["block_rows"]
+        return [v for x in stores for v in (x[:, :, :n], x[:, :, n:].reshape(*x.shape[:2], -1))]
     out = []
     for x in stores:
         regions = read_regions(x.shape, kw.get("joined", False)) if x.ndim == 4 else [(0, None)]
@@ -410,7 +453,8 @@ def main(argv=None):
         help="comma-separated, any of: `stored` (scales and zero-points in rows of their own, as the cache keeps "
         "them), `paired` (each page's scale and zero-point rows side by side, one copy for both), `joined` (each "
         "page of a KV head one block: K and V codes and rows, one copy a page), `kvblocks` (K's page one block of its "
-        "codes and rows, V's another: two copies a page), `parts` (the same contiguous page as "
+        "codes and rows, V's another: two copies a page), `kvparts` (the same blocks, each copied as its code tile "
+        "and its rows: four copies a page), `parts` (the same contiguous page as "
         "K's code rows, V's, then the scale rows: three copies a page, the code tiles swizzled as stored), `rowloads` "
         "(stored; the codes' two copies a page with TMA, the four scale rows loaded into registers two pages ahead)",
     )

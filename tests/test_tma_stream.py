@@ -1,7 +1,8 @@
 """benchmarks/tma_stream.py, the Mosaic GPU page-streaming probe: on the CPU (GPU interpret mode) it reads exactly the
-pages the page table names, for every split and head, as numpy does, in every layout (stored, paired, joined,
-kvblocks, parts, rowloads); the paired, joined, kvblocks and parts pools hold the stored bytes; it lowers for CUDA (so the GPU run
-compiles what was tested); its driver runs end to end with the timing helpers it shares with benchmarks/attention.py."""
+pages the page table names, for every split and head, as numpy does, in every layout (stored, paired, joined, kvblocks,
+kvparts, parts, rowloads); the paired, joined, kvblocks, kvparts and parts pools hold the stored bytes; it lowers for
+CUDA (so the GPU run compiles what was tested); its driver runs end to end with the timing helpers it shares with
+benchmarks/attention.py."""
 
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ def _setup(config: str, b: int, m: int, extra: int, seed: int, layout: str = "st
         ("4/4", 2, 3, "kvblocks"),
         ("2/2", 1, 2, "kvblocks"),
         ("4/2", 1, 2, "kvblocks"),
+        ("4/4", 2, 3, "kvparts"),
+        ("2/2", 1, 2, "kvparts"),
+        ("8/8", 1, 2, "kvparts"),
         ("4/4", 2, 3, "parts"),
         ("2/2", 1, 2, "parts"),
         ("16/16", 1, 2, "parts"),
@@ -109,6 +113,20 @@ def test_kvblocks_layout_holds_the_same_bytes(config):
         assert covered == set(range(r)) and all((rows * c) % 128 == 0 for _, rows in regions)
 
 
+@pytest.mark.parametrize("config", ["4/4", "2/2", "8/8"])
+def test_kvparts_layout_holds_the_kvblocks_bytes(config):
+    """`kvparts`: the same words a page as `kvblocks`, in rows as wide as a code row, so that a page's first P rows
+    are its code tile (copied swizzled where rows are 128 bytes) and the rest its scale and zero-point rows."""
+    blocks = tma.layout_pools(config, 7, 64, jax.random.key(9), "kvblocks")
+    parts = tma.layout_pools(config, 7, 64, jax.random.key(9), "kvparts")
+    stored, _ = _setup(config, 2, 3, 1, seed=9)
+    for b, pt, codes in zip(blocks, parts, (stored[0], stored[3]), strict=True):
+        h, n = b.shape[:2]
+        assert pt.shape[3] == codes.shape[3] and pt.shape[2] > 64
+        np.testing.assert_array_equal(np.asarray(pt).reshape(h, n, -1), np.asarray(b).reshape(h, n, -1))
+        np.testing.assert_array_equal(np.asarray(pt)[:, :, :64], np.asarray(codes))
+
+
 @pytest.mark.parametrize("config,page", [("4/4", 64), ("2/2", 64), ("8/8", 32)])
 def test_parts_layout_holds_the_same_bytes(config, page):
     """`parts`: page n of head h is K's code rows, V's, then the scale and zero-point rows' words (as `joined` orders
@@ -129,7 +147,7 @@ def test_parts_layout_holds_the_same_bytes(config, page):
     assert not tail[:, :, rows.shape[2] :].any()
 
 
-@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "kvblocks", "parts", "rowloads"])
+@pytest.mark.parametrize("layout", ["stored", "paired", "joined", "kvblocks", "kvparts", "parts", "rowloads"])
 def test_lowers_for_cuda(layout):
     stores, table = _setup("4/4", 2, 8, 1, seed=5, layout=layout)
     args = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stores], jax.ShapeDtypeStruct(table.shape, table.dtype))
@@ -142,12 +160,12 @@ def test_lowers_for_cuda(layout):
 def test_driver_end_to_end(tmp_path):
     out = tmp_path / "tma.json"
     argv = "--batch 2 --context 256 --configs 4/4 --splits 2 --stages 2 --no-triton --no-jax --trials 1 --reps 1"
-    argv += " --layouts stored,paired,joined,parts,rowloads,kvblocks"
+    argv += " --layouts stored,paired,joined,parts,rowloads,kvblocks,kvparts"
     argv += " --interpret"
     tma.main(argv.split() + ["--out", str(out)])
     res = json.loads(out.read_text())
     rows = res["rows"]
-    layouts = ["stored", "paired", "joined", "parts", "rowloads", "kvblocks"]
+    layouts = ["stored", "paired", "joined", "parts", "rowloads", "kvblocks", "kvparts"]
     assert [r["layout"] for r in rows] == layouts and not any("error" in r for r in rows), rows
     for r in rows:
         assert r["check_rel_err"] <= 1e-5 and r["bytes_written"] > 0 and r["pct_bw"] > 0
@@ -159,6 +177,8 @@ def test_driver_end_to_end(tmp_path):
     assert rows[4]["bytes_written"] == rows[0]["bytes_written"]  # rowloads: the stored pools, read another way
     # kvblocks: K's and V's blocks each read back as 16 rows and the last 2 (one row twice) of 64 words a page
     assert rows[5]["bytes_written"] == rows[2]["bytes_written"] * 36 // 34
+    # kvparts: each side's code tile OR-ed whole (1024 words) and its 64 words of rows
+    assert rows[6]["bytes_written"] == rows[2]["bytes_written"]
 
 
 def test_timing_helpers_get_every_setting_attention_reads():
