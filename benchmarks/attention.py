@@ -51,7 +51,9 @@ def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "hig
     8-bit pages, `paged_attention_mgpu`, with its own tunings; e.g. `--tunings
     '[{"kernel":"triton"},{"kernel":"mgpu"}]'`)."""
     precision = resolve_precision(precision, k_spec, v_spec)
-    if kernel == "mgpu":
+    if kernel == "mgpu" or "int_block" in (k_spec.mode, v_spec.mode):  # mode int_block: the Mosaic GPU kernel's
+        if kernel not in ("mgpu", "auto"):
+            raise ValueError(f"kernel={kernel!r}: mode 'int_block' pages are read by the Mosaic GPU kernel only")
         return paged_attention_mgpu.paged_attention(*args, k_spec=k_spec, v_spec=v_spec, precision=precision, **kw)
     if kernel not in ("triton", "auto"):
         raise ValueError(f"kernel={kernel!r}: expected 'triton', 'mgpu' or 'auto'")
@@ -63,12 +65,15 @@ def paged_attention(*args, k_spec: KVSpec, v_spec: KVSpec, precision: str = "hig
 def spec_pair(name: str) -> tuple[KVSpec, KVSpec]:
     """'4/2' -> per-token groups of head_dim (f16 scale + min per token-head); 'kivi4/2' -> KIVI layout (keys per
     channel, G = 32; values per token, G = 32); each side may also name its layout: '4c32' = per channel, group 32;
-    '2t32' = per token, group 32 (e.g. '4c32/4' or '4/4t32', for ablations)."""
+    '2t32' = per token, group 32 (e.g. '4c32/4' or '4/4t32', for ablations); '4b' = mode int_block (per-token groups
+    of head_dim, each page's scales and zero-points in its own block: '4b/4b')."""
     if name.startswith("kivi"):
         kb, vb = (int(x) for x in name.removeprefix("kivi").split("/"))
         return KVSpec(bits=kb, axis="channel", group_size=32), KVSpec(bits=vb, axis="token", group_size=32)
 
     def one(side: str) -> KVSpec:
+        if side.endswith("b"):
+            return KVSpec(bits=int(side[:-1]), axis="token", group_size=D, mode="int_block")
         for tag, axis in (("c", "channel"), ("t", "token")):
             if tag in side:
                 bits, group = side.split(tag)
@@ -113,6 +118,11 @@ def store_bytes_per_token(spec: KVSpec, page: int) -> float:
 
 
 def make_store(key, spec: KVSpec, pages: int, page: int):
+    if spec.mode == "int_block":  # mode int's random pages, laid out as blocks
+        from pallas_kernels.modes import int_block
+
+        codes, scale, zero = make_store(key, int_block.as_int(spec), pages, page)
+        return int_block.join(codes, scale, zero, spec, D), None, None
     codes_shape = layout.codes_shape(spec, H, pages, page, D)
     k1, k2, k3 = jax.random.split(key, 3)
     if not spec.quantized:

@@ -11,8 +11,11 @@ Shipped modes:
 - `bf16`: unquantized, stored in the cache dtype. Any spec with bits == 16 is this mode whatever its `mode` field says
   (16 bits means "unquantized", the short form kept from before modes existed).
 - `fp8`: float8_e4m3fn codes with one scale per token and KV head (`pallas_kernels.modes.fp8`).
+- `int_block`: `int`'s per-token codes with each page's scale and zero-point rows in the page's own block (one array,
+  fewer and larger copies a page for the Mosaic GPU kernel; `pallas_kernels.modes.int_block`).
 
-Registration is by name and module path: `register_mode("fp8", "pallas_kernels.modes.fp8")`; the module is
+Registration is by name and module path: `register_mode("fp8", "pallas_kernels.modes.fp8")
+register_mode("int_block", "pallas_kernels.modes.int_block")`; the module is
 imported on the first `get_mode("fp8")` and must define `MODE`, an instance of `Mode`. So a mode nobody uses costs
 no import and no compile time. A `Mode` instance may also be registered directly (tests, plug-ins).
 
@@ -268,3 +271,4 @@ def warn_once(key: tuple, message: str) -> None:
 register_mode("int", "pallas_kernels.modes.int_mode")
 register_mode("bf16", "pallas_kernels.modes.bf16")
 register_mode("fp8", "pallas_kernels.modes.fp8")
+register_mode("int_block", "pallas_kernels.modes.int_block")

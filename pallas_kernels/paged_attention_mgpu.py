@@ -127,6 +127,7 @@ import numpy as np
 
 from kvtuner_jax.specs import KVSpec
 from pallas_kernels import tile_attention as ta
+from pallas_kernels.modes.int_block import swizzle_rows
 from pallas_kernels.paged_attention import KERNEL_PRECISIONS, validate
 
 TILE = 64  # token rows of one MMA tile
@@ -146,7 +147,7 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     """Why this kernel cannot run these inputs, or None."""
     d = q.shape[-1]
     for name, spec in (("keys", k_spec), ("values", v_spec)):
-        if spec.quantized and spec.mode != "int":
+        if spec.quantized and spec.mode not in ("int", "int_block"):
             return f"{name}: mode {spec.mode!r}; this kernel reads integer codes only"
         if not spec.quantized or spec.bits not in (2, 4, 8):
             return f"{name}: {spec.bits}-bit; this kernel reads 2-, 4- and 8-bit codes only"
@@ -159,9 +160,43 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
     group = q.shape[1] // k_codes.shape[0]
     if group > GROUP:
         return f"GQA group {group}; needs at most {GROUP}"
-    if k_codes.shape[2] not in PAGES:
-        return f"page size {k_codes.shape[2]}; needs one of {PAGES}"
+    page = _page_size(k_spec, k_codes, d)
+    if page not in PAGES:
+        return f"page size {page}; needs one of {PAGES}"
+    blocked = [n for n, spec in (("keys", k_spec), ("values", v_spec)) if spec.mode == "int_block"]
+    if blocked and page not in BLOCK_PAGES:
+        return (
+            f"{' and '.join(blocked)} in mode 'int_block' at pages of {page}; this kernel reads them at {BLOCK_PAGES}"
+        )
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
+    if blocked and capability is not None and not capability.startswith("9."):
+        return f"mode 'int_block' is read by the Mosaic GPU kernel on Hopper (compute capability 9.x), not {capability}"
     return None
+
+
+def block_attention_kernel(k_spec: KVSpec, v_spec: KVSpec):
+    """The GPU kernel mode `int_block` offers (`Mode.attention_kernel`): this one, for any pair; `unsupported` says
+    what it cannot read (another layout, page size or GPU), and the dispatcher's "auto" then runs the reference."""
+    del k_spec, v_spec
+    return paged_attention
+
+
+BLOCK_PAGES = (64,)  # page sizes at which the kernel reads mode `int_block`'s blocks (one tile a page)
+
+
+def _page_size(spec: KVSpec, codes, head_dim: int) -> int:
+    from pallas_kernels import layout
+
+    return layout.page_size_of(spec, codes, head_dim)
+
+
+def block_rows(spec: KVSpec, codes, head_dim: int) -> tuple[int, int]:
+    """(R, params) of a store: mode `int_block`'s R rows of scales and zero-points after each page's code rows and
+    the count of those row vectors (2 asymmetric, 1 symmetric); (0, 0) for the stored layout of mode `int`."""
+    if spec.mode != "int_block":
+        return 0, 0
+    return codes.shape[2] - _page_size(spec, codes, head_dim), 1 if spec.symmetric else 2
 
 
 def field_permutation(head_dim: int, bits: int, words: bool = False):
@@ -470,9 +505,10 @@ class _I32:
         return self._op(o - 1, "andi")
 
 
-def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
+def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms, page: int | None = None):
     """Compiled V^T operand, [D, rows] in the MMA layout, from the step's code page slots `refs` (each [P, C] in
-    shared memory, swizzled by `transforms`; the step's P x len(refs) tokens in order): per `ldmatrix.x4.trans` four
+    shared memory, swizzled by `transforms`, or a plain slot whose first `page` rows hold a page's code rows stored
+    swizzled: mode `int_block`'s; the step's P x len(refs) tokens in order): per `ldmatrix.x4.trans` four
     token groups' words, then per register of two tokens' words: per field one shift and one mask (bf16), one `prmt`
     per output register putting the two tokens' code bytes under the magic exponent byte, one packed subtract."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -481,7 +517,7 @@ def _value_operand_mgpu(refs, bits: int, head_dim: int, f16: bool, transforms):
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm, nvvm
 
-    page = refs[0].shape[0]
+    page = page or refs[0].shape[0]
     rows = page * len(refs)
     tb = _vregs_thread_bytes(head_dim, bits)
     dt = jnp.float16 if f16 else jnp.bfloat16
@@ -581,6 +617,55 @@ def _store_rows_mgpu(x, rows, dst):
     store(x, rows, dst)
 
 
+def _block_row_mgpu(ref, first: int, n: int, dtype, layout):
+    """n values of `dtype` from element `first` of a page's rows slot (uint8 [R, W] in shared memory, plain), in
+    `layout` (one value per token row of the tile): the slot's bytes read through a view of that dtype."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(),),
+        return_type=plgpu.ShapeDtypeStruct((n,), dtype, layout=layout),
+    )
+    def load(ctx, mem):
+        del ctx
+        ty = ir.MemRefType(mem.type)
+        el = ir.F16Type.get() if jnp.dtype(dtype) == jnp.float16 else ir.BF16Type.get()
+        ptr = mu.getelementptr(mu.memref_ptr(mem), [first * jnp.dtype(dtype).itemsize], ir.IntegerType.get_signless(8))
+        view = mu.ptr_as_memref(ptr, ir.MemRefType.get([n], el, memory_space=ty.memory_space))
+        return fa.FragmentedArray.load_untiled(view, layout=layout.to_mgpu(), is_signed=None, swizzle=16)
+
+    return load(ref)
+
+
+def _block_tile_mgpu(ref, rows: int, layout):
+    """The code tile [rows, W] at the start of a page's plain slot (uint8 [R', W] in shared memory; mode `int_block`
+    stores its code rows swizzled over S = min(128, W) bytes), loaded in `layout` as from a tile TMA had swizzled:
+    through a view of the slot tiled (8, S) (for W <= 128 the same bytes as the untiled rows)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from jax.experimental.mosaic.gpu import fragmented_array as fa
+    from jax.experimental.mosaic.gpu import utils as mu
+    from jaxlib.mlir import ir
+
+    w = ref.shape[-1]
+    swizzle = min(128, w)
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(),),
+        return_type=plgpu.ShapeDtypeStruct((rows, w), ref.dtype, layout=layout),
+    )
+    def load(ctx, mem):
+        del ctx
+        ty = ir.MemRefType(mem.type)
+        tiled = ir.MemRefType.get([rows // 8, w // swizzle, 8, swizzle], ty.element_type, memory_space=ty.memory_space)
+        view = mu.ptr_as_memref(mu.memref_ptr(mem), tiled)
+        return fa.FragmentedArray.load_tiled(view, swizzle, is_signed=mu.is_signed(ref.dtype), layout=layout.to_mgpu())
+
+    return load(ref)
+
+
 def paged_attention(
     q,
     k_codes,
@@ -671,7 +756,10 @@ def paged_attention(
     # uses an entry as soon as it is read (Nsight: the clamp after the shared-memory read held 37% of the kernel's
     # short-scoreboard stalls), their tokens masked there
     table = jnp.clip(page_table.astype(jnp.int32), 0, k_codes.shape[1] - 1)
-    step_pages = max(1, TILE // k_codes.shape[2]) * pages_per_step  # pages under 64 tokens share a step's MMA tile
+    page = _page_size(k_spec, k_codes, d)
+    # mode `int_block`: a side's scales and zero-points lie in each page's block, after its code rows (R rows)
+    kblock, vblock = block_rows(k_spec, k_codes, d), block_rows(v_spec, v_codes, d)
+    step_pages = max(1, TILE // page) * pages_per_step  # pages under 64 tokens share a step's MMA tile
     if warpgroups not in WARPGROUPS:
         raise ValueError(f"warpgroups={warpgroups}: expected one of {WARPGROUPS}")
     kb, vb = k_spec.bits, v_spec.bits
@@ -687,11 +775,11 @@ def paged_attention(
             f"and f16 operands only for 8-bit values; got head_dim {d}, {vb}-bit values, value_f16={value_f16}"
         )
     if value_regs is None:
-        value_regs = can_regs and k_codes.shape[2] in VALUE_REGS_PAGES
-    pools = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero)
-    per_sm = programs_per_sm(pools, k_codes.shape[2], step_pages, stages, d, warpgroups, value_regs)
+        value_regs = can_regs and page in VALUE_REGS_PAGES
+    pools = _slot_pools((k_codes, k_scale, k_zero, v_codes, v_scale, v_zero), page, kblock, vblock)
+    per_sm = programs_per_sm(pools, page, step_pages, stages, d, warpgroups, value_regs)
     if not per_sm:
-        need = program_smem(pools, k_codes.shape[2], step_pages, stages, d, value_regs) * warpgroups // 1024
+        need = program_smem(pools, page, step_pages, stages, d, value_regs) * warpgroups // 1024
         raise ValueError(
             f"warpgroups={warpgroups}, stages={stages}: a block's shared memory ({need} KB) is over an SM's "
             f"{SMEM_PER_SM // 1024 - 1} KB; use fewer stages or warpgroups"
@@ -741,10 +829,10 @@ def paged_attention(
         jnp.concatenate([q_hi, q_lo], axis=2),  # [B, H, 2 * GROUP, D]: both terms in one copy
         qaux,
         k_codes,
-        rows(k_scale),
+        None if kblock[0] else rows(k_scale),  # a block's rows come with its codes, one copy a page
         rows(k_zero),
         v_codes,
-        rows(v_scale),
+        None if vblock[0] else rows(v_scale),
         rows(v_zero),
         _split_table(table, splits) if table_smem else table,
         num_tokens.astype(jnp.int32),
@@ -754,7 +842,12 @@ def paged_attention(
         group=group,
         # p bf16 (float32's range) and the values' scales and zero-points f16 (at most 65504): every p-weighted sum
         # is then bounded by the sum of p, and the overflow check reads l alone
-        bounded=not value_f16 and all(x is None or x.dtype == jnp.float16 for x in (v_scale, v_zero)),
+        bounded=not value_f16
+        and (
+            v_spec.scale_dtype == "float16"
+            if vblock[0]
+            else all(x is None or x.dtype == jnp.float16 for x in (v_scale, v_zero))
+        ),
         kb=kb,
         vb=vb,
         splits=splits,
@@ -773,6 +866,9 @@ def paged_attention(
         word_unpack=word_unpack,
         table_pages=max_pages,
         wgs=warpgroups,
+        kblock=kblock,
+        vblock=vblock,
+        scale_dtypes=(k_spec.scale_dtype, v_spec.scale_dtype),
         interpret=interpret,
     )
     if interpret:  # one interpreted kernel at a time (`_settled`)
@@ -841,6 +937,28 @@ VALUE_REGS_PAGES = (16, 32, 64, 128)
 REDUCE_SCRATCH = 512  # float32 a warpgroup for its reductions across warps: two registers' worth at once
 
 
+def _slot_pools(pools, page: int, kblock, vblock):
+    """The six pools as `program_smem` counts their page slots: a mode `int_block` side as its page slot of
+    `block_slot_rows` rows (shaped so that a page's slot is counted as those bytes)."""
+    out = list(pools)
+    for i, (rows, _) in ((0, kblock), (3, vblock)):
+        if rows:
+            x = pools[i]
+            h, n, _, w = x.shape
+            out[i] = jax.ShapeDtypeStruct((h, n, page, block_slot_rows(page + rows, w) * w // page), x.dtype)
+    return tuple(out)
+
+
+SLOT_ALIGN = 1024  # bytes: a block's page slots start where a 128-byte swizzle's pattern starts (it repeats each 1 KB)
+
+
+def block_slot_rows(rows: int, w: int) -> int:
+    """Rows of W bytes of one page slot of mode `int_block`'s blocks: the block's rows, padded so that consecutive
+    slots stay SLOT_ALIGN-aligned (the code tile is read as swizzled, and a swizzle's XOR follows address bits)."""
+    per = SLOT_ALIGN // math.gcd(SLOT_ALIGN, w)  # rows a whole number of SLOT_ALIGN bytes
+    return -(-rows // per) * per
+
+
 def program_smem(pools, page: int, step_pages: int, stages: int, head_dim: int, value_regs: bool = False) -> int:
     """Shared memory of one program: each step's page slots x `stages`, the q, V and p staging (V's not with
     `value_regs`), the table slice."""
@@ -888,7 +1006,7 @@ POOL_NAMES = ("kc", "ks", "kz", "vc", "vs", "vz")  # key codes, scales, zero-poi
 STATIC = (
     "kb", "vb", "splits", "stages", "pps", "swizzle_codes", "key_f16", "value_f16", "two_terms", "one_score_mma",
     "value_regs", "fixed", "approx_math", "auto_barriers", "profile_dir", "table_smem", "word_unpack", "table_pages",
-    "wgs", "interpret", "group", "bounded",
+    "wgs", "interpret", "group", "bounded", "kblock", "vblock", "scale_dtypes",
 )  # fmt: skip
 
 
@@ -929,9 +1047,15 @@ def _call(
     table_pages,
     wgs,
     interpret,
+    kblock=(0, 0),
+    vblock=(0, 0),
+    scale_dtypes=("float16", "float16"),
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
-    (symmetric). table: [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). vrows: int32 [D],
+    (symmetric). kblock/vblock: `block_rows` of each side; where R > 0 that side is mode `int_block`'s blocks
+    [H, N, P + R, W], passed as its codes and again as its scales (its zero-points None): each page is copied as its
+    code tile and its R rows, and the scales and zero-points are read from the rows (as `scale_dtypes`). table:
+    [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). vrows: int32 [D],
     the head dim of each row of V's operand (out's rows come out in that order and are put back in the kernel);
     vrow_scale: None, or float32 [D], a factor per operand row (f16 value fields' powers of two).
 
@@ -946,7 +1070,7 @@ def _call(
     cols = 2 * qcols  # the value MMA's: p's two terms side by side
     fused = two_terms and one_score_mma  # the score MMA: q's two terms side by side, 2 x qcols columns
     terms = 2 if two_terms else 1  # q's bf16 terms
-    page = kc.shape[2]
+    page = kc.shape[2] - kblock[0]
     pstep = max(1, TILE // page) * pps  # pages a step: pages under 64 tokens share one MMA tile
     rows_ = page * pstep  # token rows a step
     per_split = -(-table_pages // splits)  # the longest split
@@ -961,6 +1085,7 @@ def _call(
     # the pools present (symmetric specs have no zero-points), by name: kernel inputs and page-slot scratch alike
     named = {n: copyable(x) for n, x in zip(POOL_NAMES, (kc, ks, kz, vc, vs, vz), strict=True) if x is not None}
     pools, names = list(named.values()), list(named)
+    blocks = {f"{side}c": blk for side, blk in (("k", kblock), ("v", vblock)) if blk[0]}  # one copy a page each
     units = b * h * splits  # programs: one a (sequence, KV head, split)
     tile = plgpu.Layout.WGMMA
     row = tile.reduce(1)  # one value per token row of a [64, n] tile
@@ -1022,11 +1147,14 @@ def _call(
                 else:
                     entry = tab_ref[bi, jnp.minimum(first + pstep * i + which, table_pages - 1)]
                 for n, ref in zip(names, ins, strict=True):
+                    dst = scr[f"{n}{which}"].at[wg, slot]
                     if ref.ndim == 2:  # a flat scale pool (`copyable`): 128 bytes from the page's first scale
                         src = ref.at[hi, pl.ds(entry * page, 128 // ref.dtype.itemsize)]
                     else:
                         src = ref.at[hi, entry]
-                    plgpu.copy_gmem_to_smem(src, scr[f"{n}{which}"].at[wg, slot], pbar.at[wg * stages + slot])
+                    if n in blocks:  # a whole block, its code rows and rows of scales, plain into its padded slot
+                        dst = dst.at[pl.ds(0, ref.shape[2])]
+                    plgpu.copy_gmem_to_smem(src, dst, pbar.at[wg * stages + slot])
 
         def load(refs, layout, transforms=()):  # the pages of one MMA tile as one array [max(page, 64), ...]
             refs = [r.at[pl.ds(0, page)] if r.ndim == 1 and r.shape[0] > page else r for r in refs]  # `copyable`
@@ -1046,19 +1174,34 @@ def _call(
         def rows_of(refs, f):  # f(pages of one tile) per tile of the step, stacked into [rows_, ...]
             return stacked(tiles_of(refs, f))
 
-        def operand(refs, bits, f16=False):  # a tile's codes -> its MMA operand (`field_permutation` order)
+        def block_tile(refs, layout):  # a block's code tile (one page a tile), its rows swizzled as stored
+            (ref,) = refs
+            if interpret:  # plain rows, unswizzled here
+                return swizzle_rows(plgpu.load(ref.at[pl.ds(0, page)], layout=layout))
+            return _block_tile_mgpu(ref, page, layout)
+
+        def operand(refs, bits, f16=False, blocked=False):  # a tile's codes -> its MMA operand (`field_permutation`)
             tf = code_transforms(refs[0].shape[-1])
-            if not word_unpack:
+            if blocked and not word_unpack:
+                return _operand(block_tile(refs, tile), bits, f16)
+            if blocked:
+                codes = block_tile(refs, plgpu.Layout.WGMMA_8BIT)
+            elif not word_unpack:
                 return _operand(load(refs, tile, tf), bits, f16)
-            codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
+            else:
+                codes = load(refs, plgpu.Layout.WGMMA_8BIT, tf)
             return (_operand_words if interpret else _operand_words_mgpu)(codes, bits, f16)
 
         def value_operand(refs):  # the step's V codes -> [rows_, D] to stage, or with `value_regs` V^T [D, rows_]
+            blocked = "vc" in blocks
             if not value_regs:
-                return rows_of(refs, lambda rs: operand(rs, vb, value_f16))
+                return rows_of(refs, lambda rs: operand(rs, vb, value_f16, blocked))
             tf = code_transforms(refs[0].shape[-1])
             if interpret:
-                return _value_operand(rows_of(refs, lambda rs: load(rs, tile, tf)), vb, d, value_f16)
+                tiles = rows_of(refs, lambda rs: block_tile(rs, tile) if blocked else load(rs, tile, tf))
+                return _value_operand(tiles, vb, d, value_f16)
+            if blocked:  # the slot's code rows are stored swizzled: the same addresses as a swizzled tile's
+                return _value_operand_mgpu(refs, vb, d, value_f16, (), page=page)
             return _value_operand_mgpu(refs, vb, d, value_f16, tf)
 
         def reduce_rows(x, op):  # [rows_, qcols] -> [qcols]; several programs a block: each through its own scratch
@@ -1073,10 +1216,25 @@ def _call(
         def bcast_row(x):
             return jax.lax.broadcast_in_dim(x, (x.shape[0], qcols), [0])
 
-        def scale_rows(scale_s, zero_s):  # the step's per-token scales and zero-points as stored, one array a tile
+        def scale_rows(scale_s, zero_s, blk=(0, 0), dtype=None):  # the step's per-token scales and zero-points as
+            # stored, one array a tile; a block's (`blk` (R, params)) read from its rows slot (scale_s), as `dtype`
+            if blk[0]:  # scale_s: the step's block slots
+                assert pstep == pps, "a block's rows are read one page a tile"
+                return tuple(
+                    [block_row(rs[0], k, dtype) for rs in tiles_of(scale_s, list)] if k < blk[1] else None
+                    for k in range(2)
+                )
             return tuple(
                 None if refs is None else tiles_of(refs, lambda rs: load(rs, row)) for refs in (scale_s, zero_s)
             )
+
+        def block_row(ref, k, dtype):  # vector k (0: scales, 1: zero-points) of a block slot's rows, [page] in `row`
+            w_ = ref.shape[-1]
+            first = page * w_ // 2 + k * page  # in 16-bit values: after the code rows
+            if interpret:
+                raw = plgpu.load(ref, layout=plgpu.Layout.WG_STRIDED(ref.shape, vec_size=1)).reshape(-1, 2)
+                return plgpu.layout_cast(jax.lax.bitcast_convert_type(raw, dtype)[first : first + page], row)
+            return _block_row_mgpu(ref, first, page, dtype, row)
 
         def scale_zero(stored, bits):  # `scale_rows`'s -> the per-token scales and zero terms, float32 [rows_, qcols]
             def rows(tiles):
@@ -1099,7 +1257,7 @@ def _call(
                 [scr[f"{n}{w}"].at[wg, slot] for w in range(pstep)] if n in names else None for n in POOL_NAMES
             )
             with jax.named_scope("k_operand"):  # [rows_, D] bf16 (f16), dims permuted
-                a = rows_of(kc_s, lambda rs: operand(rs, kb, key_f16))
+                a = rows_of(kc_s, lambda rs: operand(rs, kb, key_f16, "kc" in blocks))
                 if interpret:  # the interpreter's MMA reads operands from shared memory only
                     k_stage = scr["k_stage"].at[wg]
                     k_stage[...] = a
@@ -1123,7 +1281,10 @@ def _call(
                 with jax.named_scope("v_operand"):  # under the score MMA
                     v_op = value_operand(vc_s)
                 with jax.named_scope("scales"):  # the step's scales and zero-points read, also under the score MMA
-                    sz = (scale_rows(ks_s, kz_s), scale_rows(vs_s, vz_s))
+                    sz = (
+                        scale_rows(kc_s if kblock[0] else ks_s, kz_s, kblock, jnp.dtype(scale_dtypes[0])),
+                        scale_rows(vc_s if vblock[0] else vs_s, vz_s, vblock, jnp.dtype(scale_dtypes[1])),
+                    )
                 with jax.named_scope("mma_wait"):  # also retires the previous page's value MMA (fixed)
                     plgpu.wgmma_wait(0)
                 return acc[...], v_op, sz
@@ -1284,7 +1445,9 @@ def _call(
     )
     w = (wgs,)  # every program's scratch: one of each a warpgroup
 
-    def slot_type(x):  # one pool's page slots, `stages` of them
+    def slot_type(n, x):  # one pool's page slots, `stages` of them
+        if n in blocks:  # a whole block a page, plain, padded to keep each slot aligned
+            return plgpu.SMEM((*w, stages, block_slot_rows(x.shape[2], x.shape[3]), x.shape[3]), x.dtype)
         if x.ndim == 4:
             return plgpu.SMEM((*w, stages, page, x.shape[3]), x.dtype, transforms=code_transforms(x.shape[3]))
         return plgpu.SMEM((*w, stages, page if x.ndim == 3 else 128 // x.dtype.itemsize), x.dtype)
@@ -1295,7 +1458,7 @@ def _call(
         bar=plgpu.Barrier(num_barriers=2 * wgs),
         # a step's page copies all arrive on its slot's barrier
         pbar=plgpu.Barrier(num_arrivals=len(pools) * pstep, num_barriers=wgs * stages),
-        **{f"{n}{which}": slot_type(x) for which in range(pstep) for n, x in named.items()},
+        **{f"{n}{which}": slot_type(n, x) for which in range(pstep) for n, x in named.items()},
     )
     if fixed:  # the overflow check's flags, read back as scalars
         scratch["flag_smem"] = plgpu.SMEM((*w, qcols), jnp.int32)
