@@ -318,12 +318,26 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     def kind(spec):
         if kernel_for("gpu", spec.k, spec.v) is None:
             return "the reference"
+        if "int_block" in (spec.k.mode, spec.v.mode):  # only the Mosaic GPU kernel reads blocks, on Hopper
+            return "Mosaic GPU" if blocks_read(spec) else "the reference"
         return "Mosaic GPU" if mosaic(spec, page_size) else "Triton"
 
-    def mosaic(spec, page):
-        def sds(x):
-            return None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
+    def sds(x):
+        return None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
 
+    def blocks_read(spec):
+        from pallas_kernels.paged_attention_mgpu import unsupported
+
+        cap = capability
+        if cap is None:
+            device = jax.devices()[0]
+            cap = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+        k, v = (layout.arrays(x, kv_heads, 1, page_size, head_dim) for x in (spec.k, spec.v))
+        q = jax.ShapeDtypeStruct((1, heads, 1, head_dim), jnp.bfloat16)
+        ok = unsupported(q, sds(k.codes), sds(v.codes), k_spec=spec.k, v_spec=spec.v) is None
+        return ok and str(cap or "").startswith("9.")
+
+    def mosaic(spec, page):
         k, v = (layout.arrays(x, kv_heads, 1, page, head_dim) for x in (spec.k, spec.v))
         q = jax.ShapeDtypeStruct((1, heads, 1, head_dim), jnp.bfloat16)
         return mosaic_route(
