@@ -309,6 +309,7 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     from pallas_kernels import layout
     from pallas_kernels.paged_attention import kernel_for, resolve_backend
     from pallas_kernels.paged_attention_gpu import mosaic_route
+    from pallas_kernels.paged_attention_mgpu import BLOCK_PAGES
     from pallas_kernels.paged_attention_mgpu import PAGE as mgpu_page
     from pallas_kernels.paged_attention_mgpu import PAGES as mgpu_pages
 
@@ -325,14 +326,14 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     def sds(x):
         return None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
 
-    def blocks_read(spec):
+    def blocks_read(spec, page=page_size):
         from pallas_kernels.paged_attention_mgpu import unsupported
 
         cap = capability
         if cap is None:
             device = jax.devices()[0]
             cap = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
-        k, v = (layout.arrays(x, kv_heads, 1, page_size, head_dim) for x in (spec.k, spec.v))
+        k, v = (layout.arrays(x, kv_heads, 1, page, head_dim) for x in (spec.k, spec.v))
         q = jax.ShapeDtypeStruct((1, heads, 1, head_dim), jnp.bfloat16)
         ok = unsupported(q, sds(k.codes), sds(v.codes), k_spec=spec.k, v_spec=spec.v) is None
         return ok and str(cap or "").startswith("9.")
@@ -349,6 +350,10 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
     line = "decode attention kernels: " + ", ".join(
         f"{k} in {n} layer{'' if n == 1 else 's'}" for k, n in sorted(counts.items())
     )
+    if page_size not in BLOCK_PAGES and any(
+        "int_block" in (x.k.mode, x.v.mode) and blocks_read(x, BLOCK_PAGES[0]) for x in specs
+    ):
+        line += f"; mode int_block layers run the Mosaic GPU kernel at --page_size {BLOCK_PAGES[0]}"
     if page_size not in mgpu_pages and not counts["Mosaic GPU"]:
         n = sum(mosaic(s, mgpu_page) for s in specs)
         if n:

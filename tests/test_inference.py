@@ -193,5 +193,8 @@ def test_kernel_line_says_which_gpu_kernel_each_layer_runs():
     # mode int_block: the Mosaic GPU kernel on Hopper at pages of 64, the reference elsewhere (never Triton)
     block = LayerSpec(KVSpec(4, group_size=d, mode="int_block"), KVSpec(2, group_size=d, mode="int_block"))
     assert line(64, specs=(block, four)) == "decode attention kernels: Mosaic GPU in 2 layers"
-    assert line(32, specs=(block, four)) == "decode attention kernels: Mosaic GPU in 1 layer, the reference in 1 layer"
+    assert line(32, specs=(block, four)) == (
+        "decode attention kernels: Mosaic GPU in 1 layer, the reference in 1 layer; mode int_block layers run the "
+        "Mosaic GPU kernel at --page_size 64"
+    )
     assert line(64, capability="8.0", specs=(block,)) == "decode attention kernels: the reference in 1 layer"
