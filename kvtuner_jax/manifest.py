@@ -25,8 +25,9 @@ of one channel; G must be a power of two <= 128 here, and it must also divide th
 cache (or `memory_report(page_size=...)`) knows and checks. Group sizes are checked only where the store is quantized.
 
 Storage modes: `k_mode` / `v_mode` name a mode registered in `kvtuner_jax.modes`: "int" (the default; bits 2, 4, 8,
-or 16 = unquantized, the short form), "fp8" (float8_e4m3fn codes with one scale per token and KV head; bits 8) or
-"bf16" (unquantized; bits 16). A mode named at a more specific level than the bits (a layer entry under `defaults`
+or 16 = unquantized, the short form), "int_block" (int's per-token codes with each page's scales and zero-points
+inside the page's block; bits 2, 4, 8; axis "token" only), "fp8" (float8_e4m3fn codes with one scale per token and
+KV head; bits 8) or "bf16" (unquantized; bits 16). A mode named at a more specific level than the bits (a layer entry under `defaults`
 bits, or `defaults` over the built-ins) brings its own bits, so `{"k_mode": "fp8"}` alone means 8-bit fp8; bits given
 beside the mode must fit it (`layers[3].k_bits: 4 is not valid for k_mode "fp8" ...`), and bits 16 always means
 unquantized whatever the mode. fp8 ignores the int-only fields (axis, group size, symmetric); its resolved spec has
