@@ -24,15 +24,15 @@ Group sizes: axis "token" groups G channels of one token, so G must divide head_
 of one channel; G must be a power of two <= 128 here, and it must also divide the cache's page size, which only the
 cache (or `memory_report(page_size=...)`) knows and checks. Group sizes are checked only where the store is quantized.
 
-Storage modes: `k_mode` / `v_mode` name a mode registered in `kvtuner_jax.modes`: "int" (the default; bits 2, 4, 8,
-or 16 = unquantized, the short form), "int_block" (int's per-token codes with each page's scales and zero-points
-inside the page's block; bits 2, 4, 8; axis "token" only), "fp8" (float8_e4m3fn codes with one scale per token and
-KV head; bits 8) or "bf16" (unquantized; bits 16). A mode named at a more specific level than the bits (a layer entry under `defaults`
+Storage modes: `k_mode` / `v_mode` name a mode registered in `kvtuner_jax.modes`: "int" (the default; bits 2, 4, 8, or
+16 = unquantized, the short form), "int_block" (int's per-token codes with each page's scales and zero-points inside the
+page's block; bits 2, 4, 8; axis "token" only), "fp8" (float8_e4m3fn codes with one scale per token and KV head; bits 8)
+or "bf16" (unquantized; bits 16). A mode named at a more specific level than the bits (a layer entry under `defaults`
 bits, or `defaults` over the built-ins) brings its own bits, so `{"k_mode": "fp8"}` alone means 8-bit fp8; bits given
 beside the mode must fit it (`layers[3].k_bits: 4 is not valid for k_mode "fp8" ...`), and bits 16 always means
-unquantized whatever the mode. fp8 ignores the int-only fields (axis, group size, symmetric); its resolved spec has
-them canonicalised (axis "token", G = head_dim, symmetric). Byte counts come from the mode (fp8: 1 byte per element
-plus one 16-bit scale per token and head) and need no jax.
+unquantized whatever the mode. fp8 ignores the int-only fields (axis, group size, symmetric); its resolved spec has them
+canonicalised (axis "token", G = head_dim, symmetric). Byte counts come from the mode (fp8: 1 byte per element plus one
+16-bit scale per token and head) and need no jax.
 
 Also here: `uniform` / `mixed` presets, the loader of KVTuner's own YAML presets (`from_kvtuner_yaml`), the memory
 arithmetic (`memory_report`), and the CLI `python -m kvtuner_jax.manifest describe FILE`.
