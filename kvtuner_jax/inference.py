@@ -351,7 +351,8 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
         f"{k} in {n} layer{'' if n == 1 else 's'}" for k, n in sorted(counts.items())
     )
     if page_size not in BLOCK_PAGES and any(
-        "int_block" in (x.k.mode, x.v.mode) and blocks_read(x, BLOCK_PAGES[0]) for x in specs
+        "int_block" in (x.k.mode, x.v.mode) and kernel_for("gpu", x.k, x.v) and blocks_read(x, BLOCK_PAGES[0])
+        for x in specs
     ):
         line += f"; mode int_block layers run the Mosaic GPU kernel at --page_size {BLOCK_PAGES[0]}"
     if page_size not in mgpu_pages and not counts["Mosaic GPU"]:

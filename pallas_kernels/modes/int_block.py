@@ -17,10 +17,13 @@ page's scales `[P, D/G]` then its zero-points `[P, D/G]`, little-endian bytes, r
 (no padding where P * (D / G) * 2 is a multiple of W, e.g. 2-, 4- and 8-bit codes at D = G = 128 and pages of 32 or
 more). Scale and zero arrays: none. Bytes per page: mode `int`'s plus that padding.
 
-Kernels: the Mosaic GPU decode kernel on Hopper (`paged_attention_mgpu`, which copies each page's code tile and its
-rows from the one block); no write kernel yet (pages are written by the jnp reference, which XLA runs as one fused
-scatter a flush), and no Triton or TPU attention kernel (those layers run the reference, warned once): an opt-in
-layout for Hopper GPUs, where mode `int` stays the default everywhere.
+Kernels: the Mosaic GPU decode kernel on Hopper (`paged_attention_mgpu`, which copies each page's block whole, in one
+plain copy, and reads its code tile through a swizzled view), at pages of 64; it passes Mosaic GPU's interpreter
+against the reference and lowers for CUDA, but has not yet run compiled (no GPU was lent the day it was written), so
+the dispatcher offers it only where KVTUNER_INT_BLOCK_KERNEL=1 (`paged_attention_mgpu.BLOCK_KERNEL_ENV`) and runs
+the reference otherwise. No write kernel yet (pages are written by the jnp reference, one fused scatter a flush),
+and no Triton or TPU attention kernel (those layers run the reference, warned once): an opt-in layout for Hopper
+GPUs, where mode `int` stays the default everywhere.
 """
 
 from __future__ import annotations
