@@ -57,7 +57,12 @@ loop's copy wait and refill named (b32 x 8K): ~2,600 cycles a page for both pair
 Scope (everything else raises ValueError naming what is supported): decode (one query token), per-token integer
 keys and values of 2, 4 or 8 bits with one group per head (`group_size == head_dim`), symmetric or not, head_dim 64 or
 128, GQA groups up to 8, pages of 16, 32, 64 or 128 tokens; precision "high" (query and probabilities each two bf16
-terms) or "bf16". Same contract as `paged_attention_reference` (pages only).
+terms) or "bf16". Same contract as `paged_attention_reference` (pages only). Either side may be mode `int_block`
+(`pallas_kernels.modes.int_block`) at pages of 64: each page of that side is one block, its code rows stored
+swizzled and then its scale and zero-point rows, copied whole in one plain TMA copy into a slot padded to 1 KB (two
+copies a page for both sides, where mode `int`'s pools take six); the code tile is read through a swizzled view of
+the slot (`_block_tile_mgpu`; V^T's `ldmatrix` addresses are a swizzled tile's anyway) and the rows through a 16-bit
+view (`_block_row_mgpu`). Interpreted and lowered for CUDA; not yet run compiled (`BLOCK_KERNEL_ENV`).
 
 One program per (sequence, KV head, split of its pages), one warpgroup; one program a block, or four (`warpgroups`).
 Splits may differ by one page (any count from 1 to the table's pages), and each program copies its split's slice of the
