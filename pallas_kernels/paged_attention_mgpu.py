@@ -1065,9 +1065,10 @@ def _call(
 ):
     """kc/vc: code pools [H, N, P, D*b/8] uint8; ks/vs: scales [H, N, P]; kz/vz: zero-points [H, N, P], or None
     (symmetric). kblock/vblock: `block_rows` of each side; where R > 0 that side is mode `int_block`'s blocks
-    [H, N, P + R, W], passed as its codes and again as its scales (its zero-points None): each page is copied as its
-    code tile and its R rows, and the scales and zero-points are read from the rows (as `scale_dtypes`). table:
-    [B, pages], or with `table_smem` [B, splits, rows, cols] (`_split_table`). vrows: int32 [D],
+    [H, N, P + R, W], passed as its codes (its scales and zero-points None): each page is copied whole, plain, into a
+    slot of `block_slot_rows` rows, its code tile read through a swizzled view and its scales and zero-points from
+    the rows after it (as `scale_dtypes`). table: [B, pages], or with `table_smem` [B, splits, rows, cols]
+    (`_split_table`). vrows: int32 [D],
     the head dim of each row of V's operand (out's rows come out in that order and are put back in the kernel);
     vrow_scale: None, or float32 [D], a factor per operand row (f16 value fields' powers of two).
 

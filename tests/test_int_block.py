@@ -114,6 +114,12 @@ def test_refuses_what_it_cannot_lay_out(change, match):
         layout.check_spec(spec, 64, 128)
 
 
+def test_refuses_pages_its_swizzle_cannot_cover():
+    with pytest.raises(ValueError, match="page_size=12: mode 'int_block' stores code rows swizzled in groups of 8"):
+        layout.check_spec(block(4), 12, 128)
+    layout.check_spec(block(2, d=64), 12, 64)  # rows of 16 bytes stay plain: any page size
+
+
 def test_manifest_names_the_mode():
     man = mf.Manifest.from_json(
         {

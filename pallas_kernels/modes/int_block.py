@@ -75,6 +75,10 @@ class IntBlockMode(Mode):
             raise ValueError(f"group_size={spec.group_size} does not divide head_dim={head_dim} (axis 'token')")
         if (head_dim * spec.bits) % 8:
             raise ValueError(f"head_dim={head_dim} does not pack into whole bytes at {spec.bits} bits")
+        if page_size is not None and swizzle_bytes(row_bytes(spec, head_dim)) and page_size % 8:
+            raise ValueError(
+                f"page_size={page_size}: mode 'int_block' stores code rows swizzled in groups of 8; use a multiple of 8"
+            )
 
     def arrays(self, spec: KVSpec, heads: int, pages: int, page_size: int, head_dim: int, cache_dtype: str):
         rows = page_size + param_rows(spec, page_size, head_dim)
