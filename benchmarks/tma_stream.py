@@ -25,11 +25,12 @@ fewer, larger copies raise the streaming ceiling above the stored layout's. The 
 K and V, codes and rows, in pools of their own): its rows bound what laying the cache out anew could buy.
 `--layouts kvblocks` stops halfway: K's page (codes, scale and zero-point rows) is one block and V's another, two copies
 a page, with K and V in pools of their own as the cache keeps them: whether a layout change inside each pool gets what
-joining the whole page does. `--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and
-zero-point rows) but copies it in those three parts, so that an attention kernel's code tiles keep their own swizzled
-copies: whether contiguity or the number of copies is what `joined` gains. `--layouts rowloads` keeps the stored pools
-but copies only the codes with TMA (two copies a page) and loads the scale and zero-point rows from global memory
-straight into registers, two pages ahead: whether a kernel could shed the small copies without a new cache layout.
+joining the whole page does (`--layouts kvparts`: the same blocks copied as their code tile and their rows, four copies
+a page). `--layouts parts` keeps a page contiguous (K's code rows, V's, then the scale and zero-point rows) but copies
+it in those three parts, so that an attention kernel's code tiles keep their own swizzled copies: whether contiguity or
+the number of copies is what `joined` gains. `--layouts rowloads` keeps the stored pools but copies only the codes with
+TMA (two copies a page) and loads the scale and zero-point rows from global memory straight into registers, two pages
+ahead: whether a kernel could shed the small copies without a new cache layout.
 
 Each row's `pct_bw` is against the best of `benchmarks/attention.py`'s bandwidth figures: with torch on the device,
 its read-only sum (`torch_sum_read`), the nearer model of a kernel that reads pages and writes almost nothing.
