@@ -327,12 +327,9 @@ def kernel_line(specs, *, heads: int, kv_heads: int, head_dim: int, page_size: i
         return None if x is None else jax.ShapeDtypeStruct(x.shape, jnp.dtype(x.dtype))
 
     def blocks_read(spec, page=page_size):
-        from pallas_kernels.paged_attention_mgpu import unsupported
+        from pallas_kernels.paged_attention_mgpu import gpu_capability, unsupported
 
-        cap = capability
-        if cap is None:
-            device = jax.devices()[0]
-            cap = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+        cap = gpu_capability() if capability is None else capability
         k, v = (layout.arrays(x, kv_heads, 1, page, head_dim) for x in (spec.k, spec.v))
         q = jax.ShapeDtypeStruct((1, heads, 1, head_dim), jnp.bfloat16)
         ok = unsupported(q, sds(k.codes), sds(v.codes), k_spec=spec.k, v_spec=spec.v) is None

@@ -14,8 +14,7 @@ Shipped modes:
 - `int_block`: `int`'s per-token codes with each page's scale and zero-point rows in the page's own block (one array,
   fewer and larger copies a page for the Mosaic GPU kernel; `pallas_kernels.modes.int_block`).
 
-Registration is by name and module path: `register_mode("fp8", "pallas_kernels.modes.fp8")
-register_mode("int_block", "pallas_kernels.modes.int_block")`; the module is
+Registration is by name and module path: `register_mode("fp8", "pallas_kernels.modes.fp8")`; the module is
 imported on the first `get_mode("fp8")` and must define `MODE`, an instance of `Mode`. So a mode nobody uses costs
 no import and no compile time. A `Mode` instance may also be registered directly (tests, plug-ins).
 

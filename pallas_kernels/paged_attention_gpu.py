@@ -1067,8 +1067,7 @@ def mosaic_route(q, k_codes, v_codes, v_scale, *, k_spec: KVSpec, v_spec: KVSpec
     if v_spec.bits == 8 and v_scale.dtype != jnp.float16:
         return False
     if capability is None:
-        device = jax.devices()[0]
-        capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+        capability = paged_attention_mgpu.gpu_capability()
     if not str(capability or "").startswith("9."):
         return False
     return paged_attention_mgpu.unsupported(q, k_codes, v_codes, k_spec=k_spec, v_spec=v_spec) is None

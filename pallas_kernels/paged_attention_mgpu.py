@@ -173,11 +173,16 @@ def unsupported(q, k_codes, v_codes, *, k_spec: KVSpec, v_spec: KVSpec) -> str |
         return (
             f"{' and '.join(blocked)} in mode 'int_block' at pages of {page}; this kernel reads them at {BLOCK_PAGES}"
         )
-    device = jax.devices()[0]
-    capability = str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
+    capability = gpu_capability()
     if blocked and capability is not None and not capability.startswith("9."):
         return f"mode 'int_block' is read by the Mosaic GPU kernel on Hopper (compute capability 9.x), not {capability}"
     return None
+
+
+def gpu_capability() -> str | None:
+    """The default device's compute capability ("9.0" on Hopper), or None off a GPU."""
+    device = jax.devices()[0]
+    return str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
 
 
 # Until this kernel's reading of mode `int_block` has run compiled against the reference on a Hopper GPU (it passes

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import math
 
 from kvtuner_jax.modes import ArraySpec, Mode, PoolArrays
 from kvtuner_jax.specs import SCALE_DTYPE_BYTES, KVSpec
@@ -71,10 +70,9 @@ class IntBlockMode(Mode):
             )
         if spec.scale_dtype not in SCALE_DTYPE_BYTES:
             raise ValueError(f"scale_dtype={spec.scale_dtype!r} is not one of {sorted(SCALE_DTYPE_BYTES)}")
-        if head_dim % spec.group_size:
-            raise ValueError(f"group_size={spec.group_size} does not divide head_dim={head_dim} (axis 'token')")
-        if (head_dim * spec.bits) % 8:
-            raise ValueError(f"head_dim={head_dim} does not pack into whole bytes at {spec.bits} bits")
+        from pallas_kernels.modes.int_mode import MODE as INT
+
+        INT.validate(as_int(spec), page_size, head_dim)  # group size and packing: mode int's own checks
         if page_size is not None and swizzle_bytes(row_bytes(spec, head_dim)) and page_size % 8:
             raise ValueError(
                 f"page_size={page_size}: mode 'int_block' stores code rows swizzled in groups of 8; use a multiple of 8"
@@ -179,7 +177,6 @@ def split(blocks, spec: KVSpec, head_dim: int):
 
     scale = values(0)
     zero = None if spec.symmetric else values(p * g * nb)
-    assert math.prod(scale.shape[-2:]) == p * g
     return swizzle_rows(blocks[..., :p, :]), scale, zero
 
 
