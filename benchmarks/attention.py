@@ -250,9 +250,10 @@ def copy_bandwidth(trials: int = 7, nbytes: int = 2 * 2**30) -> dict:
 
 
 def check_small(k_spec: KVSpec, v_spec: KVSpec, page: int, kw: dict) -> float:
-    """Relative error vs the reference at batch 3, context 8 pages (one sequence empty, one partial)."""
+    """Relative error vs the reference at batch 3, context 8 pages or the tuning's `num_splits` if more (one sequence
+    empty, one partial)."""
     key = jax.random.key(7)
-    b, mp = 3, 8
+    b, mp = 3, max(8, kw.get("num_splits") or 0)
     n = b * mp + 3
     ks = make_store(jax.random.fold_in(key, 1), k_spec, n, page)
     vs = make_store(jax.random.fold_in(key, 2), v_spec, n, page)

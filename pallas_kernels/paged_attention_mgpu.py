@@ -185,18 +185,13 @@ def gpu_capability() -> str | None:
     return str(getattr(device, "compute_capability", "")) if device.platform == "gpu" else None
 
 
-# Until this kernel's reading of mode `int_block` has run compiled against the reference on a Hopper GPU (it passes
-# Mosaic GPU's interpreter and lowers for CUDA; no GPU was lent when it was written, 2026-12-07), the dispatcher
-# offers it only when this variable is "1"; otherwise int_block layers run the reference (correct, slow).
-BLOCK_KERNEL_ENV = "KVTUNER_INT_BLOCK_KERNEL"
-
-
 def block_attention_kernel(k_spec: KVSpec, v_spec: KVSpec):
-    """The GPU kernel mode `int_block` offers (`Mode.attention_kernel`): this one, for any pair, where
-    BLOCK_KERNEL_ENV is "1" (else None: the reference, with a warning); `unsupported` says what it cannot read
-    (another layout, page size or GPU), and the dispatcher's "auto" then runs the reference."""
+    """The GPU kernel mode `int_block` offers (`Mode.attention_kernel`): this one, for any pair; `unsupported` says
+    what it cannot read (another layout, page size or GPU), and the dispatcher's "auto" then runs the reference.
+    Until 2026-12-07 it was offered only under an environment variable, as it had not yet run compiled; that day the
+    compiled tests (`KVTUNER_TEST_COMPILED=1 pytest tests/test_int_block.py`, 31) passed on an H100."""
     del k_spec, v_spec
-    return paged_attention if os.environ.get(BLOCK_KERNEL_ENV) == "1" else None
+    return paged_attention
 
 
 BLOCK_PAGES = (64,)  # page sizes at which the kernel reads mode `int_block`'s blocks (one tile a page)

@@ -161,7 +161,7 @@ def test_precision_line_says_what_each_layer_runs():
     assert "TPU kernel" in inference.precision_line(specs, "auto", "tpu")
 
 
-def test_kernel_line_says_which_gpu_kernel_each_layer_runs(monkeypatch):
+def test_kernel_line_says_which_gpu_kernel_each_layer_runs():
     """On a Hopper GPU, per-token layers with an 8-bit side run the Mosaic GPU kernel at pages of 16 to 128 tokens,
     2- and 4-bit ones at pages of 32 and 64 (where it was timed faster); at a page size it does not read the line
     says which would give it them; elsewhere everything is the Triton kernel."""
@@ -190,12 +190,8 @@ def test_kernel_line_says_which_gpu_kernel_each_layer_runs(monkeypatch):
     assert line(64, capability="8.0") == "decode attention kernels: Triton in 4 layers"
     assert line(64, backend="reference") is None
     assert line(64, specs=(eight, mixed)) == "decode attention kernels: Mosaic GPU in 1 layer, the reference in 1 layer"
-    # mode int_block: the reference until its kernel is enabled (KVTUNER_INT_BLOCK_KERNEL=1); then the Mosaic GPU
-    # kernel on Hopper at pages of 64, the reference elsewhere (never Triton)
+    # mode int_block: the Mosaic GPU kernel on Hopper at pages of 64, the reference elsewhere (never Triton)
     block = LayerSpec(KVSpec(4, group_size=d, mode="int_block"), KVSpec(2, group_size=d, mode="int_block"))
-    monkeypatch.delenv("KVTUNER_INT_BLOCK_KERNEL", raising=False)
-    assert line(64, specs=(block,)) == "decode attention kernels: the reference in 1 layer"
-    monkeypatch.setenv("KVTUNER_INT_BLOCK_KERNEL", "1")
     assert line(64, specs=(block, four)) == "decode attention kernels: Mosaic GPU in 2 layers"
     assert line(32, specs=(block, four)) == (
         "decode attention kernels: Mosaic GPU in 1 layer, the reference in 1 layer; mode int_block layers run the "

@@ -201,26 +201,19 @@ def test_kernel_gives_int_modes_results():
     assert np.abs(np.asarray(got[0])).max() > 1e-2
 
 
-def test_dispatcher_runs_the_kernel_for_blocks(monkeypatch, caplog):
-    """backend="gpu": mode int_block offers the Mosaic GPU kernel (not the reference) where KVTUNER_INT_BLOCK_KERNEL
-    is 1; without it (until the kernel has run compiled on a GPU) the reference, with a warning."""
+def test_dispatcher_runs_the_kernel_for_blocks(monkeypatch):
+    """backend="gpu": mode int_block offers the Mosaic GPU kernel (not the reference)."""
     seen = tm._kernel_results(monkeypatch)
     ib = block(4)
     args, kw = tm._case(4, 4, ks=ib, vs=ib, b=2, seed=5)
-    monkeypatch.delenv(mg.BLOCK_KERNEL_ENV, raising=False)
-    with caplog.at_level("WARNING", logger="kvtuner_jax.modes"):
-        paged_attention(*args, **kw, backend="gpu", interpret=True)
-    assert not seen and "int_block" in caplog.text
-    monkeypatch.setenv(mg.BLOCK_KERNEL_ENV, "1")
     got, _ = paged_attention(*args, **kw, backend="gpu", interpret=not COMPILED)
     want, _ = paged_attention_reference(*args, **kw)
     assert len(seen) == 1
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-3 * np.abs(np.asarray(want)).max())
 
 
-def test_unsupported_pages_fall_back_under_auto_and_raise_when_asked(monkeypatch):
+def test_unsupported_pages_fall_back_under_auto_and_raise_when_asked():
     """Pages of 32 in blocks: the kernel says why; an explicit backend raises that, the reference reads them."""
-    monkeypatch.setenv(mg.BLOCK_KERNEL_ENV, "1")
     ib = block(4)
     args, kw = tm._case(4, 4, ks=ib, vs=ib, b=2, page=32, seed=6)
     why = mg.unsupported(args[0], args[1], args[4], k_spec=ib, v_spec=ib)
