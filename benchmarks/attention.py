@@ -407,12 +407,14 @@ def bench_jax_bf16(b, ctx, page, args) -> dict:
 
 
 def bench_quantize_write(b, page, args) -> dict:
-    """quantize_write(..., backend='gpu'): one decode step's B whole pages of K into one layer's pool."""
+    """quantize_write(..., backend='gpu'): one decode step's B whole pages of K into one layer's pool. Modes `int`
+    ('4', '2', '8': the Triton write kernel) and `int_block` ('4b', '2b': no GPU write kernel, so the jnp reference,
+    compiled by XLA, as the dispatcher runs it)."""
     from pallas_kernels.quantize_write import quantize_write
 
     out = {}
-    for name in ("4", "2", "8"):
-        spec = KVSpec(bits=int(name), axis="token", group_size=D)
+    for name in ("4", "2", "8", "4b", "2b"):
+        spec = spec_pair(f"{name}/{name}")[0]
         n = 4096
         codes, scale, zero = make_store(jax.random.key(5), spec, n, page)
         pages = [jax.random.normal(jax.random.key(10 + i), (H, b, page, D), jnp.bfloat16) for i in range(4)]
@@ -434,7 +436,7 @@ def bench_quantize_write(b, page, args) -> dict:
             t0 = time.perf_counter()
             pool = jax.block_until_ready(many(pool, pg, ds))
             ts.append((time.perf_counter() - t0) / args.reps)
-        out[f"k{name}_token_G{D}"] = float(np.median(ts))
+        out[f"k{name}_token_G{D}{'_int_block' if spec.mode == 'int_block' else ''}"] = float(np.median(ts))
         trace = trace_folder(args, f"quantize_write_k{name}", b, page)
         if trace:
             with jax.profiler.trace(trace):
