@@ -1,0 +1,157 @@
+"""Packed page write of mode `int_block`, GPU kernel (Pallas, Triton lowering): quantize whole pages and store each
+as its block, bit for bit what `IntBlockMode.quantize_pages` and the reference scatter give.
+
+It follows mode `int`'s write kernel (`pallas_kernels.quantize_write_gpu`): one program per (page m, KV head h); the
+page tile [P, D] comes in through a BlockSpec and is quantized and packed by `tile_quant.quantize_tile` (mode `int`'s
+numerics, which never depend on how f32 division rounds); the pool `[H, N, P + R, W]` uint8 is aliased input ->
+output and written directly (`pl.ANY`) at physical page dest[m] of head h, or not at all when dest[m] < 0. What
+differs is where the bytes go, and every one of them goes there in a single store with computed addresses (the
+Triton lowering turns integer-array indices into pointer arithmetic), since a tile in registers cannot be permuted:
+
+- code row r's 16-byte chunk c lands at chunk c ^ f(r) of its S-byte span (`int_block.swizzle_rows`: TMA's swizzle,
+  so that the attention kernel's plain copy of the block reads as a swizzled tile);
+- each scale and zero-point value (16 bits, little-endian) lands as two bytes after the code rows, scales first,
+  row-major `[P, D/G]`, as `int_block.join` lays them out;
+- the padding bytes that fill the last parameter row are stored as zeros (no two stores of a program touch one byte
+  with different values, so no ordering between a program's threads is needed).
+
+Scope: page_size and head_dim powers of two (Triton block sizes), as mode `int`'s write kernel. Tested under the
+interpreter bit for bit against the reference and lowered for CUDA on CPU; until it has run compiled on a GPU against
+the reference, mode `int_block` offers it only where KVTUNER_INT_BLOCK_WRITE_KERNEL=1 (`WRITE_KERNEL_ENV`), and
+its pages are written by the jnp reference otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from kvtuner_jax.quant import scale_dtype_of
+from kvtuner_jax.specs import KVSpec
+from pallas_kernels import tile_quant
+from pallas_kernels.modes import int_block
+
+WRITE_KERNEL_ENV = "KVTUNER_INT_BLOCK_WRITE_KERNEL"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def swizzled_columns(p: int, w: int):
+    """[P, W] int32: the byte column where code row r's byte c is stored (`int_block.swizzle_rows`'s permutation)."""
+    rows = lax.broadcasted_iota(jnp.int32, (p, w), 0)
+    cols = lax.broadcasted_iota(jnp.int32, (p, w), 1)
+    s = int_block.swizzle_bytes(w)
+    if not s:
+        return cols
+    n = s // 16
+    f = ((rows % 8) * s // 128) % n
+    chunk = (cols % s) // 16
+    return cols - cols % s + jnp.bitwise_xor(chunk, f) * 16 + cols % 16
+
+
+def _store_bytes(ref, h, d, p: int, w: int, first: int, values):
+    """Store 16-bit `values` [P, G'] as little-endian bytes at flat byte `first` + 2 x (t G' + j) of page d's
+    parameter rows (the rows after its P code rows)."""
+    u = lax.bitcast_convert_type(values, jnp.uint16).astype(jnp.int32)
+    t = lax.broadcasted_iota(jnp.int32, u.shape, 0)
+    j = lax.broadcasted_iota(jnp.int32, u.shape, 1)
+    off = first + 2 * (t * u.shape[1] + j)
+    for k in range(2):  # low byte, then high byte
+        at = off + k
+        ref[h, d, p + at // w, at % w] = jnp.right_shift(u, 8 * k).__and__(0xFF).astype(jnp.uint8)
+
+
+def _kernel(dest_ref, pages_ref, blocks_in_ref, blocks_ref, *, spec: KVSpec):
+    del blocks_in_ref  # aliased to blocks_ref
+    m = pl.program_id(0)
+    h = pl.program_id(1)
+    d = dest_ref[m]
+    p, head_dim = pages_ref.shape
+    w = int_block.row_bytes(spec, head_dim)
+
+    @pl.when(d >= 0)
+    def _():
+        codes, scale, zero = tile_quant.quantize_tile(
+            pages_ref[...],
+            bits=spec.bits,
+            group_size=spec.group_size,
+            axis="token",
+            symmetric=spec.symmetric,
+            scale_dtype=scale_dtype_of(spec.scale_dtype),
+            reshape=True,
+        )
+        rows = lax.broadcasted_iota(jnp.int32, (p, w), 0)
+        blocks_ref[h, d, rows, swizzled_columns(p, w)] = codes
+        nbytes = int_block.param_bytes(spec, p, head_dim)
+        _store_bytes(blocks_ref, h, d, p, w, 0, scale)
+        if zero is not None:
+            _store_bytes(blocks_ref, h, d, p, w, nbytes // 2, zero)
+        pad = int_block.param_rows(spec, p, head_dim) * w - nbytes
+        if pad:  # zeros after the last value, as `join` pads: a power-of-two tile whose spare lanes repeat the last
+            # pad byte (the same zero to the same byte, so they do not race with anything)
+            at = jnp.minimum(nbytes + lax.broadcasted_iota(jnp.int32, (_pow2(pad),), 0), nbytes + pad - 1)
+            blocks_ref[h, d, p + at // w, at % w] = jnp.zeros(at.shape, jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
+def _write(blocks, pages, dest, *, spec: KVSpec, interpret: bool):
+    h, m, p, d = pages.shape
+    return pl.pallas_call(
+        functools.partial(_kernel, spec=spec),
+        grid=(m, h),
+        in_specs=[
+            pl.BlockSpec(memory_space=pl.ANY),  # dest, whole
+            pl.BlockSpec((None, None, p, d), lambda i, j: (j, i, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),
+        ],
+        out_specs=pl.BlockSpec(memory_space=pl.ANY),
+        out_shape=jax.ShapeDtypeStruct(blocks.shape, blocks.dtype),
+        input_output_aliases={2: 0},
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        interpret=interpret,
+        name=f"quantize_write_int_block_b{spec.bits}",
+    )(dest.astype(jnp.int32), pages, blocks)
+
+
+def unsupported(pages, *, spec: KVSpec) -> str | None:
+    """Why this kernel cannot write these pages (the dispatcher falls back to the reference under "auto"), or None."""
+    del spec
+    _, _, p, d = pages.shape
+    if p & (p - 1) or d & (d - 1):
+        return (
+            f"the GPU (Triton) write kernel of mode 'int_block' needs page_size and head_dim to be powers of two, got "
+            f"page_size={p}, head_dim={d}"
+        )
+    return None
+
+
+def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
+    """Quantize `pages` [H, M, P, D] per `spec` (mode `int_block`) and write page m as its block at physical page
+    dest[m] of the pool `codes` [H, N, P + R, W] (skip where dest[m] < 0); `scale` and `zero` are None (the blocks
+    hold them). Returns `(codes, None, None)`. In place under a jit that donates the pool; dest must not repeat a
+    physical page."""
+    if scale is not None or zero is not None:
+        raise ValueError("mode 'int_block' pools hold their scales and zero-points inside the blocks: pass None")
+    reason = unsupported(pages, spec=spec)
+    if reason:
+        raise ValueError(f"{reason}; use backend='reference'")
+    if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
+        return codes, None, None
+    from pallas_kernels.paged_attention_gpu import check_index_range
+
+    check_index_range(codes=codes)  # same 32-bit offset limit as the attention kernel
+    return _write(codes, pages, dest, spec=spec, interpret=interpret), None, None
+
+
+def write_kernel(backend: str):
+    """Mode `int_block`'s write kernel for `backend` (`Mode.write_kernel`): this one on "gpu" where WRITE_KERNEL_ENV
+    is "1", else None (the reference writes, warned once)."""
+    return quantize_write if backend == "gpu" and os.environ.get(WRITE_KERNEL_ENV) == "1" else None
