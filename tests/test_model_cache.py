@@ -102,7 +102,10 @@ def test_quantized_decode_matches_faithful_pass(text):
     for prefill, chunk in ((25, 25), (25, 6)):
         steps = [[chunk, chunk]] * (prefill // chunk) + ([[prefill % chunk] * 2] if prefill % chunk else [])
         got = np.stack(run_schedule(r, list(text), steps + [[1, 1]] * (40 - prefill)))
-        assert np.abs(got - want).max() <= np.abs(dense - want).max()
+        # the largest difference lies inside the prefill, where these queries compute what the dense model does: the
+        # two sides are then the same number up to float error (ATOL), in either order (2026-12-07, an AMD host:
+        # 4.3558307 against 4.355827)
+        assert np.abs(got - want).max() <= np.abs(dense - want).max() + ATOL
         assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.9
 
 

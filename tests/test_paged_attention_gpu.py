@@ -827,8 +827,11 @@ def test_joined_value_fields_equal_separate_ones(kv, d, p, tuning, rng):
     bf16 precision, in bf16 parts at "high" or without f16). The same products, summed the same way, as one dot per
     field (`_variant="novjoin"`; `_same`), and the reference's result (`_check`), with ragged lengths including 0.
     Joined fields of undequantized codes (default for 4/2 and 2/2) unpack from 16-bit lanes when compiled: from bytes
-    they were wrong on the H200 (2026-12-05)."""
-    _same_as_base(rng, kv, d, p, 4, tuning, "novjoin", "vjoin")
+    they were wrong on the H200 (2026-12-05). Interpreted, to 1e-5 of the output's norm rather than bit for bit: a
+    joined dot has 2 or 4 times the contraction length of a field's, and XLA:CPU blocks and orders such sums by the
+    host's vector width (equal bit for bit on an AVX-512 host, 34 of 3,072 outputs 1 ulp-scale apart on an AVX2 AMD
+    EPYC, 2026-12-07)."""
+    _same_as_base(rng, kv, d, p, 4, tuning, "novjoin", "vjoin", exact=False)
 
 
 @pytest.mark.parametrize(
