@@ -162,7 +162,7 @@ def test_dispatcher_offers_the_kernel_only_when_enabled(rng, monkeypatch, caplog
     monkeypatch.delenv(ibk.WRITE_KERNEL_ENV, raising=False)
     with caplog.at_level("WARNING", logger="kvtuner_jax.modes"):
         got = quantize_write(pool, None, None, pages, dest, spec=spec, backend="gpu", interpret=True)[0]
-    assert not calls and "int_block" in caplog.text
+    assert not calls and "int_block" in caplog.text and ibk.WRITE_KERNEL_ENV in caplog.text
     np.testing.assert_array_equal(np.asarray(got), want)
     monkeypatch.setenv(ibk.WRITE_KERNEL_ENV, "1")
     got = quantize_write(pool, None, None, pages, dest, spec=spec, backend="gpu", interpret=not COMPILED)[0]

@@ -108,6 +108,15 @@ class IntBlockMode(Mode):
     def write_kernel(self, backend: str):
         return importlib.import_module("pallas_kernels.modes.int_block_kernels").write_kernel(backend)
 
+    def write_kernel_note(self, backend: str) -> str:
+        kernels = importlib.import_module("pallas_kernels.modes.int_block_kernels")
+        if backend != "gpu":
+            return ""
+        return (
+            " enabled (its GPU write kernel has not yet run compiled against the reference; "
+            f"{kernels.WRITE_KERNEL_ENV}=1 offers it)"
+        )
+
     def attention_kernel(self, backend: str, k_spec: KVSpec, v_spec: KVSpec):
         if backend != "gpu":
             return None
