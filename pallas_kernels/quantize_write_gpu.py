@@ -102,12 +102,20 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
     and the write is in place (eagerly, XLA copies the pool first).
     dest must not repeat a physical page (two programs would race on it).
     """
+    if not launchable(codes, pages, spec=spec):
+        return codes, scale, zero
+    return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)
+
+
+def launchable(codes, pages, *, spec: KVSpec) -> bool:
+    """The checks before a Triton write kernel's launch (this one's, and mode int_block's): raises where it cannot
+    write these pages (`unsupported`) or the pool is past 32-bit offsets; False where there is nothing to write."""
     reason = unsupported(pages, spec=spec)
     if reason:
         raise ValueError(f"{reason}; use backend='reference'")
     if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
-        return codes, scale, zero
+        return False
     from pallas_kernels.paged_attention_gpu import check_index_range
 
     check_index_range(codes=codes)  # same 32-bit offset limit as the attention kernel
-    return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)
+    return True

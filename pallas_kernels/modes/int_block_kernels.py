@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from kvtuner_jax.quant import scale_dtype_of
 from kvtuner_jax.specs import KVSpec
-from pallas_kernels import tile_quant
+from pallas_kernels import quantize_write_gpu, tile_quant
 from pallas_kernels.modes import int_block
 
 WRITE_KERNEL_ENV = "KVTUNER_INT_BLOCK_WRITE_KERNEL"
@@ -122,15 +122,9 @@ def _write(blocks, pages, dest, *, spec: KVSpec, interpret: bool):
 
 
 def unsupported(pages, *, spec: KVSpec) -> str | None:
-    """Why this kernel cannot write these pages (the dispatcher falls back to the reference under "auto"), or None."""
-    del spec
-    _, _, p, d = pages.shape
-    if p & (p - 1) or d & (d - 1):
-        return (
-            f"the GPU (Triton) write kernel of mode 'int_block' needs page_size and head_dim to be powers of two, got "
-            f"page_size={p}, head_dim={d}"
-        )
-    return None
+    """Why this kernel cannot write these pages (the dispatcher falls back to the reference under "auto"), or None:
+    mode int's Triton write kernel's shape limits, which are Triton's."""
+    return quantize_write_gpu.unsupported(pages, spec=spec)
 
 
 def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
@@ -140,14 +134,8 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: 
     physical page."""
     if scale is not None or zero is not None:
         raise ValueError("mode 'int_block' pools hold their scales and zero-points inside the blocks: pass None")
-    reason = unsupported(pages, spec=spec)
-    if reason:
-        raise ValueError(f"{reason}; use backend='reference'")
-    if pages.shape[1] == 0:  # nothing leaves the tail this step; an empty grid is not a valid kernel launch
+    if not quantize_write_gpu.launchable(codes, pages, spec=spec):
         return codes, None, None
-    from pallas_kernels.paged_attention_gpu import check_index_range
-
-    check_index_range(codes=codes)  # same 32-bit offset limit as the attention kernel
     return _write(codes, pages, dest, spec=spec, interpret=interpret), None, None
 
 
