@@ -72,18 +72,30 @@ def _case(rng, k_spec, v_spec, *, b=2, h=2, hg=2, tq=1, d=64, p=16, n=None, max_
 _FAST_COMPILE = {"xla_backend_optimization_level": 0} if INTERPRET else {}
 
 
-def _run(fn, *args, **kw):
-    """jit(fn(*args, **kw)) compiled with the test's compiler options (None arguments stay static)."""
+def _compile(fn, *args, **kw):
+    """jit(fn(*args, **kw)) compiled with the test's compiler options (None arguments stay static), as a function of
+    the arguments: call it with others of the same shapes and the same None places (e.g. clean and poisoned pools)
+    without compiling again."""
     idx = [i for i, a in enumerate(args) if a is not None]
 
     def f(*xs):
-        full = list(args)
+        full = [None] * len(args)
         for i, x in zip(idx, xs, strict=True):
             full[i] = x
         return fn(*full, **kw)
 
-    xs = [args[i] for i in idx]
-    return jax.jit(f).lower(*xs).compile(compiler_options=_FAST_COMPILE)(*xs)
+    compiled = jax.jit(f).lower(*[args[i] for i in idx]).compile(compiler_options=_FAST_COMPILE)
+
+    def call(*others):
+        assert [i for i, a in enumerate(others) if a is not None] == idx, "None in other places than compiled for"
+        return compiled(*[others[i] for i in idx])
+
+    return call
+
+
+def _run(fn, *args, **kw):
+    """jit(fn(*args, **kw)) compiled with the test's compiler options (None arguments stay static)."""
+    return _compile(fn, *args, **kw)(*args)
 
 
 def _kernel(*args, **kw):
@@ -111,10 +123,12 @@ def _same(a, b, exact: bool = True):
     assert np.linalg.norm(a[fin] - b[fin]) <= 1e-5 * max(np.linalg.norm(a[fin]), 1e-30)
 
 
-def _check(q, k, v, pt, nt, k_spec, v_spec, rtol=RTOL, **kw):
+def _check(q, k, v, pt, nt, k_spec, v_spec, rtol=RTOL, outputs=None, **kw):
+    """The kernel's (out, lse) at sm_scale 1/sqrt(head_dim) against the reference's; `outputs`: that call's results,
+    already computed (the kernel is not compiled again)."""
     sm = 1.0 / np.sqrt(q.shape[-1])
     args = (q, *k, *v, pt, nt)
-    out, lse = _kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm, **kw)
+    out, lse = outputs if outputs is not None else _kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm, **kw)
     ref, ref_lse = _reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm)
     out, lse, ref, ref_lse = map(np.asarray, (out, lse, ref, ref_lse))
     assert np.all(np.isfinite(out))
@@ -372,7 +386,6 @@ def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
     q, k, v, _, _ = _case(rng, ks, vs, b=2, hg=hg, n=n, p=p)
     nt = jnp.asarray([2 * p, p], jnp.int32)
     pt = np.asarray([[3, 5, -1, -1], [7, -1, -1, -1]], np.int32)
-    _check(q, k, v, jnp.asarray(pt), nt, ks, vs)
     bad = [i for i in range(n) if i not in (3, 5, 7)]  # page 0 is where a clipped -1 lands: poisoned too
 
     def poison(arr):
@@ -388,8 +401,12 @@ def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
         if tuning.get("pages_per_block") == 4:
             plan = gpu.stack_plan(_side(ks, p=p), _side(vs, p=p), hg, 16, p, 4, 4, 4, "stack", "", 2)
             assert plan[1] == 4, plan  # 4 stacked groups: 16 columns
-        clean = _kernel(q, *k, *v, jnp.asarray(pt), nt, k_spec=ks, v_spec=vs, sm_scale=sm, **tuning)
-        dirty = _kernel(q, *k2, *v2, pt2, nt, k_spec=ks, v_spec=vs, sm_scale=sm, **tuning)
+        kernel = _compile(paged_attention, q, *k, *v, jnp.asarray(pt), nt, k_spec=ks, v_spec=vs, sm_scale=sm,
+                          interpret=INTERPRET, **tuning)  # fmt: skip
+        clean = kernel(q, *k, *v, jnp.asarray(pt), nt)
+        dirty = kernel(q, *k2, *v2, pt2, nt)  # the same program: only the data differ
+        if not tuning:
+            _check(q, k, v, jnp.asarray(pt), nt, ks, vs, outputs=clean)  # the clean run is right
         for a, b in zip(clean, dirty, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -787,20 +804,20 @@ def test_one_page_blocks_need_no_row_selects(kv, d, p, tuning, rng):
 def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item, exact: bool = True):
     """The kernel with `_variant` item `item` added to the case's own variant gives the outputs of the kernel with
     `base_item` added ("" for none) on fresh random pools with ragged lengths including 0 (`_same`), and the
-    reference's result at the precision's tolerance (`_check`)."""
+    reference's result at the precision's tolerance (`_check`, on the same call's outputs: two compiles a case)."""
     ks, vs = kv
     q, k, v, pt, nt = _case(rng, ks, vs, d=d, p=p, hg=hg, b=3, max_pages=4, lengths=[0, 4 * p, 3 * p])
     args = (q, *k, *v, pt, nt)
     tuning = dict(tuning)
     variant = tuning.pop("_variant", "")
+    sm = 1.0 / np.sqrt(d)  # _check's scale
     base, new = (
-        _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=0.1, _variant=",".join(x for x in (variant, it) if x), **tuning)
+        _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=sm, _variant=",".join(x for x in (variant, it) if x), **tuning)
         for it in (base_item, item)
     )
     for a, b in zip(base, new, strict=True):
         _same(a, b, exact)
-    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, _variant=variant + "," + item,
-           **tuning)  # fmt: skip
+    _check(q, k, v, pt, nt, ks, vs, rtol=2e-2 if tuning.get("parts") == 1 else RTOL, outputs=new)
 
 
 @pytest.mark.parametrize(
