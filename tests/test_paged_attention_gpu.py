@@ -123,10 +123,15 @@ def _same(a, b, exact: bool = True):
     assert np.linalg.norm(a[fin] - b[fin]) <= 1e-5 * max(np.linalg.norm(a[fin]), 1e-30)
 
 
+def _sm_scale(q):
+    """The softmax scale `_check` assumes: 1/sqrt(head_dim)."""
+    return 1.0 / np.sqrt(q.shape[-1])
+
+
 def _check(q, k, v, pt, nt, k_spec, v_spec, rtol=RTOL, outputs=None, **kw):
-    """The kernel's (out, lse) at sm_scale 1/sqrt(head_dim) against the reference's; `outputs`: that call's results,
+    """The kernel's (out, lse) at sm_scale `_sm_scale(q)` against the reference's; `outputs`: that call's results,
     already computed (the kernel is not compiled again)."""
-    sm = 1.0 / np.sqrt(q.shape[-1])
+    sm = _sm_scale(q)
     args = (q, *k, *v, pt, nt)
     out, lse = outputs if outputs is not None else _kernel(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm, **kw)
     ref, ref_lse = _reference(*args, k_spec=k_spec, v_spec=v_spec, sm_scale=sm)
@@ -385,7 +390,7 @@ def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
     n, p = 10, 16
     q, k, v, _, _ = _case(rng, ks, vs, b=2, hg=hg, n=n, p=p)
     nt = jnp.asarray([2 * p, p], jnp.int32)
-    pt = np.asarray([[3, 5, -1, -1], [7, -1, -1, -1]], np.int32)
+    pt = jnp.asarray([[3, 5, -1, -1], [7, -1, -1, -1]], jnp.int32)
     bad = [i for i in range(n) if i not in (3, 5, 7)]  # page 0 is where a clipped -1 lands: poisoned too
 
     def poison(arr):
@@ -396,17 +401,17 @@ def test_poisoned_pages_do_not_leak(kv, hg, tunings, rng):
 
     k2, v2 = tuple(map(poison, k)), tuple(map(poison, v))
     pt2 = jnp.asarray([[3, 5, 1, 2], [7, 4, -1, 6]], jnp.int32)
-    sm = 1.0 / np.sqrt(q.shape[-1])
+    sm = _sm_scale(q)
     for tuning in (dict(), dict(pages_per_block=1, num_splits=4), *tunings):
         if tuning.get("pages_per_block") == 4:
             plan = gpu.stack_plan(_side(ks, p=p), _side(vs, p=p), hg, 16, p, 4, 4, 4, "stack", "", 2)
             assert plan[1] == 4, plan  # 4 stacked groups: 16 columns
-        kernel = _compile(paged_attention, q, *k, *v, jnp.asarray(pt), nt, k_spec=ks, v_spec=vs, sm_scale=sm,
+        kernel = _compile(paged_attention, q, *k, *v, pt, nt, k_spec=ks, v_spec=vs, sm_scale=sm,
                           interpret=INTERPRET, **tuning)  # fmt: skip
-        clean = kernel(q, *k, *v, jnp.asarray(pt), nt)
+        clean = kernel(q, *k, *v, pt, nt)
         dirty = kernel(q, *k2, *v2, pt2, nt)  # the same program: only the data differ
         if not tuning:
-            _check(q, k, v, jnp.asarray(pt), nt, ks, vs, outputs=clean)  # the clean run is right
+            _check(q, k, v, pt, nt, ks, vs, outputs=clean)  # the clean run is right
         for a, b in zip(clean, dirty, strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -810,7 +815,7 @@ def _same_as_base(rng, kv, d, p, hg, tuning, base_item, item, exact: bool = True
     args = (q, *k, *v, pt, nt)
     tuning = dict(tuning)
     variant = tuning.pop("_variant", "")
-    sm = 1.0 / np.sqrt(d)  # _check's scale
+    sm = _sm_scale(q)  # _check's scale
     base, new = (
         _kernel(*args, k_spec=ks, v_spec=vs, sm_scale=sm, _variant=",".join(x for x in (variant, it) if x), **tuning)
         for it in (base_item, item)
