@@ -408,8 +408,8 @@ def bench_jax_bf16(b, ctx, page, args) -> dict:
 
 def bench_quantize_write(b, page, args) -> dict:
     """quantize_write(..., backend='gpu'): one decode step's B whole pages of K into one layer's pool. Modes `int`
-    ('4', '2', '8': the Triton write kernel) and `int_block` ('4b', '2b': its Triton write kernel where
-    KVTUNER_INT_BLOCK_WRITE_KERNEL=1, else the jnp reference, compiled by XLA, as the dispatcher runs it)."""
+    ('4', '2', '8': the Triton write kernel) and `int_block` ('4b', '2b': its own Triton write kernel,
+    `pallas_kernels.modes.int_block_kernels`), as the dispatcher runs them."""
     from pallas_kernels.quantize_write import quantize_write
 
     out = {}

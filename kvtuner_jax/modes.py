@@ -167,11 +167,6 @@ class Mode:
         or None (the dispatcher then runs the reference)."""
         return None
 
-    def write_kernel_note(self, backend: str) -> str:
-        """Why `write_kernel(backend)` gave None, for the dispatcher's one-time warning ("" says nothing more)."""
-        del backend
-        return ""
-
     def attention_kernel(self, backend: str, k_spec: KVSpec, v_spec: KVSpec) -> Callable | None:
         """A paged-attention kernel for this (K, V) spec pair, with the signature of
         `pallas_kernels.paged_attention_gpu.paged_attention` (q, k_codes, ..., num_tokens, *, k_spec, v_spec,

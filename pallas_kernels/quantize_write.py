@@ -98,8 +98,7 @@ def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, backend: st
     if kernel is None:
         modes.warn_once(
             (mode.name, "write", backend),
-            f"KV mode {mode.name!r} has no {backend} write kernel{mode.write_kernel_note(backend)}; its pages are "
-            "written by the jnp reference path",
+            f"KV mode {mode.name!r} has no {backend} write kernel; its pages are written by the jnp reference path",
         )
         return quantize_write_reference(codes, scale, zero, pages, dest, spec=spec)
     # A kernel module may say which shapes it cannot write (`unsupported(pages, *, spec)`): "auto" then uses the

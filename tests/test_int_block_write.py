@@ -142,9 +142,9 @@ def test_refusals():
         ibk.quantize_write(pool, jnp.ones((1, 2, 24, 1)), None, pages, dest, spec=spec, interpret=True)
 
 
-def test_dispatcher_offers_the_kernel_only_when_enabled(rng, monkeypatch, caplog):
-    """backend="gpu": the reference writes (warned) until WRITE_KERNEL_ENV is 1, then this kernel; "auto" writes
-    pages it cannot (24 tokens) with the reference, byte for byte the same."""
+def test_dispatcher_writes_gpu_pages_with_the_kernel(rng, monkeypatch, caplog):
+    """backend="gpu": this kernel writes; "tpu" (no kernel): the reference, warned once; "auto" writes pages the
+    kernel cannot (24 tokens) with the reference: byte for byte the same each time."""
     import pallas_kernels.paged_attention as pa
 
     calls = []
@@ -159,14 +159,13 @@ def test_dispatcher_offers_the_kernel_only_when_enabled(rng, monkeypatch, caplog
     spec, p, d = CASES[0]
     pool, pages, dest = _pool(rng, spec, 2, 3, p, d), _pages(rng, 2, 1, p, d), jnp.asarray([1], jnp.int32)
     want = np.asarray(_reference(pool, pages, dest, spec))
-    monkeypatch.delenv(ibk.WRITE_KERNEL_ENV, raising=False)
-    with caplog.at_level("WARNING", logger="kvtuner_jax.modes"):
-        got = quantize_write(pool, None, None, pages, dest, spec=spec, backend="gpu", interpret=True)[0]
-    assert not calls and "int_block" in caplog.text and ibk.WRITE_KERNEL_ENV in caplog.text
-    np.testing.assert_array_equal(np.asarray(got), want)
-    monkeypatch.setenv(ibk.WRITE_KERNEL_ENV, "1")
     got = quantize_write(pool, None, None, pages, dest, spec=spec, backend="gpu", interpret=not COMPILED)[0]
     assert calls == [1]
+    np.testing.assert_array_equal(np.asarray(got), want)
+    monkeypatch.setattr(modes, "_WARNED", set())  # warned once a process: forget earlier tests' warnings
+    with caplog.at_level("WARNING", logger="kvtuner_jax.modes"):
+        got = quantize_write(pool, None, None, pages, dest, spec=spec, backend="tpu", interpret=True)[0]
+    assert calls == [1] and "'int_block' has no tpu write kernel" in caplog.text
     np.testing.assert_array_equal(np.asarray(got), want)
     spec24 = _spec(8, 128)
     pool24 = _pool(rng, spec24, 1, 2, 24, 128)
