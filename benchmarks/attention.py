@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -409,39 +410,58 @@ def bench_jax_bf16(b, ctx, page, args) -> dict:
 def bench_quantize_write(b, page, args) -> dict:
     """quantize_write(..., backend='gpu'): one decode step's B whole pages of K into one layer's pool. Modes `int`
     ('4', '2', '8': the Triton write kernel) and `int_block` ('4b', '2b': its own Triton write kernel,
-    `pallas_kernels.modes.int_block_kernels`), as the dispatcher runs them."""
+    `pallas_kernels.modes.int_block_kernels`), as the dispatcher runs them; each setting of `--write-tunings` other
+    than {} (e.g. {"rows": 16, "num_warps": 2}) calls the mode's kernel with it, keyed with its values."""
+    from kvtuner_jax import modes
     from pallas_kernels.quantize_write import quantize_write
 
     out = {}
-    for name in ("4", "2", "8", "4b", "2b"):
+    for name, tw in itertools.product(("4", "2", "8", "4b", "2b"), json.loads(args.write_tunings)):
         spec = spec_pair(f"{name}/{name}")[0]
-        n = 4096
-        codes, scale, zero = make_store(jax.random.key(5), spec, n, page)
-        pages = [jax.random.normal(jax.random.key(10 + i), (H, b, page, D), jnp.bfloat16) for i in range(4)]
-        dests = [jax.random.permutation(jax.random.key(20 + i), n)[:b].astype(jnp.int32) for i in range(4)]
-
-        @functools.partial(jax.jit, donate_argnums=(0,))
-        def many(pool, pg, ds, spec=spec):
-            def body(step, pool):
-                c, s, z = pool
-                return quantize_write(c, s, z, pg[step % 4], ds[step % 4], spec=spec, backend="gpu")
-
-            return jax.lax.fori_loop(0, args.reps, body, pool)
-
-        pool = (codes, scale, zero)
-        pg, ds = jnp.stack(pages), jnp.stack(dests)
-        pool = jax.block_until_ready(many(pool, pg, ds))
-        ts = []
-        for _ in range(args.trials):
-            t0 = time.perf_counter()
-            pool = jax.block_until_ready(many(pool, pg, ds))
-            ts.append((time.perf_counter() - t0) / args.reps)
-        out[f"k{name}_token_G{D}{'_int_block' if spec.mode == 'int_block' else ''}"] = float(np.median(ts))
-        trace = trace_folder(args, f"quantize_write_k{name}", b, page)
-        if trace:
-            with jax.profiler.trace(trace):
-                pool = jax.block_until_ready(many(pool, pg, ds))
+        setting = "".join(f"_{k}{v}" for k, v in sorted(tw.items()))
+        key = f"k{name}_token_G{D}{'_int_block' if spec.mode == 'int_block' else ''}{setting}"
+        write = (
+            functools.partial(quantize_write, backend="gpu")
+            if not tw
+            else functools.partial(modes.mode_of(spec).write_kernel("gpu"), **tw)
+        )
+        try:
+            out[key] = _time_write(
+                write, spec, b, page, args, trace_folder(args, f"quantize_write_k{name}{setting}", b, page)
+            )
+        except Exception as e:  # one setting that cannot run (e.g. refused) does not lose the others
+            out[key] = repr(e)[:200]
     return out
+
+
+def _time_write(write, spec, b, page, args, trace) -> float:
+    """Seconds a call of `write` takes (median of `args.trials` loops of `args.reps` calls), each call one step's
+    `b` whole pages into one layer's pool."""
+    n = 4096
+    codes, scale, zero = make_store(jax.random.key(5), spec, n, page)
+    pages = [jax.random.normal(jax.random.key(10 + i), (H, b, page, D), jnp.bfloat16) for i in range(4)]
+    dests = [jax.random.permutation(jax.random.key(20 + i), n)[:b].astype(jnp.int32) for i in range(4)]
+
+    @functools.partial(jax.jit, donate_argnums=(0,))
+    def many(pool, pg, ds, spec=spec, write=write):
+        def body(step, pool):
+            c, s, z = pool
+            return write(c, s, z, pg[step % 4], ds[step % 4], spec=spec)
+
+        return jax.lax.fori_loop(0, args.reps, body, pool)
+
+    pool = (codes, scale, zero)
+    pg, ds = jnp.stack(pages), jnp.stack(dests)
+    pool = jax.block_until_ready(many(pool, pg, ds))
+    ts = []
+    for _ in range(args.trials):
+        t0 = time.perf_counter()
+        pool = jax.block_until_ready(many(pool, pg, ds))
+        ts.append((time.perf_counter() - t0) / args.reps)
+    if trace:
+        with jax.profiler.trace(trace):
+            pool = jax.block_until_ready(many(pool, pg, ds))
+    return float(np.median(ts))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -469,6 +489,11 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--quantize-write", action="store_true", help="also time quantize_write(backend='gpu')")
+    ap.add_argument(
+        "--write-tunings",
+        default="[{}]",
+        help='with --quantize-write: JSON list of write-kernel settings, e.g. [{}, {"rows": 16, "num_warps": 2}]',
+    )
     ap.add_argument("--tunings", default=None, help="JSON list of tuning dicts: time every config under each")
     ap.add_argument("--once", default=None, help="run this config once at the first batch/context and exit (ncu)")
     ap.add_argument("--interpret", action="store_true", help="CPU dry run of this script (kernel in interpret mode)")

@@ -1,7 +1,10 @@
 """Packed page write, GPU kernel (Pallas, Triton lowering): quantize whole pages, pack, write them into the pool.
 
-One program per (page m, KV head h): load the page tile [P, D], quantize and pack it (`tile_quant`, reshape style),
-and store codes / scale / zero at physical page dest[m] of head h, or nothing when dest[m] < 0. The pool arrays are
+One program per (page m, KV head h, block of `rows` tokens; `rows` = P, a whole page, by default): load the tile
+[rows, D], quantize and pack it (`tile_quant`, reshape style), and store codes / scale / zero at its rows of physical
+page dest[m] of head h, or nothing when dest[m] < 0. Blocks of fewer tokens give more programs (a decode step's
+32 pages x 8 heads are 256 programs of 4 warps, ~8 warps an SM on an H100); per-channel keys need whole quantization
+groups of tokens in a block (`rows` a multiple of group_size). The pool arrays are
 aliased input -> output, so under `jax.jit(..., donate_argnums=...)` the write happens in place and only the written
 pages are touched.
 
@@ -37,13 +40,17 @@ def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec):
     codes_ref, *param_refs = refs[n_pool:]
     m = pl.program_id(0)
     h = pl.program_id(1)
+    k = pl.program_id(2)  # which block of tokens of the page
     d = dest_ref[m]
+
+    def store(ref, tile):  # the tile's rows of the pool's page: block k holds the k-th run of rows of each array
+        ref[h, d, pl.ds(k * tile.shape[0], tile.shape[0])] = tile
 
     @pl.when(d >= 0)
     def _():
         x = pages_ref[...]
         if not spec.quantized:
-            codes_ref[h, d] = x.astype(codes_ref.dtype)
+            store(codes_ref, x.astype(codes_ref.dtype))
             return
         codes, scale, zero = tile_quant.quantize_tile(
             x,
@@ -54,28 +61,49 @@ def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec):
             scale_dtype=scale_dtype_of(spec.scale_dtype),
             reshape=True,
         )
-        codes_ref[h, d] = codes
-        param_refs[0][h, d] = scale
+        store(codes_ref, codes)
+        store(param_refs[0], scale)
         if zero is not None:
-            param_refs[1][h, d] = zero
+            store(param_refs[1], zero)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
-def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool):
+ROWS = None  # tokens a program writes (None: the whole page)
+NUM_WARPS = 4
+
+
+def check_rows(rows: int | None, num_warps: int, p: int, spec: KVSpec) -> int:
+    """`rows` resolved (None -> P), or ValueError naming what a block of tokens must be."""
+    rows = p if rows is None else rows
+    if not (_is_pow2(rows) and rows <= p and p % rows == 0):
+        raise ValueError(f"write kernel rows={rows}: expected a power of two dividing page_size={p}")
+    if spec.quantized and spec.axis == "channel" and rows % spec.group_size:
+        raise ValueError(
+            f"write kernel rows={rows}: per-channel keys are quantized {spec.group_size} tokens at a time, so rows "
+            f"must be a multiple of group_size={spec.group_size}"
+        )
+    if spec.quantized and rows * spec.bits % 8:
+        raise ValueError(f"write kernel rows={rows}: {spec.bits}-bit codes need rows * bits to be whole bytes")
+    if num_warps not in (1, 2, 4, 8):
+        raise ValueError(f"write kernel num_warps={num_warps}: expected 1, 2, 4 or 8")
+    return rows
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "interpret", "rows", "num_warps"))
+def _write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool, rows: int, num_warps: int):
     h, m, p, d = pages.shape
     pool = [a for a in (codes, scale, zero) if a is not None]
     out = pl.pallas_call(
         functools.partial(_kernel, spec=spec),
-        grid=(m, h),
+        grid=(m, h, p // rows),
         in_specs=[
             pl.BlockSpec(memory_space=pl.ANY),  # dest, whole
-            pl.BlockSpec((None, None, p, d), lambda i, j: (j, i, 0, 0)),
+            pl.BlockSpec((None, None, rows, d), lambda i, j, k: (j, i, k, 0)),
             *[pl.BlockSpec(memory_space=pl.ANY) for _ in pool],
         ],
         out_specs=[pl.BlockSpec(memory_space=pl.ANY) for _ in pool],
         out_shape=[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in pool],
         input_output_aliases={2 + i: i for i in range(len(pool))},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"quantize_write_b{spec.bits}_{spec.axis}",
     )(dest.astype(jnp.int32), pages, *pool)
@@ -94,17 +122,31 @@ def unsupported(pages, *, spec: KVSpec) -> str | None:
     return None
 
 
-def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
+def quantize_write(
+    codes,
+    scale,
+    zero,
+    pages,
+    dest,
+    *,
+    spec: KVSpec,
+    interpret: bool = False,
+    rows: int | None = None,
+    num_warps: int | None = None,
+):
     """Quantize `pages` [H, M, P, D] per `spec`, pack, and write page m to physical page dest[m] (skip if < 0).
 
     codes/scale/zero: the pool in `pallas_kernels.layout` (scale/zero None where the layout has none). Returns the
     updated `(codes, scale, zero)`. The pool is aliased input -> output: call this inside a jit that donates the pool
     and the write is in place (eagerly, XLA copies the pool first).
-    dest must not repeat a physical page (two programs would race on it).
+    dest must not repeat a physical page (two programs would race on it). rows / num_warps: tokens a program writes
+    and its warps (defaults `ROWS`, `NUM_WARPS`; `check_rows` says what they may be).
     """
     if not launchable(codes, pages, spec=spec):
         return codes, scale, zero
-    return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret)
+    num_warps = NUM_WARPS if num_warps is None else num_warps
+    rows = check_rows(ROWS if rows is None else rows, num_warps, pages.shape[2], spec)
+    return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps)
 
 
 def launchable(codes, pages, *, spec: KVSpec) -> bool:

@@ -110,6 +110,27 @@ def test_write_bit_exact_and_other_pages_untouched(case, rng):
     assert (err <= 0.5 * step + 3 * 2.0**-8 * amax + 1e-3).all()
 
 
+@pytest.mark.parametrize(
+    "case,rows,warps",
+    [(CASES[0], 16, 4), (CASES[1], 8, 2), (CASES[3], 4, 1), (CASES[6], 4, 4), (CASES[7], 32, 2)],
+    ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x),
+)
+def test_write_in_token_blocks_is_the_same(case, rows, warps, rng):
+    """`rows` tokens a program (several programs a page): each block's rows land at their own swizzle and its scales
+    and zero-points at their own bytes, and only the first block pads: byte for byte the reference's write."""
+    spec, p, d = case
+    pool = _pool(rng, spec, 2, 5, p, d)
+    pages = _pages(rng, 2, 2, p, d)
+    dest = jnp.asarray([3, 0], jnp.int32)
+    want = np.asarray(_reference(pool, pages, dest, spec))
+    got = ibk.quantize_write(
+        pool, None, None, pages, dest, spec=spec, interpret=not COMPILED, rows=rows, num_warps=warps
+    )
+    got = np.asarray(got[0])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[:, [1, 2, 4]], np.asarray(pool)[:, [1, 2, 4]])
+
+
 def test_all_dest_negative_and_empty_writes_change_nothing(rng):
     spec, p, d = CASES[0]
     pool = _pool(rng, spec, 2, 3, p, d)

@@ -121,6 +121,55 @@ def test_write_bit_exact_and_other_pages_untouched(backend, case, rng):
             np.testing.assert_array_equal(_bytes(g)[:, keep], b.view(np.uint8)[:, keep])
 
 
+# (case, rows, warps): the GPU kernel writing blocks of a page's tokens, each block its own program: per-token codes in
+# blocks of 8 and 4 rows; per-channel codes in blocks of one quantization group (2-bit: 4 code rows of 16 tokens) and
+# of two (8-bit, G 16, bf16 scales); unquantized pages in blocks of 4; fewer warps
+ROW_BLOCKS = [
+    (CASES[0], 8, 4),
+    (CASES[3], 4, 2),
+    ((_spec(2, "channel", 16, sym=True), 64, 64), 16, 4),
+    ((_spec(8, "channel", 16, sdt="bfloat16"), 64, 64), 32, 1),
+    (CASES[2], 8, 2),
+    (CASES[-1], 4, 4),
+]
+
+
+@pytest.mark.parametrize("case,rows,warps", ROW_BLOCKS, ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x))
+def test_gpu_write_in_token_blocks_is_the_same(case, rows, warps, rng):
+    """`rows` tokens a program (several programs a page): byte for byte the reference's write, other pages kept."""
+    from pallas_kernels import quantize_write_gpu
+
+    spec, p, d = case
+    pool = _poisoned_pool(rng, spec, 2, 5, p, d)
+    before = [None if a is None else np.array(a) for a in pool]
+    pages = _pages(rng, 2, 2, p, d)
+    dest = jnp.array([3, 0], jnp.int32)
+    want = _reference(*pool, pages, dest, spec=spec)
+    got = quantize_write_gpu.quantize_write(
+        *pool, pages, dest, spec=spec, interpret=INTERPRET["gpu"], rows=rows, num_warps=warps
+    )
+    _assert_same_bytes(got, want)
+    for g, b in zip(got, before, strict=True):
+        if g is not None:
+            np.testing.assert_array_equal(_bytes(g)[:, [1, 2, 4]], b.view(np.uint8)[:, [1, 2, 4]])
+
+
+def test_gpu_write_refuses_token_blocks_it_cannot_write():
+    from pallas_kernels import quantize_write_gpu
+
+    pages, dest = jnp.ones((1, 1, 16, 64), jnp.bfloat16), jnp.zeros((1,), jnp.int32)
+    for spec, rows, warps, match in (
+        (_spec(4, "token", 16), 12, 4, "rows=12: expected a power of two dividing page_size=16"),
+        (_spec(4, "token", 16), 32, 4, "rows=32: expected a power of two dividing page_size=16"),
+        (_spec(2, "channel", 16), 8, 4, "multiple of group_size=16"),
+        (_spec(2, "token", 16), 2, 4, "whole bytes"),
+        (_spec(8, "token", 16), 8, 3, "num_warps=3"),
+    ):
+        pool = layout.allocate(spec, 1, 2, 16, 64)
+        with pytest.raises(ValueError, match=re.escape(match)):
+            quantize_write_gpu.quantize_write(*pool, pages, dest, spec=spec, rows=rows, num_warps=warps)
+
+
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 def test_all_dest_negative_writes_nothing(backend, rng):
     spec, p, d = _spec(4, "channel", 16), 16, 64

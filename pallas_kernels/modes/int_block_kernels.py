@@ -44,9 +44,10 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def swizzled_columns(p: int, w: int):
-    """[P, W] int32: the byte column where code row r's byte c is stored (`int_block.swizzle_rows`'s permutation)."""
-    rows = lax.broadcasted_iota(jnp.int32, (p, w), 0)
+def swizzled_columns(p: int, w: int, first=0):
+    """[P, W] int32: the byte column where code row `first` + r's byte c is stored (`int_block.swizzle_rows`'s
+    permutation)."""
+    rows = first + lax.broadcasted_iota(jnp.int32, (p, w), 0)
     cols = lax.broadcasted_iota(jnp.int32, (p, w), 1)
     s = int_block.swizzle_bytes(w)
     if not s:
@@ -57,11 +58,11 @@ def swizzled_columns(p: int, w: int):
     return cols - cols % s + jnp.bitwise_xor(chunk, f) * 16 + cols % 16
 
 
-def _store_bytes(ref, h, d, p: int, w: int, first: int, values):
-    """Store 16-bit `values` [P, G'] as little-endian bytes at flat byte `first` + 2 x (t G' + j) of page d's
-    parameter rows (the rows after its P code rows)."""
+def _store_bytes(ref, h, d, p: int, w: int, first: int, values, t0=0):
+    """Store 16-bit `values` [T, G'] of tokens t0 .. t0 + T - 1 as little-endian bytes at flat byte
+    `first` + 2 x (t G' + j) of page d's parameter rows (the rows after its P code rows)."""
     u = lax.bitcast_convert_type(values, jnp.uint16).astype(jnp.int32)
-    t = lax.broadcasted_iota(jnp.int32, u.shape, 0)
+    t = t0 + lax.broadcasted_iota(jnp.int32, u.shape, 0)
     j = lax.broadcasted_iota(jnp.int32, u.shape, 1)
     off = first + 2 * (t * u.shape[1] + j)
     for k in range(2):  # low byte, then high byte
@@ -69,12 +70,14 @@ def _store_bytes(ref, h, d, p: int, w: int, first: int, values):
         ref[h, d, p + at // w, at % w] = jnp.right_shift(u, 8 * k).__and__(0xFF).astype(jnp.uint8)
 
 
-def _kernel(dest_ref, pages_ref, blocks_in_ref, blocks_ref, *, spec: KVSpec):
+def _kernel(dest_ref, pages_ref, blocks_in_ref, blocks_ref, *, spec: KVSpec, p: int):
     del blocks_in_ref  # aliased to blocks_ref
     m = pl.program_id(0)
     h = pl.program_id(1)
+    k = pl.program_id(2)  # which block of tokens of the page
     d = dest_ref[m]
-    p, head_dim = pages_ref.shape
+    rows, head_dim = pages_ref.shape
+    t0 = k * rows  # the block's first token
     w = int_block.row_bytes(spec, head_dim)
 
     @pl.when(d >= 0)
@@ -88,34 +91,37 @@ def _kernel(dest_ref, pages_ref, blocks_in_ref, blocks_ref, *, spec: KVSpec):
             scale_dtype=scale_dtype_of(spec.scale_dtype),
             reshape=True,
         )
-        rows = lax.broadcasted_iota(jnp.int32, (p, w), 0)
-        blocks_ref[h, d, rows, swizzled_columns(p, w)] = codes
+        code_rows = t0 + lax.broadcasted_iota(jnp.int32, (rows, w), 0)
+        blocks_ref[h, d, code_rows, swizzled_columns(rows, w, t0)] = codes
         nbytes = int_block.param_bytes(spec, p, head_dim)
-        _store_bytes(blocks_ref, h, d, p, w, 0, scale)
+        _store_bytes(blocks_ref, h, d, p, w, 0, scale, t0)
         if zero is not None:
-            _store_bytes(blocks_ref, h, d, p, w, nbytes // 2, zero)
+            _store_bytes(blocks_ref, h, d, p, w, nbytes // 2, zero, t0)
         pad = int_block.param_rows(spec, p, head_dim) * w - nbytes
-        if pad:  # zeros after the last value, as `join` pads: a power-of-two tile whose spare lanes repeat the last
-            # pad byte (the same zero to the same byte, so they do not race with anything)
-            at = jnp.minimum(nbytes + lax.broadcasted_iota(jnp.int32, (_pow2(pad),), 0), nbytes + pad - 1)
-            blocks_ref[h, d, p + at // w, at % w] = jnp.zeros(at.shape, jnp.uint8)
+
+        @pl.when(k == 0)
+        def _():
+            if pad:  # zeros after the last value, as `join` pads: a power-of-two tile whose spare lanes repeat the
+                # last pad byte (the same zero to the same byte, so they do not race with anything)
+                at = jnp.minimum(nbytes + lax.broadcasted_iota(jnp.int32, (_pow2(pad),), 0), nbytes + pad - 1)
+                blocks_ref[h, d, p + at // w, at % w] = jnp.zeros(at.shape, jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "interpret"))
-def _write(blocks, pages, dest, *, spec: KVSpec, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("spec", "interpret", "rows", "num_warps"))
+def _write(blocks, pages, dest, *, spec: KVSpec, interpret: bool, rows: int, num_warps: int):
     h, m, p, d = pages.shape
     return pl.pallas_call(
-        functools.partial(_kernel, spec=spec),
-        grid=(m, h),
+        functools.partial(_kernel, spec=spec, p=p),
+        grid=(m, h, p // rows),
         in_specs=[
             pl.BlockSpec(memory_space=pl.ANY),  # dest, whole
-            pl.BlockSpec((None, None, p, d), lambda i, j: (j, i, 0, 0)),
+            pl.BlockSpec((None, None, rows, d), lambda i, j, k: (j, i, k, 0)),
             pl.BlockSpec(memory_space=pl.ANY),
         ],
         out_specs=pl.BlockSpec(memory_space=pl.ANY),
         out_shape=jax.ShapeDtypeStruct(blocks.shape, blocks.dtype),
         input_output_aliases={2: 0},
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name=f"quantize_write_int_block_b{spec.bits}",
     )(dest.astype(jnp.int32), pages, blocks)
@@ -127,16 +133,32 @@ def unsupported(pages, *, spec: KVSpec) -> str | None:
     return quantize_write_gpu.unsupported(pages, spec=spec)
 
 
-def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False):
+def quantize_write(
+    codes,
+    scale,
+    zero,
+    pages,
+    dest,
+    *,
+    spec: KVSpec,
+    interpret: bool = False,
+    rows: int | None = None,
+    num_warps: int | None = None,
+):
     """Quantize `pages` [H, M, P, D] per `spec` (mode `int_block`) and write page m as its block at physical page
     dest[m] of the pool `codes` [H, N, P + R, W] (skip where dest[m] < 0); `scale` and `zero` are None (the blocks
     hold them). Returns `(codes, None, None)`. In place under a jit that donates the pool; dest must not repeat a
-    physical page."""
+    physical page. rows / num_warps: tokens a program writes and its warps, as mode int's write kernel's
+    (`quantize_write_gpu.ROWS`, `NUM_WARPS` by default)."""
     if scale is not None or zero is not None:
         raise ValueError("mode 'int_block' pools hold their scales and zero-points inside the blocks: pass None")
     if not quantize_write_gpu.launchable(codes, pages, spec=spec):
         return codes, None, None
-    return _write(codes, pages, dest, spec=spec, interpret=interpret), None, None
+    num_warps = quantize_write_gpu.NUM_WARPS if num_warps is None else num_warps
+    rows = quantize_write_gpu.check_rows(
+        quantize_write_gpu.ROWS if rows is None else rows, num_warps, pages.shape[2], spec
+    )
+    return _write(codes, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps), None, None
 
 
 def write_kernel(backend: str):
