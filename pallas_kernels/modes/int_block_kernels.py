@@ -98,11 +98,11 @@ def _kernel(dest_ref, pages_ref, blocks_in_ref, blocks_ref, *, spec: KVSpec, p: 
         if zero is not None:
             _store_bytes(blocks_ref, h, d, p, w, nbytes // 2, zero, t0)
         pad = int_block.param_rows(spec, p, head_dim) * w - nbytes
-
-        @pl.when(k == 0)
-        def _():
-            if pad:  # zeros after the last value, as `join` pads: a power-of-two tile whose spare lanes repeat the
-                # last pad byte (the same zero to the same byte, so they do not race with anything)
+        if pad:
+            # zeros after the last value, as `join` pads, by the page's first block: a power-of-two tile whose spare
+            # lanes repeat the last pad byte (the same zero to the same byte, so they do not race with anything)
+            @pl.when(k == 0)
+            def _():
                 at = jnp.minimum(nbytes + lax.broadcasted_iota(jnp.int32, (_pow2(pad),), 0), nbytes + pad - 1)
                 blocks_ref[h, d, p + at // w, at % w] = jnp.zeros(at.shape, jnp.uint8)
 
