@@ -1,12 +1,13 @@
 """Packed page write, GPU kernel (Pallas, Triton lowering): quantize whole pages, pack, write them into the pool.
 
-One program per (page m, KV head h, block of `rows` tokens; `rows` = P, a whole page, by default): load the tile
+One program per (page m, KV head h, block of `rows` tokens; `default_tiling` says how many): load the tile
 [rows, D], quantize and pack it (`tile_quant`, reshape style), and store codes / scale / zero at its rows of physical
-page dest[m] of head h, or nothing when dest[m] < 0. Blocks of fewer tokens give more programs (a decode step's
-32 pages x 8 heads are 256 programs of 4 warps, ~8 warps an SM on an H100); per-channel keys need whole quantization
-groups of tokens in a block (`rows` a multiple of group_size). The pool arrays are
-aliased input -> output, so under `jax.jit(..., donate_argnums=...)` the write happens in place and only the written
-pages are touched.
+page dest[m] of head h, or nothing when dest[m] < 0. Blocks of fewer tokens give more programs: as whole pages of 4
+warps, a decode step's 32 pages x 8 heads are 256 programs, ~8 warps an SM on an H100, and the kernel took 11 us for
+5 MB; per-token pages now go in blocks of 16 tokens of 2 warps (1,024 programs, 7 us). Per-channel keys need whole
+quantization groups of tokens in a block (`rows` a multiple of group_size). The pool arrays are aliased input ->
+output, so under `jax.jit(..., donate_argnums=...)` the write happens in place and only the written pages are
+touched.
 
 Triton needs every in-kernel array size to be a power of two, so page_size and head_dim must be powers of two
 (every group size that divides them then is one too). Other shapes: use the reference backend.
@@ -67,13 +68,19 @@ def _kernel(dest_ref, pages_ref, *refs, spec: KVSpec):
             store(param_refs[1], zero)
 
 
-ROWS = None  # tokens a program writes (None: the whole page)
-NUM_WARPS = 4
+def default_tiling(spec: KVSpec, p: int) -> tuple[int, int]:
+    """(rows, num_warps) a write uses unless told: per-token codes in blocks of 16 tokens, 2 warps a program; other
+    pages (per-channel keys, unquantized) a whole page, 4 warps. Traced on an H100 (2026-12-07, BENCHMARKS.md), one
+    layer's K for 32 pages of 64 at D 128: per-token 2-, 4- and 8-bit codes, modes int and int_block, 11 us a kernel
+    as whole pages of 4 warps, 10 (9 at 8 rows) in blocks of 4 warps, 7 in blocks of 16 or 8 tokens of 2 warps.
+    Per-channel and unquantized pages were not timed in blocks, so they keep the whole page."""
+    if spec.quantized and spec.axis == "token":
+        return min(p, 16), 2
+    return p, 4
 
 
-def check_rows(rows: int | None, num_warps: int, p: int, spec: KVSpec) -> int:
-    """`rows` resolved (None -> P), or ValueError naming what a block of tokens must be."""
-    rows = p if rows is None else rows
+def check_rows(rows: int, num_warps: int, p: int, spec: KVSpec) -> int:
+    """`rows` if a write can use it (and `num_warps`), or ValueError naming what a block of tokens must be."""
     if not (_is_pow2(rows) and rows <= p and p % rows == 0):
         raise ValueError(f"write kernel rows={rows}: expected a power of two dividing page_size={p}")
     if spec.quantized and spec.axis == "channel" and rows % spec.group_size:
@@ -140,13 +147,19 @@ def quantize_write(
     updated `(codes, scale, zero)`. The pool is aliased input -> output: call this inside a jit that donates the pool
     and the write is in place (eagerly, XLA copies the pool first).
     dest must not repeat a physical page (two programs would race on it). rows / num_warps: tokens a program writes
-    and its warps (defaults `ROWS`, `NUM_WARPS`; `check_rows` says what they may be).
+    and its warps (None: `default_tiling`; `check_rows` says what they may be).
     """
     if not launchable(codes, pages, spec=spec):
         return codes, scale, zero
-    num_warps = NUM_WARPS if num_warps is None else num_warps
-    rows = check_rows(ROWS if rows is None else rows, num_warps, pages.shape[2], spec)
+    rows, num_warps = tiling(spec, pages.shape[2], rows, num_warps)
     return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps)
+
+
+def tiling(spec: KVSpec, p: int, rows: int | None, num_warps: int | None) -> tuple[int, int]:
+    """The (rows, num_warps) a write of pages of `p` tokens runs with: those given, else `default_tiling`'s; checked."""
+    d_rows, d_warps = default_tiling(spec, p)
+    rows, num_warps = d_rows if rows is None else rows, d_warps if num_warps is None else num_warps
+    return check_rows(rows, num_warps, p, spec), num_warps
 
 
 def launchable(codes, pages, *, spec: KVSpec) -> bool:

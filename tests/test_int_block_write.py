@@ -112,12 +112,13 @@ def test_write_bit_exact_and_other_pages_untouched(case, rng):
 
 @pytest.mark.parametrize(
     "case,rows,warps",
-    [(CASES[0], 16, 4), (CASES[1], 8, 2), (CASES[3], 4, 1), (CASES[6], 4, 4), (CASES[7], 32, 2)],
+    [(CASES[0], 64, 4), (CASES[1], 8, 2), (CASES[3], 4, 1), (CASES[6], 4, 4), (CASES[7], 32, 2)],
     ids=lambda x: _ids(x) if isinstance(x, tuple) else str(x),
 )
 def test_write_in_token_blocks_is_the_same(case, rows, warps, rng):
-    """`rows` tokens a program (several programs a page): each block's rows land at their own swizzle and its scales
-    and zero-points at their own bytes, and only the first block pads: byte for byte the reference's write."""
+    """`rows` tokens a program (several programs a page, or one, as the whole-page case here; the default is 16 of
+    2 warps): each block's rows land at their own swizzle and its scales and zero-points at their own bytes, and only
+    the first block pads: byte for byte the reference's write."""
     spec, p, d = case
     pool = _pool(rng, spec, 2, 5, p, d)
     pages = _pages(rng, 2, 2, p, d)

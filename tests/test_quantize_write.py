@@ -121,10 +121,12 @@ def test_write_bit_exact_and_other_pages_untouched(backend, case, rng):
             np.testing.assert_array_equal(_bytes(g)[:, keep], b.view(np.uint8)[:, keep])
 
 
-# (case, rows, warps): the GPU kernel writing blocks of a page's tokens, each block its own program: per-token codes in
+# (case, rows, warps): the GPU kernel writing blocks of a page's tokens, each block its own program: a whole page of
+# per-token codes; per-token codes in
 # blocks of 8 and 4 rows; per-channel codes in blocks of one quantization group (2-bit: 4 code rows of 16 tokens) and
 # of two (8-bit, G 16, bf16 scales); unquantized pages in blocks of 4; fewer warps
 ROW_BLOCKS = [
+    ((_spec(4, "token", 128), 64, 128), 64, 4),  # a whole page a program (the default for per-token pages: 16, 2 warps)
     (CASES[0], 8, 4),
     (CASES[3], 4, 2),
     ((_spec(2, "channel", 16, sym=True), 64, 64), 16, 4),

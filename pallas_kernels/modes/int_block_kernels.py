@@ -149,15 +149,12 @@ def quantize_write(
     dest[m] of the pool `codes` [H, N, P + R, W] (skip where dest[m] < 0); `scale` and `zero` are None (the blocks
     hold them). Returns `(codes, None, None)`. In place under a jit that donates the pool; dest must not repeat a
     physical page. rows / num_warps: tokens a program writes and its warps, as mode int's write kernel's
-    (`quantize_write_gpu.ROWS`, `NUM_WARPS` by default)."""
+    (`quantize_write_gpu.default_tiling` unless given)."""
     if scale is not None or zero is not None:
         raise ValueError("mode 'int_block' pools hold their scales and zero-points inside the blocks: pass None")
     if not quantize_write_gpu.launchable(codes, pages, spec=spec):
         return codes, None, None
-    num_warps = quantize_write_gpu.NUM_WARPS if num_warps is None else num_warps
-    rows = quantize_write_gpu.check_rows(
-        quantize_write_gpu.ROWS if rows is None else rows, num_warps, pages.shape[2], spec
-    )
+    rows, num_warps = quantize_write_gpu.tiling(spec, pages.shape[2], rows, num_warps)
     return _write(codes, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps), None, None
 
 
