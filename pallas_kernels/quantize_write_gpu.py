@@ -155,7 +155,7 @@ def quantize_write(
     return _write(codes, scale, zero, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps)
 
 
-def tiling(spec: KVSpec, p: int, rows: int | None, num_warps: int | None) -> tuple[int, int]:
+def tiling(spec: KVSpec, p: int, rows: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
     """The (rows, num_warps) a write of pages of `p` tokens runs with: those given, else `default_tiling`'s; checked."""
     d_rows, d_warps = default_tiling(spec, p)
     rows, num_warps = d_rows if rows is None else rows, d_warps if num_warps is None else num_warps

@@ -133,28 +133,17 @@ def unsupported(pages, *, spec: KVSpec) -> str | None:
     return quantize_write_gpu.unsupported(pages, spec=spec)
 
 
-def quantize_write(
-    codes,
-    scale,
-    zero,
-    pages,
-    dest,
-    *,
-    spec: KVSpec,
-    interpret: bool = False,
-    rows: int | None = None,
-    num_warps: int | None = None,
-):
+def quantize_write(codes, scale, zero, pages, dest, *, spec: KVSpec, interpret: bool = False, **tiling):
     """Quantize `pages` [H, M, P, D] per `spec` (mode `int_block`) and write page m as its block at physical page
     dest[m] of the pool `codes` [H, N, P + R, W] (skip where dest[m] < 0); `scale` and `zero` are None (the blocks
     hold them). Returns `(codes, None, None)`. In place under a jit that donates the pool; dest must not repeat a
-    physical page. rows / num_warps: tokens a program writes and its warps, as mode int's write kernel's
-    (`quantize_write_gpu.default_tiling` unless given)."""
+    physical page. tiling: `rows` (tokens a program writes) and `num_warps`, as mode int's write kernel takes them
+    (`quantize_write_gpu.tiling`; `default_tiling` unless given)."""
     if scale is not None or zero is not None:
         raise ValueError("mode 'int_block' pools hold their scales and zero-points inside the blocks: pass None")
     if not quantize_write_gpu.launchable(codes, pages, spec=spec):
         return codes, None, None
-    rows, num_warps = quantize_write_gpu.tiling(spec, pages.shape[2], rows, num_warps)
+    rows, num_warps = quantize_write_gpu.tiling(spec, pages.shape[2], **tiling)
     return _write(codes, pages, dest, spec=spec, interpret=interpret, rows=rows, num_warps=num_warps), None, None
 
 
