@@ -1,8 +1,9 @@
 """Packed page write of mode `int_block`, GPU kernel (Pallas, Triton lowering): quantize whole pages and store each
 as its block, bit for bit what `IntBlockMode.quantize_pages` and the reference scatter give.
 
-It follows mode `int`'s write kernel (`pallas_kernels.quantize_write_gpu`): one program per (page m, KV head h); the
-page tile [P, D] comes in through a BlockSpec and is quantized and packed by `tile_quant.quantize_tile` (mode `int`'s
+It follows mode `int`'s write kernel (`pallas_kernels.quantize_write_gpu`): one program per (page m, KV head h,
+block of `rows` tokens; blocks of 16 of 2 warps by default, `quantize_write_gpu.default_tiling`); the tile [rows, D]
+comes in through a BlockSpec and is quantized and packed by `tile_quant.quantize_tile` (mode `int`'s
 numerics, which never depend on how f32 division rounds); the pool `[H, N, P + R, W]` uint8 is aliased input ->
 output and written directly (`pl.ANY`) at physical page dest[m] of head h, or not at all when dest[m] < 0. What
 differs is where the bytes go, and every one of them goes there in a single store with computed addresses (the
